@@ -1,0 +1,5 @@
+"""`python -m comp ...`"""
+
+from comp.cli import main
+
+raise SystemExit(main())

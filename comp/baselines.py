@@ -1,0 +1,115 @@
+"""Non-learned methods: the official watershed baseline and a smoothed, merged, fold-fitted variant."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.filters import rank, sobel
+from skimage.morphology import disk
+from skimage.segmentation import watershed
+
+from comp.metric import image_score
+from comp.parallel import pmap
+from comp.postprocess import adjacent_pairs, merge_pairs, region_means, relabel_uint8, remove_small
+from comp.registry import FitContext, FoldData, register_method
+
+
+@dataclass
+class OfficialWatershedParams:
+    """Parameters of the organisers' baseline (defaults are theirs)."""
+
+    median_radius: int = 2
+    gradient_radius: int = 5
+    marker_threshold: int = 20
+    compactness: float = 0.0001
+    workers: int = 0  # 0 = all cores
+
+
+def official_watershed(img: np.ndarray, p: OfficialWatershedParams) -> np.ndarray:
+    """The organisers' baseline: Sobel edges, median-denoised gradient markers, watershed."""
+    edges = sobel(img)
+    denoised = rank.median(img, disk(p.median_radius))
+    markers = ndi.label(rank.gradient(denoised, disk(p.gradient_radius)) < p.marker_threshold)[0]
+    return relabel_uint8(watershed(edges, markers, compactness=p.compactness))
+
+
+@register_method("official_watershed", OfficialWatershedParams)
+class OfficialWatershed:
+    """Fixed pipeline: nothing to fit."""
+
+    def __init__(self, params: OfficialWatershedParams) -> None:
+        self.p = params
+
+    def fit(self, train: FoldData, ctx: FitContext) -> None:
+        """Nothing to fit."""
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Run the baseline on every slice."""
+        return np.stack(pmap(official_watershed, x, self.p, workers=self.p.workers))
+
+
+@dataclass
+class SmoothWatershedParams:
+    """Smoothed-gradient watershed with intensity merging; the grids are searched on each training fold."""
+
+    sigma: float = 1.5
+    marker_threshold: float = 0.02  # on the Sobel gradient of the smoothed image (intensities in 0..1)
+    min_marker: int = 20
+    merge_delta: float = 10.0  # merge adjacent regions whose mean grey levels differ by less
+    merge_edge: float = 0.05  # ... and whose shared border has a mean gradient below this
+    min_size: int = 30
+    background_below: int = 40  # slices' air: pixels darker than this stay 0 (never annotated)
+    fit_marker_thresholds: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.04])
+    fit_merge_deltas: list[float] = field(default_factory=lambda: [0.0, 8.0, 16.0])
+    fit_images: int = 24
+    workers: int = 0
+
+
+def smooth_watershed(img: np.ndarray, p: SmoothWatershedParams) -> np.ndarray:
+    """Watershed of the smoothed gradient from flat-region markers, then merge look-alike neighbours."""
+    smooth = ndi.gaussian_filter(img.astype(np.float32) / 255.0, p.sigma)
+    grad = sobel(smooth)
+    markers = remove_small(ndi.label(grad < p.marker_threshold)[0], p.min_marker)
+    mask = img >= p.background_below
+    labels = watershed(grad, markers, mask=mask)
+    if p.merge_delta > 0:
+        pairs, length, total = adjacent_pairs(labels, grad)
+        means = region_means(labels, smooth * 255.0)
+        close = np.abs(means[pairs[:, 0]] - means[pairs[:, 1]]) < p.merge_delta
+        weak = total / np.maximum(length, 1) < p.merge_edge
+        labels = merge_pairs(labels, pairs[close & weak])
+    return relabel_uint8(remove_small(labels, p.min_size))
+
+
+def _grid_score(args: tuple) -> float:
+    """Mean score of one parameter set on a handful of images (a pool job)."""
+    p, xs, ys = args
+    return float(np.mean([image_score(y, smooth_watershed(x, p)) for x, y in zip(xs, ys)]))
+
+
+@register_method("smooth_watershed", SmoothWatershedParams)
+class SmoothWatershed:
+    """Non-learned, but its marker threshold and merge tolerance are chosen on the training fold only."""
+
+    def __init__(self, params: SmoothWatershedParams) -> None:
+        self.p = params
+
+    def fit(self, train: FoldData, ctx: FitContext) -> None:
+        """Grid-search marker threshold x merge tolerance on a subset of the training fold."""
+        rng = np.random.default_rng(ctx.seed)
+        pick = rng.choice(len(train.x), min(self.p.fit_images, len(train.x)), replace=False)
+        xs, ys = train.x[pick], train.y[pick]
+        grid = [
+            replace(self.p, marker_threshold=t, merge_delta=d)
+            for t, d in itertools.product(self.p.fit_marker_thresholds, self.p.fit_merge_deltas)
+        ]
+        scores = pmap(_grid_score, [(g, xs, ys) for g in grid], workers=self.p.workers)
+        self.p = grid[int(np.argmax(scores))]
+        self.fitted = {"marker_threshold": self.p.marker_threshold, "merge_delta": self.p.merge_delta}
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Run the pipeline with the fitted parameters."""
+        return np.stack(pmap(smooth_watershed, x, self.p, workers=self.p.workers))

@@ -1,0 +1,128 @@
+"""Benchmarks, each measured against its reference in the same run: `python -m comp bench`."""
+
+from __future__ import annotations
+
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from comp.errors import atomic_write_text
+
+
+def _best_of(fn: Callable[[], object], repeat: int) -> float:
+    """Best wall time of `repeat` calls, in seconds."""
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _sample_maps(n: int, distinct: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    """n phantom (image, label) pairs, `distinct` of them rendered and the rest repeated."""
+    from comp.data.phantom import render_slice
+
+    pairs = [render_slice(10_000 + i) for i in range(min(n, distinct))]
+    xs = np.stack([pairs[i % len(pairs)][0] for i in range(n)])
+    ys = np.stack([pairs[i % len(pairs)][1] for i in range(n)])
+    return xs, ys
+
+
+def bench_metric(ys: np.ndarray) -> dict:
+    """Per-image metric time: ours vs sklearn's adjusted_rand_score, and their largest difference."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from comp.metric import image_score
+
+    rng = np.random.default_rng(0)
+    preds = [np.where(rng.random(y.shape) < 0.1, rng.integers(0, 40, y.shape), y).astype(np.uint8) for y in ys]
+    ours = _best_of(lambda: [image_score(y, p) for y, p in zip(ys, preds)], 3) / len(ys)
+    ref = _best_of(lambda: [adjusted_rand_score(y[y > 0], p[y > 0]) for y, p in zip(ys, preds)], 1) / len(ys)
+    diff = max(abs(image_score(y, p) - adjusted_rand_score(y[y > 0], p[y > 0])) for y, p in zip(ys, preds))
+    return {"ours_ms": ours * 1e3, "sklearn_ms": ref * 1e3, "speedup": ref / ours, "max_abs_diff": diff}
+
+
+def bench_csv(ys: np.ndarray, n_read: int, n_write: int, tmp: Path) -> dict:
+    """Y_train read vs pandas.read_csv defaults, submission write vs DataFrame.to_csv (same content)."""
+    import pandas as pd
+
+    from comp.io import default_row_labels, image_names, read_label_csv, write_label_csv
+
+    reps = int(np.ceil(max(n_read, n_write) / len(ys)))
+    big = np.concatenate([ys] * reps)
+    y_path = tmp / "Y_train.csv"
+    write_label_csv(y_path, big[:n_read])
+    t_ours = _best_of(lambda: read_label_csv(y_path), 1)
+    t_pd = _best_of(lambda: pd.read_csv(y_path), 1)
+    same_read = np.array_equal(read_label_csv(y_path).maps, pd.read_csv(y_path, index_col=0).to_numpy().T.reshape(-1, 512, 512))
+
+    sub = big[:n_write]
+    ours_path, pd_path = tmp / "ours.csv", tmp / "pandas.csv"
+    df = pd.DataFrame(sub.reshape(n_write, -1).T, index=default_row_labels(), columns=image_names(n_write))
+    w_ours = _best_of(lambda: write_label_csv(ours_path, sub), 1)
+    w_pd = _best_of(lambda: df.to_csv(pd_path), 1)
+    same_write = np.array_equal(
+        pd.read_csv(ours_path, index_col=0).to_numpy(), pd.read_csv(pd_path, index_col=0).to_numpy()
+    )
+    return {
+        "read_columns": n_read,
+        "read_ours_s": t_ours,
+        "read_pandas_s": t_pd,
+        "read_speedup": t_pd / t_ours,
+        "read_identical": bool(same_read),
+        "write_columns": n_write,
+        "write_ours_s": w_ours,
+        "write_pandas_s": w_pd,
+        "write_speedup": w_pd / w_ours,
+        "write_identical": bool(same_write),
+        "write_bytes_identical": ours_path.read_bytes() == pd_path.read_bytes(),
+    }
+
+
+def bench_postprocess(xs: np.ndarray) -> dict:
+    """Milliseconds per 512x512 slice of each non-learned pipeline on one core."""
+    from comp.baselines import OfficialWatershedParams, SmoothWatershedParams, official_watershed, smooth_watershed
+
+    n = len(xs)
+    return {
+        "official_watershed_ms": _best_of(lambda: [official_watershed(x, OfficialWatershedParams()) for x in xs], 1) / n * 1e3,
+        "smooth_watershed_ms": _best_of(lambda: [smooth_watershed(x, SmoothWatershedParams()) for x in xs], 1) / n * 1e3,
+    }
+
+
+def run_bench(quick: bool = False, out: Path = Path("bench.json")) -> dict:
+    """Run every benchmark, print a table and write `out`."""
+    xs, ys = _sample_maps(8 if quick else 48)
+    with tempfile.TemporaryDirectory() as d:
+        results = {
+            "quick": quick,
+            "metric": bench_metric(ys),
+            "csv": bench_csv(ys, 40 if quick else 2000, 20 if quick else 500, Path(d)),
+            "postprocess": bench_postprocess(xs[:4] if quick else xs[:16]),
+        }
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    atomic_write_text(out, json.dumps(results, indent=1))
+    m, c, p = results["metric"], results["csv"], results["postprocess"]
+    print(f"{'benchmark':<38} {'ours':>10} {'reference':>10} {'speedup':>8}")
+    print(f"{'metric per image (ms) vs sklearn':<38} {m['ours_ms']:>10.2f} {m['sklearn_ms']:>10.2f} {m['speedup']:>7.1f}x")
+    print(f"  max |ours - sklearn| = {m['max_abs_diff']:.2e}")
+    print(
+        f"{'read Y (' + str(c['read_columns']) + ' cols, s) vs read_csv':<38} {c['read_ours_s']:>10.2f} "
+        f"{c['read_pandas_s']:>10.2f} {c['read_speedup']:>7.1f}x"
+    )
+    print(
+        f"{'write sub (' + str(c['write_columns']) + ' cols, s) vs to_csv':<38} {c['write_ours_s']:>10.2f} "
+        f"{c['write_pandas_s']:>10.2f} {c['write_speedup']:>7.1f}x"
+    )
+    print(f"  identical content: read {c['read_identical']}, write {c['write_identical']} (bytes {c['write_bytes_identical']})")
+    for k, v in p.items():
+        print(f"{'postprocess ' + k + ' per slice':<38} {v:>10.1f}")
+    print(f"{'peak memory (MB)':<38} {results['peak_rss_mb']:>10.0f}")
+    print(f"written to {out}")
+    return results

@@ -1,0 +1,168 @@
+"""Command line: `python -m comp <command>`; user errors print one line and exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from comp.errors import UserError
+
+# The embedded default data set of `make cv` when no challenge data is present: small enough
+# for a 2-core CPU, in the exact challenge layout.
+EMBEDDED = {"n_train": 1000, "n_labelled": 200, "n_test": 100, "seed": 0}
+RAW = Path("data/raw")
+PHANTOM = Path("data/phantom")
+
+
+def resolve_data(arg: str | None):
+    """The data set to use: --data, else data/raw/, else the embedded phantom (generated once)."""
+    from comp.io import Dataset
+
+    if arg:
+        return Dataset(Path(arg))
+    if (RAW / "Y_train.csv").is_file():
+        return Dataset(RAW)
+    stamp = PHANTOM / "PHANTOM.txt"
+    want = "comp phantom: " + " ".join(f"{k}={v}" for k, v in EMBEDDED.items()) + "\n"
+    print(f"no challenge data in {RAW}/: using the embedded phantom data set ({PHANTOM}/)", flush=True)
+    if not stamp.is_file() or stamp.read_text() != want:
+        from comp.data.phantom import generate
+
+        generate(PHANTOM, **EMBEDDED)
+    return Dataset(PHANTOM, name="phantom")
+
+
+def cmd_phantom(a: argparse.Namespace) -> int:
+    """Write a phantom data set."""
+    from comp.data.phantom import generate
+
+    if not 0 <= a.n_labelled <= a.n_train:
+        raise UserError("--n-labelled", f"must lie in 0..{a.n_train} (the number of training slices)")
+    out = generate(a.out, a.n_train, a.n_labelled, a.n_test, a.seed, a.workers)
+    print(f"phantom written to {out}/ ({a.n_train} train, {a.n_labelled} annotated, {a.n_test} test)")
+    return 0
+
+
+def cmd_validate(a: argparse.Namespace) -> int:
+    """Validate a submission CSV against a data folder's test layout."""
+    from comp.submit import validate_submission
+
+    s = validate_submission(a.file, a.data)
+    print(f"{a.file}: valid submission for {s['images']} test images ({s['mean_regions']:.1f} regions per image)")
+    return 0
+
+
+def cmd_score(a: argparse.Namespace) -> int:
+    """Score a prediction CSV against a truth CSV."""
+    import numpy as np
+
+    from comp.io import read_label_csv
+    from comp.metric import image_scores
+
+    truth, pred = read_label_csv(a.truth), read_label_csv(a.pred)
+    if truth.columns != pred.columns:
+        missing = sorted(set(truth.columns) - set(pred.columns))
+        what = f"missing column '{missing[0]}'" if missing else "columns differ from the truth's"
+        raise UserError(a.pred, what)
+    s = image_scores(truth.maps, pred.maps, workers=2)
+    annotated = truth.maps.reshape(len(s), -1).any(axis=1)
+    print(f"score (mean over {len(s)} images): {s.mean():.5f}")
+    if not annotated.all():
+        print(f"  over the {annotated.sum()} images with annotations: {s[annotated].mean():.5f}")
+    q = np.percentile(s, [0, 25, 50, 75, 100])
+    print("  min {:.4f}  q25 {:.4f}  median {:.4f}  q75 {:.4f}  max {:.4f}".format(*q))
+    worst = np.argsort(s)[:5]
+    print("  worst: " + ", ".join(f"{truth.columns[i]} {s[i]:.4f}" for i in worst))
+    return 0
+
+
+def cmd_cv(a: argparse.Namespace) -> int:
+    """Cross-validate an experiment."""
+    from comp.config import load_experiment
+    from comp.cv import run_cv
+
+    exp = load_experiment(a.experiment)
+    run_cv(exp, resolve_data(a.data), a.folds, Path(a.runs))
+    return 0
+
+
+def cmd_submit(a: argparse.Namespace) -> int:
+    """Fit on all annotated slices, predict the test set, write and validate the CSV."""
+    from comp.config import load_experiment
+    from comp.submit import submit
+
+    exp = load_experiment(a.experiment)
+    out = Path(a.out or f"submissions/{exp.name}.csv")
+    s = submit(exp, resolve_data(a.data), out)
+    line = f"{out}: valid submission for {s['images']} test images ({s['mean_regions']:.1f} regions per image)"
+    if "test_ari" in s:
+        line += f"; held-out test ARI {s['test_ari']:.4f}"
+    print(line)
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    """Run the benchmark suite."""
+    from comp.bench import run_bench
+
+    run_bench(quick=a.quick, out=Path(a.out))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    p = argparse.ArgumentParser(prog="python -m comp", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="make data sets").add_subparsers(dest="what", required=True)
+    ph = data.add_parser("phantom", help="write a phantom data set in the challenge layout")
+    ph.add_argument("--out", required=True)
+    ph.add_argument("--n-train", type=int, default=2000)
+    ph.add_argument("--n-labelled", type=int, default=400)
+    ph.add_argument("--n-test", type=int, default=500)
+    ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--workers", type=int, default=None)
+    ph.set_defaults(fn=cmd_phantom)
+
+    v = sub.add_parser("validate-submission", help="check a submission CSV against the test layout")
+    v.add_argument("file")
+    v.add_argument("--data", required=True)
+    v.set_defaults(fn=cmd_validate)
+
+    s = sub.add_parser("score", help="score a prediction CSV against a truth CSV")
+    s.add_argument("truth")
+    s.add_argument("pred")
+    s.set_defaults(fn=cmd_score)
+
+    c = sub.add_parser("cv", help="cross-validate an experiment")
+    c.add_argument("experiment", help="experiments/NAME.yaml or NAME")
+    c.add_argument("--data", default=None)
+    c.add_argument("--folds", type=int, default=None)
+    c.add_argument("--runs", default="runs")
+    c.set_defaults(fn=cmd_cv)
+
+    sm = sub.add_parser("submit", help="predict X_test and write a validated submission")
+    sm.add_argument("experiment")
+    sm.add_argument("--data", default=None)
+    sm.add_argument("--out", default=None)
+    sm.set_defaults(fn=cmd_submit)
+
+    b = sub.add_parser("bench", help="benchmarks, each against its reference")
+    b.add_argument("--quick", action="store_true")
+    b.add_argument("--out", default="bench.json")
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run a command; user errors become one line on stderr and exit code 2."""
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

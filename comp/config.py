@@ -1,0 +1,142 @@
+"""Experiment configs: one YAML per experiment, parsed into typed dataclasses, looked up by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from comp.errors import UserError
+
+EXPERIMENTS = Path("experiments")
+
+
+@dataclass
+class CVConfig:
+    """How the annotated images are split into folds."""
+
+    folds: int = 5
+    seed: int = 0
+
+
+@dataclass
+class Experiment:
+    """A resolved experiment: a method name, its typed parameters and the CV settings."""
+
+    name: str
+    method: str
+    params: Any
+    cv: CVConfig = field(default_factory=CVConfig)
+    description: str = ""
+    path: str = ""
+
+    def to_dict(self) -> dict:
+        """Plain-data form of the resolved config, as stored with a run."""
+        return {
+            "name": self.name,
+            "method": self.method,
+            "description": self.description,
+            "params": dataclasses.asdict(self.params),
+            "cv": dataclasses.asdict(self.cv),
+        }
+
+    def digest(self) -> str:
+        """Short hash of the resolved config (the file path and description left out)."""
+        d = self.to_dict()
+        d.pop("description")
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
+    """Convert a YAML value to the annotated field type, or raise a UserError naming the key."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where, key)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise UserError(where, f"'{key}' must be a list, got {value!r}")
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, inner, where, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(where, f"'{key}' must be true or false, got {value!r}")
+        return value
+    if tp in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and not float(value).is_integer()):
+            raise UserError(where, f"'{key}' must be {'an integer' if tp is int else 'a number'}, got {value!r}")
+        return tp(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(where, f"'{key}' must be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: Any, where: str, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys with the list of known ones."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise UserError(where, f"'{prefix or 'config'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        dotted = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise UserError(where, f"unknown key '{dotted}' (known: {', '.join(sorted(fields))})")
+    kwargs = {k: _coerce(v, hints[k], where, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def experiment_path(name_or_path: str) -> Path:
+    """Resolve 'NAME' or 'experiments/NAME.yaml' to an existing YAML file."""
+    p = Path(name_or_path)
+    for cand in (p, EXPERIMENTS / f"{name_or_path}.yaml", EXPERIMENTS / name_or_path):
+        if cand.is_file():
+            return cand
+    known = ", ".join(sorted(q.stem for q in EXPERIMENTS.glob("*.yaml"))) or "none"
+    raise UserError(p, f"experiment not found (known in {EXPERIMENTS}/: {known})")
+
+
+def load_experiment(name_or_path: str) -> Experiment:
+    """Load and validate an experiment YAML by name or path."""
+    from comp.registry import get_method
+
+    path = experiment_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(path, f"invalid YAML{at}") from None
+    if not isinstance(raw, dict):
+        raise UserError(path, "top level must be a mapping")
+    allowed = {"name", "method", "description", "params", "cv"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise UserError(path, f"unknown key '{unknown[0]}' (known: {', '.join(sorted(allowed))})")
+    if "method" not in raw:
+        raise UserError(path, "missing key 'method'")
+    spec = get_method(str(raw["method"]), path)
+    return Experiment(
+        name=str(raw.get("name", path.stem)),
+        method=spec.name,
+        params=from_dict(spec.params, raw.get("params"), str(path), "params"),
+        cv=from_dict(CVConfig, raw.get("cv"), str(path), "cv"),
+        description=str(raw.get("description", "")),
+        path=str(path),
+    )

@@ -1,0 +1,564 @@
+"""Challenge I/O: slices (folder or zip), transposed label CSVs, submissions, .npy caches."""
+
+from __future__ import annotations
+
+import hashlib
+import io as _io
+import json
+import os
+import re
+import zipfile
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from comp.errors import UserError, atomic_path, atomic_write_text
+
+SIZE = 512
+N_PIXELS = SIZE * SIZE
+_NAME = re.compile(r"^(\d+)\.png$")
+_COMMA, _NL, _CR = 44, 10, 13
+
+
+def default_row_labels(n: int = N_PIXELS) -> list[str]:
+    """Row labels of the challenge CSVs: 'Pixel 0' ... 'Pixel n-1'."""
+    return [f"Pixel {i}" for i in range(n)]
+
+
+def image_names(n: int) -> list[str]:
+    """Column names of the challenge CSVs: '0.png' ... 'n-1.png'."""
+    return [f"{i}.png" for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _numbered(names: Sequence[str], where: Path) -> list[tuple[int, str]]:
+    """Sort '<int>.png' names numerically and check the numbering has no gap."""
+    found = []
+    for name in names:
+        m = _NAME.match(Path(name).name)
+        if m and not Path(name).name.startswith("."):
+            found.append((int(m.group(1)), name))
+    if not found:
+        raise UserError(where, "no '<number>.png' images found")
+    found.sort()
+    numbers = [k for k, _ in found]
+    if len(set(numbers)) != len(numbers):
+        raise UserError(where, "two images share a number")
+    missing = sorted(set(range(len(numbers))) - set(numbers))
+    if missing or numbers[0] != 0:
+        first = missing[0] if missing else 0
+        raise UserError(where, f"gap in numbering: {first}.png is missing (expected 0.png ... {len(numbers) - 1}.png)")
+    return found
+
+
+def _decode_png(data: bytes, where: str) -> np.ndarray:
+    """Decode one 8-bit grayscale 512x512 PNG, or raise a UserError naming it."""
+    try:
+        img = Image.open(_io.BytesIO(data))
+        img.load()
+    except Exception as exc:  # PIL raises many types for corrupt files
+        raise UserError(where, f"not a readable image ({exc.__class__.__name__})") from None
+    if img.mode not in ("L", "I", "I;16", "P", "1"):
+        raise UserError(where, f"colour image (mode {img.mode}); expected 8-bit grayscale")
+    if img.size != (SIZE, SIZE):
+        raise UserError(where, f"wrong image size {img.size[0]}x{img.size[1]}; expected {SIZE}x{SIZE}")
+    arr = np.asarray(img)
+    if arr.dtype != np.uint8:
+        if arr.min() < 0 or arr.max() > 255:
+            raise UserError(where, "pixel values outside 0..255; expected 8-bit grayscale")
+        arr = arr.astype(np.uint8)
+    return arr
+
+
+def _read_images_uncached(src: Path) -> np.ndarray:
+    """Read every '<n>.png' of a folder or zip into a (N, 512, 512) uint8 array."""
+    from tqdm import tqdm
+
+    if src.is_dir():
+        entries = _numbered([p.name for p in src.iterdir()], src)
+        out = np.empty((len(entries), SIZE, SIZE), np.uint8)
+        for i, (_, name) in enumerate(tqdm(entries, desc=f"read {src.name}", leave=False, disable=len(entries) < 200)):
+            out[i] = _decode_png((src / name).read_bytes(), str(src / name))
+        return out
+    try:
+        zf = zipfile.ZipFile(src)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise UserError(src, f"not a readable zip file ({exc})") from None
+    with zf:
+        entries = _numbered([n for n in zf.namelist() if not n.endswith("/") and "__MACOSX" not in n], src)
+        out = np.empty((len(entries), SIZE, SIZE), np.uint8)
+        for i, (_, name) in enumerate(tqdm(entries, desc=f"read {src.name}", leave=False, disable=len(entries) < 200)):
+            out[i] = _decode_png(zf.read(name), f"{src}:{name}")
+        return out
+
+
+def count_images(root: Path, stem: str) -> int:
+    """Number of '<n>.png' slices in root/stem/ or root/stem.zip (numbering checked, nothing decoded)."""
+    src = _source(Path(root), stem)
+    if src is None:
+        raise UserError(root, f"no {stem}/ folder or {stem}.zip")
+    if src.is_dir():
+        return len(_numbered([p.name for p in src.iterdir()], src))
+    try:
+        with zipfile.ZipFile(src) as zf:
+            return len(_numbered([n for n in zf.namelist() if not n.endswith("/")], src))
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise UserError(src, f"not a readable zip file ({exc})") from None
+
+
+def write_images(folder: str | os.PathLike, images: np.ndarray) -> None:
+    """Write a (N, H, W) uint8 stack as '<i>.png' files (each written atomically)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        with atomic_path(folder / f"{i}.png", suffix=".png") as tmp:
+            Image.fromarray(np.ascontiguousarray(img), mode="L").save(tmp, format="PNG", compress_level=1)
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def _fingerprint(src: Path) -> str:
+    """Hash of a file's or folder's path, names, sizes and mtimes: changes when the source does."""
+    h = hashlib.sha1(str(src.resolve()).encode())
+    paths = sorted(src.iterdir()) if src.is_dir() else [src]
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def cache_dir(data_root: Path) -> Path:
+    """Where .npy caches of a data set live: $COMP_CACHE, else <data>/.cache."""
+    env = os.environ.get("COMP_CACHE")
+    return Path(env) if env else data_root / ".cache"
+
+
+def cached_array(src: Path, cache: Path, name: str, load: Callable[[Path], np.ndarray]) -> np.ndarray:
+    """Load `src` through an .npy cache that is invalidated when the source changes."""
+    target = cache / f"{name}-{_fingerprint(src)}.npy"
+    if target.exists():
+        return np.load(target, mmap_mode=None)
+    arr = load(src)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        for stale in cache.glob(f"{name}-*.npy"):
+            stale.unlink()
+        with atomic_path(target, suffix=".npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, arr)
+    except OSError:
+        pass  # a read-only data folder still loads, just without a cache
+    return arr
+
+
+# ----------------------------------------------------------------------------- label CSVs
+
+
+@dataclass
+class LabelTable:
+    """A transposed label CSV: (N, 512, 512) uint8 maps, their column names and the CSV's row labels."""
+
+    maps: np.ndarray
+    columns: list[str]
+    row_labels: list[str] | None = None  # None means the default 'Pixel i' labels
+
+    def labels(self) -> list[str]:
+        """The row labels, materialised."""
+        return self.row_labels if self.row_labels is not None else default_row_labels(self.maps[0].size)
+
+
+def _header(line: bytes, path: Path) -> list[str]:
+    """Parse and check the header line of a label CSV: an empty index name, then '<n>.png' columns."""
+    fields = line.decode("utf-8", "replace").rstrip("\r\n").split(",")
+    cols = fields[1:]
+    if not cols:
+        raise UserError(path, "header has no image columns")
+    seen: set[str] = set()
+    for c in cols:
+        if c in seen:
+            raise UserError(path, f"duplicate column '{c}'")
+        seen.add(c)
+        if not _NAME.match(c):
+            raise UserError(path, f"bad column name '{c}'; expected '<number>.png'")
+    numbers = sorted(int(c[:-4]) for c in cols)
+    if numbers != list(range(len(cols))):
+        missing = sorted(set(range(len(cols))) - set(numbers))
+        first = missing[0] if missing else numbers[-1]
+        raise UserError(path, f"missing column '{first}.png' (columns must be 0.png ... {len(cols) - 1}.png)")
+    return cols
+
+
+_DEFAULT_LABELS: tuple[bytes, np.ndarray] | None = None
+
+
+def _default_label_bytes() -> tuple[bytes, np.ndarray]:
+    """All default row labels concatenated, and each label's start offset (computed once)."""
+    global _DEFAULT_LABELS
+    if _DEFAULT_LABELS is None:
+        labels = [f"Pixel {i}".encode() for i in range(N_PIXELS)]
+        lens = np.array([len(x) for x in labels])
+        _DEFAULT_LABELS = (b"".join(labels), np.concatenate([[0], np.cumsum(lens)]))
+    return _DEFAULT_LABELS
+
+
+class _SlowPath(Exception):
+    """The fast parser met a token it does not handle (e.g. '3.0'); pandas takes over."""
+
+
+class _BlockError(Exception):
+    """A problem at a row of a block, before the block's first row number is known."""
+
+    def __init__(self, row: int, fmt: str) -> None:
+        self.row, self.fmt = row, fmt
+
+    def at(self, row0: int) -> str:
+        """The message with the file's 1-based row number."""
+        return self.fmt.format(row=row0 + self.row + 1)
+
+
+@dataclass
+class _Block:
+    """One parsed block: values, the raw bytes and line starts (for labels), non-digit byte count."""
+
+    vals: np.ndarray
+    raw: np.ndarray
+    line_start: np.ndarray
+    nondigits: int
+
+
+def _parse_block(buf: bytes, ncols: int) -> _Block:
+    """Parse whole CSV lines into a (rows, ncols) uint8 array.
+
+    One pass finds the separators; a token's value is its last digit, plus the tens and hundreds
+    gathered only for the minority of tokens longer than one byte.
+    """
+    b = np.frombuffer(buf, np.uint8)
+    if (b == _CR).any():
+        b = b[b != _CR]
+    is_nl = b == _NL
+    sep = np.flatnonzero(is_nl | (b == _COMMA))
+    nl = np.flatnonzero(is_nl)
+    rows = len(nl)
+    if len(sep) != rows * (ncols + 1):
+        per_row = np.diff(np.searchsorted(sep, nl, side="right"), prepend=0)
+        r = int(np.flatnonzero(per_row != ncols + 1)[0])
+        raise _BlockError(r, f"row {{row}} has {per_row[r]} fields; expected {ncols + 1} (row label + {ncols} values)")
+    lens = np.diff(sep, prepend=-1).reshape(rows, ncols + 1)[:, 1:] - 1
+    if lens.min() < 1 or lens.max() > 3:
+        raise _SlowPath  # empty or over-long value: pandas reports it precisely
+    ends = sep.reshape(rows, ncols + 1)[:, 1:]
+    vals = b[ends - 1].astype(np.uint16) - 48
+    multi = np.flatnonzero(lens > 1)
+    if len(multi):
+        e, ln = ends.ravel()[multi], lens.ravel()[multi]
+        extra = (b[e - 2].astype(np.uint16) - 48) * 10
+        three = ln == 3
+        extra[three] += (b[e[three] - 3].astype(np.uint16) - 48) * 100
+        vals.ravel()[multi] += extra
+    if vals.max() > 255:
+        r, c = np.argwhere(vals > 255)[0]
+        raise _BlockError(int(r), f"value {vals[r, c]} out of range 0..255 at row {{row}}, column {c + 1}")
+    digits = int(np.count_nonzero((b - np.uint8(48)) < 10))
+    line_start = np.concatenate([[0], nl[:-1] + 1])
+    return _Block(vals.astype(np.uint8), b, line_start, len(b) - digits - len(sep))
+
+
+def _row_labels(b: np.ndarray, line_start: np.ndarray, row0: int) -> list[str] | None:
+    """None when the lines start with the default 'Pixel i,' labels, else the labels themselves."""
+    rows = len(line_start)
+    if row0 + rows <= N_PIXELS:
+        blob, offs = _default_label_bytes()
+        lens = np.diff(offs[row0 : row0 + rows + 1])
+        ends = line_start + lens
+        if ends[-1] < len(b) and (b[ends] == _COMMA).all():
+            idx = np.arange(int(lens.sum())) + np.repeat(line_start - (offs[row0 : row0 + rows] - offs[row0]), lens)
+            if b[idx].tobytes() == blob[offs[row0] : offs[row0 + rows]]:
+                return None
+    out = []
+    for s0 in line_start:
+        e0 = s0 + int(np.argmax(b[s0 : s0 + 4096] == _COMMA))
+        out.append(bytes(b[s0:e0]).decode("utf-8", "replace"))
+    return out
+
+
+def _read_csv_slow(path: Path) -> tuple[np.ndarray, list[str]]:
+    """Tolerant pandas reader for CSVs the fast path rejects; checks every value is an integer in 0..255."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path, index_col=0)
+    except Exception as exc:
+        raise UserError(path, f"not a readable CSV ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
+    num = df.apply(pd.to_numeric, errors="coerce")
+    bad = (num.isna() & df.notna() | df.isna()).to_numpy()
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise UserError(path, f"non-integer value '{df.iat[r, c]}' at row {r + 1}, column '{df.columns[c]}'")
+    arr = num.to_numpy(dtype=np.float64)
+    frac = arr != np.round(arr)
+    if frac.any():
+        r, c = np.argwhere(frac)[0]
+        raise UserError(path, f"non-integer value {arr[r, c]} at row {r + 1}, column '{df.columns[c]}'")
+    out = (arr < 0) | (arr > 255)
+    if out.any():
+        r, c = np.argwhere(out)[0]
+        raise UserError(path, f"value {arr[r, c]:g} out of range 0..255 at row {r + 1}, column '{df.columns[c]}'")
+    return arr.astype(np.uint8), [str(x) for x in df.index]
+
+
+def _blocks(f, block_bytes: int):
+    """Yield chunks of whole lines (each ends with a newline) from a binary file."""
+    while True:
+        buf = f.read(block_bytes)
+        if not buf:
+            return
+        if not buf.endswith(b"\n"):
+            buf += f.readline()
+            if not buf.endswith(b"\n"):
+                buf += b"\n"
+        yield buf
+
+
+def _wrong_rows(path: Path, n: int) -> UserError:
+    """The error for a CSV without exactly one row per pixel."""
+    return UserError(path, f"wrong row count {n}; expected {N_PIXELS} (one per pixel of a {SIZE}x{SIZE} slice)")
+
+
+class _Assembler:
+    """Places parsed blocks in file order into a (ncols, pixels) array and checks their row labels."""
+
+    def __init__(self, ncols: int, path: Path) -> None:
+        self.out = np.zeros((ncols, N_PIXELS), np.uint8)
+        self.path = path
+        self.row0 = 0
+        self.labels: list[str] | None = None  # None while every label so far is the default one
+
+    def place(self, fut) -> None:
+        """Take one block's parse result (a future) and copy it in at the next row."""
+        try:
+            blk: _Block = fut.result()
+        except _BlockError as e:
+            raise UserError(self.path, e.at(self.row0)) from None
+        rows = len(blk.vals)
+        r1 = self.row0 + rows
+        if r1 > N_PIXELS:
+            raise UserError(self.path, f"too many rows: more than {N_PIXELS} (one per pixel of a {SIZE}x{SIZE} slice)")
+        lab = _row_labels(blk.raw, blk.line_start, self.row0)
+        label_nondigits = 6 * rows if lab is None else sum(sum(not ch.isdigit() for ch in x) for x in lab)
+        if blk.nondigits != label_nondigits:
+            raise _SlowPath  # a non-digit inside a value, e.g. '3.0' or '-1'
+        if lab is not None and self.labels is None:
+            self.labels = default_row_labels(self.row0)
+        if self.labels is not None:
+            self.labels.extend(lab if lab is not None else [f"Pixel {i}" for i in range(self.row0, r1)])
+        self.out[:, self.row0 : r1] = blk.vals.T
+        self.row0 = r1
+
+
+def read_label_csv(path: str | os.PathLike, block_bytes: int = 8 << 20, threads: int = 2) -> LabelTable:
+    """Read a transposed challenge label CSV (Y_train.csv, Y_test.csv or a submission), held in uint8."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(path, "file not found")
+    with open(path, "rb") as f:
+        cols = _header(f.readline(), path)
+        asm = _Assembler(len(cols), path)
+        try:
+            # Blocks parse in parallel (numpy releases the GIL) and are placed in file order.
+            with ThreadPoolExecutor(threads) as ex:
+                pending = []
+                for buf in _blocks(f, block_bytes):
+                    pending.append(ex.submit(_parse_block, buf, len(cols)))
+                    if len(pending) >= 2 * threads:
+                        asm.place(pending.pop(0))
+                for fut in pending:
+                    asm.place(fut)
+            out, labels, rows = asm.out, asm.labels, asm.row0
+        except _SlowPath:
+            arr, slow = _read_csv_slow(path)
+            out, rows = np.ascontiguousarray(arr.T), len(arr)
+            labels = slow if slow != default_row_labels(len(slow)) else None
+    if rows != N_PIXELS:
+        raise _wrong_rows(path, rows)
+    order = np.argsort([int(c[:-4]) for c in cols], kind="stable")
+    if (order != np.arange(len(cols))).any():
+        out = out[order]
+    return LabelTable(out.reshape(len(cols), SIZE, SIZE), [cols[i] for i in order], labels)
+
+
+def _token_table(last: bool) -> np.ndarray:
+    """(256, 4) byte table: each value's digits then ',' (or '\\n' when last), zero-padded."""
+    t = np.zeros((256, 4), np.uint8)
+    for v in range(256):
+        s = (str(v) + ("\n" if last else ",")).encode()
+        t[v, : len(s)] = np.frombuffer(s, np.uint8)
+    return t
+
+
+_TOK, _TOK_LAST = _token_table(False), _token_table(True)
+
+
+def write_label_csv(
+    path: str | os.PathLike,
+    maps: np.ndarray,
+    columns: Sequence[str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    block_rows: int = 16384,
+) -> None:
+    """Write (N, H, W) uint8 maps as a transposed challenge CSV, atomically."""
+    maps = np.asarray(maps)
+    if maps.dtype != np.uint8:
+        raise ValueError(f"label maps must be uint8, got {maps.dtype}")
+    n = len(maps)
+    flat = maps.reshape(n, -1)
+    p = flat.shape[1]
+    columns = list(columns) if columns is not None else image_names(n)
+    if len(columns) != n:
+        raise ValueError(f"{len(columns)} column names for {n} maps")
+    labels = list(row_labels) if row_labels is not None else None
+    with atomic_path(path, suffix=".csv") as tmp, open(tmp, "wb") as f:
+        f.write(("," + ",".join(columns) + "\n").encode())
+        for r0 in range(0, p, block_rows):
+            r1 = min(p, r0 + block_rows)
+            vals = flat[:, r0:r1].T
+            tok = _TOK[vals]
+            tok[:, -1] = _TOK_LAST[vals[:, -1]]
+            names = labels[r0:r1] if labels is not None else [f"Pixel {i}" for i in range(r0, r1)]
+            pre = np.array([s.encode() + b"," for s in names], dtype="S")
+            pre = pre.view(np.uint8).reshape(r1 - r0, -1)
+            row = np.concatenate([pre, tok.reshape(r1 - r0, -1)], axis=1).ravel()
+            f.write(row[row != 0].tobytes())
+
+
+# ----------------------------------------------------------------------------- data set
+
+
+def _source(root: Path, stem: str) -> Path | None:
+    """The folder `stem/` or the archive `stem.zip` under root, whichever exists."""
+    for cand in (root / stem, root / f"{stem}.zip"):
+        if cand.exists():
+            return cand
+    return None
+
+
+@dataclass
+class Dataset:
+    """A data set in the challenge layout: X_train/, Y_train.csv, X_test/ (folders or zips), optional Y_test.csv."""
+
+    root: Path
+    name: str = ""
+    _meta: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        if not self.root.is_dir():
+            raise UserError(self.root, "data folder not found")
+        if not self.name:
+            self.name = self.root.name
+        if _source(self.root, "X_train") is None:
+            raise UserError(self.root, "no X_train/ folder or X_train.zip")
+        if not (self.root / "Y_train.csv").is_file():
+            raise UserError(self.root / "Y_train.csv", "file not found")
+
+    def _images(self, stem: str) -> np.ndarray:
+        """Images of a split, through the cache."""
+        src = _source(self.root, stem)
+        if src is None:
+            raise UserError(self.root, f"no {stem}/ folder or {stem}.zip")
+        return cached_array(src, cache_dir(self.root), stem, _read_images_uncached)
+
+    def _labels(self, name: str, n_images: int) -> np.ndarray:
+        """Label maps from a CSV, through the cache, checked against the image count."""
+        path = self.root / name
+        stem = name[:-4]
+
+        def load(p: Path) -> np.ndarray:
+            table = read_label_csv(p)
+            if table.row_labels is not None:
+                atomic_write_text(cache_dir(self.root) / f"{stem}-rowlabels.json", json.dumps(table.row_labels))
+            return table.maps
+
+        maps = cached_array(path, cache_dir(self.root), stem, load)
+        if len(maps) != n_images:
+            raise UserError(path, f"{len(maps)} image columns but {n_images} images in {stem.replace('Y_', 'X_')}")
+        return maps
+
+    @cached_property
+    def x_train(self) -> np.ndarray:
+        """Training slices, (N, 512, 512) uint8."""
+        return self._images("X_train")
+
+    @cached_property
+    def y_train(self) -> np.ndarray:
+        """Training instance maps, (N, 512, 512) uint8; all-zero for unlabelled slices."""
+        return self._labels("Y_train.csv", len(self.x_train))
+
+    @cached_property
+    def x_test(self) -> np.ndarray:
+        """Test slices, (T, 512, 512) uint8."""
+        return self._images("X_test")
+
+    @property
+    def has_test_labels(self) -> bool:
+        """Whether Y_test.csv is present (phantom and proxy data sets)."""
+        return (self.root / "Y_test.csv").is_file()
+
+    @cached_property
+    def y_test(self) -> np.ndarray:
+        """Test instance maps where the data set ships them."""
+        return self._labels("Y_test.csv", len(self.x_test))
+
+    @cached_property
+    def annotated(self) -> np.ndarray:
+        """Indices of training slices that carry at least one annotated pixel."""
+        return np.flatnonzero(self.y_train.reshape(len(self.y_train), -1).any(axis=1))
+
+    @cached_property
+    def unlabelled(self) -> np.ndarray:
+        """Indices of training slices with no annotation."""
+        return np.setdiff1d(np.arange(len(self.x_train)), self.annotated)
+
+    def row_labels(self) -> list[str]:
+        """Row labels of Y_train.csv, so a submission mirrors them."""
+        self.y_train  # noqa: B018 - reading the CSV records custom labels
+        custom = cache_dir(self.root) / "Y_train-rowlabels.json"
+        if custom.exists() and custom.stat().st_mtime >= (self.root / "Y_train.csv").stat().st_mtime:
+            return json.loads(custom.read_text())
+        return default_row_labels()
+
+    def groups(self) -> np.ndarray | None:
+        """Per-slice group ids (e.g. source volume) from groups.csv, if present."""
+        path = self.root / "groups.csv"
+        if not path.is_file():
+            return None
+        import pandas as pd
+
+        df = pd.read_csv(path)
+        if not {"image", "group"} <= set(df.columns):
+            raise UserError(path, "needs columns 'image' and 'group'")
+        g = dict(zip(df["image"].astype(str), df["group"].astype(str)))
+        names = image_names(len(self.x_train))
+        missing = [n for n in names if n not in g]
+        if missing:
+            raise UserError(path, f"no group for image '{missing[0]}'")
+        return np.array([g[n] for n in names])
+
+    def fingerprint(self) -> dict:
+        """What identifies this data set in a run record."""
+        return {
+            "name": self.name,
+            "root": str(self.root.resolve()),
+            "n_train": int(len(self.x_train)),
+            "n_annotated": int(len(self.annotated)),
+            "n_test": int(len(self.x_test)) if _source(self.root, "X_test") else 0,
+            "y_train": _fingerprint(self.root / "Y_train.csv"),
+        }

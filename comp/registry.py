@@ -1,0 +1,76 @@
+"""Method registry: every method (baseline or learned) plugs into CV and submit by name."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from comp.errors import UserError
+
+# Modules whose import registers methods; loaded lazily so `comp score` never imports torch.
+_PROVIDERS = ("comp.baselines",)
+
+
+@dataclass
+class FoldData:
+    """Images with their instance maps and their indices in X_train."""
+
+    x: np.ndarray
+    y: np.ndarray
+    ids: np.ndarray
+
+
+@dataclass
+class FitContext:
+    """What a method may use while fitting one fold, besides its training images."""
+
+    workdir: Path
+    fold: int
+    seed: int
+    val: FoldData | None = None
+    unlabelled: np.ndarray | None = None  # slices without annotation: usable without labels
+
+
+class Method(Protocol):
+    """A segmentation method: fit on annotated slices, predict uint8 instance maps."""
+
+    def fit(self, train: FoldData, ctx: FitContext) -> None:
+        """Fit on one fold's training images (no-op for fixed pipelines)."""
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Predict (N, 512, 512) uint8 instance maps for (N, 512, 512) uint8 slices."""
+
+
+@dataclass
+class MethodSpec:
+    """A registered method: its name, parameter dataclass and constructor."""
+
+    name: str
+    params: type
+    build: Callable[[object], Method]
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, params: type) -> Callable:
+    """Class decorator: register a method under `name`, configured by the dataclass `params`."""
+
+    def deco(cls: Callable[[object], Method]) -> Callable[[object], Method]:
+        METHODS[name] = MethodSpec(name, params, cls)
+        return cls
+
+    return deco
+
+
+def get_method(name: str, where: str | Path = "config") -> MethodSpec:
+    """Look a method up by name, with a clear error listing the known ones."""
+    for mod in _PROVIDERS:
+        importlib.import_module(mod)
+    if name not in METHODS:
+        raise UserError(where, f"unknown method '{name}' (known: {', '.join(sorted(METHODS))})")
+    return METHODS[name]
