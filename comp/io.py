@@ -225,12 +225,11 @@ class _BlockError(Exception):
 
 @dataclass
 class _Block:
-    """One parsed block: values, the raw bytes and line starts (for labels), non-digit byte count."""
+    """One parsed block: values, and the raw bytes and line starts its row labels are read from."""
 
     vals: np.ndarray
     raw: np.ndarray
     line_start: np.ndarray
-    nondigits: int
 
 
 def _parse_block(buf: bytes, ncols: int) -> _Block:
@@ -254,20 +253,27 @@ def _parse_block(buf: bytes, ncols: int) -> _Block:
     if lens.min() < 1 or lens.max() > 3:
         raise _SlowPath  # empty or over-long value: pandas reports it precisely
     ends = sep.reshape(rows, ncols + 1)[:, 1:]
-    vals = b[ends - 1].astype(np.uint16) - 48
+    # Every byte of a 1-3 byte token is gathered below, so each one is checked to be a digit.
+    last = b[ends - 1] - np.uint8(48)
+    if last.max() > 9:
+        raise _SlowPath  # a non-digit inside a value, e.g. '3.0' or '-1'
+    vals = last.astype(np.uint16)
     multi = np.flatnonzero(lens > 1)
     if len(multi):
         e, ln = ends.ravel()[multi], lens.ravel()[multi]
-        extra = (b[e - 2].astype(np.uint16) - 48) * 10
+        tens = b[e - 2] - np.uint8(48)
         three = ln == 3
-        extra[three] += (b[e[three] - 3].astype(np.uint16) - 48) * 100
+        hundreds = b[e[three] - 3] - np.uint8(48)
+        if tens.max() > 9 or (len(hundreds) and hundreds.max() > 9):
+            raise _SlowPath
+        extra = tens.astype(np.uint16) * 10
+        extra[three] += hundreds.astype(np.uint16) * 100
         vals.ravel()[multi] += extra
     if vals.max() > 255:
         r, c = np.argwhere(vals > 255)[0]
         raise _BlockError(int(r), f"value {vals[r, c]} out of range 0..255 at row {{row}}, column {c + 1}")
-    digits = int(np.count_nonzero((b - np.uint8(48)) < 10))
     line_start = np.concatenate([[0], nl[:-1] + 1])
-    return _Block(vals.astype(np.uint8), b, line_start, len(b) - digits - len(sep))
+    return _Block(vals.astype(np.uint8), b, line_start)
 
 
 def _row_labels(b: np.ndarray, line_start: np.ndarray, row0: int) -> list[str] | None:
@@ -351,9 +357,6 @@ class _Assembler:
         if r1 > N_PIXELS:
             raise UserError(self.path, f"too many rows: more than {N_PIXELS} (one per pixel of a {SIZE}x{SIZE} slice)")
         lab = _row_labels(blk.raw, blk.line_start, self.row0)
-        label_nondigits = 6 * rows if lab is None else sum(sum(not ch.isdigit() for ch in x) for x in lab)
-        if blk.nondigits != label_nondigits:
-            raise _SlowPath  # a non-digit inside a value, e.g. '3.0' or '-1'
         if lab is not None and self.labels is None:
             self.labels = default_row_labels(self.row0)
         if self.labels is not None:

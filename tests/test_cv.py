@@ -1,0 +1,75 @@
+"""The CV harness: deterministic folds, group discipline, run folders, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from comp.config import CVConfig, Experiment
+from comp.cv import make_folds, run_cv
+from comp.baselines import OfficialWatershedParams, SmoothWatershedParams
+from comp.io import Dataset
+
+
+def test_folds_deterministic_and_balanced() -> None:
+    a, b = make_folds(23, 5, seed=1), make_folds(23, 5, seed=1)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, make_folds(23, 5, seed=2))
+    assert sorted(np.bincount(a)) == [4, 4, 5, 5, 5]
+
+
+def test_groups_never_straddle_folds() -> None:
+    groups = np.repeat(["v1", "v2", "v3", "v4", "v5", "v6"], [10, 3, 7, 7, 2, 5])
+    folds = make_folds(len(groups), 3, seed=0, groups=groups)
+    for g in np.unique(groups):
+        assert len(np.unique(folds[groups == g])) == 1
+    assert np.bincount(folds).max() - np.bincount(folds).min() <= 3
+
+
+def _exp(name: str, method: str, params) -> Experiment:
+    return Experiment(name=name, method=method, params=params, cv=CVConfig(folds=2, seed=0))
+
+
+def test_run_writes_a_complete_run_folder(tiny_phantom: Path, tmp_path: Path) -> None:
+    exp = _exp("official", "official_watershed", OfficialWatershedParams(workers=2))
+    res = run_cv(exp, Dataset(tiny_phantom), runs=tmp_path)
+    run = res.run_dir
+    for name in ("config.yaml", "folds.csv", "oof_scores.csv", "cv.json"):
+        assert (run / name).is_file()
+    cv = json.loads((run / "cv.json").read_text())
+    oof = pd.read_csv(run / "oof_scores.csv")
+    assert len(oof) == 8 and set(oof["fold"]) == {0, 1}
+    assert cv["mean_ari"] == pytest.approx(oof["ari"].mean())
+    assert -1 <= cv["mean_ari"] <= 1 and cv["dataset"]["n_annotated"] == 8
+    folds = pd.read_csv(run / "folds.csv")
+    assert list(folds["index"]) == list(range(8))
+
+
+def test_resume_skips_finished_folds(tiny_phantom: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    exp = _exp("smooth", "smooth_watershed", SmoothWatershedParams(fit_images=2, fit_marker_thresholds=[0.01], fit_merge_deltas=[0.0], workers=1))
+    first = run_cv(exp, Dataset(tiny_phantom), runs=tmp_path)
+    # Simulate a kill after fold 0: no summary, fold 1 missing.
+    (first.run_dir / "cv.json").unlink()
+    (first.run_dir / "oof" / "fold1.npz").unlink()
+    fold0 = (first.run_dir / "oof" / "fold0.npz").stat().st_mtime_ns
+    second = run_cv(exp, Dataset(tiny_phantom), runs=tmp_path)
+    assert second.run_dir == first.run_dir
+    assert (first.run_dir / "oof" / "fold0.npz").stat().st_mtime_ns == fold0
+    assert "fold 0: already done" in capsys.readouterr().out
+    assert second.mean == pytest.approx(first.mean)
+    fitted = json.loads((first.run_dir / "fold1" / "fold.json").read_text())["fitted"]
+    assert fitted == {"marker_threshold": 0.01, "merge_delta": 0.0}
+    # A finished run is not reused: a rerun gets a new run id.
+    third = run_cv(exp, Dataset(tiny_phantom), runs=tmp_path)
+    assert third.run_dir != first.run_dir
+
+
+def test_smooth_watershed_beats_the_official_baseline(tiny_phantom: Path, tmp_path: Path) -> None:
+    d = Dataset(tiny_phantom)
+    off = run_cv(_exp("off", "official_watershed", OfficialWatershedParams(workers=2)), d, runs=tmp_path)
+    smooth = run_cv(_exp("sm", "smooth_watershed", SmoothWatershedParams(fit_images=4, workers=2)), d, runs=tmp_path)
+    assert smooth.mean > off.mean
