@@ -85,6 +85,7 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
         run_dir / "folds.csv", "image,index,fold\n" + "".join(f"{names[i]},{i},{f}\n" for i, f in zip(ann, fold_of))
     )
     x_unl = data.x_train[data.unlabelled] if len(data.unlabelled) else None
+    x_test = data.x_test if data.has_test_images else None
     t0 = time.time()
     for f in range(k):
         done = run_dir / "oof" / f"fold{f}.npz"
@@ -99,11 +100,12 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
             seed=exp.cv.seed + f,
             val=FoldData(data.x_train[va], data.y_train[va], va),
             unlabelled=x_unl,
+            test=x_test,
         )
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         tf = time.time()
         method.fit(FoldData(data.x_train[tr], data.y_train[tr], tr), ctx)
-        pred = method.predict(data.x_train[va])
+        pred = _predict_and_cache(method, data.x_train[va], x_test, run_dir, f)
         scores = image_scores(data.y_train[va], pred)
         fitted = getattr(method, "fitted", None)
         with atomic_path(done, suffix=".npz") as tmp, open(tmp, "wb") as fh:
@@ -114,6 +116,23 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
         atomic_write_text(ctx.workdir / "fold.json", json.dumps(info, indent=1))
         print(f"fold {f}: ARI {scores.mean():.4f} on {len(va)} images ({info['seconds']} s)")
     return _summarise(exp, run_dir, k, names, time.time() - t0)
+
+
+def save_array(path: Path, arr: np.ndarray) -> None:
+    """np.save through a temp file and rename."""
+    with atomic_path(path, suffix=".npy") as tmp, open(tmp, "wb") as fh:
+        np.save(fh, arr)
+
+
+def _predict_and_cache(method, x_val: np.ndarray, x_test: np.ndarray | None, run_dir: Path, fold: int) -> np.ndarray:
+    """Predict the fold's images; methods with maps get OOF and test maps cached (float16) before post-processing."""
+    if not hasattr(method, "predict_maps"):
+        return method.predict(x_val)
+    maps = method.predict_maps(x_val)
+    save_array(run_dir / "oof" / f"fold{fold}_maps.npy", maps)
+    if x_test is not None:
+        save_array(run_dir / "test" / f"fold{fold}_maps.npy", method.predict_maps(x_test))
+    return method.postprocess_maps(maps)
 
 
 def _summarise(exp: Experiment, run_dir: Path, k: int, names: list[str], seconds: float) -> CVResult:

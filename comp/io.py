@@ -511,6 +511,11 @@ class Dataset:
         return self._images("X_test")
 
     @property
+    def has_test_images(self) -> bool:
+        """Whether X_test/ or X_test.zip is present."""
+        return _source(self.root, "X_test") is not None
+
+    @property
     def has_test_labels(self) -> bool:
         """Whether Y_test.csv is present (phantom and proxy data sets)."""
         return (self.root / "Y_test.csv").is_file()

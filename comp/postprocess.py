@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.segmentation import watershed
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -81,3 +84,80 @@ def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     small = cnt < min_size
     small[0] = False
     return np.where(small[labels], 0, labels)
+
+
+@dataclass
+class PostParams:
+    """Every threshold of the map post-processor, with defaults (`comp tune` searches them)."""
+
+    mode: str = "watershed"  # watershed | cc (connected components of the foreground only)
+    fg_threshold: float = 0.5  # pixels above it are plausible structure and get a region
+    seed_threshold: float = 0.5  # seeds: fg * (1 - boundary) * dist-weighting above this
+    seed_dist: float = 0.3  # ... and distance-to-border map above this
+    boundary_weight: float = 1.0  # how much the boundary map lowers seed evidence
+    min_seed: int = 8  # pixels (at 512) a seed needs
+    min_size: int = 30  # regions below this join their neighbour (or vanish if isolated)
+    smooth: float = 0.0  # Gaussian sigma applied to the maps before thresholding (pixels at 512)
+    merge_embedding: float = 0.0  # merge adjacent regions whose mean embeddings are closer (0 = off)
+    compactness: float = 0.0
+
+
+def upsample_maps(maps: np.ndarray, size: int = 512) -> np.ndarray:
+    """Bilinear resize of (C, r, r) maps to (C, size, size) float32."""
+    c, r, _ = maps.shape
+    if r == size:
+        return maps.astype(np.float32)
+    return ndi.zoom(maps.astype(np.float32), (1, size / r, size / r), order=1, mode="nearest", grid_mode=True)
+
+
+def instances_from_maps(maps: np.ndarray, p: PostParams, size: int = 512) -> np.ndarray:
+    """Turn (C, r, r) maps [fg prob, boundary prob, dist, embedding...] into a uint8 instance map."""
+    m = upsample_maps(maps[:3], size)
+    area = (size / 512) ** 2  # pixel-count parameters are given at 512x512
+    if p.smooth > 0:
+        sig = p.smooth * size / 512
+        m = ndi.gaussian_filter(m, (0, sig, sig))
+    fg, bnd, dist = m[0], m[1], m[2]
+    mask = fg > p.fg_threshold
+    if p.mode == "cc":
+        return relabel_uint8(remove_small(ndi.label(mask)[0], max(1, round(p.min_size * area))))
+    evidence = fg * (1 - p.boundary_weight * bnd)
+    seeds = (evidence > p.seed_threshold) & (dist > p.seed_dist) & mask
+    markers = remove_small(ndi.label(seeds)[0], max(1, round(p.min_seed * area)))
+    labels = watershed(bnd - dist, markers, mask=mask, compactness=p.compactness)
+    # Foreground with no seed inside still counts as a structure: leaving it 0 is not free.
+    orphans, n_orphan = ndi.label(mask & (labels == 0))
+    if n_orphan:
+        labels = np.where(orphans > 0, orphans + labels.max(), labels)
+    labels = absorb_small(labels, max(1, round(p.min_size * area)))
+    if p.merge_embedding > 0 and maps.shape[0] > 3:
+        emb = upsample_maps(maps[3:], size)
+        pairs, _, _ = adjacent_pairs(labels)
+        if len(pairs):
+            n = int(labels.max()) + 1
+            cnt = np.maximum(np.bincount(labels.ravel(), minlength=n), 1)
+            mu = np.stack([np.bincount(labels.ravel(), weights=e.ravel(), minlength=n) / cnt for e in emb], 1)
+            close = np.linalg.norm(mu[pairs[:, 0]] - mu[pairs[:, 1]], axis=1) < p.merge_embedding
+            labels = merge_pairs(labels, pairs[close])
+    return relabel_uint8(labels)
+
+
+def absorb_small(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """Regions below `min_size` pixels take the id of the largest region they touch, or vanish if none."""
+    if min_size <= 1 or labels.max() == 0:
+        return labels
+    cnt = np.bincount(labels.ravel())
+    small = np.flatnonzero((cnt < min_size) & (cnt > 0))
+    small = small[small > 0]
+    if len(small) == 0:
+        return labels
+    pairs, length, _ = adjacent_pairs(labels)
+    target = np.arange(len(cnt))
+    is_small = np.zeros(len(cnt), bool)
+    is_small[small] = True
+    for s in small:
+        rows = np.flatnonzero((pairs[:, 0] == s) | (pairs[:, 1] == s))
+        nb = np.where(pairs[rows, 0] == s, pairs[rows, 1], pairs[rows, 0])
+        ok = ~is_small[nb]
+        target[s] = nb[ok][np.argmax(length[rows][ok])] if ok.any() else 0
+    return target[labels]

@@ -12,7 +12,7 @@ import numpy as np
 from comp.errors import UserError
 
 # Modules whose import registers methods; loaded lazily so `comp score` never imports torch.
-_PROVIDERS = ("comp.baselines",)
+_PROVIDERS = ("comp.baselines", "comp.learned")
 
 
 @dataclass
@@ -33,6 +33,7 @@ class FitContext:
     seed: int
     val: FoldData | None = None
     unlabelled: np.ndarray | None = None  # slices without annotation: usable without labels
+    test: np.ndarray | None = None  # test slices (never labels): for caching their maps
 
 
 class Method(Protocol):

@@ -1,0 +1,42 @@
+"""Inference: slices -> float16 maps (fg, boundary, dist probabilities and embedding) at working resolution."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from comp.data.targets import resize_image
+from comp.models import DIST, EMB0, InstanceNet
+from comp.train import device
+
+
+def _activate(out: torch.Tensor) -> torch.Tensor:
+    """Sigmoid on the probability channels, embedding left raw."""
+    out = out.float()
+    return torch.cat([torch.sigmoid(out[:, : DIST + 1]), out[:, EMB0:]], dim=1)
+
+
+@torch.no_grad()
+def predict_maps(model: InstanceNet, x: np.ndarray, res: int, batch_size: int = 16, tta: bool = False) -> np.ndarray:
+    """(N, 512, 512) uint8 slices -> (N, C, res, res) float16 maps; `tta` averages horizontal/vertical flips."""
+    from tqdm import tqdm
+
+    dev = device()
+    cuda = dev.type == "cuda"
+    model.to(dev).eval()
+    out = None
+    for i in tqdm(range(0, len(x), batch_size), desc="predict", leave=False, disable=len(x) <= batch_size):
+        chunk = torch.from_numpy(np.stack([resize_image(s, res) for s in x[i : i + batch_size]]))[:, None].to(dev)
+        flips = [(), (3,), (2,)] if tta else [()]
+        acc = None
+        for dims in flips:
+            inp = chunk.flip(dims) if dims else chunk
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+                y = _activate(model(inp))
+            y = y.flip(dims) if dims else y
+            acc = y if acc is None else acc + y
+        maps = (acc / len(flips)).cpu().numpy().astype(np.float16)
+        if out is None:
+            out = np.empty((len(x),) + maps.shape[1:], np.float16)
+        out[i : i + len(maps)] = maps
+    return out if out is not None else np.zeros((0, EMB0, res, res), np.float16)

@@ -1,0 +1,72 @@
+"""Learned instance segmentation: a U-Net's maps + the watershed post-processor, as a CV/submit method."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from comp.data.targets import resize_labels
+from comp.errors import atomic_write_text
+from comp.metric import image_scores
+from comp.models import ModelConfig, build_model
+from comp.parallel import pmap
+from comp.postprocess import PostParams, instances_from_maps
+from comp.registry import FitContext, FoldData, register_method
+from comp.train import TrainConfig, train_fold
+
+
+@dataclass
+class LearnedParams:
+    """A learned method: network, training, post-processing, test-time augmentation."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    post: PostParams = field(default_factory=PostParams)
+    tta: bool = False
+    val_images: int = 0  # images used for the per-epoch validation score (0 = the whole fold)
+    workers: int = 0  # processes for post-processing (0 = all cores)
+
+
+@register_method("unet", LearnedParams)
+class LearnedInstances:
+    """Train per fold, predict maps, post-process them into instances."""
+
+    def __init__(self, params: LearnedParams) -> None:
+        self.p = params
+        self.model = None
+
+    def fit(self, train: FoldData, ctx: FitContext) -> None:
+        """Train a fresh network on the fold, keeping the epoch with the best validation ARI."""
+        self.model = build_model(self.p.model)
+        validate = None
+        if ctx.val is not None and len(ctx.val.x):
+            n = self.p.val_images or len(ctx.val.x)
+            vx, vy = ctx.val.x[:n], ctx.val.y[:n]
+            validate = lambda model: self._quick_score(vx, vy)  # noqa: E731
+        info = train_fold(self.model, train.x, train.y, self.p.train, ctx.workdir, ctx.seed, validate)
+        atomic_write_text(ctx.workdir / "history.json", json.dumps(info["history"], indent=1))
+        self.fitted = {"best_val_ari": info["best_val_ari"], "epochs": len(info["history"])}
+
+    def _quick_score(self, x: np.ndarray, y: np.ndarray) -> float:
+        """Validation ARI at working resolution (cheap enough to run every epoch)."""
+        res = self.p.train.resolution
+        maps = self.predict_maps(x, tta=False)
+        pred = np.stack([instances_from_maps(m, self.p.post, size=res) for m in maps])
+        truth = np.stack([resize_labels(t, res) for t in y])
+        return float(image_scores(truth, pred).mean())
+
+    def predict_maps(self, x: np.ndarray, tta: bool | None = None) -> np.ndarray:
+        """(N, 512, 512) slices -> (N, C, r, r) float16 maps."""
+        from comp.infer import predict_maps
+
+        return predict_maps(self.model, x, self.p.train.resolution, tta=self.p.tta if tta is None else tta)
+
+    def postprocess_maps(self, maps: np.ndarray) -> np.ndarray:
+        """(N, C, r, r) maps -> (N, 512, 512) uint8 instance maps."""
+        return np.stack(pmap(instances_from_maps, maps, self.p.post, workers=self.p.workers, desc="post-process"))
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Slices -> uint8 instance maps."""
+        return self.postprocess_maps(self.predict_maps(x))

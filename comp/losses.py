@@ -1,0 +1,78 @@
+"""Losses of the instance heads: foreground, boundary, distance and a discriminative embedding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from comp.models import BOUNDARY, DIST, EMB0, FG
+
+
+@dataclass
+class LossConfig:
+    """Weights of each head's loss (0 switches a head off) and the embedding margins."""
+
+    fg: float = 1.0
+    boundary: float = 1.0
+    boundary_pos_weight: float = 3.0  # boundary pixels are rare; too much weight makes the map fire everywhere
+    touch_weight: float = 4.0  # extra weight on borders where two structures touch
+    dist: float = 0.5
+    emb: float = 0.5
+    delta_pull: float = 0.5
+    delta_push: float = 1.5
+
+
+def soft_dice(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice over each image, averaged."""
+    p = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    inter = (p * t).sum(1)
+    return (1 - (2 * inter + eps) / (p.sum(1) + t.sum(1) + eps)).mean()
+
+
+def discriminative_loss(emb: torch.Tensor, inst: torch.Tensor, d_pull: float, d_push: float) -> torch.Tensor:
+    """De Brabandere et al.: pull pixels to their instance mean, push instance means apart (per image)."""
+    total = emb.new_zeros(())
+    count = 0
+    for e, lab in zip(emb, inst):
+        m = lab > 0
+        if not m.any():
+            continue
+        x = e[:, m].T  # (N, E)
+        ids, inv = torch.unique(lab[m], return_inverse=True)
+        k = len(ids)
+        cnt = torch.bincount(inv, minlength=k).to(x.dtype)
+        mu = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inv, x) / cnt[:, None]
+        pull_px = F.relu((x - mu[inv]).norm(dim=1) - d_pull) ** 2
+        pull = (torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, inv, pull_px) / cnt).mean()
+        push = x.new_zeros(())
+        if k > 1:
+            d = torch.cdist(mu[None], mu[None])[0]
+            off = ~torch.eye(k, dtype=torch.bool, device=x.device)
+            push = (F.relu(2 * d_push - d[off]) ** 2).mean()
+        total = total + pull + push + 0.001 * mu.norm(dim=1).mean()
+        count += 1
+    return total / max(count, 1)
+
+
+def instance_loss(out: torch.Tensor, tgt: dict[str, torch.Tensor], cfg: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted sum of the heads' losses on a batch; also returns each part for logging."""
+    out = out.float()
+    parts: dict[str, torch.Tensor] = {}
+    fg = tgt["fg"]
+    if cfg.fg > 0:
+        parts["fg"] = cfg.fg * (F.binary_cross_entropy_with_logits(out[:, FG], fg) + soft_dice(out[:, FG], fg))
+    if cfg.boundary > 0:
+        b = tgt["boundary"]
+        w = 1 + (cfg.boundary_pos_weight - 1) * b + cfg.touch_weight * tgt["touch"]
+        bce = F.binary_cross_entropy_with_logits(out[:, BOUNDARY], b, weight=w)
+        parts["boundary"] = cfg.boundary * (bce + soft_dice(out[:, BOUNDARY], b))
+    if cfg.dist > 0:
+        raw = F.binary_cross_entropy_with_logits(out[:, DIST], tgt["dist"], reduction="none")
+        parts["dist"] = cfg.dist * (raw * fg).sum() / fg.sum().clamp(min=1)
+    if cfg.emb > 0 and out.shape[1] > EMB0:
+        parts["emb"] = cfg.emb * discriminative_loss(out[:, EMB0:], tgt["instances"], cfg.delta_pull, cfg.delta_push)
+    total = sum(parts.values())
+    return total, {k: float(v.detach()) for k, v in parts.items()}

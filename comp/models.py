@@ -1,0 +1,108 @@
+"""Model factory: segmentation-models-pytorch U-Nets (smp or timm `tu-` encoders) with instance heads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from comp.errors import UserError
+
+# Output channels, in order: foreground logit, boundary logit, distance/centre logit, then embedding.
+FG, BOUNDARY, DIST, EMB0 = 0, 1, 2, 3
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build; any smp encoder name works, including timm's as 'tu-<name>'."""
+
+    arch: str = "Unet"  # any smp architecture class with encoder_name/in_channels/classes
+    encoder: str = "resnet18"
+    encoder_weights: str = "none"  # none | imagenet (downloads: only when asked and online) | a checkpoint path
+    embedding_dim: int = 8
+    decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 16])
+
+
+class InstanceNet(nn.Module):
+    """A 1-channel-input segmentation network whose output channels are split into named maps."""
+
+    def __init__(self, net: nn.Module, embedding_dim: int) -> None:
+        super().__init__()
+        self.net = net
+        self.embedding_dim = embedding_dim
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The backbone (what self-supervised pretraining initialises)."""
+        return self.net.encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) in [0, 1] -> (B, 3 + embedding_dim, H, W) raw outputs."""
+        return self.net(x)
+
+
+def _smp_net(cfg: ModelConfig, weights: str | None) -> nn.Module:
+    """Instantiate the smp architecture, with a clear error for unknown names."""
+    import segmentation_models_pytorch as smp
+
+    arch = getattr(smp, cfg.arch, None)
+    if arch is None or not isinstance(arch, type):
+        raise UserError("model.arch", f"unknown smp architecture '{cfg.arch}'")
+    kwargs = dict(encoder_name=cfg.encoder, encoder_weights=weights, in_channels=1, classes=EMB0 + cfg.embedding_dim)
+    if cfg.arch in ("Unet", "UnetPlusPlus"):
+        kwargs["decoder_channels"] = list(cfg.decoder_channels)
+    try:
+        return arch(**kwargs)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise UserError("model.encoder", f"cannot build '{cfg.encoder}' ({msg[:200]})") from None
+
+
+def build_model(cfg: ModelConfig) -> InstanceNet:
+    """Build the network; encoder weights are random unless the config names a source."""
+    src = cfg.encoder_weights
+    if src in ("none", "", None):
+        net = _smp_net(cfg, None)
+    elif src == "imagenet":
+        try:
+            net = _smp_net(cfg, "imagenet")
+        except OSError as exc:  # offline, or the hub refused
+            raise UserError("model.encoder_weights", f"could not download imagenet weights ({exc}); use 'none' offline") from None
+    else:
+        net = _smp_net(cfg, None)
+    model = InstanceNet(net, cfg.embedding_dim)
+    if src not in ("none", "", None, "imagenet"):
+        load_encoder(model, Path(src))
+    return model
+
+
+def load_encoder(model: InstanceNet, path: Path) -> None:
+    """Load an encoder checkpoint (e.g. from `comp pretrain`); every key must fit the encoder."""
+    if not path.is_file():
+        raise UserError(path, "encoder checkpoint not found")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(path, f"not a readable checkpoint ({exc.__class__.__name__})") from None
+    state = blob.get("encoder", blob) if isinstance(blob, dict) else None
+    if not isinstance(state, dict):
+        raise UserError(path, "checkpoint holds no encoder state dict")
+    own = model.encoder.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        what = (
+            f"{len(missing)} missing keys (e.g. '{missing[0]}')" if missing
+            else f"{len(unexpected)} unexpected keys (e.g. '{unexpected[0]}')" if unexpected
+            else f"shape mismatch at '{shapes[0]}' ({tuple(state[shapes[0]].shape)} vs {tuple(own[shapes[0]].shape)})"
+        )
+        raise UserError(path, f"encoder checkpoint does not fit this encoder: {what}")
+    model.encoder.load_state_dict(state)
+
+
+def param_count(model: nn.Module) -> int:
+    """Number of parameters."""
+    return sum(p.numel() for p in model.parameters())

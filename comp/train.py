@@ -1,0 +1,215 @@
+"""Training of the instance network on one fold: seeded, AMP on CUDA, checkpointed, resumable."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from comp.data.targets import AugConfig, augment, make_targets, resize_image, resize_labels
+from comp.errors import atomic_path
+from comp.losses import LossConfig, instance_loss
+from comp.models import InstanceNet
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of one fold's training."""
+
+    epochs: int = 40
+    batch_size: int = 8
+    resolution: int = 256  # working resolution; maps are resized back to 512 for post-processing
+    crop: int = 0  # train on random crops of this size at working resolution (0 = whole slices)
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # cosine | constant
+    warmup_epochs: float = 1.0
+    val_every: int = 1
+    amp: bool = True  # only on CUDA
+    channels_last: bool = True  # only on CUDA
+    num_workers: int = 0
+    budget: float = 1.0  # fraction of the fold's annotated training images used (few-shot ablations)
+    loss: LossConfig = field(default_factory=LossConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+
+
+def device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class SliceSet(torch.utils.data.Dataset):
+    """Annotated slices at working resolution with on-the-fly augmentation and targets."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, res: int, aug: AugConfig | None, seed: int, crop: int = 0) -> None:
+        self.x = np.stack([resize_image(i, res) for i in x])
+        self.y = np.stack([resize_labels(l, res) for l in y])
+        self.aug = aug
+        self.seed = seed
+        self.crop = crop if 0 < crop < res else 0
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        img, lab = self.x[i], self.y[i]
+        # Seeded by (seed, epoch, index): the same run sees the same samples, with any worker count.
+        rng = np.random.default_rng((self.seed, self.epoch, i))
+        if self.aug is not None:
+            img, lab = augment(img, lab, self.aug, rng)
+        if self.crop:
+            y0, x0 = rng.integers(0, len(img) - self.crop + 1, 2)
+            img, lab = img[y0 : y0 + self.crop, x0 : x0 + self.crop], lab[y0 : y0 + self.crop, x0 : x0 + self.crop]
+        t = make_targets(lab)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(img))[None],
+            "fg": torch.from_numpy(t.fg),
+            "boundary": torch.from_numpy(t.boundary),
+            "touch": torch.from_numpy(t.touch),
+            "dist": torch.from_numpy(t.dist),
+            "instances": torch.from_numpy(t.instances),
+        }
+
+
+def _lr_factor(cfg: TrainConfig, step: int, total: int, per_epoch: int) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay or constant."""
+    warm = int(cfg.warmup_epochs * per_epoch)
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.schedule == "constant":
+        return 1.0
+    t = (step - warm) / max(1, total - warm)
+    return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The configured optimiser."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save through a temp file and rename: a kill never leaves a half-written checkpoint."""
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(state, tmp)
+
+
+def train_fold(
+    model: InstanceNet,
+    x: np.ndarray,
+    y: np.ndarray,
+    cfg: TrainConfig,
+    workdir: Path,
+    seed: int,
+    validate=None,
+) -> dict:
+    """Train on (x, y); `validate(model) -> ARI` picks the best epoch. Resumes from workdir/last.pt."""
+    from tqdm import tqdm
+
+    dev = device()
+    cuda = dev.type == "cuda"
+    seed_everything(seed)
+    if cfg.budget < 1.0:
+        keep = np.random.default_rng(seed).permutation(len(x))[: max(1, round(cfg.budget * len(x)))]
+        x, y = x[np.sort(keep)], y[np.sort(keep)]
+    data = SliceSet(x, y, cfg.resolution, cfg.aug, seed, cfg.crop)
+    g = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(
+        data,
+        batch_size=min(cfg.batch_size, len(data)),
+        shuffle=True,
+        drop_last=len(data) > cfg.batch_size,
+        num_workers=cfg.num_workers,
+        generator=g,
+        persistent_workers=False,
+    )
+    model.to(dev)
+    if cuda and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = _optimizer(model, cfg)
+    use_amp = cuda and cfg.amp
+    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    per_epoch = len(loader)
+    total = cfg.epochs * per_epoch
+    last, best_path = workdir / "last.pt", workdir / "best.pt"
+    start, best, history = 0, -math.inf, []
+    if last.exists():
+        ck = torch.load(last, map_location=dev, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        scaler.load_state_dict(ck["scaler"])
+        start, best, history = ck["epoch"] + 1, ck["best"], ck["history"]
+        torch.set_rng_state(ck["torch_rng"])
+        g.set_state(ck["loader_rng"])
+        print(f"resuming from {last} at epoch {start}")
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        data.epoch = epoch
+        t0 = time.time()
+        sums: dict[str, float] = {}
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        for i, batch in enumerate(bar):
+            step = epoch * per_epoch + i
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * _lr_factor(cfg, step, total, per_epoch)
+            batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+            img = batch["image"]
+            if cuda and cfg.channels_last:
+                img = img.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
+                out = model(img)
+            loss, parts = instance_loss(out, batch, cfg.loss)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        rec = {"epoch": epoch, "loss": sum(sums.values()) / per_epoch, **{k: v / per_epoch for k, v in sums.items()}}
+        if validate is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+            rec["val_ari"] = float(validate(model))
+            if rec["val_ari"] > best:
+                best = rec["val_ari"]
+                save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch, "val_ari": best})
+        elif validate is None:
+            save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch})
+        rec["seconds"] = round(time.time() - t0, 1)
+        history.append(rec)
+        msg = f"epoch {epoch + 1}/{cfg.epochs} loss {rec['loss']:.4f}"
+        if "val_ari" in rec:
+            msg += f" val ARI {rec['val_ari']:.4f} (best {best:.4f})"
+        print(msg + f" [{rec['seconds']} s]", flush=True)
+        save_checkpoint(
+            last,
+            {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "best": best,
+                "history": history,
+                "torch_rng": torch.get_rng_state(),
+                "loader_rng": g.get_state(),
+                "config": asdict(cfg),
+            },
+        )
+    if best_path.exists():
+        model.load_state_dict(torch.load(best_path, map_location=dev, weights_only=True)["model"])
+    return {"best_val_ari": best if best > -math.inf else None, "history": history}

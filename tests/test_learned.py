@@ -1,0 +1,201 @@
+"""Learned instance maps: heads, losses, targets, post-processor, training, resume after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage as ndi
+
+from comp.data.targets import AugConfig, augment, make_targets, resize_labels
+from comp.errors import UserError
+from comp.losses import LossConfig, discriminative_loss, instance_loss
+from comp.models import EMB0, ModelConfig, build_model, load_encoder
+from comp.postprocess import PostParams, instances_from_maps
+from tests.conftest import ROOT
+
+TINY = dict(decoder_channels=[16, 8, 8, 8, 8], embedding_dim=4)
+
+
+@pytest.mark.parametrize("encoder", ["resnet18", "tu-mobilenetv3_small_100", "tu-efficientnet_b0"])
+def test_forward_backward_every_head(encoder: str) -> None:
+    model = build_model(ModelConfig(encoder=encoder, **TINY))
+    x = torch.rand(2, 1, 64, 64)
+    out = model(x)
+    assert out.shape == (2, EMB0 + 4, 64, 64)
+    lab = np.zeros((64, 64), np.uint8)
+    lab[10:30, 10:30], lab[10:30, 30:50] = 3, 7
+    t = make_targets(lab)
+    tgt = {k: torch.from_numpy(np.stack([getattr(t, k)] * 2)) for k in ("fg", "boundary", "touch", "dist", "instances")}
+    loss, parts = instance_loss(out, tgt, LossConfig())
+    assert set(parts) == {"fg", "boundary", "dist", "emb"}
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_unknown_encoder_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="cannot build 'no-such-encoder'"):
+        build_model(ModelConfig(encoder="no-such-encoder"))
+
+
+def test_discriminative_loss_zero_on_perfect_embeddings_larger_when_shuffled() -> None:
+    lab = torch.zeros(1, 32, 32, dtype=torch.long)
+    lab[0, 2:14, 2:14], lab[0, 2:14, 16:30], lab[0, 18:30, 2:30] = 1, 2, 3
+    centres = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0], [5.0, 5.0]])
+    emb = centres[lab[0]].permute(2, 0, 1)[None]  # every pixel exactly at its instance's centre
+    perfect = discriminative_loss(emb, lab, 0.5, 1.5)
+    assert float(perfect) < 0.02  # only the tiny regulariser remains
+    g = torch.Generator().manual_seed(0)
+    shuffled = emb.flatten(2)[..., torch.randperm(32 * 32, generator=g)].reshape(emb.shape)
+    assert float(discriminative_loss(shuffled, lab, 0.5, 1.5)) > 10 * float(perfect) + 0.5
+
+
+def test_targets_mark_touching_border() -> None:
+    lab = np.zeros((20, 20), np.uint8)
+    lab[4:12, 4:10], lab[4:12, 10:16] = 5, 6
+    t = make_targets(lab)
+    assert t.touch[:, 9:11].sum() == 16 and t.touch[:, :9].sum() == 0  # only the shared border
+    assert t.boundary[4, 4:16].all() and not t.boundary[7, 6]
+    assert t.dist[lab == 5].max() == pytest.approx(1.0) and t.dist[t.boundary > 0].max() == 0
+
+
+def test_augment_keeps_image_and_labels_aligned() -> None:
+    img = np.zeros((64, 64), np.float32)
+    lab = np.zeros((64, 64), np.uint8)
+    img[10:20, 30:50], lab[10:20, 30:50] = 1.0, 9
+    cfg = AugConfig(contrast=0, brightness=0, gamma=0, noise=0)
+    for seed in range(5):
+        a, b = augment(img, lab, cfg, np.random.default_rng(seed))
+        assert ((a > 0.5) == (b == 9)).mean() > 0.97
+
+
+def _two_squares_maps(size: int = 128) -> np.ndarray:
+    """Hand-built maps: two touching squares with a boundary line between them."""
+    fg = np.zeros((size, size), np.float32)
+    fg[30:90, 20:100] = 1
+    bnd = np.zeros_like(fg)
+    bnd[30:90, 59:61] = 1
+    bnd[30, 20:100] = bnd[89, 20:100] = 1
+    bnd[30:90, 20] = bnd[30:90, 99] = 1
+    d = ndi.distance_transform_edt((fg > 0) & (bnd == 0))
+    return np.stack([fg, bnd, d / d.max(), np.zeros_like(fg), np.zeros_like(fg)])
+
+
+def test_postprocessor_splits_two_touching_squares() -> None:
+    lab = instances_from_maps(_two_squares_maps(), PostParams())
+    assert lab.shape == (512, 512) and lab.dtype == np.uint8
+    left, right = lab[240, 100:230], lab[240, 250:390]
+    assert len(np.unique(left)) == 1 and len(np.unique(right)) == 1
+    assert left[0] != right[0] and left[0] > 0 and right[0] > 0
+    assert len(np.unique(lab)) == 3
+    # Connected components cannot separate them: that is what the boundary map is for.
+    cc = instances_from_maps(_two_squares_maps(), PostParams(mode="cc"))
+    assert len(np.unique(cc)) == 2
+
+
+def test_postprocessor_covers_unseeded_foreground() -> None:
+    maps = _two_squares_maps()
+    maps[0, 100:110, 100:110] = 1  # a small blob with no seed evidence
+    maps[2, 100:110, 100:110] = 0
+    lab = instances_from_maps(maps, PostParams(min_size=10))
+    assert (lab[410:430, 410:430] > 0).all()
+
+
+def test_postprocessor_merges_by_embedding() -> None:
+    maps = _two_squares_maps()
+    maps = np.concatenate([maps, np.zeros((2,) + maps.shape[1:], np.float32)])
+    lab = instances_from_maps(maps, PostParams(merge_embedding=0.5))  # identical embeddings: one region
+    assert len(np.unique(lab)) == 2
+
+
+def test_encoder_checkpoint_changes_exactly_the_encoder(tmp_path: Path) -> None:
+    cfg = ModelConfig(encoder="resnet18", **TINY)
+    torch.manual_seed(0)
+    src = build_model(cfg)
+    torch.save({"encoder": src.encoder.state_dict()}, tmp_path / "enc.pt")
+    torch.manual_seed(1)
+    dst = build_model(cfg)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    load_encoder(dst, tmp_path / "enc.pt")
+    for k, v in dst.state_dict().items():
+        changed = not torch.equal(v, before[k])
+        if k.startswith("net.encoder.") and v.is_floating_point() and v.numel() > 1:
+            assert torch.equal(v, src.state_dict()[k])
+        if not k.startswith("net.encoder."):
+            assert not changed, k
+    other = build_model(ModelConfig(encoder="tu-mobilenetv3_small_100", **TINY))
+    torch.save({"encoder": other.encoder.state_dict()}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="does not fit this encoder"):
+        load_encoder(dst, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="encoder checkpoint not found"):
+        build_model(ModelConfig(encoder="resnet18", encoder_weights=str(tmp_path / "none.pt"), **TINY))
+
+
+TINY_EXP = """
+method: unet
+params:
+  model: {{encoder: tu-mobilenetv3_small_100, decoder_channels: [16, 8, 8, 8, 8], embedding_dim: 4}}
+  train: {{epochs: {epochs}, batch_size: 4, resolution: 64, lr: 0.003}}
+  post: {{min_size: 10}}
+  workers: 1
+cv: {{folds: 2}}
+"""
+
+
+def _cv(exp: Path, data: Path, runs: Path, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "comp", "cv", str(exp), "--data", str(data), "--runs", str(runs)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_tiny_training_end_to_end_caches_maps(tiny_phantom: Path, tmp_path: Path) -> None:
+    exp = tmp_path / "tiny.yaml"
+    exp.write_text(TINY_EXP.format(epochs=2))
+    p = _cv(exp, tiny_phantom, tmp_path / "runs")
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    run = next((tmp_path / "runs" / "tiny").iterdir())
+    cv = json.loads((run / "cv.json").read_text())
+    assert cv["n_images"] == 8
+    for k in (0, 1):
+        maps = np.load(run / "oof" / f"fold{k}_maps.npy")
+        assert maps.dtype == np.float16 and maps.shape == (4, EMB0 + 4, 64, 64)
+        assert np.load(run / "test" / f"fold{k}_maps.npy").shape[0] == 4
+        assert (run / f"fold{k}" / "best.pt").is_file() and (run / f"fold{k}" / "last.pt").is_file()
+        assert len(json.loads((run / f"fold{k}" / "history.json").read_text())) == 2
+
+
+def test_kill_9_mid_training_resumes_from_checkpoint(tiny_phantom: Path, tmp_path: Path) -> None:
+    exp = tmp_path / "resume.yaml"
+    exp.write_text(TINY_EXP.format(epochs=30))
+    runs = tmp_path / "runs"
+    p = _cv(exp, tiny_phantom, runs, start_new_session=True)
+    deadline = time.time() + 240
+    last = None
+    while time.time() < deadline:
+        found = list(runs.glob("resume/*/fold0/last.pt"))
+        if found:
+            last = found[0]
+            time.sleep(0.5)  # let it get into a later epoch
+            break
+        time.sleep(0.2)
+    assert last is not None, "no checkpoint appeared"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    done = torch.load(last, weights_only=False)["epoch"]
+    assert done < 29, "training finished before the kill; the test needs a slower run"
+    p2 = _cv(exp, tiny_phantom, runs)  # the same command again
+    out, _ = p2.communicate(timeout=600)
+    assert p2.returncode == 0, out
+    assert f"resuming from {last} at epoch {done + 1}" in out
+    hist = json.loads((last.parent / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == list(range(30))  # no epoch lost or repeated
