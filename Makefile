@@ -9,7 +9,7 @@ FOLDS  ?=
 DATA_ARG  := $(if $(DATA),--data $(DATA))
 FOLDS_ARG := $(if $(FOLDS),--folds $(FOLDS))
 
-.PHONY: venv cv test submit phantom bench clean
+.PHONY: venv cv test submit phantom proxy bench clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ submit: venv  ## fit on every annotated slice, predict X_test, write submissions
 
 phantom: venv  ## a full-size phantom (2000 train / 400 annotated / 500 test) in data/phantom_full
 	$(PY) -m comp data phantom --out data/phantom_full
+
+proxy: venv  ## real-CT proxy in data/proxy from the pinned TotalSegmentator sdist (EXTRA=dir adds unlabelled CTs)
+	$(PY) -m comp data proxy --out data/proxy $(if $(EXTRA),--extra $(EXTRA))
 
 bench: venv  ## benchmarks against their references; writes bench.json
 	$(PY) -m comp bench

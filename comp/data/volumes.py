@@ -1,0 +1,209 @@
+"""Import labelled CT volumes (NIfTI, NRRD, DICOM series) into the challenge layout.
+
+Slices are axial, shown the radiological way (anterior up, the patient's left on the image's
+right), resampled to 512x512 with the aspect ratio kept and padded, Hounsfield units windowed to
+uint8, and each labelled structure split into connected components with random uint8 ids. A
+sidecar groups.csv names each slice's volume and contiguous block, so CV never splits them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from comp.errors import UserError, atomic_write_text
+from comp.io import SIZE, image_names, write_images, write_label_csv
+
+AIR_HU = -1024.0
+
+
+@dataclass
+class Volume:
+    """A volume in RAS+ voxel order (axes grow towards Right, Anterior, Superior), with voxel sizes in mm."""
+
+    data: np.ndarray
+    zooms: tuple[float, float, float]
+    name: str
+
+
+def _ras_volume(data: np.ndarray, affine: np.ndarray, name: str) -> Volume:
+    """Reorder a voxel array with a RAS affine to the closest canonical (RAS+) orientation."""
+    import nibabel as nib
+
+    img = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(data), affine))
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    return Volume(np.asarray(img.dataobj), zooms, name)
+
+
+def _load_nrrd(path: Path) -> Volume:
+    """NRRD with a 'space' and 'space directions' header."""
+    import nrrd
+
+    data, hdr = nrrd.read(str(path))
+    if data.ndim != 3:
+        raise UserError(path, f"expected a 3-D volume, got {data.ndim} dimensions")
+    dirs = np.asarray(hdr.get("space directions", np.eye(3)), float)
+    origin = np.asarray(hdr.get("space origin", np.zeros(3)), float)
+    space = str(hdr.get("space", "left-posterior-superior")).lower()
+    affine = np.eye(4)
+    affine[:3, :3] = dirs.T
+    affine[:3, 3] = origin
+    if space in ("left-posterior-superior", "lps"):
+        affine[:2] *= -1  # LPS -> RAS
+    elif space not in ("right-anterior-superior", "ras"):
+        raise UserError(path, f"unsupported NRRD space '{space}'")
+    return _ras_volume(data, affine, path.name)
+
+
+def _load_dicom(folder: Path) -> Volume:
+    """A DICOM series in a folder: slices sorted along their normal, rescaled to HU."""
+    import pydicom
+
+    slices = []
+    for f in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            ds = pydicom.dcmread(f)
+        except Exception:
+            continue
+        if "PixelData" in ds:
+            slices.append(ds)
+    if not slices:
+        raise UserError(folder, "no DICOM images found")
+    row, col = (np.array(slices[0].ImageOrientationPatient[i : i + 3], float) for i in (0, 3))
+    normal = np.cross(row, col)
+    slices.sort(key=lambda d: float(np.dot(normal, np.array(d.ImagePositionPatient, float))))
+    arr = np.stack([d.pixel_array.astype(np.float32) * float(getattr(d, "RescaleSlope", 1)) + float(getattr(d, "RescaleIntercept", 0)) for d in slices])
+    dr, dc = (float(v) for v in slices[0].PixelSpacing)
+    p0 = np.array(slices[0].ImagePositionPatient, float)
+    step = (np.array(slices[-1].ImagePositionPatient, float) - p0) / max(len(slices) - 1, 1) if len(slices) > 1 else normal
+    # Voxel (i=column, j=row, k=slice) -> LPS, then RAS.
+    affine = np.eye(4)
+    affine[:3, 0], affine[:3, 1], affine[:3, 2], affine[:3, 3] = row * dc, col * dr, step, p0
+    affine[:2] *= -1
+    return _ras_volume(arr.transpose(2, 1, 0), affine, folder.name)
+
+
+def load_volume(path: str | Path) -> Volume:
+    """Load a CT or label volume: .nii/.nii.gz, .nrrd/.nhdr, or a folder holding a DICOM series."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(path, "file not found")
+    if path.is_dir():
+        return _load_dicom(path)
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        try:
+            img = nib.load(str(path))
+        except Exception as exc:
+            raise UserError(path, f"not a readable NIfTI file ({exc.__class__.__name__})") from None
+        if len(img.shape) != 3:
+            raise UserError(path, f"expected a 3-D volume, got shape {img.shape}")
+        return _ras_volume(np.asarray(img.dataobj), img.affine, path.name)
+    if name.endswith((".nrrd", ".nhdr")):
+        return _load_nrrd(path)
+    raise UserError(path, "unknown file type (expected .nii, .nii.gz, .nrrd, .nhdr or a DICOM folder)")
+
+
+def axial_slices(vol: Volume) -> tuple[np.ndarray, tuple[float, float]]:
+    """(k, rows, cols) axial slices, anterior up and the patient's left on the right; (row, col) spacing in mm."""
+    # Column 0 shows the patient's right (largest axis-0 index), row 0 the most anterior (largest axis-1 index).
+    d = vol.data[::-1, ::-1, :]
+    return np.ascontiguousarray(d.transpose(2, 1, 0)), (vol.zooms[1], vol.zooms[0])
+
+
+def to_square(sl: np.ndarray, spacing: tuple[float, float], size: int = SIZE, order: int = 1, pad: float = 0.0) -> np.ndarray:
+    """Resample a slice to square pixels filling `size` along its longer side, centred and padded."""
+    h_mm, w_mm = sl.shape[0] * spacing[0], sl.shape[1] * spacing[1]
+    scale = size / max(h_mm, w_mm)
+    h, w = max(1, min(size, round(h_mm * scale))), max(1, min(size, round(w_mm * scale)))
+    z = ndi.zoom(sl.astype(np.float32), (h / sl.shape[0], w / sl.shape[1]), order=order, grid_mode=True, mode="nearest")
+    out = np.full((size, size), pad, np.float32)
+    y0, x0 = (size - h) // 2, (size - w) // 2
+    out[y0 : y0 + h, x0 : x0 + w] = z[:h, :w]
+    return out
+
+
+def window(hu: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map Hounsfield units in [lo, hi] linearly to 0..255."""
+    return np.clip(np.rint((hu - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
+
+
+def split_components(lab: np.ndarray, rng: np.random.Generator, min_px: int = 20, max_regions: int = 255) -> np.ndarray:
+    """Each labelled structure's connected components as separate regions with distinct random uint8 ids."""
+    pieces = []
+    for value in np.unique(lab[lab > 0]):
+        comp, n = ndi.label(lab == value)
+        if n == 0:
+            continue
+        sizes = np.bincount(comp.ravel())[1:]
+        pieces += [(int(sizes[i]), comp == i + 1) for i in range(n) if sizes[i] >= min_px]
+    pieces.sort(key=lambda p: -p[0])
+    out = np.zeros(lab.shape, np.uint8)
+    ids = rng.permutation(np.arange(1, 256))
+    for nid, (_, m) in zip(ids, pieces[:max_regions]):
+        out[m] = nid
+    return out
+
+
+@dataclass
+class ImportConfig:
+    """How volumes become challenge slices."""
+
+    window_lo: float = -350.0  # air black, fat mid-grey, soft tissue light grey, bone white
+    window_hi: float = 450.0
+    every: int = 1  # keep every k-th slice
+    min_px: int = 20  # components smaller than this (at 512x512) are dropped
+    blocks: int = 5  # contiguous slice blocks per volume (the CV groups)
+    seed: int = 0
+
+
+def volume_slices(image: Path, label: Path | None, cfg: ImportConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str]:
+    """Windowed 512x512 slices of one volume and their instance maps (zeros when unlabelled)."""
+    vol = load_volume(image)
+    sl, spacing = axial_slices(vol)
+    lab_sl = None
+    if label is not None:
+        lv = load_volume(label)
+        if lv.data.shape != vol.data.shape:
+            raise UserError(label, f"label volume shape {lv.data.shape} does not match image volume {vol.data.shape} ({image})")
+        lab_sl = axial_slices(lv)[0].astype(np.int32)
+    keep = np.arange(0, len(sl), max(1, cfg.every))
+    xs = np.empty((len(keep), SIZE, SIZE), np.uint8)
+    ys = np.zeros((len(keep), SIZE, SIZE), np.uint8)
+    for n, k in enumerate(keep):
+        xs[n] = window(to_square(sl[k], spacing, order=1, pad=AIR_HU), cfg.window_lo, cfg.window_hi)
+        if lab_sl is not None:
+            ys[n] = split_components(to_square(lab_sl[k], spacing, order=0).astype(np.int32), rng, cfg.min_px)
+    return xs, ys, vol.name
+
+
+def import_volumes(
+    images: list[Path], labels: list[Path | None], out: Path, cfg: ImportConfig, unlabelled: list[Path] | None = None
+) -> Path:
+    """Write volumes as X_train/, Y_train.csv and groups.csv (image, group, volume, slice) under `out`."""
+    from tqdm import tqdm
+
+    if len(images) != len(labels):
+        raise UserError("--labels", f"{len(labels)} label volumes for {len(images)} image volumes")
+    rng = np.random.default_rng(cfg.seed)
+    xs, ys, rows = [], [], []
+    jobs = list(zip(images, labels)) + [(u, None) for u in (unlabelled or [])]
+    for image, label in tqdm(jobs, desc="volumes", leave=False):
+        x, y, name = volume_slices(Path(image), None if label is None else Path(label), cfg, rng)
+        block = np.minimum(np.arange(len(x)) * cfg.blocks // max(len(x), 1), cfg.blocks - 1)
+        rows += [(f"{name}:{b}", name, i) for i, b in enumerate(block)]
+        xs.append(x)
+        ys.append(y)
+    x_all, y_all = np.concatenate(xs), np.concatenate(ys)
+    names = image_names(len(x_all))
+    write_images(out / "X_train", x_all)
+    write_label_csv(out / "Y_train.csv", y_all, names)
+    atomic_write_text(
+        out / "groups.csv", "image,group,volume,slice\n" + "".join(f"{n},{g},{v},{s}\n" for n, (g, v, s) in zip(names, rows))
+    )
+    return out

