@@ -8,6 +8,7 @@ DATA   ?=
 FOLDS  ?=
 DATA_ARG  := $(if $(DATA),--data $(DATA))
 FOLDS_ARG := $(if $(FOLDS),--folds $(FOLDS))
+SET_ARG   := $(foreach s,$(SET),--set $(s))
 
 .PHONY: venv cv test submit phantom proxy bench clean
 
@@ -20,7 +21,7 @@ $(VENV)/.installed: requirements.txt
 venv: $(VENV)/.installed
 
 cv: venv  ## cross-validate experiments/$(EXP).yaml (default data: data/raw, else the embedded phantom)
-	$(PY) -m comp cv experiments/$(EXP).yaml $(DATA_ARG) $(FOLDS_ARG)
+	$(PY) -m comp cv experiments/$(EXP).yaml $(DATA_ARG) $(FOLDS_ARG) $(SET_ARG)
 
 test: venv  ## the whole test suite
 	$(PY) -m pytest -q tests

@@ -103,7 +103,7 @@ def cmd_cv(a: argparse.Namespace) -> int:
     from comp.config import load_experiment
     from comp.cv import run_cv
 
-    exp = load_experiment(a.experiment)
+    exp = load_experiment(a.experiment, a.set)
     run_cv(exp, resolve_data(a.data), a.folds, Path(a.runs))
     return 0
 
@@ -113,13 +113,25 @@ def cmd_submit(a: argparse.Namespace) -> int:
     from comp.config import load_experiment
     from comp.submit import submit
 
-    exp = load_experiment(a.experiment)
+    exp = load_experiment(a.experiment, a.set)
     out = Path(a.out or f"submissions/{exp.name}.csv")
     s = submit(exp, resolve_data(a.data), out)
     line = f"{out}: valid submission for {s['images']} test images ({s['mean_regions']:.1f} regions per image)"
     if "test_ari" in s:
         line += f"; held-out test ARI {s['test_ari']:.4f}"
     print(line)
+    return 0
+
+
+def cmd_pretrain(a: argparse.Namespace) -> int:
+    """Self-supervised pretraining of an encoder on every training slice's pixels (no labels)."""
+    from comp.ssl import load_ssl_config, run_pretrain
+
+    cfg = load_ssl_config(a.experiment)
+    data = resolve_data(a.data)
+    # Unlabelled slices and the annotated slices' pixels alike: no label is ever read here.
+    path = run_pretrain(cfg, data.x_train, data.fingerprint()["y_train"], Path(a.runs))
+    print(f"encoder checkpoint: {path} (set model.encoder_weights to it in a segmentation experiment)")
     return 0
 
 
@@ -180,13 +192,21 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--data", default=None)
     c.add_argument("--folds", type=int, default=None)
     c.add_argument("--runs", default="runs")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. params.train.budget=0.25")
     c.set_defaults(fn=cmd_cv)
 
     sm = sub.add_parser("submit", help="predict X_test and write a validated submission")
     sm.add_argument("experiment")
     sm.add_argument("--data", default=None)
     sm.add_argument("--out", default=None)
+    sm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     sm.set_defaults(fn=cmd_submit)
+
+    pt = sub.add_parser("pretrain", help="self-supervised pretraining of an encoder (experiments/ssl_*.yaml)")
+    pt.add_argument("experiment")
+    pt.add_argument("--data", default=None)
+    pt.add_argument("--runs", default="runs")
+    pt.set_defaults(fn=cmd_pretrain)
 
     b = sub.add_parser("bench", help="benchmarks, each against its reference")
     b.add_argument("--quick", action="store_true")

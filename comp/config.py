@@ -112,8 +112,24 @@ def experiment_path(name_or_path: str) -> Path:
     raise UserError(p, f"experiment not found (known in {EXPERIMENTS}/: {known})")
 
 
-def load_experiment(name_or_path: str) -> Experiment:
-    """Load and validate an experiment YAML by name or path."""
+def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
+    """Apply 'dotted.key=value' overrides (values parsed as YAML) to a raw config mapping."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError("--set", f"expected KEY=VALUE, got '{item}'")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(where, f"cannot set '{key}': '{part}' is not a mapping")
+        node[parts[-1]] = yaml.safe_load(text)
+    return raw
+
+
+def load_experiment(name_or_path: str, overrides: list[str] | None = None) -> Experiment:
+    """Load and validate an experiment YAML by name or path, with optional --set overrides."""
     from comp.registry import get_method
 
     path = experiment_path(name_or_path)
@@ -125,6 +141,7 @@ def load_experiment(name_or_path: str) -> Experiment:
         raise UserError(path, f"invalid YAML{at}") from None
     if not isinstance(raw, dict):
         raise UserError(path, "top level must be a mapping")
+    raw = apply_overrides(raw, overrides or [], str(path))
     allowed = {"name", "method", "description", "params", "cv"}
     unknown = sorted(set(raw) - allowed)
     if unknown:

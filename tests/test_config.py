@@ -16,8 +16,13 @@ def test_every_shipped_experiment_loads() -> None:
     names = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
     assert {"baseline_watershed", "smooth_watershed"} <= set(names)
     for name in names:
-        exp = load_experiment(str(ROOT / "experiments" / f"{name}.yaml"))
-        assert exp.name == name
+        path = str(ROOT / "experiments" / f"{name}.yaml")
+        if name.startswith("ssl_"):
+            from comp.ssl import load_ssl_config
+
+            assert load_ssl_config(path).name == name
+        else:
+            assert load_experiment(path).name == name
 
 
 def test_lookup_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,3 +56,14 @@ def test_cli_bad_config_exit_2(tmp_path: Path) -> None:
     path.write_text("method: smooth_watershed\nparams: {sigmaa: 2}\n")
     r = run_cli("cv", str(path), "--data", str(tmp_path))
     assert r.returncode == 2 and "unknown key 'params.sigmaa'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    exp = load_experiment("unet_cpu", ["params.train.budget=0.25", "cv.folds=4"])
+    assert exp.params.train.budget == 0.25 and exp.cv.folds == 4
+    assert exp.digest() != load_experiment("unet_cpu").digest()  # an override is a different run
+    with pytest.raises(UserError, match="unknown key 'params.train.budgett'"):
+        load_experiment("unet_cpu", ["params.train.budgett=0.25"])
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        load_experiment("unet_cpu", ["params.train.budget"])

@@ -1,0 +1,280 @@
+"""Self-supervised pretraining of an encoder on slice pixels (never labels): masked modelling or dense VICReg.
+
+`mim`: SparK/MAE-style masked image modelling for CNNs — patches are blanked, the encoder's
+multi-scale features go through a light decoder, the loss is the reconstruction error on the
+masked patches only.
+`vicregl`: two views of a crop related by a known rot90/flip (so every feature location has its exact
+partner) with independent intensity changes, noise and blanked patches; VICReg's invariance,
+variance and covariance terms on pooled features (global) and on matched locations (local).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from comp.config import experiment_path, from_dict
+from comp.data.targets import AugConfig, augment, resize_image
+from comp.errors import UserError, atomic_write_text
+from comp.models import InstanceNet, ModelConfig, build_model
+from comp.train import device, save_checkpoint, seed_everything
+
+
+@dataclass
+class SSLConfig:
+    """A pretraining experiment (experiments/ssl_*.yaml)."""
+
+    name: str = "ssl"
+    description: str = ""
+    method: str = "mim"  # mim | vicregl
+    model: ModelConfig = field(default_factory=ModelConfig)
+    resolution: int = 256
+    crop: int = 128
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    mask_ratio: float = 0.6
+    patch: int = 16  # masking patch size at working resolution
+    local_weight: float = 0.75  # vicregl: share of the dense (local) term
+    amp: bool = True
+    aug: AugConfig = field(default_factory=lambda: AugConfig(rotate_deg=10.0, scale=0.1))
+    max_images: int = 0  # 0 = every slice
+    seed: int = 0
+
+
+def load_ssl_config(name_or_path: str) -> SSLConfig:
+    """Load and validate a pretraining YAML."""
+    path = experiment_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise UserError(path, "invalid YAML") from None
+    cfg = from_dict(SSLConfig, raw, str(path))
+    if cfg.method not in PRETEXTS:
+        raise UserError(path, f"unknown pretext method '{cfg.method}' (known: {', '.join(sorted(PRETEXTS))})")
+    if cfg.crop % 32 or cfg.patch <= 0 or cfg.crop % cfg.patch:
+        raise UserError(path, f"crop ({cfg.crop}) must be a multiple of 32 and of patch ({cfg.patch})")
+    return cfg
+
+
+class LightDecoder(nn.Module):
+    """Multi-scale features -> a 1-channel image: project, upsample, sum, refine."""
+
+    def __init__(self, channels: list[int], width: int = 32) -> None:
+        super().__init__()
+        self.proj = nn.ModuleList(nn.Conv2d(c, width, 1) for c in channels)
+        self.head = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.GELU(), nn.Conv2d(width, 1, 1))
+
+    def forward(self, feats: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """Sum of the projected features at stride 2, refined and upsampled to `size`."""
+        target = feats[0].shape[-2:]
+        x = sum(F.interpolate(p(f), size=target, mode="bilinear", align_corners=False) for p, f in zip(self.proj, feats))
+        return F.interpolate(self.head(x), size=size, mode="bilinear", align_corners=False)
+
+
+def _features(encoder: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The encoder's feature maps, strides 2 to 32 (smp encoders return the input itself first)."""
+    return list(encoder(x))[1:]
+
+
+def patch_mask(b: int, size: int, patch: int, ratio: float, gen: torch.Generator) -> torch.Tensor:
+    """(B, 1, size, size) float mask, 1 on blanked patches."""
+    n = size // patch
+    m = (torch.rand(b, 1, n, n, generator=gen) < ratio).float()
+    return m.repeat_interleave(patch, 2).repeat_interleave(patch, 3)
+
+
+class MaskedModelling(nn.Module):
+    """Encoder + light decoder; loss on masked patches only."""
+
+    def __init__(self, model: InstanceNet, cfg: SSLConfig) -> None:
+        super().__init__()
+        self.encoder = model.encoder
+        with torch.no_grad():
+            chans = [f.shape[1] for f in _features(self.encoder, torch.zeros(1, 1, cfg.crop, cfg.crop))]
+        self.decoder = LightDecoder(chans)
+        self.cfg = cfg
+
+    def loss(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Reconstruction MSE of the blanked patches."""
+        m = patch_mask(len(x), x.shape[-1], self.cfg.patch, self.cfg.mask_ratio, gen).to(x.device)
+        fill = x.mean(dim=(2, 3), keepdim=True)
+        rec = self.decoder(_features(self.encoder, x * (1 - m) + fill * m), x.shape[-2:])
+        return (((rec.float() - x) ** 2) * m).sum() / m.sum().clamp(min=1)
+
+
+def vicreg_terms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """VICReg loss of two (N, D) batches of paired embeddings (25 / 25 / 1 weighting)."""
+    inv = F.mse_loss(a, b)
+    var = cov = a.new_zeros(())
+    for z in (a, b):
+        z = z - z.mean(0)
+        std = torch.sqrt(z.var(0) + 1e-4)
+        var = var + F.relu(1 - std).mean()
+        c = (z.T @ z) / max(len(z) - 1, 1)
+        off = c - torch.diag(torch.diag(c))
+        cov = cov + (off**2).sum() / z.shape[1]
+    return 25 * inv + 25 * var + cov
+
+
+class DenseVICReg(nn.Module):
+    """Encoder + projectors; global and location-matched VICReg terms between two views."""
+
+    def __init__(self, model: InstanceNet, cfg: SSLConfig, dim: int = 128) -> None:
+        super().__init__()
+        self.encoder = model.encoder
+        with torch.no_grad():
+            c = _features(self.encoder, torch.zeros(1, 1, cfg.crop, cfg.crop))[-2].shape[1]
+        self.local = nn.Sequential(nn.Conv2d(c, dim, 1), nn.BatchNorm2d(dim), nn.ReLU(), nn.Conv2d(dim, dim, 1))
+        self.glob = nn.Sequential(nn.Linear(c, dim), nn.BatchNorm1d(dim), nn.ReLU(), nn.Linear(dim, dim))
+        self.cfg = cfg
+
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = _features(self.encoder, x)[-2]  # stride 16: fine enough for dense correspondence
+        return self.glob(f.mean(dim=(2, 3))), self.local(f)
+
+    def loss(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Views: x and a rot90/flip of x, each with its own noise, contrast and blanked patches."""
+        k = int(torch.randint(4, (1,), generator=gen))
+        flip = bool(torch.randint(2, (1,), generator=gen))
+
+        def perturb(v: torch.Tensor) -> torch.Tensor:
+            m = patch_mask(len(v), v.shape[-1], self.cfg.patch, self.cfg.mask_ratio / 2, gen).to(v.device)
+            gain = 1 + 0.2 * (torch.rand(len(v), 1, 1, 1, generator=gen).to(v.device) - 0.5)
+            noise = 0.03 * torch.randn(v.shape, generator=gen).to(v.device)
+            return (v * gain + noise) * (1 - m) + v.mean() * m
+
+        va = perturb(x)
+        vb = perturb(torch.rot90(x.flip(-1) if flip else x, k, dims=(2, 3)))
+        ga, la = self._embed(va)
+        gb, lb = self._embed(vb)
+        lb = torch.rot90(lb, -k, dims=(2, 3))  # undo the geometry: locations now correspond
+        lb = lb.flip(-1) if flip else lb
+        flat = lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])  # noqa: E731
+        w = self.cfg.local_weight
+        return (1 - w) * vicreg_terms(ga.float(), gb.float()) + w * vicreg_terms(flat(la).float(), flat(lb).float())
+
+
+PRETEXTS = {"mim": MaskedModelling, "vicregl": DenseVICReg}
+
+
+class CropSet(torch.utils.data.Dataset):
+    """Random crops of slices at working resolution, with the CT augmentations (no labels)."""
+
+    def __init__(self, x: np.ndarray, cfg: SSLConfig) -> None:
+        self.x = np.stack([resize_image(i, cfg.resolution) for i in x])
+        self.cfg = cfg
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        rng = np.random.default_rng((self.cfg.seed, self.epoch, i))
+        img, _ = augment(self.x[i], np.zeros(self.x[i].shape, np.uint8), self.cfg.aug, rng)
+        c = self.cfg.crop
+        if c < len(img):
+            # Crops centred on the body more often than on air: pick among a few by mean intensity.
+            cands = rng.integers(0, len(img) - c + 1, (4, 2))
+            y0, x0 = max(cands, key=lambda p: float(img[p[0] : p[0] + c, p[1] : p[1] + c].mean()))
+            img = img[y0 : y0 + c, x0 : x0 + c]
+        return torch.from_numpy(np.ascontiguousarray(img))[None]
+
+
+def plot_curve(history: list[dict], path: Path, title: str) -> None:
+    """Loss per epoch as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot([h["epoch"] + 1 for h in history], [h["loss"] for h in history], marker="o")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    fig.tight_layout()
+    from comp.errors import atomic_path
+
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path) -> Path:
+    """Pretrain the encoder on slices `x`; resumable from out_dir/last.pt; returns the encoder checkpoint."""
+    from tqdm import tqdm
+
+    dev = device()
+    cuda = dev.type == "cuda"
+    seed_everything(cfg.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.max_images and len(x) > cfg.max_images:
+        x = x[np.random.default_rng(cfg.seed).permutation(len(x))[: cfg.max_images]]
+    model = build_model(cfg.model)
+    task = PRETEXTS[cfg.method](model, cfg).to(dev)
+    data = CropSet(x, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(data, batch_size=min(cfg.batch_size, len(data)), shuffle=True, drop_last=True, generator=gen)
+    opt = torch.optim.AdamW(task.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_epoch, total = len(loader), cfg.epochs * len(loader)
+    warm = int(cfg.warmup_epochs * per_epoch)
+    last = out_dir / "last.pt"
+    start, history = 0, []
+    if last.exists():
+        ck = torch.load(last, map_location=dev, weights_only=False)
+        task.load_state_dict(ck["task"])
+        opt.load_state_dict(ck["opt"])
+        start, history = ck["epoch"] + 1, ck["history"]
+        gen.set_state(ck["gen"])
+        print(f"resuming from {last} at epoch {start}")
+    for epoch in range(start, cfg.epochs):
+        task.train()
+        data.epoch = epoch
+        t0, tot = time.time(), 0.0
+        bar = tqdm(loader, desc=f"pretrain {cfg.method} {epoch + 1}/{cfg.epochs}", leave=False)
+        for i, xb in enumerate(bar):
+            step = epoch * per_epoch + i
+            f = (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * f
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda and cfg.amp):
+                loss = task.loss(xb.to(dev), gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += float(loss.detach())
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+        history.append({"epoch": epoch, "loss": tot / per_epoch, "seconds": round(time.time() - t0, 1)})
+        print(f"pretrain {cfg.method} epoch {epoch + 1}/{cfg.epochs} loss {history[-1]['loss']:.4f} [{history[-1]['seconds']} s]", flush=True)
+        save_checkpoint(last, {"task": task.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "history": history, "gen": gen.get_state()})
+        save_checkpoint(out_dir / "encoder.pt", {"encoder": model.encoder.state_dict(), "config": asdict(cfg), "epoch": epoch})
+    atomic_write_text(out_dir / "history.json", json.dumps(history, indent=1))
+    plot_curve(history, out_dir / "loss.png", f"{cfg.name} ({cfg.method}, {cfg.model.encoder})")
+    return out_dir / "encoder.pt"
+
+
+def run_pretrain(cfg: SSLConfig, x: np.ndarray, data_key: str, runs: Path = Path("runs")) -> Path:
+    """Pretrain into runs/pretrain/NAME/<config+data digest>/ and publish runs/pretrain/NAME.pt for YAMLs."""
+    import hashlib
+
+    digest = hashlib.sha1(json.dumps([asdict(cfg), data_key], sort_keys=True).encode()).hexdigest()[:10]
+    ck = pretrain(cfg, x, runs / "pretrain" / cfg.name / digest)
+    public = runs / "pretrain" / f"{cfg.name}.pt"
+    from comp.errors import atomic_path
+
+    with atomic_path(public, suffix=".pt") as tmp:
+        shutil.copyfile(ck, tmp)
+    return public
