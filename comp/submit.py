@@ -16,6 +16,8 @@ from comp.registry import FitContext, FoldData, get_method
 def validate_submission(path: str | Path, data_root: str | Path, row_labels: list[str] | None = None) -> dict:
     """Check a submission CSV against the test layout of a data folder; return a short summary."""
     path, data_root = Path(path), Path(data_root)
+    if not path.is_file():
+        raise UserError(path, "file not found")
     n_test = count_images(data_root, "X_test")
     table = read_label_csv(path)
     expected = image_names(n_test)
@@ -39,6 +41,8 @@ def validate_submission(path: str | Path, data_root: str | Path, row_labels: lis
 def submit(exp: Experiment, data: Dataset, out: str | Path, seed: int = 0) -> dict:
     """Fit the method on every annotated slice, predict X_test, write and validate `out`."""
     out = Path(out)
+    if not data.has_test_images:
+        raise UserError(data.root, "no X_test/ folder or X_test.zip: nothing to predict")
     spec = get_method(exp.method, exp.path)
     method = spec.build(exp.params)
     ann = data.annotated
