@@ -12,7 +12,7 @@ import numpy as np
 import yaml
 
 from comp.config import Experiment
-from comp.errors import UserError, atomic_path, atomic_write_text
+from comp.errors import UserError, atomic_path, atomic_save_npy, atomic_write_text
 from comp.io import Dataset, image_names
 from comp.metric import image_scores
 from comp.registry import FitContext, FoldData, get_method
@@ -118,20 +118,14 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
     return _summarise(exp, run_dir, k, names, time.time() - t0)
 
 
-def save_array(path: Path, arr: np.ndarray) -> None:
-    """np.save through a temp file and rename."""
-    with atomic_path(path, suffix=".npy") as tmp, open(tmp, "wb") as fh:
-        np.save(fh, arr)
-
-
 def _predict_and_cache(method, x_val: np.ndarray, x_test: np.ndarray | None, run_dir: Path, fold: int) -> np.ndarray:
     """Predict the fold's images; methods with maps get OOF and test maps cached (float16) before post-processing."""
     if not hasattr(method, "predict_maps"):
         return method.predict(x_val)
     maps = method.predict_maps(x_val)
-    save_array(run_dir / "oof" / f"fold{fold}_maps.npy", maps)
+    atomic_save_npy(run_dir / "oof" / f"fold{fold}_maps.npy", maps)
     if x_test is not None:
-        save_array(run_dir / "test" / f"fold{fold}_maps.npy", method.predict_maps(x_test))
+        atomic_save_npy(run_dir / "test" / f"fold{fold}_maps.npy", method.predict_maps(x_test))
     return method.postprocess_maps(maps)
 
 

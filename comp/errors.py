@@ -43,6 +43,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def atomic_save_npy(path: str | os.PathLike, arr) -> None:
+    """np.save to `path` atomically."""
+    import numpy as np
+
+    with atomic_path(path, suffix=".npy") as tmp, open(tmp, "wb") as fh:
+        np.save(fh, arr)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write text to `path` atomically."""
     atomic_write_bytes(path, text.encode())

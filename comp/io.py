@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from comp.errors import UserError, atomic_path, atomic_write_text
+from comp.errors import UserError, atomic_path, atomic_save_npy, atomic_write_text
 
 SIZE = 512
 N_PIXELS = SIZE * SIZE
@@ -150,9 +150,7 @@ def cached_array(src: Path, cache: Path, name: str, load: Callable[[Path], np.nd
         cache.mkdir(parents=True, exist_ok=True)
         for stale in cache.glob(f"{name}-*.npy"):
             stale.unlink()
-        with atomic_path(target, suffix=".npy") as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, arr)
+        atomic_save_npy(target, arr)
     except OSError:
         pass  # a read-only data folder still loads, just without a cache
     return arr

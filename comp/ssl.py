@@ -11,7 +11,6 @@ variance and covariance terms on pooled features (global) and on matched locatio
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,7 @@ from comp.config import experiment_path, from_dict
 from comp.data.targets import AugConfig, augment, resize_image
 from comp.errors import UserError, atomic_write_text
 from comp.models import InstanceNet, ModelConfig, build_model
-from comp.train import device, save_checkpoint, seed_everything
+from comp.train import device, lr_factor, save_checkpoint, seed_everything
 
 
 @dataclass
@@ -247,9 +246,8 @@ def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path) -> Path:
         bar = tqdm(loader, desc=f"pretrain {cfg.method} {epoch + 1}/{cfg.epochs}", leave=False)
         for i, xb in enumerate(bar):
             step = epoch * per_epoch + i
-            f = (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * f
+                g["lr"] = cfg.lr * lr_factor(step, total, warm)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda and cfg.amp):
                 loss = task.loss(xb.to(dev), gen)
             opt.zero_grad(set_to_none=True)

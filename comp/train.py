@@ -85,12 +85,11 @@ class SliceSet(torch.utils.data.Dataset):
         }
 
 
-def _lr_factor(cfg: TrainConfig, step: int, total: int, per_epoch: int) -> float:
-    """Learning-rate multiplier: linear warm-up, then cosine decay or constant."""
-    warm = int(cfg.warmup_epochs * per_epoch)
+def lr_factor(step: int, total: int, warm: int, schedule: str = "cosine") -> float:
+    """Learning-rate multiplier: linear warm-up over `warm` steps, then cosine decay or constant."""
     if step < warm:
         return (step + 1) / warm
-    if cfg.schedule == "constant":
+    if schedule == "constant":
         return 1.0
     t = (step - warm) / max(1, total - warm)
     return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
@@ -167,7 +166,7 @@ def train_fold(
         for i, batch in enumerate(bar):
             step = epoch * per_epoch + i
             for group in opt.param_groups:
-                group["lr"] = cfg.lr * _lr_factor(cfg, step, total, per_epoch)
+                group["lr"] = cfg.lr * lr_factor(step, total, int(cfg.warmup_epochs * per_epoch), cfg.schedule)
             batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
             img = batch["image"]
             if cuda and cfg.channels_last:
