@@ -9,8 +9,14 @@ FOLDS  ?=
 DATA_ARG  := $(if $(DATA),--data $(DATA))
 FOLDS_ARG := $(if $(FOLDS),--folds $(FOLDS))
 SET_ARG   := $(foreach s,$(SET),--set $(s))
+ENS    ?= default
+TRIALS ?= 40
+STORAGE ?=
+# `make submit`: EXP=name on the command line fits that experiment; otherwise the ensemble file ENS
+# (runs/ensembles/$(ENS).yaml) when it exists; otherwise EXP's default.
+SUBMIT_ENS := $(if $(filter command line,$(origin EXP)),,$(wildcard runs/ensembles/$(ENS).yaml))
 
-.PHONY: venv cv test submit phantom proxy bench clean
+.PHONY: venv cv test submit ensemble tune leaderboard phantom proxy bench clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +32,21 @@ cv: venv  ## cross-validate experiments/$(EXP).yaml (default data: data/raw, els
 test: venv  ## the whole test suite
 	$(PY) -m pytest -q tests
 
-submit: venv  ## fit on every annotated slice, predict X_test, write submissions/$(EXP).csv and validate it
+submit: venv  ## ensemble ENS (fold models + flip TTA) if tuned/selected, else fit EXP on every annotated slice; validated CSV
+ifneq ($(SUBMIT_ENS),)
+	$(PY) -m comp submit --ensemble $(ENS) $(DATA_ARG) --out submissions/$(ENS).csv
+else
 	$(PY) -m comp submit experiments/$(EXP).yaml $(DATA_ARG) --out submissions/$(EXP).csv
+endif
+
+ensemble: venv  ## greedy OOF selection over every finished map run (or MEMBERS="exp1 exp2") -> runs/ensembles/$(ENS).yaml
+	$(PY) -m comp ensemble $(MEMBERS) --name $(ENS) $(DATA_ARG)
+
+tune: venv  ## Optuna on cached OOF maps (+ LightGBM merging) for ensemble ENS; STORAGE=postgresql://... to share a study
+	$(PY) -m comp tune $(ENS) --trials $(TRIALS) $(if $(STORAGE),--storage $(STORAGE)) $(DATA_ARG)
+
+leaderboard: venv  ## runs/leaderboard.md: every CV run and ensemble, mean ± std OOF ARI and its command
+	$(PY) -m comp leaderboard
 
 phantom: venv  ## a full-size phantom (2000 train / 400 annotated / 500 test) in data/phantom_full
 	$(PY) -m comp data phantom --out data/phantom_full

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -103,23 +104,103 @@ def cmd_cv(a: argparse.Namespace) -> int:
     from comp.config import load_experiment
     from comp.cv import run_cv
 
+    from comp.report import write_leaderboard
+
     exp = load_experiment(a.experiment, a.set)
-    run_cv(exp, resolve_data(a.data), a.folds, Path(a.runs))
+    run_cv(exp, resolve_data(a.data), a.folds, Path(a.runs), command=a.command_line)
+    print(f"leaderboard: {write_leaderboard(Path(a.runs))}")
     return 0
 
 
 def cmd_submit(a: argparse.Namespace) -> int:
     """Fit on all annotated slices, predict the test set, write and validate the CSV."""
     from comp.config import load_experiment
-    from comp.submit import submit
+    from comp.submit import submit, submit_ensemble
 
-    exp = load_experiment(a.experiment, a.set)
-    out = Path(a.out or f"submissions/{exp.name}.csv")
-    s = submit(exp, resolve_data(a.data), out)
+    if bool(a.experiment) == bool(a.ensemble):
+        raise UserError("submit", "give an experiment or --ensemble NAME (one of the two)")
+    if a.ensemble:
+        out = Path(a.out or f"submissions/{Path(a.ensemble).stem}.csv")
+        s = submit_ensemble(a.ensemble, resolve_data(a.data), out, Path(a.runs), a.cached, not a.no_tta, a.workers)
+    else:
+        exp = load_experiment(a.experiment, a.set)
+        out = Path(a.out or f"submissions/{exp.name}.csv")
+        s = submit(exp, resolve_data(a.data), out)
     line = f"{out}: valid submission for {s['images']} test images ({s['mean_regions']:.1f} regions per image)"
+    if "seconds_per_slice" in s:
+        line += f"; {s['seconds_per_slice']:.3f} s per slice"
     if "test_ari" in s:
         line += f"; held-out test ARI {s['test_ari']:.4f}"
     print(line)
+    return 0
+
+
+def cmd_ensemble(a: argparse.Namespace) -> int:
+    """Greedy forward selection of an ensemble over finished CV runs' OOF maps."""
+    from comp.ensemble import build_ensemble, ensemble_path, finished_runs, resolve_run
+    from comp.report import write_leaderboard
+
+    runs, data = Path(a.runs), resolve_data(a.data)
+    members = [resolve_run(m, runs, data) for m in a.members] if a.members else _latest_per_config(finished_runs(runs, data))
+    spec, written = build_ensemble(a.name, members, data, runs, a.max_steps, a.images, a.workers, a.command_line, a.force)
+    weights = ", ".join(f"{Path(m.run).parent.name}/{Path(m.run).name} x{m.weight:.2f}" for m in spec.members)
+    print(f"ensemble '{spec.name}': OOF ARI {spec.oof_ari:.4f} ± {spec.oof_std:.4f} [{weights}]")
+    if written:
+        print(f"written: {ensemble_path(spec.name, runs)}")
+    print(f"leaderboard: {write_leaderboard(runs)}")
+    return 0
+
+
+def _latest_per_config(runs: list[Path]) -> list[Path]:
+    """The newest run of each (experiment, config digest), among runs with the most common fold count."""
+    if not runs:
+        return []
+    ks = [r.name.rsplit("-k", 1)[-1] for r in runs]
+    k = max(set(ks), key=ks.count)
+    seen, keep = set(), []
+    for r in runs:  # newest first
+        key = (r.parent.name, r.name.split("-")[2])
+        if r.name.endswith(f"-k{k}") and key not in seen:
+            seen.add(key)
+            keep.append(r)
+    return keep
+
+
+def cmd_tune(a: argparse.Namespace) -> int:
+    """Optuna search of post-processing and weights on cached OOF maps; stores the best in the ensemble file."""
+    from comp.ensemble import OOF, EnsembleSpec, MemberRef, ensemble_path, load_ensemble, resolve_run, save_ensemble
+    from comp.report import write_leaderboard
+    from comp.tune import tune
+
+    runs, data = Path(a.runs), resolve_data(a.data)
+    if ensemble_path(a.name, runs).is_file() or a.name.endswith(".yaml"):
+        spec = load_ensemble(a.name, runs)
+    elif a.name == "default":  # nothing selected yet: select over every finished map run first
+        from comp.ensemble import build_ensemble, finished_runs
+
+        spec, _ = build_ensemble(a.name, _latest_per_config(finished_runs(runs, data)), data, runs, workers=a.workers,
+                                 command=a.command_line)  # fmt: skip
+    else:  # an experiment name: a one-member ensemble of its newest run
+        run = resolve_run(a.name, runs, data)
+        oof1 = OOF.load([run], data)
+        spec = EnsembleSpec(name=Path(a.name).name, members=[MemberRef(str(run), 1.0)], post=oof1.members[0].post,
+                            data=data.fingerprint(), command=a.command_line)  # fmt: skip
+        save_ensemble(spec, runs)
+    oof = OOF.load([Path(m.run) for m in spec.members], data)
+    r = tune(spec, oof, runs, a.trials, a.storage, a.images, a.workers, not a.no_merge, a.seed)
+    print(f"{r.trials_complete} complete trials ({r.trials_per_minute:.1f} per minute this call); best trial {r.best_trial_ari:.4f}")
+    merged = f"with merging (threshold {r.merge_threshold}) {r.oof_ari:.4f}" if r.merge_threshold else "merging did not help"
+    print(f"all OOF images: without merging {r.oof_ari_no_merge:.4f}, {merged}")
+    print(f"{'stored in' if r.stored else 'kept the better stored result in'} {ensemble_path(spec.name, runs)}")
+    print(f"leaderboard: {write_leaderboard(runs)}")
+    return 0
+
+
+def cmd_leaderboard(a: argparse.Namespace) -> int:
+    """Rewrite and print the leaderboard."""
+    from comp.report import write_leaderboard
+
+    print(write_leaderboard(Path(a.runs)).read_text())
     return 0
 
 
@@ -196,11 +277,43 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_cv)
 
     sm = sub.add_parser("submit", help="predict X_test and write a validated submission")
-    sm.add_argument("experiment")
+    sm.add_argument("experiment", nargs="?", help="fit this experiment on every annotated slice")
+    sm.add_argument("--ensemble", default=None, help="or: use this ensemble file's members (runs/ensembles/NAME.yaml)")
+    sm.add_argument("--cached", action="store_true", help="ensemble: the CV runs' cached test maps instead of fold models + TTA")
+    sm.add_argument("--no-tta", action="store_true", help="ensemble: no flip test-time augmentation")
     sm.add_argument("--data", default=None)
     sm.add_argument("--out", default=None)
+    sm.add_argument("--runs", default="runs")
+    sm.add_argument("--workers", type=int, default=0)
     sm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     sm.set_defaults(fn=cmd_submit)
+
+    en = sub.add_parser("ensemble", help="greedy forward selection over CV runs' OOF maps -> runs/ensembles/NAME.yaml")
+    en.add_argument("members", nargs="*", help="experiment names or run folders (default: every finished map run on the data)")
+    en.add_argument("--name", default="default")
+    en.add_argument("--data", default=None)
+    en.add_argument("--runs", default="runs")
+    en.add_argument("--max-steps", type=int, default=8)
+    en.add_argument("--images", type=int, default=0, help="select on this many OOF images (0 = all)")
+    en.add_argument("--workers", type=int, default=0)
+    en.add_argument("--force", action="store_true", help="replace a stored ensemble even if it scored better")
+    en.set_defaults(fn=cmd_ensemble)
+
+    tu = sub.add_parser("tune", help="Optuna search of post-processing + weights on OOF maps, then LightGBM merging")
+    tu.add_argument("name", nargs="?", default="default", help="ensemble name, or an experiment name (its newest run)")
+    tu.add_argument("--trials", type=int, default=40, help="complete trials the study should reach (all workers)")
+    tu.add_argument("--storage", default=None, help="study storage URL, e.g. postgresql://user@host/db (default SQLite under runs/tune/)")
+    tu.add_argument("--images", type=int, default=0, help="tune on this many OOF images (0 = all)")
+    tu.add_argument("--no-merge", action="store_true", help="skip LightGBM region merging")
+    tu.add_argument("--seed", type=int, default=0)
+    tu.add_argument("--data", default=None)
+    tu.add_argument("--runs", default="runs")
+    tu.add_argument("--workers", type=int, default=0, help="processes scoring images (0 = all cores)")
+    tu.set_defaults(fn=cmd_tune)
+
+    lb = sub.add_parser("leaderboard", help="rewrite runs/leaderboard.md from every CV run and ensemble")
+    lb.add_argument("--runs", default="runs")
+    lb.set_defaults(fn=cmd_leaderboard)
 
     pt = sub.add_parser("pretrain", help="self-supervised pretraining of an encoder (experiments/ssl_*.yaml)")
     pt.add_argument("experiment")
@@ -217,7 +330,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a command; user errors become one line on stderr and exit code 2."""
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    args.command_line = "python -m comp " + shlex.join(argv)
     try:
         return args.fn(args)
     except UserError as e:

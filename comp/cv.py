@@ -67,7 +67,7 @@ def _run_dir(exp: Experiment, data: Dataset, folds: int, runs: Path) -> Path:
     return base / f"{stamp}-{key}"
 
 
-def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path = RUNS) -> CVResult:
+def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path = RUNS, command: str = "") -> CVResult:
     """Fit and predict every fold, score OOF predictions, write the run folder, return the summary."""
     k = folds or exp.cv.folds
     spec = get_method(exp.method, exp.path)
@@ -115,7 +115,7 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
             info["fitted"] = fitted
         atomic_write_text(ctx.workdir / "fold.json", json.dumps(info, indent=1))
         print(f"fold {f}: ARI {scores.mean():.4f} on {len(va)} images ({info['seconds']} s)")
-    return _summarise(exp, run_dir, k, names, time.time() - t0)
+    return _summarise(exp, run_dir, k, names, time.time() - t0, command)
 
 
 def _predict_and_cache(method, x_val: np.ndarray, x_test: np.ndarray | None, run_dir: Path, fold: int) -> np.ndarray:
@@ -129,7 +129,7 @@ def _predict_and_cache(method, x_val: np.ndarray, x_test: np.ndarray | None, run
     return method.postprocess_maps(maps)
 
 
-def _summarise(exp: Experiment, run_dir: Path, k: int, names: list[str], seconds: float) -> CVResult:
+def _summarise(exp: Experiment, run_dir: Path, k: int, names: list[str], seconds: float, command: str = "") -> CVResult:
     """Gather the folds' OOF scores into oof_scores.csv and cv.json, and print the table."""
     rows, fold_means, fold_n = [], [], []
     for f in range(k):
@@ -153,6 +153,7 @@ def _summarise(exp: Experiment, run_dir: Path, k: int, names: list[str], seconds
         "fold_std": float(np.std(fold_means)),
         "n_images": len(rows),
         "seconds": round(seconds, 1),
+        "command": command,
     }
     atomic_write_text(run_dir / "cv.json", json.dumps(summary, indent=1))
     print(f"\n{exp.name} on {summary['dataset']['name']} ({run_dir})")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from comp.data.targets import resize_labels
-from comp.errors import atomic_write_text
+from comp.errors import UserError, atomic_write_text
 from comp.metric import image_scores
 from comp.models import ModelConfig, build_model
 from comp.parallel import pmap
@@ -48,6 +50,16 @@ class LearnedInstances:
         info = train_fold(self.model, train.x, train.y, self.p.train, ctx.workdir, ctx.seed, validate)
         atomic_write_text(ctx.workdir / "history.json", json.dumps(info["history"], indent=1))
         self.fitted = {"best_val_ari": info["best_val_ari"], "epochs": len(info["history"])}
+
+    def load(self, workdir: Path) -> None:
+        """Load a trained fold (workdir/best.pt) instead of fitting; no pretraining checkpoint is needed."""
+        import torch
+
+        path = Path(workdir) / "best.pt"
+        if not path.is_file():
+            raise UserError(path, "fold checkpoint not found (is the CV run finished?)")
+        self.model = build_model(dataclasses.replace(self.p.model, encoder_weights="none"))
+        self.model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
 
     def _quick_score(self, x: np.ndarray, y: np.ndarray) -> float:
         """Validation ARI at working resolution (cheap enough to run every epoch)."""

@@ -24,8 +24,16 @@ def pmap(fn: Callable, items: Sequence, *args: Any, workers: int = 0, desc: str 
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
-    with ctx.Pool(min(n, len(items))) as pool:
+    with ctx.Pool(min(n, len(items)), initializer=_single_thread) as pool:
         return list(tqdm(pool.imap(call, items, chunksize=max(1, len(items) // (8 * n))), **bar))
+
+
+def _single_thread() -> None:
+    """Worker start: one intra-op thread, so forked workers never oversubscribe the cores (or hang in OpenMP)."""
+    import sys
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
 
 def _apply(fn: Callable, args: tuple, item: Any) -> Any:

@@ -58,3 +58,70 @@ def submit(exp: Experiment, data: Dataset, out: str | Path, seed: int = 0) -> di
     if data.has_test_labels:
         summary["test_ari"] = float(image_scores(data.y_test, pred).mean())
     return summary
+
+
+def member_test_maps(run: Path, data: Dataset, cached: bool = False, tta: bool = True) -> np.ndarray:
+    """A member's test maps, averaged over its fold models: re-predicted with flip TTA, or the CV run's cache."""
+    import yaml
+
+    from comp.config import from_dict
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    k, n_test = int(cfg["cv"]["folds"]), len(data.x_test)
+    acc = None
+    for f in range(k):
+        if cached:
+            path = run / "test" / f"fold{f}_maps.npy"
+            if not path.is_file():
+                raise UserError(path, "no cached test maps (the CV run had no X_test); drop --cached")
+            maps = np.load(path, mmap_mode="r")
+            if len(maps) != n_test:
+                raise UserError(path, f"{len(maps)} cached test maps but {n_test} test images: drop --cached")
+        else:
+            spec = get_method(cfg["method"], run / "config.yaml")
+            method = spec.build(from_dict(spec.params, cfg["params"], str(run / "config.yaml"), "params"))
+            method.load(run / f"fold{f}")
+            maps = method.predict_maps(data.x_test, tta=tta)
+        acc = maps.astype(np.float32) if acc is None else acc + maps
+    return (acc / k).astype(np.float16)
+
+
+def _segment_test(item: tuple, weights: list[float], post, merger) -> np.ndarray:
+    """One test slice: blend the members' maps, post-process, merge."""
+    from comp.ensemble import blend, segment
+
+    maps, image = item
+    return segment(blend(maps, weights), image, post, merger)
+
+
+def submit_ensemble(name: str, data: Dataset, out: str | Path, runs: Path = Path("runs"), cached: bool = False,
+                    tta: bool = True, workers: int = 0) -> dict:  # fmt: skip
+    """Predict X_test with an ensemble file's members (fold models, flip TTA), blend, post-process, write, validate."""
+    import time
+
+    from comp.ensemble import load_ensemble, merger_path
+    from comp.merge import load_merger
+    from comp.parallel import pmap
+
+    spec = load_ensemble(name, runs)
+    out = Path(out)
+    if not data.has_test_images:
+        raise UserError(data.root, "no X_test/ folder or X_test.zip: nothing to predict")
+    if spec.data.get("y_train") and spec.data["y_train"] != data.fingerprint()["y_train"]:
+        raise UserError(data.root, f"ensemble '{spec.name}' was selected on other data ({spec.data.get('root')})")
+    t0 = time.time()
+    member_maps = []
+    for m in spec.members:
+        print(f"member {m.run} (weight {m.weight:.3f}): {'cached test maps' if cached else 'fold models'}", flush=True)
+        member_maps.append(member_test_maps(Path(m.run), data, cached, tta))
+    merger = load_merger(merger_path(spec.name, runs)) if spec.merge.enabled else None
+    items = [(tuple(mm[i] for mm in member_maps), data.x_test[i]) for i in range(len(data.x_test))]
+    weights = [m.weight for m in spec.members]
+    pred = np.stack(pmap(_segment_test, items, weights, spec.post, merger, workers=workers, desc="post-process"))
+    seconds = time.time() - t0
+    write_label_csv(out, pred, image_names(len(pred)), data.row_labels())
+    summary = validate_submission(out, data.root, data.row_labels())
+    summary["seconds_per_slice"] = seconds / len(pred)
+    if data.has_test_labels:
+        summary["test_ari"] = float(image_scores(data.y_test, pred).mean())
+    return summary

@@ -30,3 +30,53 @@ def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Run `python -m comp ARGS` and capture its output."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "comp", *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def fake_run(runs: Path, data_root: Path, name: str, fg_level: float = 0.9, boundaries: bool = True,
+             post: dict | None = None, res: int = 64, folds: int = 2, noise: float = 0.0, seed: int = 0) -> Path:  # fmt: skip
+    """A finished CV run folder whose cached OOF maps are derived from the truth (no training).
+
+    fg_level: foreground probability inside structures; boundaries: whether touching borders are marked;
+    noise: Gaussian noise added to every map. Embeddings are one random vector per true structure.
+    """
+    import json
+
+    import numpy as np
+    import yaml
+    from scipy import ndimage as ndi
+
+    from comp.cv import make_folds
+    from comp.data.targets import resize_labels
+    from comp.io import Dataset
+
+    data = Dataset(data_root)
+    ann = data.annotated
+    fold_of = make_folds(len(ann), folds, 0)
+    rng = np.random.default_rng(seed)
+    run = runs / name / f"20260101-000000-{name[:8]:0>8}-{data.fingerprint()['y_train'][:6]}-k{folds}"
+    (run / "oof").mkdir(parents=True)
+    cfg = {"name": name, "method": "unet", "params": {"post": post or {}}, "cv": {"folds": folds, "seed": 0}, "data": data.fingerprint()}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    for f in range(folds):
+        ids = ann[fold_of == f]
+        maps = []
+        for i in ids:
+            t = resize_labels(data.y_train[i], res).astype(np.int64)
+            fg = (t > 0) * fg_level
+            touch = (ndi.maximum_filter(t, 3) != ndi.minimum_filter(np.where(t > 0, t, 999), 3)) & (t > 0)
+            bnd = touch.astype(float) if boundaries else np.zeros_like(fg)
+            dist = np.zeros_like(fg)
+            for lab in np.unique(t[t > 0]):
+                d = ndi.distance_transform_edt(t == lab)
+                dist = np.where(t == lab, d / max(d.max(), 1), dist)
+            vec = rng.normal(size=(256, 4)) * 2
+            emb = vec[t].transpose(2, 0, 1) * (t > 0)
+            m = np.concatenate([np.stack([fg, bnd, dist]), emb]) + rng.normal(0, noise, (7, res, res))
+            m[:3] = np.clip(m[:3], 0, 1)
+            maps.append(m.astype(np.float16))
+        np.save(run / "oof" / f"fold{f}_maps.npy", np.stack(maps))
+        np.savez(run / "oof" / f"fold{f}.npz", ids=ids, pred=np.zeros((len(ids), 1, 1), np.uint8), scores=np.zeros(len(ids)))
+    summary = {"experiment": name, "method": "unet", "dataset": data.fingerprint(), "mean_ari": 0.0, "std_ari": 0.0,
+               "n_images": int(len(ann)), "folds": [{"fold": f} for f in range(folds)]}  # fmt: skip
+    (run / "cv.json").write_text(json.dumps(summary))
+    return run

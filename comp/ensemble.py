@@ -1,0 +1,294 @@
+"""OOF ensembles: members' cached maps, blending, scoring, greedy forward selection and the ensemble file.
+
+An ensemble file (runs/ensembles/NAME.yaml) names its member CV runs with weights, the post-processing
+parameters and the region-merging setting; `comp tune` improves it, `comp submit --ensemble` uses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import yaml
+
+from comp.config import from_dict
+from comp.errors import UserError, atomic_write_text
+from comp.io import Dataset
+from comp.merge import Merger
+from comp.metric import image_score
+from comp.parallel import pmap
+from comp.postprocess import PostParams, instances_from_maps, upsample_maps
+
+ENSEMBLES = Path("ensembles")  # under the runs folder
+
+
+@dataclass
+class RunMaps:
+    """A finished CV run's cached OOF maps, in fold order, with what produced them."""
+
+    run: Path
+    ids: np.ndarray  # X_train indices of the OOF images
+    folds: np.ndarray  # fold of each
+    maps: np.ndarray  # (N, C, r, r) float16
+    post: PostParams
+    config: dict
+
+    @property
+    def label(self) -> str:
+        """experiment/run-id, as shown in tables."""
+        return f"{self.run.parent.name}/{self.run.name}"
+
+
+def load_run_maps(run: Path) -> RunMaps:
+    """Load a CV run's OOF maps; a run without cached maps (a non-learned method) is a clear error."""
+    run = Path(run)
+    if not (run / "cv.json").is_file():
+        raise UserError(run, "not a finished CV run (no cv.json)")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    k = int(config["cv"]["folds"])
+    ids, folds, maps = [], [], []
+    for f in range(k):
+        path = run / "oof" / f"fold{f}_maps.npy"
+        if not path.is_file():
+            raise UserError(run, f"no cached OOF maps ({path.name}): only map-predicting methods can be ensembled")
+        ids.append(np.load(run / "oof" / f"fold{f}.npz")["ids"])
+        maps.append(np.load(path))
+        folds.append(np.full(len(ids[-1]), f))
+    post = from_dict(PostParams, config.get("params", {}).get("post", {}), str(run / "config.yaml"), "params.post")
+    return RunMaps(run, np.concatenate(ids), np.concatenate(folds), np.concatenate(maps), post, config)
+
+
+def finished_runs(runs: Path, data: Dataset) -> list[Path]:
+    """Finished CV runs on this data set (same labels) that cached OOF maps, newest first."""
+    want = data.fingerprint()["y_train"]
+    found = []
+    for cv in runs.glob("*/*/cv.json"):
+        summary = json.loads(cv.read_text())
+        if summary.get("dataset", {}).get("y_train") == want and (cv.parent / "oof" / "fold0_maps.npy").is_file():
+            found.append(cv.parent)
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def resolve_run(name: str, runs: Path, data: Dataset) -> Path:
+    """A run folder, or an experiment name meaning its newest finished run with maps on this data set."""
+    if Path(name).is_dir():
+        return Path(name)
+    matches = [r for r in finished_runs(runs, data) if r.parent.name == name]
+    if not matches:
+        raise UserError(name, f"no finished CV run with cached maps on data '{data.name}' under {runs}/{name}/ (run `comp cv {name}` first)")
+    return matches[0]
+
+
+def check_aligned(members: Sequence[RunMaps]) -> None:
+    """Members must share the same OOF images and folds, or blending them would mix folds."""
+    first = members[0]
+    for m in members[1:]:
+        if not (np.array_equal(m.ids, first.ids) and np.array_equal(m.folds, first.folds)):
+            raise UserError(m.run, f"folds differ from {first.run}: ensemble members need the same cv.folds, cv.seed and data")
+
+
+def blend(maps: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """Members' (C, r, r) maps -> one: weighted mean of fg/boundary/dist, embeddings side by side (scaled by sqrt(w))."""
+    used = [(m, w) for m, w in zip(maps, weights) if w > 0]
+    if len(used) == 1:
+        return used[0][0].astype(np.float32)
+    res = max(m.shape[-1] for m, _ in used)
+    total = sum(w for _, w in used)
+    probs = sum(w * upsample_maps(m[:3], res) for m, w in used) / total
+    # Embedding spaces of different models are unrelated: concatenating keeps each one's distances.
+    embs = [np.sqrt(w / total) * upsample_maps(m[3:], res) for m, w in used if m.shape[0] > 3]
+    return np.concatenate([probs, *embs]).astype(np.float32)
+
+
+def segment(maps: np.ndarray, image: np.ndarray, post: PostParams, merger: Merger | None = None, fold: int = -1) -> np.ndarray:
+    """Blended maps -> uint8 instance map: watershed post-processing, then optional learned merging."""
+    maps = upsample_maps(maps, image.shape[-1])  # once, shared by the post-processor and the merger
+    labels = instances_from_maps(maps, post, image.shape[-1])
+    return merger.apply(labels, maps, image, fold) if merger is not None else labels
+
+
+def _score_item(item: tuple, weights: Sequence[float], post: PostParams, merger: Merger | None) -> float:
+    """ARI of one OOF image under the given weights, post-processing and merger."""
+    maps, image, truth, fold = item
+    return image_score(truth, segment(blend(maps, weights), image, post, merger, fold))
+
+
+@dataclass
+class OOF:
+    """Aligned members' OOF maps with the matching slices and truths, for repeated scoring."""
+
+    members: list[RunMaps]
+    images: np.ndarray
+    truths: np.ndarray
+
+    @classmethod
+    def load(cls, runs: Sequence[Path], data: Dataset) -> "OOF":
+        """Load and align members; truths and slices come from the data set."""
+        members = [load_run_maps(r) for r in runs]
+        check_aligned(members)
+        ids = members[0].ids
+        return cls(members, data.x_train[ids], data.y_train[ids])
+
+    @property
+    def folds(self) -> np.ndarray:
+        """Fold of each OOF image."""
+        return self.members[0].folds
+
+    def subset(self, n: int, seed: int = 0) -> np.ndarray:
+        """Indices of up to n OOF images, spread over folds, deterministic (0 = all)."""
+        if n <= 0 or n >= len(self.images):
+            return np.arange(len(self.images))
+        return np.sort(np.random.default_rng(seed).permutation(len(self.images))[:n])
+
+    def items(self, idx: np.ndarray, which: Sequence[int]) -> list[tuple]:
+        """(members' maps, slice, truth, fold) per image, for the chosen members."""
+        return [(tuple(self.members[j].maps[i] for j in which), self.images[i], self.truths[i], int(self.folds[i])) for i in idx]
+
+    def scores(
+        self,
+        weights: Sequence[float],
+        post: PostParams,
+        merger: Merger | None = None,
+        idx: np.ndarray | None = None,
+        workers: int = 0,
+        desc: str | None = None,
+    ) -> np.ndarray:
+        """Per-image OOF ARI of the weighted blend (members with weight 0 are not even loaded into workers)."""
+        idx = np.arange(len(self.images)) if idx is None else idx
+        which = [j for j, w in enumerate(weights) if w > 0]
+        if not which:
+            raise UserError("weights", "every ensemble weight is 0")
+        w = [weights[j] for j in which]
+        return np.array(pmap(_score_item, self.items(idx, which), w, post, merger, workers=workers, desc=desc))
+
+
+def greedy_select(oof: OOF, post: PostParams, max_steps: int = 8, idx=None, workers: int = 0) -> tuple[list[int], list[dict]]:
+    """Greedy forward selection with replacement by mean OOF ARI; returns member counts and the path taken."""
+    counts = [0] * len(oof.members)
+    best, path = -np.inf, []
+    for step in range(max_steps):
+        trial = []
+        for j in range(len(oof.members)):
+            c = counts.copy()
+            c[j] += 1
+            trial.append((float(oof.scores(c, post, idx=idx, workers=workers).mean()), j))
+        score, j = max(trial)
+        if score <= best + 1e-6:
+            break
+        counts[j] += 1
+        best = score
+        path.append({"step": step + 1, "added": oof.members[j].label, "oof_ari": round(score, 6)})
+        print(f"step {step + 1}: + {oof.members[j].label} -> OOF ARI {score:.4f}", flush=True)
+    return counts, path
+
+
+@dataclass
+class MemberRef:
+    """One ensemble member: a CV run folder and its weight."""
+
+    run: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class MergeSpec:
+    """Learned region merging: on or off, and the probability threshold."""
+
+    enabled: bool = False
+    threshold: float = 0.5
+
+
+@dataclass
+class EnsembleSpec:
+    """What `submit --ensemble` reproduces: members, weights, post-processing, merging, and the OOF score."""
+
+    name: str = "default"
+    members: list[MemberRef] = field(default_factory=list)
+    post: PostParams = field(default_factory=PostParams)
+    merge: MergeSpec = field(default_factory=MergeSpec)
+    oof_ari: float | None = None
+    oof_std: float | None = None
+    oof_ari_no_merge: float | None = None
+    data: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    command: str = ""
+
+
+def ensemble_path(name: str, runs: Path) -> Path:
+    """runs/ensembles/NAME.yaml."""
+    return runs / ENSEMBLES / f"{name}.yaml"
+
+
+def load_ensemble(name: str, runs: Path) -> EnsembleSpec:
+    """Load an ensemble file by name (or path)."""
+    path = Path(name) if name.endswith(".yaml") else ensemble_path(name, runs)
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in (runs / ENSEMBLES).glob("*.yaml"))) or "none"
+        raise UserError(path, f"ensemble not found (known: {known}; make one with `comp ensemble`)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        raise UserError(path, "invalid YAML") from None
+    return from_dict(EnsembleSpec, raw, str(path))
+
+
+def save_ensemble(spec: EnsembleSpec, runs: Path) -> Path:
+    """Write the ensemble file atomically."""
+    path = ensemble_path(spec.name, runs)
+    atomic_write_text(path, yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
+    return path
+
+
+def merger_path(name: str, runs: Path) -> Path:
+    """Where an ensemble's test-set merge model lives."""
+    return runs / ENSEMBLES / f"{name}.merge.txt"
+
+
+def build_ensemble(
+    name: str,
+    runs_in: Sequence[Path],
+    data: Dataset,
+    runs: Path,
+    max_steps: int = 8,
+    images: int = 0,
+    workers: int = 0,
+    command: str = "",
+    force: bool = False,
+) -> tuple[EnsembleSpec, bool]:
+    """Greedy selection over candidate runs; the ensemble file is written unless a better one is stored."""
+    if not runs_in:
+        raise UserError(runs, f"no finished CV run with cached maps on data '{data.name}': run `comp cv` on a learned experiment first")
+    oof = OOF.load(runs_in, data)
+    singles = []
+    for m in oof.members:
+        s = oof.scores([1.0 if x is m else 0.0 for x in oof.members], m.post, workers=workers)
+        singles.append(float(s.mean()))
+        print(f"{m.label}: OOF ARI {s.mean():.4f} (own post-processing)", flush=True)
+    post = oof.members[int(np.argmax(singles))].post
+    idx = oof.subset(images)
+    counts, path = greedy_select(oof, post, max_steps, idx, workers)
+    chosen = [j for j, c in enumerate(counts) if c]
+    final = oof.scores(counts, post, workers=workers)
+    spec = EnsembleSpec(
+        name=name,
+        members=[MemberRef(str(oof.members[j].run), round(counts[j] / sum(counts), 6)) for j in chosen],
+        post=post,
+        oof_ari=float(final.mean()),
+        oof_std=float(final.std()),
+        oof_ari_no_merge=float(final.mean()),
+        data=data.fingerprint(),
+        history=[{"candidate": m.label, "oof_ari": round(s, 6)} for m, s in zip(oof.members, singles)] + path,
+        command=command,
+    )
+    old = ensemble_path(name, runs)
+    if old.is_file() and not force:
+        stored = load_ensemble(name, runs)
+        if stored.oof_ari is not None and stored.oof_ari > spec.oof_ari:
+            print(f"kept {old}: its OOF ARI {stored.oof_ari:.4f} beats {spec.oof_ari:.4f} (use --force to replace)")
+            return stored, False
+    save_ensemble(spec, runs)
+    return spec, True

@@ -1,0 +1,212 @@
+"""Tuning, learned merging, ensemble selection and leaderboard on crafted OOF maps (no training)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import ROOT, fake_run, run_cli
+
+from comp.ensemble import OOF, EnsembleSpec, MemberRef, build_ensemble, load_ensemble, save_ensemble
+from comp.io import Dataset
+from comp.merge import fit_fold_mergers, pair_features, pair_targets
+from comp.postprocess import PostParams
+from comp.tune import storage_url, tune
+
+
+def _spec(run: Path, data: Path, name: str = "t") -> EnsembleSpec:
+    return EnsembleSpec(name=name, members=[MemberRef(str(run), 1.0)], post=PostParams(), data=Dataset(data).fingerprint())
+
+
+def test_a_few_trials_beat_the_defaults(tiny_phantom: Path, tmp_path: Path) -> None:
+    # Foreground probability 0.45 inside structures: the default threshold 0.5 finds nothing.
+    run = fake_run(tmp_path, tiny_phantom, "weak", fg_level=0.45)
+    data = Dataset(tiny_phantom)
+    oof = OOF.load([run], data)
+    default = oof.scores([1.0], PostParams(), workers=1).mean()
+    spec = _spec(run, tiny_phantom)
+    r = tune(spec, oof, tmp_path, trials=8, workers=1, merge=False)
+    assert r.trials_complete == 8
+    assert r.oof_ari > default + 0.2, (r, default)
+    stored = load_ensemble("t", tmp_path)
+    assert stored.oof_ari == pytest.approx(r.oof_ari) and stored.post.fg_threshold < 0.45
+    # A later, worse search (one trial: the stored settings only) never overwrites the stored result.
+    stored.oof_ari = 0.999
+    save_ensemble(stored, tmp_path)
+    r2 = tune(load_ensemble("t", tmp_path), oof, tmp_path, trials=1, workers=1, merge=False, images=4)
+    assert not r2.stored and load_ensemble("t", tmp_path).oof_ari == 0.999
+
+
+def _complete_trials(db: Path) -> list[tuple[int, float]]:
+    import optuna
+
+    url = f"sqlite:///{db}"
+    (name,) = optuna.study.get_all_study_names(url)
+    study = optuna.load_study(study_name=name, storage=url)
+    return [(t.number, t.value) for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
+
+
+def _tune_cli(data: Path, runs: Path, *extra: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "comp", "tune", "killme", "--data", str(data), "--runs", str(runs), "--workers", "1", "--no-merge", *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_killed_study_resumes(tiny_phantom: Path, tmp_path: Path) -> None:
+    run = fake_run(tmp_path, tiny_phantom, "killme", noise=0.05)
+    save_ensemble(_spec(run, tiny_phantom, "killme"), tmp_path)
+    db = tmp_path / "tune" / "killme.db"
+    p = _tune_cli(tiny_phantom, tmp_path, "--trials", "40", start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if db.exists() and len(_complete_trials(db)) >= 2:
+            break
+        time.sleep(0.3)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    before = _complete_trials(db)
+    assert 2 <= len(before) < 40, "the study should be killed midway"
+    p2 = _tune_cli(tiny_phantom, tmp_path, "--trials", str(len(before) + 2))
+    out, _ = p2.communicate(timeout=300)
+    assert p2.returncode == 0, out
+    after = _complete_trials(db)
+    assert f"{len(before)} complete trials, running 2 more" in out
+    assert len(after) == len(before) + 2 and after[: len(before)] == before
+
+
+def _crafted_pair_image(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Truth: a disc (1) and two touching squares (2, 3). Prediction: the disc cut in two, squares right."""
+    yy, xx = np.mgrid[:512, :512]
+    cy, cx, r = rng.integers(120, 200), rng.integers(120, 200), rng.integers(50, 80)
+    truth = np.zeros((512, 512), np.uint8)
+    truth[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = 1
+    truth[300:400, 250:330] = 2
+    truth[300:400, 330:420] = 3
+    pred = truth.copy()
+    pred[(truth == 1) & (xx > cx)] = 4  # the disc split along a vertical line
+    image = np.where(truth == 1, 120, np.where(truth == 2, 160, np.where(truth == 3, 90, 20))).astype(np.uint8)
+    image = np.clip(image + rng.normal(0, 5, image.shape), 0, 255).astype(np.uint8)
+    maps = np.zeros((3, 512, 512), np.float32)
+    maps[0] = truth > 0
+    maps[1, 300:400, 328:332] = 0.9  # a clear boundary between the squares, none across the cut disc
+    maps[2] = 0.5
+    return truth, pred, image, maps
+
+
+def test_lightgbm_merging_joins_a_split_region() -> None:
+    rng = np.random.default_rng(0)
+    xs, ys, folds = [], [], []
+    for i in range(24):
+        truth, pred, image, maps = _crafted_pair_image(rng)
+        pairs, x = pair_features(pred, maps, image)
+        xs.append(x)
+        ys.append(pair_targets(pred, truth, pairs))
+        folds.append(np.full(len(x), i % 2))
+    y = np.concatenate(ys)
+    assert 0 < y.sum() < len(y)
+    merger = fit_fold_mergers(np.concatenate(xs), y, np.concatenate(folds), threshold=0.5)
+    truth, pred, image, maps = _crafted_pair_image(np.random.default_rng(99))
+    merged = merger.apply(pred, maps, image)
+    assert len(np.unique(merged[truth == 1])) == 1, "the two halves of the disc should be one region"
+    assert merged[350, 300] != merged[350, 380], "the touching squares must stay apart"
+    assert len(np.unique(merged)) - 1 == 3
+
+
+def test_selection_picks_the_better_model(tiny_phantom: Path, tmp_path: Path) -> None:
+    good = fake_run(tmp_path, tiny_phantom, "good")
+    bad = fake_run(tmp_path, tiny_phantom, "bad", boundaries=False, noise=0.3, seed=1)
+    spec, written = build_ensemble("sel", [bad, good], Dataset(tiny_phantom), tmp_path, max_steps=3, workers=1)
+    assert written
+    weights = {Path(m.run).parent.name: m.weight for m in spec.members}
+    assert weights.get("good", 0) > weights.get("bad", 0)
+    assert spec.history[2]["added"].startswith("good/")  # the first greedy step
+    r = run_cli("leaderboard", "--runs", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    board = (tmp_path / "leaderboard.md").read_text()
+    assert "| ensemble | sel |" in board and "| cv | good |" in board
+
+
+def test_ensemble_of_a_run_without_maps_is_a_user_error(tiny_phantom: Path, tmp_path: Path) -> None:
+    run = fake_run(tmp_path, tiny_phantom, "nomaps")
+    (run / "oof" / "fold1_maps.npy").unlink()
+    r = run_cli("ensemble", str(run), "--data", str(tiny_phantom), "--runs", str(tmp_path))
+    assert r.returncode == 2 and "no cached OOF maps" in r.stderr and "Traceback" not in r.stderr
+
+
+POSTGRES = os.environ.get("COMP_TEST_POSTGRES")
+
+
+@pytest.mark.skipif(not POSTGRES, reason="COMP_TEST_POSTGRES unset: .ci/run starts a PostgreSQL server and sets it")
+def test_two_workers_share_a_postgresql_study(tiny_phantom: Path, tmp_path: Path) -> None:
+    import optuna
+
+    run = fake_run(tmp_path, tiny_phantom, "shared", noise=0.05)
+    name = f"pg{os.getpid()}{int(time.time())}"
+    save_ensemble(_spec(run, tiny_phantom, name), tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "comp", "tune", name, "--data", str(tiny_phantom), "--runs", str(tmp_path),
+           "--workers", "1", "--no-merge", "--trials", "10", "--storage", POSTGRES, "--images", "4"]  # fmt: skip
+    procs = [subprocess.Popen(cmd + ["--seed", str(s)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for s in (0, 1)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    mine = [{int(line.split()[1].rstrip(":")) for line in o.splitlines() if line.startswith("trial ")} for o in outs]
+    assert mine[0] and mine[1] and not mine[0] & mine[1], "each trial is run by exactly one worker"
+    url = storage_url(POSTGRES, name, tmp_path)
+    (study_name,) = [s for s in optuna.study.get_all_study_names(url) if s.startswith(name)]
+    trials = optuna.load_study(study_name=study_name, storage=url).get_trials()
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers)), "no trial duplicated"
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials), "no trial lost"
+    assert set(numbers) == mine[0] | mine[1]
+    assert 10 <= len(numbers) <= 11  # the target; a worker may finish one trial already started
+
+
+def test_tune_config_is_data(tiny_phantom: Path, tmp_path: Path) -> None:
+    run = fake_run(tmp_path, tiny_phantom, "cfg")
+    spec = _spec(run, tiny_phantom, "cfg")
+    path = save_ensemble(spec, tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    assert raw["members"][0]["run"] == str(run) and raw["post"]["fg_threshold"] == 0.5
+    path.write_text(path.read_text().replace("fg_threshold", "fg_treshold"))
+    r = run_cli("tune", "cfg", "--data", str(tiny_phantom), "--runs", str(tmp_path))
+    assert r.returncode == 2 and "unknown key 'post.fg_treshold'" in r.stderr
+
+
+TINY_UNET = """
+method: unet
+params:
+  model: {encoder: tu-mobilenetv3_small_100, decoder_channels: [16, 8, 8, 8, 8], embedding_dim: 4}
+  train: {epochs: 2, batch_size: 4, resolution: 64, lr: 0.003}
+  post: {min_size: 10}
+  workers: 1
+cv: {folds: 2}
+"""
+
+
+def test_cv_ensemble_tune_submit_end_to_end(tiny_phantom: Path, tmp_path: Path) -> None:
+    exp = tmp_path / "tinyunet.yaml"
+    exp.write_text(TINY_UNET)
+    runs = str(tmp_path / "runs")
+    common = ("--data", str(tiny_phantom), "--runs", runs)
+    r = run_cli("cv", str(exp), *common)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_cli("ensemble", "tinyunet", "--name", "e2e", "--workers", "1", *common)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_cli("tune", "e2e", "--trials", "3", "--workers", "1", *common)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "without merging" in r.stdout
+    for extra in ((), ("--cached",)):
+        out = tmp_path / f"sub{len(extra)}.csv"
+        r = run_cli("submit", "--ensemble", "e2e", "--out", str(out), "--workers", "1", *common, *extra)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "valid submission for 4 test images" in r.stdout and "s per slice" in r.stdout
+        assert run_cli("validate-submission", str(out), "--data", str(tiny_phantom)).returncode == 0
+    board = (tmp_path / "runs" / "leaderboard.md").read_text()
+    assert "python -m comp cv" in board and "| ensemble | e2e |" in board
