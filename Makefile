@@ -16,7 +16,7 @@ STORAGE ?=
 # (runs/ensembles/$(ENS).yaml) when it exists; otherwise EXP's default.
 SUBMIT_ENS := $(if $(filter command line,$(origin EXP)),,$(wildcard runs/ensembles/$(ENS).yaml))
 
-.PHONY: venv cv test submit ensemble tune leaderboard phantom proxy bench clean
+.PHONY: venv cv test submit ensemble tune report leaderboard phantom proxy bench clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ ensemble: venv  ## greedy OOF selection over every finished map run (or MEMBERS=
 
 tune: venv  ## Optuna on cached OOF maps (+ LightGBM merging) for ensemble ENS; STORAGE=postgresql://... to share a study
 	$(PY) -m comp tune $(ENS) --trials $(TRIALS) $(if $(STORAGE),--storage $(STORAGE)) $(DATA_ARG)
+
+report: venv  ## HTML report of ENS/RUN (default: ensemble 'default', else the newest run) -> runs/report/.../index.html
+	$(PY) -m comp report $(RUN) $(DATA_ARG)
 
 leaderboard: venv  ## runs/leaderboard.md: every CV run and ensemble, mean ± std OOF ARI and its command
 	$(PY) -m comp leaderboard

@@ -196,6 +196,16 @@ def cmd_tune(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(a: argparse.Namespace) -> int:
+    """Static HTML report of a run or an ensemble."""
+    from comp.report import report, write_leaderboard
+
+    runs = Path(a.runs)
+    write_leaderboard(runs)
+    print(f"report: {report(a.target, resolve_data(a.data), runs)}")
+    return 0
+
+
 def cmd_leaderboard(a: argparse.Namespace) -> int:
     """Rewrite and print the leaderboard."""
     from comp.report import write_leaderboard
@@ -310,6 +320,12 @@ def parser() -> argparse.ArgumentParser:
     tu.add_argument("--runs", default="runs")
     tu.add_argument("--workers", type=int, default=0, help="processes scoring images (0 = all cores)")
     tu.set_defaults(fn=cmd_tune)
+
+    rp = sub.add_parser("report", help="static HTML report (leaderboard, ARI histogram, worst OOF images, curves)")
+    rp.add_argument("target", nargs="?", default=None, help="ensemble name, run folder or experiment (default: ensemble 'default', else the newest run)")
+    rp.add_argument("--data", default=None)
+    rp.add_argument("--runs", default="runs")
+    rp.set_defaults(fn=cmd_report)
 
     lb = sub.add_parser("leaderboard", help="rewrite runs/leaderboard.md from every CV run and ensemble")
     lb.add_argument("--runs", default="runs")

@@ -1,13 +1,17 @@
-"""Reports: the leaderboard of every CV run and ensemble under runs/."""
+"""Reports: the leaderboard of every CV run and ensemble, and a static HTML page per run or ensemble."""
 
 from __future__ import annotations
 
+import html
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import yaml
 
-from comp.errors import atomic_write_text
+from comp.errors import UserError, atomic_write_text
 
 LEADERBOARD = "leaderboard.md"
 
@@ -19,7 +23,29 @@ def _run_command(run: Path, summary: dict) -> str:
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     data = summary.get("dataset", {})
     data_arg = "" if data.get("name") == "phantom" else f" --data {data.get('root', '?')}"
-    return f"python -m comp cv {summary['experiment']}{data_arg} --folds {cfg['cv']['folds']}  # reconstructed; --set overrides not recorded"
+    sets = "".join(f" --set {k}={v}" for k, v in _overrides(summary["experiment"], cfg))
+    return f"python -m comp cv {summary['experiment']}{data_arg} --folds {cfg['cv']['folds']}{sets}  # reconstructed"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        out.update(_flatten(v, key) if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _overrides(name: str, cfg: dict) -> list[tuple[str, object]]:
+    """Parameters where a run's stored config differs from its experiment file today (its --set overrides)."""
+    from comp.config import load_experiment
+
+    try:
+        now = _flatten({"params": load_experiment(name).to_dict()["params"]})
+    except UserError:
+        return []
+    then = _flatten({"params": cfg.get("params", {})})
+    return [(k, json.dumps(v) if isinstance(v, list) else v) for k, v in then.items() if k in now and now[k] != v]
 
 
 def leaderboard_rows(runs: Path) -> list[dict]:
@@ -75,3 +101,218 @@ def write_leaderboard(runs: Path) -> Path:
     path = runs / LEADERBOARD
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+# ----------------------------------------------------------------------------- HTML report
+
+COLOURS = 64
+
+
+def _plt():
+    """matplotlib with a file-only backend (no screen on a GPU box either)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure as PNG atomically and close it."""
+    from comp.errors import atomic_path
+
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    _plt().close(fig)
+
+
+def plot_curves(series: dict[str, tuple[list, list]], path: Path, title: str, ylabel: str) -> None:
+    """Line plot of named (x, y) series as a PNG."""
+    fig, ax = _plt().subplots(figsize=(5.5, 3.2))
+    for name, (x, y) in series.items():
+        ax.plot(x, y, marker="o", ms=3, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    if len(series) > 1:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def _label_rgb(labels: np.ndarray) -> np.ndarray:
+    """Instance ids -> colours (0 black), the same id always the same colour."""
+    rng = np.random.default_rng(7)
+    lut = np.concatenate([[[0, 0, 0]], rng.integers(60, 256, (255, 3))]).astype(np.uint8)
+    return lut[labels]
+
+
+def overlay_png(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, path: Path, title: str) -> None:
+    """Four panels: slice, truth, prediction, slice with truth (green) and predicted (red) region borders."""
+    from skimage.segmentation import find_boundaries
+
+    rgb = np.repeat(image[..., None], 3, axis=2)
+    rgb[find_boundaries(truth, mode="inner") & (truth > 0)] = (0, 220, 0)
+    rgb[find_boundaries(pred, mode="inner") & (pred > 0)] = (255, 40, 40)
+    fig, axes = _plt().subplots(1, 4, figsize=(12, 3.2))
+    for ax, img, name in zip(axes, (image, _label_rgb(truth), _label_rgb(pred), rgb), ("slice", "truth", "prediction", "borders: truth green, prediction red")):
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def histogram_png(scores: np.ndarray, path: Path, title: str) -> None:
+    """Histogram of per-image OOF ARI."""
+    fig, ax = _plt().subplots(figsize=(5.5, 3.2))
+    ax.hist(scores, bins=np.linspace(min(0.0, float(scores.min())), 1, 26), color="#4477aa")
+    ax.axvline(float(scores.mean()), color="k", ls="--", label=f"mean {scores.mean():.4f}")
+    ax.set_xlabel("per-image ARI")
+    ax.set_ylabel("images")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+@dataclass
+class ReportInput:
+    """What a report shows, gathered from a CV run or an ensemble."""
+
+    title: str
+    data_name: str
+    ids: np.ndarray  # X_train indices of the OOF images
+    scores: np.ndarray
+    predict: Callable[[int], np.ndarray]  # OOF position -> predicted instance map
+    runs: list[Path]  # CV runs whose training curves are shown
+
+
+def _from_run(run: Path) -> ReportInput:
+    """A CV run: stored OOF scores and predictions."""
+    s = json.loads((run / "cv.json").read_text())
+    k = len(s["folds"])
+    packs = [np.load(run / "oof" / f"fold{f}.npz") for f in range(k)]
+    ids = np.concatenate([p["ids"] for p in packs])
+    preds = [p["pred"] for p in packs]
+    offsets = np.cumsum([0] + [len(p["ids"]) for p in packs])
+
+    def predict(i: int) -> np.ndarray:
+        f = int(np.searchsorted(offsets, i, side="right") - 1)
+        return preds[f][i - offsets[f]]
+
+    scores = np.concatenate([p["scores"] for p in packs])
+    title = f"{s['experiment']} — {run.name}: OOF ARI {s['mean_ari']:.4f} ± {s['std_ari']:.4f}"
+    return ReportInput(title, s.get("dataset", {}).get("name", "?"), ids, scores, predict, [run])
+
+
+def _from_ensemble(name: str, runs: Path, data) -> ReportInput:
+    """An ensemble: per-image OOF scores and predictions recomputed from its members' cached maps."""
+    from comp.ensemble import OOF, blend, load_ensemble, merger_path, segment
+    from comp.merge import load_merger
+
+    spec = load_ensemble(name, runs)
+    members = [Path(m.run) for m in spec.members]
+    oof = OOF.load(members, data)
+    weights = [m.weight for m in spec.members]
+    merger = None
+    if spec.merge.enabled:  # the stored model saw every fold: refit per fold for honest OOF pictures
+        from comp.tune import fit_merging
+
+        merger = fit_merging(oof, weights, spec.post)
+        merger.threshold = spec.merge.threshold
+    _ = load_merger(merger_path(name, runs)) if spec.merge.enabled else None  # the submission's model must exist
+    scores = oof.scores(weights, spec.post, merger, desc="score ensemble")
+
+    def predict(i: int) -> np.ndarray:
+        maps = blend([m.maps[i] for m in oof.members], weights)
+        return segment(maps, oof.images[i], spec.post, merger, int(oof.folds[i]))
+
+    title = f"ensemble {spec.name}: OOF ARI {scores.mean():.4f} ± {scores.std():.4f} ({len(members)} members)"
+    return ReportInput(title, spec.data.get("name", "?"), oof.members[0].ids, scores, predict, members)
+
+
+def _curves(run_dirs: list[Path], out: Path) -> list[str]:
+    """Training loss / validation ARI per fold and pretraining loss PNGs; returns their file names."""
+    names = []
+    for r, run in enumerate(run_dirs):
+        hist = {f.parent.name: json.loads(f.read_text()) for f in sorted(run.glob("fold*/history.json"))}
+        if hist:
+            plot_curves({k: ([h["epoch"] + 1 for h in v], [h["loss"] for h in v]) for k, v in hist.items()}, out / f"train_loss_{r}.png", f"training loss — {run.parent.name}", "loss")
+            val = {k: ([h["epoch"] + 1 for h in v if "val_ari" in h], [h["val_ari"] for h in v if "val_ari" in h]) for k, v in hist.items()}
+            plot_curves(val, out / f"val_ari_{r}.png", f"validation ARI — {run.parent.name}", "ARI")
+            names += [f"train_loss_{r}.png", f"val_ari_{r}.png"]
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        weights = str(cfg.get("params", {}).get("model", {}).get("encoder_weights", "none"))
+        if weights.endswith(".pt"):
+            found = sorted(Path(weights[:-3]).glob("*/history.json"), key=lambda p: p.stat().st_mtime)
+            if found:
+                h = json.loads(found[-1].read_text())
+                plot_curves({"pretext": ([e["epoch"] + 1 for e in h], [e["loss"] for e in h])}, out / f"pretrain_{r}.png", f"pretraining — {Path(weights).stem}", "loss")
+                names.append(f"pretrain_{r}.png")
+    return names
+
+
+def _html_table(rows: list[dict]) -> str:
+    """Leaderboard rows as an HTML table."""
+    head = "<tr><th>#</th><th>kind</th><th>name</th><th>OOF ARI</th><th>command</th></tr>"
+    body = "".join(
+        f"<tr><td>{i + 1}</td><td>{r['kind']}</td><td>{html.escape(r['name'])}</td><td>{r['oof_ari']:.4f} ± {r['std']:.4f}</td>"
+        f"<td><code>{html.escape(r['command'])}</code></td></tr>"
+        for i, r in enumerate(rows)
+    )
+    return f"<table>{head}{body}</table>"
+
+
+def build_report(target: ReportInput, data, runs: Path, out: Path, worst: int = 12) -> Path:
+    """Write out/index.html with its PNGs: leaderboard, ARI histogram, worst OOF images, curves."""
+    out.mkdir(parents=True, exist_ok=True)
+    histogram_png(target.scores, out / "oof_ari_hist.png", target.title)
+    order = np.argsort(target.scores, kind="stable")[:worst]
+    tiles = []
+    for rank, i in enumerate(order):
+        idx = int(target.ids[i])
+        name = f"worst_{rank:02d}.png"
+        overlay_png(data.x_train[idx], data.y_train[idx], target.predict(int(i)), out / name, f"{idx}.png — ARI {target.scores[i]:.3f}")
+        tiles.append(name)
+    curves = _curves(target.runs, out)
+    board = [r for r in leaderboard_rows(runs) if r["data"] == target.data_name]
+    img = lambda n: f'<img src="{n}" alt="{n}">'  # noqa: E731
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(target.title)}</title>
+<style>body{{font-family:sans-serif;margin:24px;background:#fff;color:#222}} table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #bbb;padding:3px 6px;text-align:left}} img{{max-width:100%;margin:4px 0}} code{{font-size:11px}}</style></head>
+<body><h1>{html.escape(target.title)}</h1><p>data: {html.escape(target.data_name)} — {len(target.scores)} OOF images</p>
+<h2>Leaderboard</h2>{_html_table(board)}
+<h2>Per-image OOF ARI</h2>{img("oof_ari_hist.png")}
+<h2>Training and pretraining curves</h2>{"".join(img(n) for n in curves) or "<p>none (a non-learned method)</p>"}
+<h2>The {len(tiles)} worst OOF images</h2>{"".join(img(n) for n in tiles)}
+</body></html>"""
+    atomic_write_text(out / "index.html", page)
+    return out / "index.html"
+
+
+def report(target: str | None, data, runs: Path) -> Path:
+    """Report an ensemble name, a run folder or an experiment's newest run (default: ensemble 'default', else the newest run)."""
+    from comp.ensemble import ensemble_path
+
+    if target is None:
+        target = "default" if ensemble_path("default", runs).is_file() else None
+    if target is not None and (ensemble_path(target, runs).is_file() or target.endswith(".yaml")):
+        inp, label = _from_ensemble(target, runs, data), f"ensemble-{Path(target).stem}"
+    else:
+        run = _find_run(target, runs)
+        inp, label = _from_run(run), f"{run.parent.name}-{run.name}"
+    return build_report(inp, data, runs, runs / "report" / label)
+
+
+def _find_run(target: str | None, runs: Path) -> Path:
+    """A run folder, or the newest finished run of an experiment (of any experiment when None)."""
+    if target and Path(target).is_dir() and (Path(target) / "cv.json").is_file():
+        return Path(target)
+    pattern = f"{target}/*/cv.json" if target else "*/*/cv.json"
+    found = sorted(runs.glob(pattern), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UserError(target or runs, "no finished CV run or ensemble of that name to report")
+    return found[-1].parent

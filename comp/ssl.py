@@ -192,26 +192,6 @@ class CropSet(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(img))[None]
 
 
-def plot_curve(history: list[dict], path: Path, title: str) -> None:
-    """Loss per epoch as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot([h["epoch"] + 1 for h in history], [h["loss"] for h in history], marker="o")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    fig.tight_layout()
-    from comp.errors import atomic_path
-
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-
-
 def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path) -> Path:
     """Pretrain the encoder on slices `x`; resumable from out_dir/last.pt; returns the encoder checkpoint."""
     from tqdm import tqdm
@@ -260,7 +240,10 @@ def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path) -> Path:
         save_checkpoint(last, {"task": task.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "history": history, "gen": gen.get_state()})
         save_checkpoint(out_dir / "encoder.pt", {"encoder": model.encoder.state_dict(), "config": asdict(cfg), "epoch": epoch})
     atomic_write_text(out_dir / "history.json", json.dumps(history, indent=1))
-    plot_curve(history, out_dir / "loss.png", f"{cfg.name} ({cfg.method}, {cfg.model.encoder})")
+    from comp.report import plot_curves
+
+    curve = ([h["epoch"] + 1 for h in history], [h["loss"] for h in history])
+    plot_curves({"loss": curve}, out_dir / "loss.png", f"{cfg.name} ({cfg.method}, {cfg.model.encoder})", "loss")
     return out_dir / "encoder.pt"
 
 

@@ -48,6 +48,7 @@ def fake_run(runs: Path, data_root: Path, name: str, fg_level: float = 0.9, boun
     from comp.cv import make_folds
     from comp.data.targets import resize_labels
     from comp.io import Dataset
+    from comp.metric import image_score
 
     data = Dataset(data_root)
     ann = data.annotated
@@ -75,7 +76,10 @@ def fake_run(runs: Path, data_root: Path, name: str, fg_level: float = 0.9, boun
             m[:3] = np.clip(m[:3], 0, 1)
             maps.append(m.astype(np.float16))
         np.save(run / "oof" / f"fold{f}_maps.npy", np.stack(maps))
-        np.savez(run / "oof" / f"fold{f}.npz", ids=ids, pred=np.zeros((len(ids), 1, 1), np.uint8), scores=np.zeros(len(ids)))
+        pred = data.y_train[ids].copy()
+        pred[:, 256:] = 0  # half of each truth: a visible, scorable prediction
+        scores = np.array([image_score(t, p) for t, p in zip(data.y_train[ids], pred)])
+        np.savez(run / "oof" / f"fold{f}.npz", ids=ids, pred=pred, scores=scores)
     summary = {"experiment": name, "method": "unet", "dataset": data.fingerprint(), "mean_ari": 0.0, "std_ari": 0.0,
                "n_images": int(len(ann)), "folds": [{"fold": f} for f in range(folds)]}  # fmt: skip
     (run / "cv.json").write_text(json.dumps(summary))

@@ -1,0 +1,52 @@
+"""The HTML report builds from a tiny run and renders (headless Chromium, where Debian's package is installed)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import fake_run, run_cli
+from PIL import Image
+
+CHROMIUM = shutil.which("chromium")
+
+
+def _report(tiny_phantom: Path, tmp_path: Path) -> Path:
+    run = fake_run(tmp_path, tiny_phantom, "rep")
+    (run / "fold0").mkdir()
+    (run / "fold0" / "history.json").write_text('[{"epoch": 0, "loss": 2.0, "val_ari": 0.3}, {"epoch": 1, "loss": 1.5, "val_ari": 0.5}]')
+    r = run_cli("report", str(run), "--data", str(tiny_phantom), "--runs", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    return Path(r.stdout.split("report: ")[-1].strip())
+
+
+def test_report_builds_from_a_tiny_run(tiny_phantom: Path, tmp_path: Path) -> None:
+    page = _report(tiny_phantom, tmp_path)
+    text = page.read_text()
+    pngs = sorted(p.name for p in page.parent.glob("*.png"))
+    assert "oof_ari_hist.png" in pngs and "train_loss_0.png" in pngs and "val_ari_0.png" in pngs
+    assert len([p for p in pngs if p.startswith("worst_")]) == 8  # every OOF image of the tiny set (fewer than 12)
+    for name in pngs:
+        assert f'src="{name}"' in text
+    assert "| cv | rep |" in (tmp_path / "leaderboard.md").read_text()
+
+
+def test_report_of_unknown_target_is_a_user_error(tiny_phantom: Path, tmp_path: Path) -> None:
+    r = run_cli("report", "nothing_here", "--data", str(tiny_phantom), "--runs", str(tmp_path))
+    assert r.returncode == 2 and "no finished CV run or ensemble" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_report_renders_in_headless_chromium(tiny_phantom: Path, tmp_path: Path) -> None:
+    page = _report(tiny_phantom, tmp_path)
+    shot = tmp_path / "shot.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
+    subprocess.run([CHROMIUM, *flags, "--window-size=1200,1600", f"--screenshot={shot}", page.resolve().as_uri()], capture_output=True, timeout=120)
+    assert shot.is_file(), "chromium wrote no screenshot"
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+    assert pixels.std() > 20, "the screenshot is blank"
+    assert (pixels < 50).mean() > 0.01  # dark image panels rendered, not just text on white
