@@ -16,7 +16,7 @@ STORAGE ?=
 # (runs/ensembles/$(ENS).yaml) when it exists; otherwise EXP's default.
 SUBMIT_ENS := $(if $(filter command line,$(origin EXP)),,$(wildcard runs/ensembles/$(ENS).yaml))
 
-.PHONY: venv cv test submit ensemble tune report leaderboard phantom proxy bench clean
+.PHONY: venv cv test submit ensemble tune report results leaderboard phantom proxy bench clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,9 @@ tune: venv  ## Optuna on cached OOF maps (+ LightGBM merging) for ensemble ENS; 
 
 report: venv  ## HTML report of ENS/RUN (default: ensemble 'default', else the newest run) -> runs/report/.../index.html
 	$(PY) -m comp report $(RUN) $(DATA_ARG)
+
+results: venv  ## regenerate README's quality table from scratch (phantom + proxy; REUSE=1 reuses finished CV runs)
+	$(PY) -m comp results $(if $(REUSE),--reuse)
 
 leaderboard: venv  ## runs/leaderboard.md: every CV run and ensemble, mean ± std OOF ARI and its command
 	$(PY) -m comp leaderboard

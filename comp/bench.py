@@ -6,6 +6,7 @@ import json
 import resource
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -114,6 +115,48 @@ def bench_postprocess(xs: np.ndarray, ys: np.ndarray) -> dict:
     }
 
 
+def bench_inference(xs: np.ndarray, quick: bool) -> dict:
+    """Milliseconds per slice of each backbone's forward pass (no TTA) at its experiment's working resolution."""
+    import torch
+
+    from comp.config import EXPERIMENTS, load_experiment
+    from comp.infer import predict_maps
+    from comp.models import build_model
+    from comp.train import device
+
+    names = ["unet_cpu"] if quick else sorted(p.stem for p in EXPERIMENTS.glob("unet_*.yaml") if "_mim" not in p.stem and "_vicregl" not in p.stem)
+    out = {}
+    for name in names:
+        exp = load_experiment(name)
+        model = build_model(replace(exp.params.model, encoder_weights="none"))
+        res = exp.params.train.resolution
+        predict_maps(model, xs[:2], res)  # warm-up (allocations, cuDNN autotune)
+        n = len(xs)
+        t = _best_of(lambda: predict_maps(model, xs, res, batch_size=8), 1 if quick else 2)
+        out[name] = {"encoder": exp.params.model.encoder, "resolution": res, "ms_per_slice": t / n * 1e3, "device": str(device())}
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return out
+
+
+def bench_tuning(ys: np.ndarray, xs: np.ndarray, trials: int, tmp: Path) -> dict:
+    """Optuna trials per minute on synthetic OOF maps (SQLite study, every core scoring images)."""
+    from comp.ensemble import OOF, EnsembleSpec, MemberRef, RunMaps
+    from comp.postprocess import PostParams
+    from comp.tune import tune
+
+    maps = synthetic_maps(ys)
+    n = len(ys)
+    member = RunMaps(tmp / "bench_run", np.arange(n), np.arange(n) % 2, maps, PostParams(), {})
+    oof = OOF([member], xs, ys)
+    spec = EnsembleSpec(name="bench", members=[MemberRef(str(member.run), 1.0)])
+    t = time.perf_counter()
+    r = tune(spec, oof, tmp, trials=trials, merge=False)
+    minutes = (time.perf_counter() - t) / 60
+    return {"images": n, "trials": r.trials_complete, "trials_per_minute": r.trials_per_minute, "wall_minutes_incl_final_scoring": minutes}
+
+
 def run_bench(quick: bool = False, out: Path = Path("bench.json")) -> dict:
     """Run every benchmark, print a table and write `out`."""
     xs, ys = _sample_maps(8 if quick else 48)
@@ -123,6 +166,8 @@ def run_bench(quick: bool = False, out: Path = Path("bench.json")) -> dict:
             "metric": bench_metric(ys),
             "csv": bench_csv(ys, 40 if quick else 2000, 20 if quick else 500, Path(d)),
             "postprocess": bench_postprocess(xs[:4], ys[:4]) if quick else bench_postprocess(xs[:16], ys[:16]),
+            "inference": bench_inference(xs[:4] if quick else xs[:16], quick),
+            "tuning": bench_tuning(ys[:4], xs[:4], 3, Path(d)) if quick else bench_tuning(ys[:40], xs[:40], 12, Path(d)),
         }
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     atomic_write_text(out, json.dumps(results, indent=1))
@@ -141,6 +186,10 @@ def run_bench(quick: bool = False, out: Path = Path("bench.json")) -> dict:
     print(f"  identical content: read {c['read_identical']}, write {c['write_identical']} (bytes {c['write_bytes_identical']})")
     for k, v in p.items():
         print(f"{'postprocess ' + k + ' per slice':<38} {v:>10.1f}")
+    for name, v in results["inference"].items():
+        print(f"{'inference ' + name + ' (' + str(v['resolution']) + ' px, ms/slice)':<38} {v['ms_per_slice']:>10.1f}  [{v['device']}]")
+    tu = results["tuning"]
+    print(f"{'tuning trials per minute (' + str(tu['images']) + ' images)':<38} {tu['trials_per_minute']:>10.1f}")
     print(f"{'peak memory (MB)':<38} {results['peak_rss_mb']:>10.0f}")
     print(f"written to {out}")
     return results

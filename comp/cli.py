@@ -206,6 +206,14 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_results(a: argparse.Namespace) -> int:
+    """Regenerate the README's quality table."""
+    from comp.results import load_suite, run_results
+
+    run_results(load_suite(a.suite), Path(a.runs), a.reuse, None if a.no_readme else Path("README.md"))
+    return 0
+
+
 def cmd_leaderboard(a: argparse.Namespace) -> int:
     """Rewrite and print the leaderboard."""
     from comp.report import write_leaderboard
@@ -326,6 +334,13 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--data", default=None)
     rp.add_argument("--runs", default="runs")
     rp.set_defaults(fn=cmd_report)
+
+    rs = sub.add_parser("results", help="regenerate the README's quality table on the phantom and the real-CT proxy")
+    rs.add_argument("suite", nargs="?", default="experiments/suites/results_cpu.yaml")
+    rs.add_argument("--reuse", action="store_true", help="reuse finished CV runs of identical configs instead of rerunning them")
+    rs.add_argument("--no-readme", action="store_true", help="write runs/results.md only")
+    rs.add_argument("--runs", default="runs")
+    rs.set_defaults(fn=cmd_results)
 
     lb = sub.add_parser("leaderboard", help="rewrite runs/leaderboard.md from every CV run and ensemble")
     lb.add_argument("--runs", default="runs")

@@ -67,6 +67,17 @@ def _run_dir(exp: Experiment, data: Dataset, folds: int, runs: Path) -> Path:
     return base / f"{stamp}-{key}"
 
 
+def finished_run(exp: Experiment, data: Dataset, folds: int, runs: Path = RUNS) -> CVResult | None:
+    """The newest finished run of this exact config, data and fold count, if any."""
+    key = f"{exp.digest()}-{data.fingerprint()['y_train'][:6]}-k{folds}"
+    base = runs / exp.name
+    done = sorted((d for d in base.iterdir() if d.name.endswith(key) and (d / "cv.json").is_file()), reverse=True) if base.is_dir() else []
+    if not done:
+        return None
+    s = json.loads((done[0] / "cv.json").read_text())
+    return CVResult(done[0], s["mean_ari"], s["std_ari"], [f["ari"] for f in s["folds"]])
+
+
 def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path = RUNS, command: str = "") -> CVResult:
     """Fit and predict every fold, score OOF predictions, write the run folder, return the summary."""
     k = folds or exp.cv.folds

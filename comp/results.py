@@ -1,0 +1,137 @@
+"""`make results`: regenerate the README's quality table (baseline, fg+CC, best single, best ensemble) from scratch.
+
+Per data set: CV of every listed experiment, greedy ensemble selection over the learned ones, Optuna
+tuning with learned merging, and held-out ARI on the test split where the data set ships its labels
+(the phantom). The table goes to runs/results.md and between the README's results markers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from comp.config import from_dict, load_experiment
+from comp.errors import UserError, atomic_write_text
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+@dataclass
+class Suite:
+    """What `make results` runs (experiments/suites/*.yaml)."""
+
+    folds: int = 3
+    trials: int = 40
+    datasets: dict = field(default_factory=lambda: {"phantom": ""})
+    baseline: str = "baseline_watershed"
+    fg_cc: str = "unet_fg_cc_cpu"
+    singles: list[str] = field(default_factory=lambda: ["unet_cpu"])
+
+
+@dataclass
+class Row:
+    """One line of the table: CV ARI per data set and held-out ARI where measurable."""
+
+    label: str
+    names: dict = field(default_factory=dict)  # data name -> what was run
+    cv: dict = field(default_factory=dict)  # data name -> (mean, std)
+    held_out: dict = field(default_factory=dict)  # data name -> ARI
+    command: str = ""
+
+
+def load_suite(path: str) -> Suite:
+    """Parse a suite YAML."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(p, "suite file not found")
+    return from_dict(Suite, yaml.safe_load(p.read_text()) or {}, str(p))
+
+
+def _held_out_single(name: str, short: str, run: Path, data, runs: Path) -> float | None:
+    """Held-out test ARI of one CV run: its fold models (flip TTA) for learned methods, a refit otherwise."""
+    from comp.ensemble import EnsembleSpec, MemberRef, load_run_maps, save_ensemble
+    from comp.submit import submit, submit_ensemble
+
+    if not data.has_test_labels:
+        return None
+    out = runs / "results" / f"{data.name}-{short}.csv"
+    if (run / "oof" / "fold0_maps.npy").is_file():
+        spec = EnsembleSpec(name=f"results-{data.name}-{short}", members=[MemberRef(str(run), 1.0)], post=load_run_maps(run).post)
+        save_ensemble(spec, runs)
+        return submit_ensemble(spec.name, data, out, runs)["test_ari"]
+    return submit(load_experiment(name), data, out)["test_ari"]
+
+
+def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | None = Path("README.md")) -> Path:
+    """Run the suite on every data set, write runs/results.md, and refresh the README's table."""
+    from comp.cli import resolve_data
+    from comp.cv import finished_run, run_cv
+    from comp.ensemble import OOF, build_ensemble, load_ensemble
+    from comp.submit import submit_ensemble
+    from comp.tune import tune
+
+    rows: dict[str, Row] = {}
+    names = [suite.baseline, suite.fg_cc, *suite.singles]
+    short = {n: load_experiment(n).name for n in names}  # entries may be paths
+    for ds, root in suite.datasets.items():
+        data = resolve_data(root or None)
+        result = {}
+        for name in names:
+            exp = load_experiment(name)
+            res = (finished_run(exp, data, suite.folds, runs) if reuse else None) or run_cv(exp, data, suite.folds, runs, command=f"python -m comp cv {name} --folds {suite.folds}")
+            result[name] = res
+            print(f"[{ds}] {name}: CV ARI {res.mean:.4f} ({res.run_dir})", flush=True)
+        best = max(suite.singles, key=lambda n: result[n].mean)
+        picks = {"official watershed baseline": suite.baseline, "fg U-Net + connected components": suite.fg_cc, "best single model": best}
+        for label, name in picks.items():
+            r = rows.setdefault(label, Row(label, command=f"make cv EXP={short[name]} FOLDS={suite.folds}"))
+            r.names[ds] = f"`{short[name]}`"
+            r.cv[ds] = (result[name].mean, _std(result[name].run_dir))
+            r.held_out[ds] = _held_out_single(name, short[name], result[name].run_dir, data, runs)
+        learned = [result[n].run_dir for n in suite.singles if (result[n].run_dir / "oof" / "fold0_maps.npy").is_file()]
+        ens_name = f"results-{ds}"
+        spec, _ = build_ensemble(ens_name, learned, data, runs, force=True, command=f"python -m comp ensemble {' '.join(short[n] for n in suite.singles)} --name {ens_name}")
+        tune(spec, OOF.load([Path(m.run) for m in spec.members], data), runs, trials=suite.trials)
+        spec = load_ensemble(ens_name, runs)
+        r = rows.setdefault("best ensemble (tuned)", Row("best ensemble (tuned)", command=f"make ensemble tune ENS=results-DATA TRIALS={suite.trials}"))
+        r.cv[ds] = (spec.oof_ari, spec.oof_std)
+        r.held_out[ds] = submit_ensemble(ens_name, data, runs / "results" / f"{ds}-ensemble.csv", runs)["test_ari"] if data.has_test_labels else None
+        r.names[ds] = ", ".join(f"`{Path(m.run).parent.name}` x{m.weight:.2f}" for m in spec.members) + (" + merging" if spec.merge.enabled else "")
+    table = _table(list(rows.values()), list(suite.datasets), suite)
+    out = runs / "results.md"
+    atomic_write_text(out, table)
+    if readme is not None and readme.is_file():
+        text = readme.read_text()
+        if START in text and END in text:
+            atomic_write_text(readme, re.sub(f"{re.escape(START)}.*?{re.escape(END)}", lambda _: f"{START}\n{table}{END}", text, flags=re.S))
+    print(table)
+    return out
+
+
+def _std(run: Path) -> float:
+    """Image std of a run's OOF ARI."""
+    import json
+
+    return json.loads((run / "cv.json").read_text())["std_ari"]
+
+
+def _table(rows: list[Row], datasets: list[str], suite: Suite) -> str:
+    """Markdown table: CV ARI (mean ± image std) per data set, held-out ARI where the test labels exist."""
+    head = "| | what |" + "".join(f" {d} CV ARI | {d} held-out ARI |" for d in datasets) + " command |\n"
+    head += "|---|---|" + "---|---|" * len(datasets) + "---|\n"
+    body = ""
+    for r in rows:
+        cells = ""
+        for d in datasets:
+            m = r.cv.get(d)
+            h = r.held_out.get(d)
+            cells += f" {m[0]:.4f} ± {m[1]:.4f} |" if m else " — |"
+            cells += f" {h:.4f} |" if h is not None else " — |"
+        what = set(r.names.values())
+        name = what.pop() if len(what) == 1 else "; ".join(f"{d}: {n}" for d, n in r.names.items())
+        body += f"| {r.label} | {name} |{cells} `{r.command}` |\n"
+    note = f"\n{suite.folds} shared folds, seed 0; tuning: {suite.trials} Optuna trials; held-out = the data set's test split (fold models, flip TTA).\n"
+    return head + body + note
