@@ -48,7 +48,10 @@ def _complete_trials(db: Path) -> list[tuple[int, float]]:
     import optuna
 
     url = f"sqlite:///{db}"
-    (name,) = optuna.study.get_all_study_names(url)
+    names = optuna.study.get_all_study_names(url)
+    if not names:  # the database exists but the study is not created yet
+        return []
+    (name,) = names
     study = optuna.load_study(study_name=name, storage=url)
     return [(t.number, t.value) for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
 
