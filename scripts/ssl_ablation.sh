@@ -41,4 +41,16 @@ for bb in ${@:-mnv3 resnet18 effb0}; do
     done
   done
 done
-column -t -s $'\t' $OUT
+# The README's table: one row per backbone x data x budget, one column per encoder init.
+$PY - <<'PYEOF'
+import csv
+from pathlib import Path
+rows = list(csv.DictReader(open("runs/ssl_ablation.tsv"), delimiter="\t"))
+keys = sorted({(r["backbone"], r["data"], float(r["budget"])) for r in rows}, key=lambda k: (k[0], k[1], -k[2]))
+cell = {(r["backbone"], r["data"], float(r["budget"]), r["init"]): f"{float(r['mean_ari']):.4f} ± {float(r['fold_std']):.4f}" for r in rows}
+out = ["| backbone | data | budget | random | mim | vicregl |", "|---|---|---|---|---|---|"]
+for b, d, f in keys:
+    out.append(f"| {b} | {d} | {f:.0%} | " + " | ".join(cell.get((b, d, f, i), "—") for i in ("random", "mim", "vicregl")) + " |")
+Path("runs/ssl_ablation.md").write_text("\n".join(out) + "\n")
+print("\n".join(out))
+PYEOF

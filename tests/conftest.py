@@ -26,6 +26,18 @@ def tiny_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate(tmp_path_factory.mktemp("phantom"), n_train=12, n_labelled=8, n_test=4, seed=3, workers=2)
 
 
+# A network small enough to train 2 folds x 2 epochs on the tiny phantom in seconds.
+TINY_UNET = """
+method: unet
+params:
+  model: {encoder: tu-mobilenetv3_small_100, decoder_channels: [16, 8, 8, 8, 8], embedding_dim: 4}
+  train: {epochs: 2, batch_size: 4, resolution: 64, lr: 0.003}
+  post: {min_size: 10}
+  workers: 1
+cv: {folds: 2}
+"""
+
+
 def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Run `python -m comp ARGS` and capture its output."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from conftest import TINY_UNET
+
 from comp.results import END, START, Suite, run_results
 
-TINY = """
-name: tinyres
-method: unet
-params:
-  model: {encoder: tu-mobilenetv3_small_100, decoder_channels: [16, 8, 8, 8, 8], embedding_dim: 4}
-  train: {epochs: 2, batch_size: 4, resolution: 64, lr: 0.003}
-  post: {min_size: 10}
-  workers: 1
-cv: {folds: 2}
-"""
 
 
 def test_results_fill_the_readme_table(tiny_phantom: Path, tmp_path: Path) -> None:
     exp = tmp_path / "tinyres.yaml"
-    exp.write_text(TINY)
+    exp.write_text("name: tinyres\n" + TINY_UNET)
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\n{START}\nold table\n{END}\n\nafter\n")
     suite = Suite(folds=2, trials=2, datasets={"tiny": str(tiny_phantom)}, baseline="baseline_watershed", fg_cc=str(exp), singles=[str(exp)])

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, fake_run, run_cli
+from conftest import ROOT, TINY_UNET, fake_run, run_cli
 
 from comp.ensemble import OOF, EnsembleSpec, MemberRef, build_ensemble, load_ensemble, save_ensemble
 from comp.io import Dataset
@@ -182,15 +182,6 @@ def test_tune_config_is_data(tiny_phantom: Path, tmp_path: Path) -> None:
     assert r.returncode == 2 and "unknown key 'post.fg_treshold'" in r.stderr
 
 
-TINY_UNET = """
-method: unet
-params:
-  model: {encoder: tu-mobilenetv3_small_100, decoder_channels: [16, 8, 8, 8, 8], embedding_dim: 4}
-  train: {epochs: 2, batch_size: 4, resolution: 64, lr: 0.003}
-  post: {min_size: 10}
-  workers: 1
-cv: {folds: 2}
-"""
 
 
 def test_cv_ensemble_tune_submit_end_to_end(tiny_phantom: Path, tmp_path: Path) -> None:
