@@ -84,7 +84,7 @@ def pair_targets(labels: np.ndarray, truth: np.ndarray, pairs: np.ndarray) -> np
 class Merger:
     """Pair classifiers (key: fold whose regions a model may merge; -1: the test set) and the merge threshold."""
 
-    models: dict[int, object] = field(default_factory=dict)
+    models: dict[int, object] = field(default_factory=dict)  # Booster, its model text, or a constant
     threshold: float = 0.5
     max_rounds: int = 4
 
@@ -93,6 +93,10 @@ class Merger:
         model = self.models.get(fold)
         if model is None or len(x) == 0:
             return np.zeros(len(x))
+        if isinstance(model, str):  # loaded lazily, in the process that predicts (see load_merger)
+            import lightgbm as lgb
+
+            model = self.models[fold] = lgb.Booster(params={"num_threads": 1}, model_str=model)
         return model.predict(x) if hasattr(model, "predict") else np.full(len(x), float(model))
 
     def apply(self, labels: np.ndarray, maps: np.ndarray, image: np.ndarray, fold: int = -1) -> np.ndarray:
@@ -141,12 +145,12 @@ def save_merger(merger: Merger, path: Path) -> None:
 
 def load_merger(path: Path) -> Merger:
     """Load a merger written by save_merger."""
-    import lightgbm as lgb
-
     if not path.is_file():
         raise UserError(path, "merge model not found (run `comp tune` again)")
     head, _, body = path.read_text().partition("\n")
     if not head.startswith("# threshold "):
         raise UserError(path, "not a merge model written by comp")
-    model = float(body.split()[1]) if body.startswith("constant ") else lgb.Booster(model_str=body)
+    # The booster is built from its text on first use: parsing it here would start LightGBM's OpenMP
+    # threads in the parent, and OpenMP then hangs in the forked post-processing workers.
+    model = float(body.split()[1]) if body.startswith("constant ") else body
     return Merger({-1: model}, float(head.split()[2]))

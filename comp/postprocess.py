@@ -102,15 +102,27 @@ class PostParams:
     compactness: float = 0.0
 
 
-def upsample_maps(maps: np.ndarray, size: int = 512) -> np.ndarray:
-    """Bilinear resize of (C, r, r) maps to (C, size, size) float32."""
-    c, r, _ = maps.shape
-    if r == size:
-        return maps.astype(np.float32)
-    import torch  # ~12x faster than ndi.zoom(order=1, grid_mode=True), same half-pixel bilinear values
+def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Half-pixel linear interpolation taps (as torch's bilinear, align_corners=False): lo, hi, weight of hi."""
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    lo = np.minimum(src.astype(np.int64), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    return lo, hi, (src - lo).astype(np.float32)
 
-    t = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[None]
-    return torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0].numpy()
+
+def upsample_maps(maps: np.ndarray, size: int = 512) -> np.ndarray:
+    """Bilinear resize of (C, r, r) maps to (C, size, size) float32.
+
+    Plain numpy gathers (separable): as fast as torch's kernel here and, unlike any OpenMP code, safe in
+    processes forked from a parent whose OpenMP pool is running (torch, LightGBM).
+    """
+    c, r, _ = maps.shape
+    m = maps.astype(np.float32)
+    if r == size:
+        return m
+    lo, hi, w = _linear_taps(r, size)
+    rows = m[:, lo, :] * (1 - w)[None, :, None] + m[:, hi, :] * w[None, :, None]
+    return rows[:, :, lo] * (1 - w) + rows[:, :, hi] * w
 
 
 def instances_from_maps(maps: np.ndarray, p: PostParams, size: int = 512) -> np.ndarray:
