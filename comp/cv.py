@@ -55,9 +55,14 @@ class CVResult:
     fold_means: list[float]
 
 
+def _run_key(exp: Experiment, data: Dataset, folds: int) -> str:
+    """What a run folder's name ends with: config digest, labels fingerprint, fold count."""
+    return f"{exp.digest()}-{data.fingerprint()['y_train'][:6]}-k{folds}"
+
+
 def _run_dir(exp: Experiment, data: Dataset, folds: int, runs: Path) -> Path:
     """Reuse an unfinished run of the same config and data (resume), else make a new run id."""
-    key = f"{exp.digest()}-{data.fingerprint()['y_train'][:6]}-k{folds}"
+    key = _run_key(exp, data, folds)
     base = runs / exp.name
     if base.is_dir():
         for d in sorted(base.iterdir(), reverse=True):
@@ -69,7 +74,7 @@ def _run_dir(exp: Experiment, data: Dataset, folds: int, runs: Path) -> Path:
 
 def finished_run(exp: Experiment, data: Dataset, folds: int, runs: Path = RUNS) -> CVResult | None:
     """The newest finished run of this exact config, data and fold count, if any."""
-    key = f"{exp.digest()}-{data.fingerprint()['y_train'][:6]}-k{folds}"
+    key = _run_key(exp, data, folds)
     base = runs / exp.name
     done = sorted((d for d in base.iterdir() if d.name.endswith(key) and (d / "cv.json").is_file()), reverse=True) if base.is_dir() else []
     if not done:

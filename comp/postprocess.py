@@ -117,7 +117,7 @@ def upsample_maps(maps: np.ndarray, size: int = 512) -> np.ndarray:
     processes forked from a parent whose OpenMP pool is running (torch, LightGBM).
     """
     c, r, _ = maps.shape
-    m = maps.astype(np.float32)
+    m = maps.astype(np.float32, copy=False)  # full-size float32 maps pass through without a copy
     if r == size:
         return m
     lo, hi, w = _linear_taps(r, size)

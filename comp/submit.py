@@ -52,7 +52,11 @@ def submit(exp: Experiment, data: Dataset, out: str | Path, seed: int = 0) -> di
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = FitContext(workdir=workdir, fold=-1, seed=seed, unlabelled=data.x_train[data.unlabelled])
     method.fit(FoldData(data.x_train[ann], data.y_train[ann], ann), ctx)
-    pred = method.predict(data.x_test)
+    return _write_validate_score(out, method.predict(data.x_test), data)
+
+
+def _write_validate_score(out: Path, pred: np.ndarray, data: Dataset) -> dict:
+    """Write the CSV atomically, validate it, and add held-out ARI where the data set ships Y_test."""
     write_label_csv(out, pred, image_names(len(pred)), data.row_labels())
     summary = validate_submission(out, data.root, data.row_labels())
     if data.has_test_labels:
@@ -119,9 +123,4 @@ def submit_ensemble(name: str, data: Dataset, out: str | Path, runs: Path = Path
     weights = [m.weight for m in spec.members]
     pred = np.stack(pmap(_segment_test, items, weights, spec.post, merger, workers=workers, desc="post-process"))
     seconds = time.time() - t0
-    write_label_csv(out, pred, image_names(len(pred)), data.row_labels())
-    summary = validate_submission(out, data.root, data.row_labels())
-    summary["seconds_per_slice"] = seconds / len(pred)
-    if data.has_test_labels:
-        summary["test_ari"] = float(image_scores(data.y_test, pred).mean())
-    return summary
+    return {**_write_validate_score(out, pred, data), "seconds_per_slice": seconds / len(pred)}

@@ -122,9 +122,9 @@ def _pair_rows(item: tuple, weights: list[float], post: PostParams) -> tuple[np.
     from comp.ensemble import blend, segment
 
     maps, image, truth, _ = item
-    m = blend(maps, weights)
+    m = upsample_maps(blend(maps, weights), image.shape[-1])  # once: segment() keeps maps already at full size
     labels = segment(m, image, post)
-    pairs, x = pair_features(labels, upsample_maps(m, labels.shape[0]), image)
+    pairs, x = pair_features(labels, m, image)
     return x, pair_targets(labels, truth, pairs)
 
 
