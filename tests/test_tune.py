@@ -71,6 +71,7 @@ def test_killed_study_resumes(tiny_phantom: Path, tmp_path: Path) -> None:
     while time.time() < deadline:
         if db.exists() and len(_complete_trials(db)) >= 2:
             break
+        assert p.poll() is None, p.stdout.read()  # it must still be running, not have failed
         time.sleep(0.3)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
