@@ -168,11 +168,12 @@ def _latest_per_config(runs: list[Path]) -> list[Path]:
 
 def cmd_tune(a: argparse.Namespace) -> int:
     """Optuna search of post-processing and weights on cached OOF maps; stores the best in the ensemble file."""
-    from comp.ensemble import OOF, EnsembleSpec, MemberRef, ensemble_path, load_ensemble, resolve_run, save_ensemble
+    from comp.ensemble import OOF, ensemble_path, load_ensemble, resolve_run, save_ensemble, single_member
     from comp.report import write_leaderboard
     from comp.tune import tune
 
     runs, data = Path(a.runs), resolve_data(a.data)
+    single = False
     if ensemble_path(a.name, runs).is_file() or a.name.endswith(".yaml"):
         spec = load_ensemble(a.name, runs)
     elif a.name == "default":  # nothing selected yet: select over every finished map run first
@@ -181,12 +182,11 @@ def cmd_tune(a: argparse.Namespace) -> int:
         spec, _ = build_ensemble(a.name, _latest_per_config(finished_runs(runs, data)), data, runs, workers=a.workers,
                                  command=a.command_line)  # fmt: skip
     else:  # an experiment name: a one-member ensemble of its newest run
-        run = resolve_run(a.name, runs, data)
-        oof1 = OOF.load([run], data)
-        spec = EnsembleSpec(name=Path(a.name).name, members=[MemberRef(str(run), 1.0)], post=oof1.members[0].post,
-                            data=data.fingerprint(), command=a.command_line)  # fmt: skip
+        spec = single_member(Path(a.name).name, resolve_run(a.name, runs, data), data=data.fingerprint(), command=a.command_line)
+        single = True
+    oof = OOF.load([Path(m.run) for m in spec.members], data)  # a run without maps stops here, before anything is saved
+    if single:
         save_ensemble(spec, runs)
-    oof = OOF.load([Path(m.run) for m in spec.members], data)
     r = tune(spec, oof, runs, a.trials, a.storage, a.images, a.workers, not a.no_merge, a.seed)
     print(f"{r.trials_complete} complete trials ({r.trials_per_minute:.1f} per minute this call); best trial {r.best_trial_ari:.4f}")
     merged = f"with merging (threshold {r.merge_threshold}) {r.oof_ari:.4f}" if r.merge_threshold else "merging did not help"

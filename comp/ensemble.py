@@ -46,9 +46,7 @@ class RunMaps:
 def load_run_maps(run: Path) -> RunMaps:
     """Load a CV run's OOF maps; a run without cached maps (a non-learned method) is a clear error."""
     run = Path(run)
-    if not (run / "cv.json").is_file():
-        raise UserError(run, "not a finished CV run (no cv.json)")
-    config = yaml.safe_load((run / "config.yaml").read_text())
+    config = _run_config(run)
     k = int(config["cv"]["folds"])
     ids, folds, maps = [], [], []
     for f in range(k):
@@ -58,8 +56,19 @@ def load_run_maps(run: Path) -> RunMaps:
         ids.append(np.load(run / "oof" / f"fold{f}.npz")["ids"])
         maps.append(np.load(path))
         folds.append(np.full(len(ids[-1]), f))
-    post = from_dict(PostParams, config.get("params", {}).get("post", {}), str(run / "config.yaml"), "params.post")
-    return RunMaps(run, np.concatenate(ids), np.concatenate(folds), np.concatenate(maps), post, config)
+    return RunMaps(run, np.concatenate(ids), np.concatenate(folds), np.concatenate(maps), _post_of(run, config), config)
+
+
+def _run_config(run: Path) -> dict:
+    """A finished CV run's config.yaml; an unfinished run is a clear error."""
+    if not (run / "cv.json").is_file():
+        raise UserError(run, "not a finished CV run (no cv.json)")
+    return yaml.safe_load((run / "config.yaml").read_text())
+
+
+def _post_of(run: Path, config: dict) -> PostParams:
+    """The post-processing a run's config.yaml asks for."""
+    return from_dict(PostParams, config.get("params", {}).get("post", {}), str(run / "config.yaml"), "params.post")
 
 
 def finished_runs(runs: Path, data: Dataset) -> list[Path]:
@@ -216,6 +225,12 @@ class EnsembleSpec:
     data: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     command: str = ""
+
+
+def single_member(name: str, run: Path, **fields) -> EnsembleSpec:
+    """A one-member ensemble of a finished CV run, post-processed as the run's own config says."""
+    post = _post_of(Path(run), _run_config(Path(run)))
+    return EnsembleSpec(name=name, members=[MemberRef(str(run), 1.0)], post=post, **fields)
 
 
 def ensemble_path(name: str, runs: Path) -> Path:

@@ -52,14 +52,14 @@ def load_suite(path: str) -> Suite:
 
 def _held_out_single(name: str, short: str, run: Path, data, runs: Path) -> float | None:
     """Held-out test ARI of one CV run: its fold models (flip TTA) for learned methods, a refit otherwise."""
-    from comp.ensemble import EnsembleSpec, MemberRef, load_run_maps, save_ensemble
+    from comp.ensemble import save_ensemble, single_member
     from comp.submit import submit, submit_ensemble
 
     if not data.has_test_labels:
         return None
     out = runs / "results" / f"{data.name}-{short}.csv"
     if (run / "oof" / "fold0_maps.npy").is_file():
-        spec = EnsembleSpec(name=f"results-{data.name}-{short}", members=[MemberRef(str(run), 1.0)], post=load_run_maps(run).post)
+        spec = single_member(f"results-{data.name}-{short}", run)
         save_ensemble(spec, runs)
         return submit_ensemble(spec.name, data, out, runs)["test_ari"]
     return submit(load_experiment(name), data, out)["test_ari"]

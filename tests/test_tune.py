@@ -142,6 +142,9 @@ def test_ensemble_of_a_run_without_maps_is_a_user_error(tiny_phantom: Path, tmp_
     (run / "oof" / "fold1_maps.npy").unlink()
     r = run_cli("ensemble", str(run), "--data", str(tiny_phantom), "--runs", str(tmp_path))
     assert r.returncode == 2 and "no cached OOF maps" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("tune", str(run), "--data", str(tiny_phantom), "--runs", str(tmp_path))
+    assert r.returncode == 2 and "no cached OOF maps" in r.stderr and "Traceback" not in r.stderr
+    assert not list(tmp_path.glob("ensembles/*.yaml"))  # nothing saved for a run that cannot be tuned
 
 
 POSTGRES = os.environ.get("COMP_TEST_POSTGRES")
