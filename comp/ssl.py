@@ -26,7 +26,7 @@ from comp.config import experiment_path, from_dict
 from comp.data.targets import AugConfig, augment, resize_image
 from comp.errors import UserError, atomic_write_text
 from comp.models import InstanceNet, ModelConfig, build_model
-from comp.train import device, lr_factor, save_checkpoint, seed_everything
+from comp.train import Amp, device, lr_factor, run_epoch, save_checkpoint, seed_everything
 
 
 @dataclass
@@ -194,10 +194,7 @@ class CropSet(torch.utils.data.Dataset):
 
 def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path) -> Path:
     """Pretrain the encoder on slices `x`; resumable from out_dir/last.pt; returns the encoder checkpoint."""
-    from tqdm import tqdm
-
     dev = device()
-    cuda = dev.type == "cuda"
     seed_everything(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.max_images and len(x) > cfg.max_images:
@@ -208,6 +205,7 @@ def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path) -> Path:
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(data, batch_size=min(cfg.batch_size, len(data)), shuffle=True, drop_last=True, generator=gen)
     opt = torch.optim.AdamW(task.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    amp = Amp(dev, cfg.amp)
     per_epoch, total = len(loader), cfg.epochs * len(loader)
     warm = int(cfg.warmup_epochs * per_epoch)
     last = out_dir / "last.pt"
@@ -216,28 +214,26 @@ def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path) -> Path:
         ck = torch.load(last, map_location=dev, weights_only=False)
         task.load_state_dict(ck["task"])
         opt.load_state_dict(ck["opt"])
+        if "scaler" in ck:
+            amp.scaler.load_state_dict(ck["scaler"])
         start, history = ck["epoch"] + 1, ck["history"]
         gen.set_state(ck["gen"])
         print(f"resuming from {last} at epoch {start}")
+
+    def loss_of(xb: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        with amp.autocast():
+            loss = task.loss(xb.to(dev), gen)
+        return loss, {"loss": float(loss.detach())}
+
     for epoch in range(start, cfg.epochs):
         task.train()
         data.epoch = epoch
-        t0, tot = time.time(), 0.0
-        bar = tqdm(loader, desc=f"pretrain {cfg.method} {epoch + 1}/{cfg.epochs}", leave=False)
-        for i, xb in enumerate(bar):
-            step = epoch * per_epoch + i
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * lr_factor(step, total, warm)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda and cfg.amp):
-                loss = task.loss(xb.to(dev), gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tot += float(loss.detach())
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-        history.append({"epoch": epoch, "loss": tot / per_epoch, "seconds": round(time.time() - t0, 1)})
+        t0 = time.time()
+        parts = run_epoch(loader, opt, amp, loss_of, lambda step: cfg.lr * lr_factor(step, total, warm),
+                          epoch * per_epoch, f"pretrain {cfg.method} {epoch + 1}/{cfg.epochs}")  # fmt: skip
+        history.append({"epoch": epoch, "loss": parts["loss"], "seconds": round(time.time() - t0, 1)})
         print(f"pretrain {cfg.method} epoch {epoch + 1}/{cfg.epochs} loss {history[-1]['loss']:.4f} [{history[-1]['seconds']} s]", flush=True)
-        save_checkpoint(last, {"task": task.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "history": history, "gen": gen.get_state()})
+        save_checkpoint(last, {"task": task.state_dict(), "opt": opt.state_dict(), "scaler": amp.scaler.state_dict(), "epoch": epoch, "history": history, "gen": gen.get_state()})
         save_checkpoint(out_dir / "encoder.pt", {"encoder": model.encoder.state_dict(), "config": asdict(cfg), "epoch": epoch})
     atomic_write_text(out_dir / "history.json", json.dumps(history, indent=1))
     from comp.report import plot_curves

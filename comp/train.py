@@ -44,6 +44,39 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class Amp:
+    """Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); a no-op on CPU."""
+
+    def __init__(self, dev: torch.device, enabled: bool) -> None:
+        self.dev, self.enabled = dev, enabled and dev.type == "cuda"
+        self.dtype = torch.bfloat16 if self.enabled and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
+
+    def autocast(self) -> torch.autocast:
+        """The forward pass's autocast context."""
+        return torch.autocast(self.dev.type, dtype=self.dtype, enabled=self.enabled)
+
+
+def run_epoch(loader, opt: torch.optim.Optimizer, amp: Amp, loss_fn, lr_at, first_step: int, desc: str) -> dict[str, float]:
+    """One optimiser pass: per-step LR `lr_at(step)`, `loss_fn(batch) -> (loss, parts)`, scaled step; mean parts."""
+    from tqdm import tqdm
+
+    sums: dict[str, float] = {}
+    bar = tqdm(loader, desc=desc, leave=False)
+    for i, batch in enumerate(bar):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(first_step + i)
+        loss, parts = loss_fn(batch)
+        opt.zero_grad(set_to_none=True)
+        amp.scaler.scale(loss).backward()
+        amp.scaler.step(opt)
+        amp.scaler.update()
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+    return {k: v / len(loader) for k, v in sums.items()}
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch."""
     random.seed(seed)
@@ -118,8 +151,6 @@ def train_fold(
     validate=None,
 ) -> dict:
     """Train on (x, y); `validate(model) -> ARI` picks the best epoch. Resumes from workdir/last.pt."""
-    from tqdm import tqdm
-
     dev = device()
     cuda = dev.type == "cuda"
     seed_everything(seed)
@@ -138,50 +169,40 @@ def train_fold(
         persistent_workers=False,
     )
     model.to(dev)
-    if cuda and cfg.channels_last:
+    channels_last = cuda and cfg.channels_last
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     opt = _optimizer(model, cfg)
-    use_amp = cuda and cfg.amp
-    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    amp = Amp(dev, cfg.amp)
     per_epoch = len(loader)
     total = cfg.epochs * per_epoch
+    warm = int(cfg.warmup_epochs * per_epoch)
     last, best_path = workdir / "last.pt", workdir / "best.pt"
     start, best, history = 0, -math.inf, []
     if last.exists():
         ck = torch.load(last, map_location=dev, weights_only=False)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
-        scaler.load_state_dict(ck["scaler"])
+        amp.scaler.load_state_dict(ck["scaler"])
         start, best, history = ck["epoch"] + 1, ck["best"], ck["history"]
         torch.set_rng_state(ck["torch_rng"])
         g.set_state(ck["loader_rng"])
         print(f"resuming from {last} at epoch {start}")
+
+    def loss_of(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+        img = batch["image"].contiguous(memory_format=torch.channels_last) if channels_last else batch["image"]
+        with amp.autocast():
+            out = model(img)
+        return instance_loss(out, batch, cfg.loss)
+
     for epoch in range(start, cfg.epochs):
         model.train()
         data.epoch = epoch
         t0 = time.time()
-        sums: dict[str, float] = {}
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
-        for i, batch in enumerate(bar):
-            step = epoch * per_epoch + i
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * lr_factor(step, total, int(cfg.warmup_epochs * per_epoch), cfg.schedule)
-            batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-            img = batch["image"]
-            if cuda and cfg.channels_last:
-                img = img.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-                out = model(img)
-            loss, parts = instance_loss(out, batch, cfg.loss)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        rec = {"epoch": epoch, "loss": sum(sums.values()) / per_epoch, **{k: v / per_epoch for k, v in sums.items()}}
+        parts = run_epoch(loader, opt, amp, loss_of, lambda step: cfg.lr * lr_factor(step, total, warm, cfg.schedule),
+                          epoch * per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")  # fmt: skip
+        rec = {"epoch": epoch, "loss": sum(parts.values()), **parts}
         if validate is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
             rec["val_ari"] = float(validate(model))
             if rec["val_ari"] > best:
@@ -200,7 +221,7 @@ def train_fold(
             {
                 "model": model.state_dict(),
                 "opt": opt.state_dict(),
-                "scaler": scaler.state_dict(),
+                "scaler": amp.scaler.state_dict(),
                 "epoch": epoch,
                 "best": best,
                 "history": history,
