@@ -8,6 +8,7 @@ fold k's regions never saw fold k; the model for the test set saw every fold.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,8 +97,8 @@ class Merger:
         if isinstance(model, str):  # loaded lazily, in the process that predicts (see load_merger)
             import lightgbm as lgb
 
-            model = self.models[fold] = lgb.Booster(params={"num_threads": 1}, model_str=model)
-        return model.predict(x) if hasattr(model, "predict") else np.full(len(x), float(model))
+            model = self.models[fold] = lgb.Booster(model_str=model)
+        return model.predict(x, num_threads=1) if hasattr(model, "predict") else np.full(len(x), float(model))
 
     def apply(self, labels: np.ndarray, maps: np.ndarray, image: np.ndarray, fold: int = -1) -> np.ndarray:
         """Greedily merge the most probable non-overlapping pairs above the threshold, re-scoring after each round."""
@@ -136,21 +137,32 @@ def fit_fold_mergers(x: np.ndarray, y: np.ndarray, folds: np.ndarray, threshold:
     return Merger(models, threshold)
 
 
+def _model_text(model) -> str:
+    """A classifier as text: LightGBM's model string, or `constant p`."""
+    if isinstance(model, str):
+        return model
+    return model.model_to_string() if hasattr(model, "model_to_string") else f"constant {float(model or 0.0)}\n"
+
+
 def save_merger(merger: Merger, path: Path) -> None:
-    """Store the test-set classifier (-1) and the threshold as LightGBM text, atomically."""
-    model = merger.models.get(-1)
-    body = model.model_to_string() if hasattr(model, "model_to_string") else f"constant {float(model or 0.0)}\n"
-    atomic_write_text(path, f"# threshold {merger.threshold}\n{body}")
+    """Store every classifier (each fold's and the test set's) and the threshold as text, atomically."""
+    parts = [f"# threshold {merger.threshold}\n"]
+    parts += [f"# model {k}\n{_model_text(m)}" for k, m in sorted(merger.models.items())]
+    atomic_write_text(path, "".join(parts))
 
 
 def load_merger(path: Path) -> Merger:
     """Load a merger written by save_merger."""
     if not path.is_file():
         raise UserError(path, "merge model not found (run `comp tune` again)")
-    head, _, body = path.read_text().partition("\n")
-    if not head.startswith("# threshold "):
+    chunks = re.split(r"^# model (-?\d+)\n", path.read_text(), flags=re.M)
+    if not chunks[0].startswith("# threshold "):
         raise UserError(path, "not a merge model written by comp")
-    # The booster is built from its text on first use: parsing it here would start LightGBM's OpenMP
+    if len(chunks) == 1:  # the first format: the test-set classifier only, right after the threshold line
+        head, _, body = chunks[0].partition("\n")
+        chunks = [head, "-1", body]
+    head = chunks[0]
+    # The boosters are built from their text on first use: parsing them here would start LightGBM's OpenMP
     # threads in the parent, and OpenMP then hangs in the forked post-processing workers.
-    model = float(body.split()[1]) if body.startswith("constant ") else body
-    return Merger({-1: model}, float(head.split()[2]))
+    models = {int(k): float(body.split()[1]) if body.startswith("constant ") else body for k, body in zip(chunks[1::2], chunks[2::2])}
+    return Merger(models, float(head.split()[2]))

@@ -217,13 +217,10 @@ def _from_ensemble(name: str, runs: Path, data) -> ReportInput:
     members = [Path(m.run) for m in spec.members]
     oof = OOF.load(members, data)
     weights = [m.weight for m in spec.members]
-    merger = None
-    if spec.merge.enabled:  # the stored model saw every fold: refit per fold for honest OOF pictures
-        from comp.tune import fit_merging
-
-        merger = fit_merging(oof, weights, spec.post)
-        merger.threshold = spec.merge.threshold
-    _ = load_merger(merger_path(name, runs)) if spec.merge.enabled else None  # the submission's model must exist
+    # Each OOF image is merged by the classifier of its fold, which never saw it: honest pictures.
+    merger = load_merger(merger_path(name, runs)) if spec.merge.enabled else None
+    if merger is not None and not set(map(int, np.unique(oof.folds))) <= set(merger.models):
+        raise UserError(merger_path(name, runs), "holds no per-fold merge models (written by an older comp): run `comp tune` again")
     scores = oof.scores(weights, spec.post, merger, desc="score ensemble")
 
     def predict(i: int) -> np.ndarray:

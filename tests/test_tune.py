@@ -16,7 +16,7 @@ from conftest import ROOT, TINY_UNET, fake_run, run_cli
 
 from comp.ensemble import OOF, EnsembleSpec, MemberRef, build_ensemble, load_ensemble, save_ensemble
 from comp.io import Dataset
-from comp.merge import fit_fold_mergers, pair_features, pair_targets
+from comp.merge import fit_fold_mergers, load_merger, pair_features, pair_targets, save_merger
 from comp.postprocess import PostParams
 from comp.tune import storage_url, tune
 
@@ -121,6 +121,24 @@ def test_lightgbm_merging_joins_a_split_region() -> None:
     assert len(np.unique(merged[truth == 1])) == 1, "the two halves of the disc should be one region"
     assert merged[350, 300] != merged[350, 380], "the touching squares must stay apart"
     assert len(np.unique(merged)) - 1 == 3
+
+
+def test_saved_merger_keeps_every_fold_model(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    rows = [_crafted_pair_image(rng) for _ in range(12)]
+    feats = [pair_features(pred, maps, image) for truth, pred, image, maps in rows]
+    x = np.concatenate([f[1] for f in feats])
+    y = np.concatenate([pair_targets(r[1], r[0], f[0]) for r, f in zip(rows, feats)])
+    folds = np.concatenate([np.full(len(f[1]), i % 3) for i, f in enumerate(feats)])
+    merger = fit_fold_mergers(x, y, folds, threshold=0.4)
+    save_merger(merger, tmp_path / "m.merge.txt")
+    loaded = load_merger(tmp_path / "m.merge.txt")
+    assert sorted(loaded.models) == [-1, 0, 1, 2] and loaded.threshold == 0.4
+    for k in (-1, 0, 1, 2):  # the OOF pictures of fold k are merged by the model that never saw fold k
+        np.testing.assert_allclose(loaded.probabilities(x, k), merger.probabilities(x, k))
+    (tmp_path / "old.merge.txt").write_text("# threshold 0.6\nconstant 0.9\n")  # the first format: test model only
+    old = load_merger(tmp_path / "old.merge.txt")
+    assert old.models == {-1: 0.9} and old.threshold == 0.6
 
 
 def test_selection_picks_the_better_model(tiny_phantom: Path, tmp_path: Path) -> None:
