@@ -7,10 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from comp.data.phantom import render_slice
 from comp.models import ModelConfig, build_model
-from comp.ssl import SSLConfig, load_ssl_config, pretrain
+from comp.ssl import PRETEXTS, SSLConfig, load_ssl_config, pretrain
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 MODEL = ModelConfig(encoder="tu-mobilenetv3_small_100", decoder_channels=[16, 8, 8, 8, 8], embedding_dim=4)
 
@@ -59,3 +62,27 @@ def test_bad_ssl_config(tmp_path: Path) -> None:
     p.write_text("method: mim\ncrop: 100\n")
     with pytest.raises(UserError, match="multiple of 32"):
         load_ssl_config(str(p))
+
+
+def test_every_backbone_in_experiments_pretrains_with_both_methods(slices: np.ndarray, tmp_path: Path) -> None:
+    unets = {p.stem: yaml.safe_load(p.read_text()) for p in sorted(EXPERIMENTS.glob("*.yaml"))}
+    unets = {k: v for k, v in unets.items() if v.get("method") == "unet"}
+    methods: dict[str, set[str]] = {}
+    for p in sorted(EXPERIMENTS.glob("ssl_*.yaml")):
+        cfg = load_ssl_config(str(p))
+        methods.setdefault(cfg.model.encoder, set()).add(cfg.method)
+    encoders = {raw["params"]["model"]["encoder"] for raw in unets.values()}
+    assert len(encoders) >= 4
+    for name, raw in unets.items():  # every segmentation backbone has a YAML for each pretext method
+        assert methods.get(raw["params"]["model"]["encoder"]) == set(PRETEXTS), name
+    for enc in sorted(encoders):
+        for method in sorted(PRETEXTS):  # a tiny run of each method; the checkpoint fits the experiments' encoder
+            tiny = ModelConfig(encoder=enc, decoder_channels=[16, 8, 8, 8, 8], embedding_dim=4)
+            cfg = SSLConfig(method=method, model=tiny, resolution=64, crop=64, epochs=1, batch_size=4, patch=8)
+            ck = pretrain(cfg, slices[:8], tmp_path / enc / method)
+            enc_state = torch.load(ck, weights_only=False)["encoder"]
+            for name, raw in unets.items():
+                if raw["params"]["model"]["encoder"] == enc:
+                    seg = build_model(ModelConfig(**{**raw["params"]["model"], "encoder_weights": str(ck)}))
+                    for k, v in seg.encoder.state_dict().items():
+                        assert torch.equal(v, enc_state[k]), (name, method, k)
