@@ -220,7 +220,10 @@ def _from_ensemble(name: str, runs: Path, data) -> ReportInput:
     # Each OOF image is merged by the classifier of its fold, which never saw it: honest pictures.
     merger = load_merger(merger_path(name, runs)) if spec.merge.enabled else None
     if merger is not None and not set(map(int, np.unique(oof.folds))) <= set(merger.models):
-        raise UserError(merger_path(name, runs), "holds no per-fold merge models (written by an older comp): run `comp tune` again")
+        from comp.tune import fit_merging  # a file of the first format holds the test model only: refit the folds'
+
+        print(f"{merger_path(name, runs)} holds no per-fold models: refitting them for the OOF pictures", flush=True)
+        merger.models = {**fit_merging(oof, weights, spec.post).models, -1: merger.models[-1]}
     scores = oof.scores(weights, spec.post, merger, desc="score ensemble")
 
     def predict(i: int) -> np.ndarray:

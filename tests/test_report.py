@@ -34,6 +34,25 @@ def test_report_builds_from_a_tiny_run(tiny_phantom: Path, tmp_path: Path) -> No
     assert "| cv | rep |" in (tmp_path / "leaderboard.md").read_text()
 
 
+@pytest.mark.parametrize("first_format", [False, True])
+def test_report_of_an_ensemble_with_merging(first_format: bool, tiny_phantom: Path, tmp_path: Path) -> None:
+    from comp.ensemble import merger_path, save_ensemble, single_member
+    from comp.merge import Merger, save_merger
+
+    run = fake_run(tmp_path, tiny_phantom, "merged", boundaries=False)
+    spec = single_member("m", run)
+    spec.merge.enabled, spec.merge.threshold = True, 0.5
+    save_ensemble(spec, tmp_path)
+    save_merger(Merger({-1: 0.0, 0: 0.0, 1: 0.0}, 0.5), merger_path("m", tmp_path))
+    if first_format:  # the test model only, as comp wrote it before fold models were kept
+        merger_path("m", tmp_path).write_text("# threshold 0.5\nconstant 0.0\n")
+    r = run_cli("report", "m", "--data", str(tiny_phantom), "--runs", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert ("refitting them" in r.stdout) == first_format
+    page = Path(r.stdout.split("report: ")[-1].strip())
+    assert "ensemble m: OOF ARI" in page.read_text()
+
+
 def test_report_of_unknown_target_is_a_user_error(tiny_phantom: Path, tmp_path: Path) -> None:
     r = run_cli("report", "nothing_here", "--data", str(tiny_phantom), "--runs", str(tmp_path))
     assert r.returncode == 2 and "no finished CV run or ensemble" in r.stderr and "Traceback" not in r.stderr
