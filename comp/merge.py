@@ -155,13 +155,12 @@ def load_merger(path: Path) -> Merger:
     """Load a merger written by save_merger."""
     if not path.is_file():
         raise UserError(path, "merge model not found (run `comp tune` again)")
-    chunks = re.split(r"^# model (-?\d+)\n", path.read_text(), flags=re.M)
-    if not chunks[0].startswith("# threshold "):
+    head, _, rest = path.read_text().partition("\n")
+    if not head.startswith("# threshold "):
         raise UserError(path, "not a merge model written by comp")
+    chunks = re.split(r"^# model (-?\d+)\n", rest, flags=re.M)
     if len(chunks) == 1:  # the first format: the test-set classifier only, right after the threshold line
-        head, _, body = chunks[0].partition("\n")
-        chunks = [head, "-1", body]
-    head = chunks[0]
+        chunks = ["", "-1", rest]
     # The boosters are built from their text on first use: parsing them here would start LightGBM's OpenMP
     # threads in the parent, and OpenMP then hangs in the forked post-processing workers.
     models = {int(k): float(body.split()[1]) if body.startswith("constant ") else body for k, body in zip(chunks[1::2], chunks[2::2])}
