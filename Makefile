@@ -12,9 +12,12 @@ SET_ARG   := $(foreach s,$(SET),--set $(s))
 ENS    ?= default
 TRIALS ?= 40
 STORAGE ?=
-# `make submit`: EXP=name on the command line fits that experiment; otherwise the ensemble file ENS
-# (runs/ensembles/$(ENS).yaml) when it exists; otherwise EXP's default.
-SUBMIT_ENS := $(if $(filter command line,$(origin EXP)),,$(wildcard runs/ensembles/$(ENS).yaml))
+# `make tune` / `make submit`: EXP=name on the command line means that experiment (tuned into
+# runs/ensembles/EXP.yaml); otherwise the ensemble ENS. `make tune` with neither selects over every
+# finished map run, or tunes EXP's default (its parameters and contrast window) when there is none.
+# `make submit` uses the tuned/selected file when it exists, else fits EXP on every annotated slice.
+TARGET_ENS := $(if $(filter command line,$(origin EXP)),$(EXP),$(ENS))
+SUBMIT_ENS := $(wildcard runs/ensembles/$(TARGET_ENS).yaml)
 
 .PHONY: venv cv test submit ensemble tune report results leaderboard phantom proxy bench clean
 
@@ -34,7 +37,7 @@ test: venv  ## the whole test suite
 
 submit: venv  ## ensemble ENS (fold models + flip TTA) if tuned/selected, else fit EXP on every annotated slice; validated CSV
 ifneq ($(SUBMIT_ENS),)
-	$(PY) -m comp submit --ensemble $(ENS) $(DATA_ARG) --out submissions/$(ENS).csv
+	$(PY) -m comp submit --ensemble $(TARGET_ENS) $(DATA_ARG) --out submissions/$(TARGET_ENS).csv
 else
 	$(PY) -m comp submit experiments/$(EXP).yaml $(DATA_ARG) --out submissions/$(EXP).csv
 endif
@@ -42,8 +45,8 @@ endif
 ensemble: venv  ## greedy OOF selection over every finished map run (or MEMBERS="exp1 exp2") -> runs/ensembles/$(ENS).yaml
 	$(PY) -m comp ensemble $(MEMBERS) --name $(ENS) $(DATA_ARG)
 
-tune: venv  ## Optuna on cached OOF maps (+ LightGBM merging) for ensemble ENS; STORAGE=postgresql://... to share a study
-	$(PY) -m comp tune $(ENS) --trials $(TRIALS) $(if $(STORAGE),--storage $(STORAGE)) $(DATA_ARG)
+tune: venv  ## Optuna on cached OOF maps (+ LightGBM merging) for ENS, or a non-learned EXP's parameters + window; STORAGE=postgresql://...
+	$(PY) -m comp tune $(TARGET_ENS) --exp $(EXP) --trials $(TRIALS) $(if $(STORAGE),--storage $(STORAGE)) $(DATA_ARG)
 
 report: venv  ## HTML report of ENS/RUN (default: ensemble 'default', else the newest run) -> runs/report/.../index.html
 	$(PY) -m comp report $(RUN) $(DATA_ARG)

@@ -1,4 +1,8 @@
-"""Non-learned methods: the official watershed baseline and a smoothed, merged, fold-fitted variant."""
+"""Non-learned methods: the official watershed baseline and a smoothed, merged, fold-fitted variant.
+
+Both run on the slices after the experiment's contrast step (identity for the official recipe), and
+declare the parameters `comp tune` searches together with the contrast window.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from skimage.segmentation import watershed
 from comp.metric import image_score
 from comp.parallel import pmap
 from comp.postprocess import adjacent_pairs, merge_pairs, region_means, relabel_uint8, remove_small
+from comp.contrast import Contrast
 from comp.registry import FitContext, FoldData, register_method
 
 
@@ -36,19 +41,24 @@ def official_watershed(img: np.ndarray, p: OfficialWatershedParams) -> np.ndarra
     return relabel_uint8(watershed(edges, markers, compactness=p.compactness))
 
 
-@register_method("official_watershed", OfficialWatershedParams)
+OFFICIAL_SPACE = {"median_radius": (1, 4, False), "gradient_radius": (2, 8, False), "marker_threshold": (4, 60, True)}
+
+
+@register_method("official_watershed", OfficialWatershedParams, OFFICIAL_SPACE)
 class OfficialWatershed:
-    """Fixed pipeline: nothing to fit."""
+    """Fixed pipeline: nothing to fit but the contrast step it runs behind."""
 
     def __init__(self, params: OfficialWatershedParams) -> None:
         self.p = params
+        self.contrast = Contrast()
 
     def fit(self, train: FoldData, ctx: FitContext) -> None:
-        """Nothing to fit."""
+        """Nothing to fit: keep the resolved contrast step."""
+        self.contrast = ctx.contrast
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Run the baseline on every slice."""
-        return np.stack(pmap(official_watershed, x, self.p, workers=self.p.workers))
+        """Run the baseline on every (contrast-stretched) slice."""
+        return np.stack(pmap(official_watershed, self.contrast.stretch(x), self.p, workers=self.p.workers))
 
 
 @dataclass
@@ -64,7 +74,7 @@ class SmoothWatershedParams:
     background_below: int = 40  # slices' air: pixels darker than this stay 0 (never annotated)
     fit_marker_thresholds: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.04])
     fit_merge_deltas: list[float] = field(default_factory=lambda: [0.0, 8.0, 16.0])
-    fit_images: int = 24
+    fit_images: int = 24  # 0 = no search: marker_threshold and merge_delta as given (tuned settings)
     workers: int = 0
 
 
@@ -90,18 +100,32 @@ def _grid_score(args: tuple) -> float:
     return float(np.mean([image_score(y, smooth_watershed(x, p)) for x, y in zip(xs, ys)]))
 
 
-@register_method("smooth_watershed", SmoothWatershedParams)
+SMOOTH_SPACE = {
+    "sigma": (0.5, 3.0, False),
+    "marker_threshold": (0.003, 0.08, True),
+    "merge_delta": (0.0, 24.0, False),
+    "merge_edge": (0.01, 0.2, True),
+    "min_size": (5, 200, True),
+    "background_below": (5, 80, False),
+}
+
+
+@register_method("smooth_watershed", SmoothWatershedParams, SMOOTH_SPACE, {"fit_images": 0})
 class SmoothWatershed:
     """Non-learned, but its marker threshold and merge tolerance are chosen on the training fold only."""
 
     def __init__(self, params: SmoothWatershedParams) -> None:
         self.p = params
+        self.contrast = Contrast()
 
     def fit(self, train: FoldData, ctx: FitContext) -> None:
-        """Grid-search marker threshold x merge tolerance on a subset of the training fold."""
+        """Grid-search marker threshold x merge tolerance on a subset of the (contrast-stretched) training fold."""
+        self.contrast = ctx.contrast
+        if self.p.fit_images <= 0 or len(train.x) == 0:
+            return
         rng = np.random.default_rng(ctx.seed)
         pick = rng.choice(len(train.x), min(self.p.fit_images, len(train.x)), replace=False)
-        xs, ys = train.x[pick], train.y[pick]
+        xs, ys = self.contrast.stretch(train.x[pick]), train.y[pick]
         grid = [
             replace(self.p, marker_threshold=t, merge_delta=d)
             for t, d in itertools.product(self.p.fit_marker_thresholds, self.p.fit_merge_deltas)
@@ -111,5 +135,5 @@ class SmoothWatershed:
         self.fitted = {"marker_threshold": self.p.marker_threshold, "merge_delta": self.p.merge_delta}
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Run the pipeline with the fitted parameters."""
-        return np.stack(pmap(smooth_watershed, x, self.p, workers=self.p.workers))
+        """Run the pipeline with the fitted parameters on the contrast-stretched slices."""
+        return np.stack(pmap(smooth_watershed, self.contrast.stretch(x), self.p, workers=self.p.workers))

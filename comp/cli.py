@@ -7,6 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from comp.contrast import HU_WINDOW
 from comp.errors import UserError
 
 # The embedded default data set of `make cv` when no challenge data is present: small enough
@@ -24,12 +25,11 @@ def resolve_data(arg: str | None):
         return Dataset(Path(arg))
     if (RAW / "Y_train.csv").is_file():
         return Dataset(RAW)
-    stamp = PHANTOM / "PHANTOM.txt"
-    want = "comp phantom: " + " ".join(f"{k}={v}" for k, v in EMBEDDED.items()) + "\n"
-    print(f"no challenge data in {RAW}/: using the embedded phantom data set ({PHANTOM}/)", flush=True)
-    if not stamp.is_file() or stamp.read_text() != want:
-        from comp.data.phantom import generate
+    from comp.data.phantom import generate, stamp
 
+    have = PHANTOM / "PHANTOM.txt"
+    print(f"no challenge data in {RAW}/: using the embedded phantom data set ({PHANTOM}/)", flush=True)
+    if not have.is_file() or have.read_text() != stamp(**EMBEDDED):
         generate(PHANTOM, **EMBEDDED)
     return Dataset(PHANTOM, name="phantom")
 
@@ -61,8 +61,19 @@ def cmd_proxy(a: argparse.Namespace) -> int:
     from comp.data.proxy import build_proxy
     from comp.data.volumes import ImportConfig
 
-    out = build_proxy(Path(a.out), Path(a.cache), Path(a.extra) if a.extra else None, ImportConfig(every=a.every))
+    cfg = ImportConfig(window_lo=a.window[0], window_hi=a.window[1], every=a.every)
+    out = build_proxy(Path(a.out), Path(a.cache), Path(a.extra) if a.extra else None, cfg)
     print(f"real-CT proxy written to {out}/")
+    return 0
+
+
+def cmd_stats(a: argparse.Namespace) -> int:
+    """Profile data sets in the challenge layout beside the challenge's published figures."""
+    from comp.io import Dataset
+    from comp.stats import data_stats, render_markdown, render_text, to_json
+
+    profiles = [data_stats(Dataset(Path(d)), a.images, a.workers) for d in a.dirs]
+    print(to_json(profiles) if a.json else render_markdown(profiles) if a.markdown else "".join(map(render_text, profiles)), end="")
     return 0
 
 
@@ -168,22 +179,34 @@ def _latest_per_config(runs: list[Path]) -> list[Path]:
 
 def cmd_tune(a: argparse.Namespace) -> int:
     """Optuna search of post-processing and weights on cached OOF maps; stores the best in the ensemble file."""
-    from comp.ensemble import OOF, ensemble_path, load_ensemble, resolve_run, save_ensemble, single_member
+    from comp.ensemble import OOF, build_ensemble, ensemble_path, finished_runs, has_maps, load_ensemble, resolve_run, save_ensemble, single_member
     from comp.report import write_leaderboard
-    from comp.tune import tune
+    from comp.tune import tune, tune_method
 
     runs, data = Path(a.runs), resolve_data(a.data)
     single = False
     if ensemble_path(a.name, runs).is_file() or a.name.endswith(".yaml"):
         spec = load_ensemble(a.name, runs)
-    elif a.name == "default":  # nothing selected yet: select over every finished map run first
-        from comp.ensemble import build_ensemble, finished_runs
-
+    elif a.name == "default" and finished_runs(runs, data):  # nothing selected yet: select over every finished map run first
         spec, _ = build_ensemble(a.name, _latest_per_config(finished_runs(runs, data)), data, runs, workers=a.workers,
                                  command=a.command_line)  # fmt: skip
-    else:  # an experiment name: a one-member ensemble of its newest run
-        spec = single_member(Path(a.name).name, resolve_run(a.name, runs, data), data=data.fingerprint(), command=a.command_line)
+    else:  # an experiment (for `default` with no map run: --exp, the Makefile's EXP): a one-member ensemble of its newest run
+        exp = a.exp if a.name == "default" else a.name
+        if not exp:
+            raise UserError(runs, f"no finished CV run with cached maps on data '{data.name}': run `comp cv` first, or name an experiment")
+        spec = single_member(Path(a.name).name, resolve_run(exp, runs, data, maps=False), data=data.fingerprint(), command=a.command_line)
         single = True
+    if len(spec.members) == 1 and not has_maps(Path(spec.members[0].run)):  # a non-learned method: its parameters and window
+        r = tune_method(spec, data, runs, a.trials, a.storage, a.images, a.seed)
+        print(f"{r.trials_complete} complete trials ({r.trials_per_minute:.1f} per minute this call); best trial {r.best_trial_ari:.4f}")
+        print(f"all OOF images (the images the search optimised: in-sample): {r.oof_ari:.4f}")
+        path = ensemble_path(spec.name, runs)
+        if r.stored or path.is_file():
+            print(f"{'stored in' if r.stored else 'kept the better stored result in'} {path}")
+        else:
+            print(f"nothing stored: the run's own settings score {spec.oof_ari:.4f} out-of-fold; `comp submit` fits the experiment as configured")
+        print(f"leaderboard: {write_leaderboard(runs)}")
+        return 0
     oof = OOF.load([Path(m.run) for m in spec.members], data)  # a run without maps stops here, before anything is saved
     if single:
         save_ensemble(spec, runs)
@@ -262,7 +285,7 @@ def parser() -> argparse.ArgumentParser:
     im.add_argument("--labels", nargs="*", default=[], help="integer label volumes, one per image (same shape)")
     im.add_argument("--unlabelled", nargs="*", default=[], help="CT volumes imported as unlabelled slices")
     im.add_argument("--out", required=True)
-    im.add_argument("--window", nargs=2, type=float, default=[-350.0, 450.0], metavar=("LO", "HI"), help="HU window")
+    im.add_argument("--window", nargs=2, type=float, default=list(HU_WINDOW), metavar=("LO", "HI"), help="HU window mapped to 0..255 (default: the challenge-like -1000 1000)")
     im.add_argument("--every", type=int, default=1, help="keep every k-th slice")
     im.add_argument("--min-size", type=int, default=20, help="drop components smaller than this (pixels at 512)")
     im.add_argument("--blocks", type=int, default=5, help="contiguous slice blocks per volume (CV groups)")
@@ -274,7 +297,16 @@ def parser() -> argparse.ArgumentParser:
     px.add_argument("--cache", default="data/cache")
     px.add_argument("--extra", default=None, help="folder of further CT volumes (unlabelled)")
     px.add_argument("--every", type=int, default=1)
+    px.add_argument("--window", nargs=2, type=float, default=list(HU_WINDOW), metavar=("LO", "HI"), help="HU window (default: the challenge-like -1000 1000)")
     px.set_defaults(fn=cmd_proxy)
+
+    st = data.add_parser("stats", help="profile data sets (counts, regions, touching share, landmarks, baseline and oracle ARI)")
+    st.add_argument("dirs", nargs="+", help="data folders in the challenge layout")
+    st.add_argument("--images", type=int, default=0, help="score the baseline and oracle on this many annotated slices (0 = all)")
+    st.add_argument("--markdown", action="store_true", help="one table beside the challenge's published figures")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--workers", type=int, default=0)
+    st.set_defaults(fn=cmd_stats)
 
     v = sub.add_parser("validate-submission", help="check a submission CSV against the test layout")
     v.add_argument("file")
@@ -323,6 +355,7 @@ def parser() -> argparse.ArgumentParser:
     tu.add_argument("--storage", default=None, help="study storage URL, e.g. postgresql://user@host/db (default SQLite under runs/tune/)")
     tu.add_argument("--images", type=int, default=0, help="tune on this many OOF images (0 = all)")
     tu.add_argument("--no-merge", action="store_true", help="skip LightGBM region merging")
+    tu.add_argument("--exp", default=None, help="for 'default' when no map-predicting run exists: tune this experiment's newest run")
     tu.add_argument("--seed", type=int, default=0)
     tu.add_argument("--data", default=None)
     tu.add_argument("--runs", default="runs")

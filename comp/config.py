@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from comp.contrast import ContrastParams
 from comp.errors import UserError
 
 EXPERIMENTS = Path("experiments")
@@ -34,6 +35,7 @@ class Experiment:
     method: str
     params: Any
     cv: CVConfig = field(default_factory=CVConfig)
+    contrast: ContrastParams = field(default_factory=ContrastParams)
     description: str = ""
     path: str = ""
 
@@ -45,6 +47,7 @@ class Experiment:
             "description": self.description,
             "params": dataclasses.asdict(self.params),
             "cv": dataclasses.asdict(self.cv),
+            "contrast": dataclasses.asdict(self.contrast),
         }
 
     def digest(self) -> str:
@@ -130,8 +133,6 @@ def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
 
 def load_experiment(name_or_path: str, overrides: list[str] | None = None) -> Experiment:
     """Load and validate an experiment YAML by name or path, with optional --set overrides."""
-    from comp.registry import get_method
-
     path = experiment_path(name_or_path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -141,8 +142,15 @@ def load_experiment(name_or_path: str, overrides: list[str] | None = None) -> Ex
         raise UserError(path, f"invalid YAML{at}") from None
     if not isinstance(raw, dict):
         raise UserError(path, "top level must be a mapping")
-    raw = apply_overrides(raw, overrides or [], str(path))
-    allowed = {"name", "method", "description", "params", "cv"}
+    return experiment_from_dict(raw, path, overrides)
+
+
+def experiment_from_dict(raw: dict, path: Path, overrides: list[str] | None = None, ignore: tuple[str, ...] = ()) -> Experiment:
+    """Validate a raw experiment mapping (a YAML file, or a run's config.yaml with `ignore`d extra keys)."""
+    from comp.registry import get_method
+
+    raw = apply_overrides({k: v for k, v in raw.items() if k not in ignore}, overrides or [], str(path))
+    allowed = {"name", "method", "description", "params", "cv", "contrast"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise UserError(path, f"unknown key '{unknown[0]}' (known: {', '.join(sorted(allowed))})")
@@ -154,6 +162,7 @@ def load_experiment(name_or_path: str, overrides: list[str] | None = None) -> Ex
         method=spec.name,
         params=from_dict(spec.params, raw.get("params"), str(path), "params"),
         cv=from_dict(CVConfig, raw.get("cv"), str(path), "cv"),
+        contrast=from_dict(ContrastParams, raw.get("contrast"), str(path), "contrast"),
         description=str(raw.get("description", "")),
         path=str(path),
     )

@@ -12,6 +12,7 @@ import numpy as np
 import yaml
 
 from comp.config import Experiment
+from comp.contrast import resolve
 from comp.errors import UserError, atomic_path, atomic_save_npy, atomic_write_text
 from comp.io import Dataset, image_names
 from comp.metric import image_scores
@@ -94,7 +95,9 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
     fold_of = make_folds(len(ann), k, exp.cv.seed, None if groups is None else groups[ann])
     run_dir = _run_dir(exp, data, k, runs)
     (run_dir / "oof").mkdir(parents=True, exist_ok=True)
-    config = {**exp.to_dict(), "cv": {"folds": k, "seed": exp.cv.seed}, "data": data.fingerprint()}
+    contrast = resolve(exp.contrast, data.x_train, exp.path)  # label-free: the slices' histogram only
+    print(f"contrast: {exp.contrast.window} -> grey window {contrast.window}" + (f", channels {contrast.channels}" if contrast.channels else ""))
+    config = {**exp.to_dict(), "cv": {"folds": k, "seed": exp.cv.seed}, "data": data.fingerprint(), "contrast_resolved": contrast.to_dict()}
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     names = image_names(len(data.x_train))
     atomic_write_text(
@@ -117,6 +120,7 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
             val=FoldData(data.x_train[va], data.y_train[va], va),
             unlabelled=x_unl,
             test=x_test,
+            contrast=contrast,
         )
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         tf = time.time()

@@ -71,25 +71,51 @@ def _post_of(run: Path, config: dict) -> PostParams:
     return from_dict(PostParams, config.get("params", {}).get("post", {}), str(run / "config.yaml"), "params.post")
 
 
-def finished_runs(runs: Path, data: Dataset) -> list[Path]:
-    """Finished CV runs on this data set (same labels) that cached OOF maps, newest first."""
+def has_maps(run: Path) -> bool:
+    """Whether a CV run cached OOF maps (a map-predicting method) or only instance maps (a non-learned one)."""
+    return (Path(run) / "oof" / "fold0_maps.npy").is_file()
+
+
+def finished_runs(runs: Path, data: Dataset, maps: bool = True) -> list[Path]:
+    """Finished CV runs on this data set (same labels), newest first; with `maps`, only those that cached OOF maps."""
     want = data.fingerprint()["y_train"]
     found = []
     for cv in runs.glob("*/*/cv.json"):
         summary = json.loads(cv.read_text())
-        if summary.get("dataset", {}).get("y_train") == want and (cv.parent / "oof" / "fold0_maps.npy").is_file():
+        if summary.get("dataset", {}).get("y_train") == want and (has_maps(cv.parent) or not maps):
             found.append(cv.parent)
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
-def resolve_run(name: str, runs: Path, data: Dataset) -> Path:
-    """A run folder, or an experiment name meaning its newest finished run with maps on this data set."""
+def resolve_run(name: str, runs: Path, data: Dataset, maps: bool = True) -> Path:
+    """A run folder, or an experiment name meaning its newest finished run (with maps, if asked) on this data set."""
     if Path(name).is_dir():
         return Path(name)
-    matches = [r for r in finished_runs(runs, data) if r.parent.name == name]
+    matches = [r for r in finished_runs(runs, data, maps) if r.parent.name == Path(name).stem]
     if not matches:
-        raise UserError(name, f"no finished CV run with cached maps on data '{data.name}' under {runs}/{name}/ (run `comp cv {name}` first)")
+        what = "finished CV run with cached maps" if maps else "finished CV run"
+        raise UserError(name, f"no {what} on data '{data.name}' under {runs}/{Path(name).stem}/ (run `comp cv {name}` first)")
     return matches[0]
+
+
+def oof_ids(run: Path) -> np.ndarray:
+    """X_train indices of a finished run's OOF images, in fold order."""
+    k = int(_run_config(run)["cv"]["folds"])
+    return np.concatenate([np.load(run / "oof" / f"fold{f}.npz")["ids"] for f in range(k)])
+
+
+def run_experiment(run: Path, overrides: dict | None = None):
+    """A finished run's experiment with tuned `overrides` (dotted keys) applied, and its resolved contrast."""
+    from comp.config import experiment_from_dict
+    from comp.contrast import Contrast
+
+    cfg = _run_config(run)
+    sets = [f"{k}={json.dumps(v)}" for k, v in (overrides or {}).items()]
+    exp = experiment_from_dict(cfg, run / "config.yaml", sets, ignore=("data", "contrast_resolved"))
+    resolved = Contrast.from_dict(cfg.get("contrast_resolved"))
+    if "contrast.window" in (overrides or {}):  # a tuned window is given in grey levels
+        resolved = Contrast(tuple(float(v) for v in overrides["contrast.window"]), resolved.channels)
+    return exp, resolved
 
 
 def check_aligned(members: Sequence[RunMaps]) -> None:
@@ -225,6 +251,7 @@ class EnsembleSpec:
     data: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     command: str = ""
+    overrides: dict = field(default_factory=dict)  # a non-learned member's tuned settings (dotted config keys)
 
 
 def single_member(name: str, run: Path, **fields) -> EnsembleSpec:

@@ -17,8 +17,9 @@ def _activate(out: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_maps(model: InstanceNet, x: np.ndarray, res: int, batch_size: int = 16, tta: bool = False) -> np.ndarray:
-    """(N, 512, 512) uint8 slices -> (N, C, res, res) float16 maps; `tta` averages horizontal/vertical flips."""
+def predict_maps(model: InstanceNet, x: np.ndarray, res: int, batch_size: int = 16, tta: bool = False,
+                 affine: tuple[float, float] = (1.0, 0.0)) -> np.ndarray:  # fmt: skip
+    """(N, 512, 512) uint8 slices -> (N, C, res, res) float16 maps; `tta` averages flips; `affine` as in training."""
     from tqdm import tqdm
 
     dev = device()
@@ -26,7 +27,8 @@ def predict_maps(model: InstanceNet, x: np.ndarray, res: int, batch_size: int = 
     model.to(dev).eval()
     out = None
     for i in tqdm(range(0, len(x), batch_size), desc="predict", leave=False, disable=len(x) <= batch_size):
-        chunk = torch.from_numpy(np.stack([resize_image(s, res) for s in x[i : i + batch_size]]))[:, None].to(dev)
+        chunk = np.stack([affine[0] * resize_image(s, res) + affine[1] for s in x[i : i + batch_size]]).astype(np.float32)
+        chunk = torch.from_numpy(chunk)[:, None].to(dev)
         flips = [(), (3,), (2,)] if tta else [()]
         acc = None
         for dims in flips:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from comp.contrast import Contrast
 from comp.data.targets import resize_labels
 from comp.errors import UserError, atomic_write_text
 from comp.metric import image_scores
@@ -38,27 +39,30 @@ class LearnedInstances:
     def __init__(self, params: LearnedParams) -> None:
         self.p = params
         self.model = None
+        self.contrast = Contrast()
 
     def fit(self, train: FoldData, ctx: FitContext) -> None:
         """Train a fresh network on the fold, keeping the epoch with the best validation ARI."""
-        self.model = build_model(self.p.model)
+        self.contrast = ctx.contrast
+        self.model = build_model(self.p.model, self.contrast.stem_windows())
         validate = None
         if ctx.val is not None and len(ctx.val.x):
             n = self.p.val_images or len(ctx.val.x)
             vx, vy = ctx.val.x[:n], ctx.val.y[:n]
             validate = lambda model: self._quick_score(vx, vy)  # noqa: E731
-        info = train_fold(self.model, train.x, train.y, self.p.train, ctx.workdir, ctx.seed, validate)
+        info = train_fold(self.model, train.x, train.y, self.p.train, ctx.workdir, ctx.seed, validate, self.contrast.unit_affine())
         atomic_write_text(ctx.workdir / "history.json", json.dumps(info["history"], indent=1))
         self.fitted = {"best_val_ari": info["best_val_ari"], "epochs": len(info["history"])}
 
-    def load(self, workdir: Path) -> None:
-        """Load a trained fold (workdir/best.pt) instead of fitting; no pretraining checkpoint is needed."""
+    def load(self, workdir: Path, contrast: Contrast = Contrast()) -> None:
+        """Load a trained fold (workdir/best.pt) and the run's resolved contrast; no pretraining checkpoint is needed."""
         import torch
 
         path = Path(workdir) / "best.pt"
         if not path.is_file():
             raise UserError(path, "fold checkpoint not found (is the CV run finished?)")
-        self.model = build_model(dataclasses.replace(self.p.model, encoder_weights="none"))
+        self.contrast = contrast
+        self.model = build_model(dataclasses.replace(self.p.model, encoder_weights="none"), contrast.stem_windows())
         self.model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
 
     def _quick_score(self, x: np.ndarray, y: np.ndarray) -> float:
@@ -73,7 +77,8 @@ class LearnedInstances:
         """(N, 512, 512) slices -> (N, C, r, r) float16 maps."""
         from comp.infer import predict_maps
 
-        return predict_maps(self.model, x, self.p.train.resolution, tta=self.p.tta if tta is None else tta)
+        tta = self.p.tta if tta is None else tta
+        return predict_maps(self.model, x, self.p.train.resolution, tta=tta, affine=self.contrast.unit_affine())
 
     def postprocess_maps(self, maps: np.ndarray) -> np.ndarray:
         """(N, C, r, r) maps -> (N, 512, 512) uint8 instance maps."""

@@ -25,11 +25,25 @@ class ModelConfig:
     decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 16])
 
 
-class InstanceNet(nn.Module):
-    """A 1-channel-input segmentation network whose output channels are split into named maps."""
+class WindowStem(nn.Module):
+    """Intensity windows as input channels: each (low, high) maps the input to clamp((x - low) / (high - low), 0, 1)."""
 
-    def __init__(self, net: nn.Module, embedding_dim: int) -> None:
+    def __init__(self, windows: tuple[tuple[float, float], ...]) -> None:
         super().__init__()
+        self.register_buffer("windows", torch.tensor(windows, dtype=torch.float32).reshape(-1, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) -> (B, C, H, W), one channel per window."""
+        lo, hi = self.windows[:, 0].view(1, -1, 1, 1), self.windows[:, 1].view(1, -1, 1, 1)
+        return ((x - lo) / (hi - lo)).clamp(0, 1)
+
+
+class InstanceNet(nn.Module):
+    """A segmentation network behind a window stem (one input slice, one channel per window), its outputs named maps."""
+
+    def __init__(self, net: nn.Module, embedding_dim: int, windows: tuple[tuple[float, float], ...] = ((0.0, 1.0),)) -> None:
+        super().__init__()
+        self.stem = WindowStem(windows)
         self.net = net
         self.embedding_dim = embedding_dim
 
@@ -39,18 +53,18 @@ class InstanceNet(nn.Module):
         return self.net.encoder
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) in [0, 1] -> (B, 3 + embedding_dim, H, W) raw outputs."""
-        return self.net(x)
+        """(B, 1, H, W), 0..1 over the main window -> (B, 3 + embedding_dim, H, W) raw outputs."""
+        return self.net(self.stem(x))
 
 
-def _smp_net(cfg: ModelConfig, weights: str | None) -> nn.Module:
+def _smp_net(cfg: ModelConfig, weights: str | None, in_channels: int = 1) -> nn.Module:
     """Instantiate the smp architecture, with a clear error for unknown names."""
     import segmentation_models_pytorch as smp
 
     arch = getattr(smp, cfg.arch, None)
     if arch is None or not isinstance(arch, type):
         raise UserError("model.arch", f"unknown smp architecture '{cfg.arch}'")
-    kwargs = dict(encoder_name=cfg.encoder, encoder_weights=weights, in_channels=1, classes=EMB0 + cfg.embedding_dim)
+    kwargs = dict(encoder_name=cfg.encoder, encoder_weights=weights, in_channels=in_channels, classes=EMB0 + cfg.embedding_dim)
     if cfg.arch in ("Unet", "UnetPlusPlus"):
         kwargs["decoder_channels"] = list(cfg.decoder_channels)
     try:
@@ -60,19 +74,17 @@ def _smp_net(cfg: ModelConfig, weights: str | None) -> nn.Module:
         raise UserError("model.encoder", f"cannot build '{cfg.encoder}' ({msg[:200]})") from None
 
 
-def build_model(cfg: ModelConfig) -> InstanceNet:
-    """Build the network; encoder weights are random unless the config names a source."""
+def build_model(cfg: ModelConfig, windows: tuple[tuple[float, float], ...] = ((0.0, 1.0),)) -> InstanceNet:
+    """Build the network (one input channel per contrast window); encoder weights are random unless the config names a source."""
     src = cfg.encoder_weights
-    if src in ("none", "", None):
-        net = _smp_net(cfg, None)
-    elif src == "imagenet":
+    if src == "imagenet":
         try:
-            net = _smp_net(cfg, "imagenet")
+            net = _smp_net(cfg, "imagenet", len(windows))
         except OSError as exc:  # offline, or the hub refused
             raise UserError("model.encoder_weights", f"could not download imagenet weights ({exc}); use 'none' offline") from None
     else:
-        net = _smp_net(cfg, None)
-    model = InstanceNet(net, cfg.embedding_dim)
+        net = _smp_net(cfg, None, len(windows))
+    model = InstanceNet(net, cfg.embedding_dim, windows)
     if src not in ("none", "", None, "imagenet"):
         load_encoder(model, Path(src))
     return model

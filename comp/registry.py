@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
 
+from comp.contrast import Contrast
 from comp.errors import UserError
 
 # Modules whose import registers methods; loaded lazily so `comp score` never imports torch.
@@ -34,6 +35,7 @@ class FitContext:
     val: FoldData | None = None
     unlabelled: np.ndarray | None = None  # slices without annotation: usable without labels
     test: np.ndarray | None = None  # test slices (never labels): for caching their maps
+    contrast: Contrast = Contrast()  # the experiment's contrast step, resolved on this data set
 
 
 class Method(Protocol):
@@ -53,16 +55,20 @@ class MethodSpec:
     name: str
     params: type
     build: Callable[[object], Method]
+    # `comp tune` of a method that caches no maps: params field -> (low, high, log), searched with the
+    # contrast window; `fixed` are the params that make fit() a no-op while a trial is scored.
+    space: dict[str, tuple[float, float, bool]] = field(default_factory=dict)
+    fixed: dict[str, object] = field(default_factory=dict)
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, params: type) -> Callable:
+def register_method(name: str, params: type, space: dict | None = None, fixed: dict | None = None) -> Callable:
     """Class decorator: register a method under `name`, configured by the dataclass `params`."""
 
     def deco(cls: Callable[[object], Method]) -> Callable[[object], Method]:
-        METHODS[name] = MethodSpec(name, params, cls)
+        METHODS[name] = MethodSpec(name, params, cls, dict(space or {}), dict(fixed or {}))
         return cls
 
     return deco

@@ -27,6 +27,7 @@ class Suite:
     trials: int = 40
     datasets: dict = field(default_factory=lambda: {"phantom": ""})
     baseline: str = "baseline_watershed"
+    stretched: str = "baseline_watershed_stretched"  # the same recipe behind the contrast step
     fg_cc: str = "unet_fg_cc_cpu"
     singles: list[str] = field(default_factory=lambda: ["unet_cpu"])
 
@@ -52,13 +53,13 @@ def load_suite(path: str) -> Suite:
 
 def _held_out_single(name: str, short: str, run: Path, data, runs: Path) -> float | None:
     """Held-out test ARI of one CV run: its fold models (flip TTA) for learned methods, a refit otherwise."""
-    from comp.ensemble import save_ensemble, single_member
+    from comp.ensemble import has_maps, save_ensemble, single_member
     from comp.submit import submit, submit_ensemble
 
     if not data.has_test_labels:
         return None
     out = runs / "results" / f"{data.name}-{short}.csv"
-    if (run / "oof" / "fold0_maps.npy").is_file():
+    if has_maps(run):
         spec = single_member(f"results-{data.name}-{short}", run)
         save_ensemble(spec, runs)
         return submit_ensemble(spec.name, data, out, runs)["test_ari"]
@@ -69,12 +70,12 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
     """Run the suite on every data set, write runs/results.md, and refresh the README's table."""
     from comp.cli import resolve_data
     from comp.cv import finished_run, run_cv
-    from comp.ensemble import OOF, build_ensemble, load_ensemble
+    from comp.ensemble import OOF, build_ensemble, has_maps, load_ensemble
     from comp.submit import submit_ensemble
     from comp.tune import tune
 
     rows: dict[str, Row] = {}
-    names = [suite.baseline, suite.fg_cc, *suite.singles]
+    names = [suite.baseline, suite.stretched, suite.fg_cc, *suite.singles]
     short = {n: load_experiment(n).name for n in names}  # entries may be paths
     for ds, root in suite.datasets.items():
         data = resolve_data(root or None)
@@ -85,13 +86,14 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
             result[name] = res
             print(f"[{ds}] {name}: CV ARI {res.mean:.4f} ({res.run_dir})", flush=True)
         best = max(suite.singles, key=lambda n: result[n].mean)
-        picks = {"official watershed baseline": suite.baseline, "fg U-Net + connected components": suite.fg_cc, "best single model": best}
+        picks = {"official watershed baseline": suite.baseline, "official baseline, contrast-stretched (auto)": suite.stretched,
+                 "fg U-Net + connected components": suite.fg_cc, "best single model": best}  # fmt: skip
         for label, name in picks.items():
             r = rows.setdefault(label, Row(label, command=f"make cv EXP={short[name]} FOLDS={suite.folds}"))
             r.names[ds] = f"`{short[name]}`"
             r.cv[ds] = (result[name].mean, _std(result[name].run_dir))
             r.held_out[ds] = _held_out_single(name, short[name], result[name].run_dir, data, runs)
-        learned = [result[n].run_dir for n in suite.singles if (result[n].run_dir / "oof" / "fold0_maps.npy").is_file()]
+        learned = [result[n].run_dir for n in suite.singles if has_maps(result[n].run_dir)]
         ens_name = f"results-{ds}"
         spec, _ = build_ensemble(ens_name, learned, data, runs, force=True, command=f"python -m comp ensemble {' '.join(short[n] for n in suite.singles)} --name {ens_name}")
         tune(spec, OOF.load([Path(m.run) for m in spec.members], data), runs, trials=suite.trials)

@@ -23,6 +23,7 @@ import yaml
 from torch import nn
 
 from comp.config import experiment_path, from_dict
+from comp.contrast import Contrast, ContrastParams, resolve
 from comp.data.targets import AugConfig, augment, resize_image
 from comp.errors import UserError, atomic_write_text
 from comp.models import InstanceNet, ModelConfig, build_model
@@ -51,6 +52,7 @@ class SSLConfig:
     aug: AugConfig = field(default_factory=lambda: AugConfig(rotate_deg=10.0, scale=0.1))
     max_images: int = 0  # 0 = every slice
     seed: int = 0
+    contrast: ContrastParams = field(default_factory=ContrastParams)  # same as the segmentation experiments it feeds
 
 
 def load_ssl_config(name_or_path: str) -> SSLConfig:
@@ -100,9 +102,9 @@ class MaskedModelling(nn.Module):
 
     def __init__(self, model: InstanceNet, cfg: SSLConfig) -> None:
         super().__init__()
-        self.encoder = model.encoder
+        self.encoder, self.stem = model.encoder, model.stem
         with torch.no_grad():
-            chans = [f.shape[1] for f in _features(self.encoder, torch.zeros(1, 1, cfg.crop, cfg.crop))]
+            chans = [f.shape[1] for f in _features(self.encoder, self.stem(torch.zeros(1, 1, cfg.crop, cfg.crop)))]
         self.decoder = LightDecoder(chans)
         self.cfg = cfg
 
@@ -110,8 +112,9 @@ class MaskedModelling(nn.Module):
         """Reconstruction MSE of the blanked patches."""
         m = patch_mask(len(x), x.shape[-1], self.cfg.patch, self.cfg.mask_ratio, gen).to(x.device)
         fill = x.mean(dim=(2, 3), keepdim=True)
-        rec = self.decoder(_features(self.encoder, x * (1 - m) + fill * m), x.shape[-2:])
-        return (((rec.float() - x) ** 2) * m).sum() / m.sum().clamp(min=1)
+        rec = self.decoder(_features(self.encoder, self.stem(x * (1 - m) + fill * m)), x.shape[-2:])
+        target = x.clamp(0, 1)  # the main window, as the stem's first channel shows it
+        return (((rec.float() - target) ** 2) * m).sum() / m.sum().clamp(min=1)
 
 
 def vicreg_terms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -133,15 +136,15 @@ class DenseVICReg(nn.Module):
 
     def __init__(self, model: InstanceNet, cfg: SSLConfig, dim: int = 128) -> None:
         super().__init__()
-        self.encoder = model.encoder
+        self.encoder, self.stem = model.encoder, model.stem
         with torch.no_grad():
-            c = _features(self.encoder, torch.zeros(1, 1, cfg.crop, cfg.crop))[-2].shape[1]
+            c = _features(self.encoder, self.stem(torch.zeros(1, 1, cfg.crop, cfg.crop)))[-2].shape[1]
         self.local = nn.Sequential(nn.Conv2d(c, dim, 1), nn.BatchNorm2d(dim), nn.ReLU(), nn.Conv2d(dim, dim, 1))
         self.glob = nn.Sequential(nn.Linear(c, dim), nn.BatchNorm1d(dim), nn.ReLU(), nn.Linear(dim, dim))
         self.cfg = cfg
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = _features(self.encoder, x)[-2]  # stride 16: fine enough for dense correspondence
+        f = _features(self.encoder, self.stem(x))[-2]  # stride 16: fine enough for dense correspondence
         return self.glob(f.mean(dim=(2, 3))), self.local(f)
 
     def loss(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -172,8 +175,8 @@ PRETEXTS = {"mim": MaskedModelling, "vicregl": DenseVICReg}
 class CropSet(torch.utils.data.Dataset):
     """Random crops of slices at working resolution, with the CT augmentations (no labels)."""
 
-    def __init__(self, x: np.ndarray, cfg: SSLConfig) -> None:
-        self.x = np.stack([resize_image(i, cfg.resolution) for i in x])
+    def __init__(self, x: np.ndarray, cfg: SSLConfig, affine: tuple[float, float] = (1.0, 0.0)) -> None:
+        self.x = np.stack([affine[0] * resize_image(i, cfg.resolution) + affine[1] for i in x]).astype(np.float32)
         self.cfg = cfg
         self.epoch = 0
 
@@ -192,16 +195,16 @@ class CropSet(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(img))[None]
 
 
-def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path) -> Path:
-    """Pretrain the encoder on slices `x`; resumable from out_dir/last.pt; returns the encoder checkpoint."""
+def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path, contrast: Contrast = Contrast()) -> Path:
+    """Pretrain the encoder on slices `x` behind the contrast step; resumable from out_dir/last.pt; returns the encoder checkpoint."""
     dev = device()
     seed_everything(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.max_images and len(x) > cfg.max_images:
         x = x[np.random.default_rng(cfg.seed).permutation(len(x))[: cfg.max_images]]
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, contrast.stem_windows())
     task = PRETEXTS[cfg.method](model, cfg).to(dev)
-    data = CropSet(x, cfg)
+    data = CropSet(x, cfg, contrast.unit_affine())
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(data, batch_size=min(cfg.batch_size, len(data)), shuffle=True, drop_last=True, generator=gen)
     opt = torch.optim.AdamW(task.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -248,7 +251,7 @@ def run_pretrain(cfg: SSLConfig, x: np.ndarray, data_key: str, runs: Path = Path
     import hashlib
 
     digest = hashlib.sha1(json.dumps([asdict(cfg), data_key], sort_keys=True).encode()).hexdigest()[:10]
-    ck = pretrain(cfg, x, runs / "pretrain" / cfg.name / digest)
+    ck = pretrain(cfg, x, runs / "pretrain" / cfg.name / digest, resolve(cfg.contrast, x, cfg.name))
     public = runs / "pretrain" / f"{cfg.name}.pt"
     from comp.errors import atomic_path
 

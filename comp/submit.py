@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from comp.config import Experiment
+from comp.contrast import Contrast, resolve
 from comp.errors import UserError
 from comp.io import N_PIXELS, Dataset, count_images, image_names, read_label_csv, write_label_csv
 from comp.metric import image_scores
@@ -50,7 +51,8 @@ def submit(exp: Experiment, data: Dataset, out: str | Path, seed: int = 0) -> di
         raise UserError(data.root / "Y_train.csv", "no annotated image to fit on")
     workdir = Path("runs") / exp.name / f"submit-{exp.digest()}"
     workdir.mkdir(parents=True, exist_ok=True)
-    ctx = FitContext(workdir=workdir, fold=-1, seed=seed, unlabelled=data.x_train[data.unlabelled])
+    contrast = resolve(exp.contrast, data.x_train, exp.path)  # as in CV: the training slices' histogram
+    ctx = FitContext(workdir=workdir, fold=-1, seed=seed, unlabelled=data.x_train[data.unlabelled], contrast=contrast)
     method.fit(FoldData(data.x_train[ann], data.y_train[ann], ann), ctx)
     return _write_validate_score(out, method.predict(data.x_test), data)
 
@@ -84,7 +86,7 @@ def member_test_maps(run: Path, data: Dataset, cached: bool = False, tta: bool =
         else:
             spec = get_method(cfg["method"], run / "config.yaml")
             method = spec.build(from_dict(spec.params, cfg["params"], str(run / "config.yaml"), "params"))
-            method.load(run / f"fold{f}")
+            method.load(run / f"fold{f}", Contrast.from_dict(cfg.get("contrast_resolved")))
             maps = method.predict_maps(data.x_test, tta=tta)
         acc = maps.astype(np.float32) if acc is None else acc + maps
     return (acc / k).astype(np.float16)
@@ -103,7 +105,7 @@ def submit_ensemble(name: str, data: Dataset, out: str | Path, runs: Path = Path
     """Predict X_test with an ensemble file's members (fold models, flip TTA), blend, post-process, write, validate."""
     import time
 
-    from comp.ensemble import load_ensemble, merger_path
+    from comp.ensemble import has_maps, load_ensemble, merger_path, run_experiment
     from comp.merge import load_merger
     from comp.parallel import pmap
 
@@ -113,6 +115,10 @@ def submit_ensemble(name: str, data: Dataset, out: str | Path, runs: Path = Path
         raise UserError(data.root, "no X_test/ folder or X_test.zip: nothing to predict")
     if spec.data.get("y_train") and spec.data["y_train"] != data.fingerprint()["y_train"]:
         raise UserError(data.root, f"ensemble '{spec.name}' was selected on other data ({spec.data.get('root')})")
+    if len(spec.members) == 1 and not has_maps(Path(spec.members[0].run)):
+        # A tuned non-learned method: its settings (window included) applied to the fit on every annotated slice.
+        exp, _ = run_experiment(Path(spec.members[0].run), spec.overrides)
+        return submit(exp, data, out)
     t0 = time.time()
     member_maps = []
     for m in spec.members:

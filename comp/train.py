@@ -87,8 +87,10 @@ def seed_everything(seed: int) -> None:
 class SliceSet(torch.utils.data.Dataset):
     """Annotated slices at working resolution with on-the-fly augmentation and targets."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, res: int, aug: AugConfig | None, seed: int, crop: int = 0) -> None:
-        self.x = np.stack([resize_image(i, res) for i in x])
+    def __init__(self, x: np.ndarray, y: np.ndarray, res: int, aug: AugConfig | None, seed: int, crop: int = 0,
+                 affine: tuple[float, float] = (1.0, 0.0)) -> None:  # fmt: skip
+        # `affine` maps 0..1 grey to the contrast window's units (0..1 over the window, unclipped).
+        self.x = np.stack([affine[0] * resize_image(i, res) + affine[1] for i in x]).astype(np.float32)
         self.y = np.stack([resize_labels(l, res) for l in y])
         self.aug = aug
         self.seed = seed
@@ -149,15 +151,16 @@ def train_fold(
     workdir: Path,
     seed: int,
     validate=None,
+    affine: tuple[float, float] = (1.0, 0.0),
 ) -> dict:
-    """Train on (x, y); `validate(model) -> ARI` picks the best epoch. Resumes from workdir/last.pt."""
+    """Train on (x, y); `validate(model) -> ARI` picks the best epoch; `affine` is the contrast's. Resumes from workdir/last.pt."""
     dev = device()
     cuda = dev.type == "cuda"
     seed_everything(seed)
     if cfg.budget < 1.0:
         keep = np.random.default_rng(seed).permutation(len(x))[: max(1, round(cfg.budget * len(x)))]
         x, y = x[np.sort(keep)], y[np.sort(keep)]
-    data = SliceSet(x, y, cfg.resolution, cfg.aug, seed, cfg.crop)
+    data = SliceSet(x, y, cfg.resolution, cfg.aug, seed, cfg.crop, affine)
     g = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(
         data,

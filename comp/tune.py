@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from comp.ensemble import OOF, EnsembleSpec, merger_path, save_ensemble
+from comp.contrast import Contrast
+from comp.ensemble import OOF, EnsembleSpec, merger_path, oof_ids, save_ensemble
 from comp.errors import UserError
 from comp.merge import Merger, fit_fold_mergers, pair_features, pair_targets, save_merger
+from comp.metric import image_scores
 from comp.parallel import pmap
 from comp.postprocess import PostParams, upsample_maps
+from comp.registry import MethodSpec
 
 # name: (low, high, log). Integer fields of PostParams get integer suggestions.
 SPACE: dict[str, tuple[float, float, bool]] = {
@@ -32,6 +36,8 @@ SPACE: dict[str, tuple[float, float, bool]] = {
     "smooth": (0.0, 3.0, False),
     "merge_embedding": (0.0, 2.0, False),
 }
+# The contrast window of a non-learned method: its low end and width in input grey levels.
+WINDOW_LO, WINDOW_WIDTH = (0.0, 230.0), (12.0, 255.0)
 MERGE_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 SCAN_IMAGES = 80
 
@@ -220,3 +226,101 @@ def _from_params(params: dict, base: PostParams, n_members: int) -> tuple[PostPa
     post = dataclasses.replace(base, **{k: v for k, v in params.items() if k in SPACE})
     weights = [params.get(f"w{j}", 1.0) for j in range(n_members)]
     return post, weights if any(w > 0 for w in weights) else [1.0] * n_members
+
+
+def fold_fitted(run: Path) -> list[dict]:
+    """The distinct parameter values a run's folds fitted (fold{k}/fold.json 'fitted'), if any."""
+    seen = []
+    for f in sorted(run.glob("fold*/fold.json")):
+        fitted = json.loads(f.read_text()).get("fitted") or {}
+        if fitted and fitted not in seen:
+            seen.append(fitted)
+    return seen
+
+
+def _method_trial(trial, spec: MethodSpec, params, contrast: Contrast) -> tuple[object, Contrast]:
+    """A trial's method parameters (the method's declared space, plus the params that make fit a no-op) and window."""
+    types = {f.name: f.type for f in dataclasses.fields(params)}
+    values = {}
+    for name, (lo, hi, log) in spec.space.items():
+        if types[name] in (int, "int"):
+            values[name] = trial.suggest_int(name, int(lo), int(hi), log=log)
+        else:
+            values[name] = trial.suggest_float(name, lo, hi, log=log)
+    lo = trial.suggest_float("window_lo", WINDOW_LO[0], WINDOW_LO[1])
+    width = trial.suggest_float("window_width", WINDOW_WIDTH[0], WINDOW_WIDTH[1], log=True)
+    return dataclasses.replace(params, **values, **spec.fixed), Contrast((round(lo, 2), round(lo + width, 2)), contrast.channels)
+
+
+def _method_start(spec: MethodSpec, params, contrast: Contrast) -> dict:
+    """The run's own settings as the first trial, clipped into the search space."""
+    p = {k: min(max(getattr(params, k), lo), hi) for k, (lo, hi, _) in spec.space.items()}
+    lo, hi = contrast.window
+    p["window_lo"] = min(max(lo, WINDOW_LO[0]), WINDOW_LO[1])
+    p["window_width"] = min(max(hi - lo, WINDOW_WIDTH[0]), WINDOW_WIDTH[1])
+    return p
+
+
+def method_scores(exp, contrast: Contrast, x: np.ndarray, y: np.ndarray, spec: MethodSpec | None = None) -> np.ndarray:
+    """Per-image ARI of a method that needs no fitting (fixed pipeline or tuned settings) behind a contrast step."""
+    from comp.registry import FitContext, FoldData, get_method
+
+    spec = spec or get_method(exp.method, exp.path)
+    method = spec.build(exp.params)
+    method.fit(FoldData(x[:0], y[:0], np.zeros(0, np.int64)), FitContext(Path("."), -1, 0, contrast=contrast))
+    return image_scores(y, method.predict(x))
+
+
+def tune_method(spec_file: EnsembleSpec, data, runs: Path, trials: int = 40, storage: str | None = None, images: int = 0,
+                seed: int = 0) -> TuneResult:  # fmt: skip
+    """Optuna over a non-learned run's declared parameters and its contrast window, scored on the run's OOF images."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from comp.ensemble import run_experiment
+    from comp.registry import get_method
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    run = Path(spec_file.members[0].run)
+    exp, contrast = run_experiment(run, spec_file.overrides)
+    spec = get_method(exp.method, run)
+    if not spec.space:
+        raise UserError(run, f"method '{exp.method}' declares nothing to tune")
+    ids = oof_ids(run)
+    x, y = data.x_train[ids], data.y_train[ids]
+    idx = np.arange(len(ids)) if images <= 0 or images >= len(ids) else np.sort(np.random.default_rng(seed).permutation(len(ids))[:images])
+    key = f"{run}|{exp.method}|{images}|method"
+    study = open_study(storage_url(storage, spec_file.name, runs), f"{spec_file.name}-{hashlib.sha1(key.encode()).hexdigest()[:8]}", seed)
+    # Start from the run's settings and from what each fold fitted, so the search begins where CV ended.
+    for fitted in [{}, *fold_fitted(run)]:
+        study.enqueue_trial(_method_start(spec, dataclasses.replace(exp.params, **fitted), contrast), skip_if_exists=True)
+    if spec_file.oof_ari is None:  # the bar: the run's own out-of-fold CV score
+        spec_file.oof_ari = float(json.loads((run / "cv.json").read_text())["mean_ari"])
+        print(f"to beat: the run's own CV ARI {spec_file.oof_ari:.4f}", flush=True)
+
+    def objective(trial) -> float:
+        params, c = _method_trial(trial, spec, exp.params, contrast)
+        return float(method_scores(dataclasses.replace(exp, params=params), c, x[idx], y[idx], spec).mean())
+
+    def complete() -> int:
+        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    t0, before = time.time(), complete()
+    if trials > before:
+        print(f"study {study.study_name}: {before} complete trials, running {trials - before} more on {len(idx)} OOF images "
+              f"(method parameters and contrast window)", flush=True)  # fmt: skip
+        stop = optuna.study.MaxTrialsCallback(trials, states=(TrialState.COMPLETE,))
+        report = lambda st, t: t.state == TrialState.COMPLETE and print(f"trial {t.number}: OOF ARI {t.value:.4f} (best {st.best_value:.4f})", flush=True)  # noqa: E731
+        study.optimize(objective, n_trials=trials - before, callbacks=[report, stop])
+    done = complete()
+    rate = (done - before) / max((time.time() - t0) / 60, 1e-9)
+    best = study.best_trial
+    params, c = _method_trial(optuna.trial.FixedTrial(best.params), spec, exp.params, contrast)
+    full = best.value if len(idx) == len(ids) else float(method_scores(dataclasses.replace(exp, params=params), c, x, y, spec).mean())
+    stored = spec_file.oof_ari is None or full > spec_file.oof_ari + 1e-9
+    if stored:
+        names = [*spec.space, *spec.fixed]
+        spec_file.overrides = {**{f"params.{k}": getattr(params, k) for k in names}, "contrast.window": list(c.window)}
+        spec_file.oof_ari = spec_file.oof_ari_no_merge = float(full)
+        save_ensemble(spec_file, runs)
+    return TuneResult(float(best.value), float(full), float(full), None, stored, done, rate)

@@ -164,3 +164,16 @@ def test_folds_take_contiguous_slice_blocks(tmp_path: Path) -> None:
     for f in range(5):
         idx = np.flatnonzero(folds == f)
         assert len(idx) == 5 and np.all(np.diff(idx) == 1)  # one contiguous block of slices per fold
+
+
+def test_default_window_is_the_challenges(tmp_path: Path) -> None:
+    """Without --window, -1000 HU -> 0, 0 HU -> 127 or 128, 1000 HU -> 255 (the shared mapping)."""
+    ct = np.full((60, 60, 2), -1000.0, np.float32)
+    ct[10:30, 10:50, :] = 0.0
+    ct[35:55, 10:50, :] = 1000.0
+    img, seg = _nifti(tmp_path, ct, np.zeros(ct.shape, np.int16), zooms=(1.0, 1.0, 1.0))
+    r = run_cli("data", "import-volumes", "--images", str(img), "--unlabelled", "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    x = Dataset(tmp_path / "out").x_train[0]
+    assert set(np.unique(x)) >= {0, 255} and (np.isin(x, (127, 128))).sum() > 10_000
+    assert x[0, 0] == 0 and np.isin(x, (0, 127, 128, 255)).mean() > 0.9  # only the resampled edges lie between

@@ -1,6 +1,8 @@
 """A learnable abdominal/pelvic CT phantom written in the exact challenge layout.
 
-Each slice is drawn analytically from an anatomy that varies with a random level (upper abdomen to
+Each slice is drawn in Hounsfield units and rendered through the challenge-like window
+(comp.contrast.hu_to_grey, -1000..1000 HU), so soft tissues sit a few grey levels apart as in the
+challenge. Each slice is drawn analytically from an anatomy that varies with a random level (upper abdomen to
 pelvis): body outline with fat and muscle wall, spine and ribs, organs, vessels, bowel loops and
 lesions. Structures touch without background gaps (liver/kidney, psoas/vertebra, paired muscles),
 some visible structures are never annotated (fat, abdominal wall, table, stomach, gallbladder), and
@@ -17,10 +19,14 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from comp.contrast import HU_WINDOW, hu_to_grey
 from comp.errors import atomic_write_text
 from comp.io import SIZE, image_names, write_images, write_label_csv
 
-AIR, FAT, MUSCLE, SOFT, LIVER, KIDNEY, VESSEL, BONE, MARROW, FLUID = 8, 88, 134, 138, 142, 148, 170, 236, 176, 118
+# Tissues in HU, weakly enhanced (organs and vessels a few dozen HU above muscle), as in the proxy's CT.
+AIR, FAT, MUSCLE, SOFT, LIVER, KIDNEY, VESSEL, BONE, MARROW, FLUID = -1000, -100, 45, 35, 60, 60, 90, 800, 250, 8
+VERSION = 2  # bumped whenever the drawing changes, so a stale embedded phantom is regenerated
+HU_PER_TEXTURE = 3.3  # a part's `texture` strength is given in units of ~3.3 HU
 
 
 @dataclass
@@ -29,10 +35,11 @@ class Frame:
 
     rot: np.ndarray  # 2x2 orthogonal (rotation, possibly with a flip)
     shift: np.ndarray  # anatomical offset of the body centre
+    zoom: float = 1.0  # image pixels per anatomical unit (the field of view)
 
     def to_image(self, u: float, v: float) -> tuple[float, float]:
         """Image (x, y) of an anatomical point."""
-        x, y = self.rot @ (np.array([u, v]) + self.shift)
+        x, y = self.zoom * (self.rot @ (np.array([u, v]) + self.shift))
         return x + SIZE / 2, y + SIZE / 2
 
 
@@ -54,7 +61,7 @@ class Blob:
     def mask(self, frame: Frame) -> tuple[tuple[slice, slice], np.ndarray]:
         """The blob rasterised in image space: (window, boolean mask inside the window)."""
         cx, cy = frame.to_image(self.u, self.v)
-        r = self.extent()
+        r = self.extent() * frame.zoom
         x0, x1 = max(0, int(cx - r)), min(SIZE, int(cx + r) + 1)
         y0, y1 = max(0, int(cy - r)), min(SIZE, int(cy + r) + 1)
         if x1 <= x0 or y1 <= y0:
@@ -63,7 +70,7 @@ class Blob:
         dy = (np.arange(y0, y1, dtype=np.float32) - cy)[:, None]
         # Image offsets -> anatomical axes -> the blob's own axes, scaled to the unit circle: one linear map.
         ca, sa = math.cos(self.angle), math.sin(self.angle)
-        m = np.array([[ca / self.a, sa / self.a], [-sa / self.b, ca / self.b]]) @ frame.rot.T
+        m = np.array([[ca / self.a, sa / self.a], [-sa / self.b, ca / self.b]]) @ frame.rot.T / frame.zoom
         pu = m[0, 0] * dx + m[0, 1] * dy
         pv = m[1, 0] * dx + m[1, 1] * dy
         rho2 = pu * pu + pv * pv
@@ -87,7 +94,7 @@ class Part:
 
     blob: Blob
     grey: float
-    texture: float = 6.0
+    texture: float = 6.0  # x HU_PER_TEXTURE
     annotated: bool = True
     group: str = ""  # parts with the same non-empty group share one instance id
     halo: float = 0.0  # width (px) of a fat rim painted first, so neighbours stay apart
@@ -110,7 +117,7 @@ class Anatomy:
         """Append a part with a little grey-level variation; annotated parts get a fat rim unless halo=0."""
         if halo is None:
             halo = float(self.rng.uniform(1.5, 4)) if kw.get("annotated", True) else 0.0
-        self.parts.append(Part(blob, float(grey + self.rng.normal(0, 4)), halo=halo, **kw))
+        self.parts.append(Part(blob, float(grey + self.rng.normal(0, 12)), halo=halo, **kw))
 
     def build(self) -> list[Part]:
         """Draw the whole anatomy for this level."""
@@ -118,12 +125,12 @@ class Anatomy:
         A = r.uniform(150, 215)  # body half-width
         B = A * r.uniform(0.62, 0.8)  # body half-depth
         # Anatomical frame: u to the patient's left, v anterior (up in a standard display).
-        self.add(Blob(0, -B - 14, A * 1.1, 9), 60, texture=2, annotated=False)  # table
+        self.add(Blob(0, -B - 14, A * 1.1, 9), -400, texture=2, annotated=False)  # table
         self.add(Blob(0, 0, A, B, 0, self.wob(4, 0.03)), FAT, texture=5, annotated=False)
         wall = r.uniform(0.86, 0.9)
         self.add(Blob(0, 0, A * wall, B * wall, 0, self.wob(3, 0.02)), MUSCLE, annotated=False)
         inner = wall - r.uniform(0.05, 0.08)
-        self.add(Blob(0, 0, A * inner, B * inner, 0, self.wob(3, 0.02)), FAT + 4, texture=5, annotated=False)
+        self.add(Blob(0, 0, A * inner, B * inner, 0, self.wob(3, 0.02)), FAT + 10, texture=5, annotated=False)
         self._spine(A, B)
         if z < 0.55:
             self._ribs(A * inner, B * inner)
@@ -140,7 +147,7 @@ class Anatomy:
             self._pelvis(A * inner, B * inner)
         if self.novel and r.random() < 0.5:
             # A structure type that never appears in training: a hyperdense node beside the aorta.
-            self.add(Blob(r.uniform(-40, 40), -B * 0.2, r.uniform(8, 14), r.uniform(7, 12), 0, self.wob()), 205)
+            self.add(Blob(r.uniform(-40, 40), -B * 0.2, r.uniform(8, 14), r.uniform(7, 12), 0, self.wob()), 300)
         return self.parts
 
     def _spine(self, A: float, B: float) -> None:
@@ -151,14 +158,14 @@ class Anatomy:
         self.spine = (vv, rv)
         m_a, m_b = r.uniform(28, 40), r.uniform(18, 26)
         for side in (-1, 1):
-            self.add(Blob(side * m_a * 0.98, vv - rv - m_b * 0.9, m_a, m_b, side * 0.2, self.wob(2, 0.04)), MUSCLE + 2, halo=0)
-        self.add(Blob(0, vv - rv - 14, 5, 12), BONE - 10, texture=3, halo=0)  # spinous process, between the muscles
+            self.add(Blob(side * m_a * 0.98, vv - rv - m_b * 0.9, m_a, m_b, side * 0.2, self.wob(2, 0.04)), MUSCLE + 5, halo=0)
+        self.add(Blob(0, vv - rv - 14, 5, 12), BONE - 150, texture=3, halo=0)  # spinous process, between the muscles
         self.add(Blob(0, vv, rv, rv * 0.9), BONE, texture=3, group="vertebra")
         self.add(Blob(0, vv, rv * 0.8, rv * 0.72), MARROW, texture=10, group="vertebra", halo=0)
         if self.level > 0.3:  # psoas muscles grow beside the vertebral body, touching it
             ps = r.uniform(14, 22) * (0.6 + self.level)
             for side in (-1, 1):
-                self.add(Blob(side * (rv + ps * 0.8), vv + 4, ps, ps * 0.8, 0, self.wob(2, 0.05)), MUSCLE + 4, halo=0)
+                self.add(Blob(side * (rv + ps * 0.8), vv + 4, ps, ps * 0.8, 0, self.wob(2, 0.05)), MUSCLE + 10, halo=0)
 
     def _ribs(self, a: float, b: float) -> None:
         """Small bright rib cross-sections just inside the abdominal wall."""
@@ -166,7 +173,7 @@ class Anatomy:
         for t in r.uniform(-2.6, -0.5, r.integers(2, 5)).tolist() + r.uniform(0.5, 2.6, r.integers(2, 5)).tolist():
             ang = -math.pi / 2 + t
             u, v = a * 1.02 * math.sin(ang + math.pi / 2), b * 1.02 * math.sin(ang)
-            self.add(Blob(u, v, r.uniform(5, 9), r.uniform(3, 5), ang), BONE - 20, texture=4)
+            self.add(Blob(u, v, r.uniform(5, 9), r.uniform(3, 5), ang), BONE - 250, texture=4)
 
     def _liver(self, a: float, b: float) -> None:
         """Liver on the patient's right with lesions, and a gallbladder that is never annotated."""
@@ -177,20 +184,20 @@ class Anatomy:
         self.add(Blob(lu, lv, la, lb, r.uniform(-0.3, 0.3), self.wob(4, 0.07)), LIVER, texture=7)
         self.liver = (lu, lv, la, lb)
         if r.random() < 0.4:
-            self.add(Blob(lu + la * 0.5, lv + lb * 0.55, 12, 9), FLUID - 10, texture=2, annotated=False)
+            self.add(Blob(lu + la * 0.5, lv + lb * 0.55, 12, 9), FLUID + 2, texture=2, annotated=False)
         for _ in range(r.choice([0, 0, 1, 1, 2, 3])):  # hypo- or hyperdense lesions inside the liver
             rr = r.uniform(5, min(22, la / 3))
             du, dv = r.uniform(-0.5, 0.5) * la, r.uniform(-0.5, 0.5) * lb
-            grey = r.choice([LIVER - 40, LIVER - 28, LIVER + 30])
+            grey = r.choice([LIVER - 70, LIVER - 45, LIVER + 45])
             self.add(Blob(lu + du, lv + dv, rr, rr * r.uniform(0.7, 1), 0, self.wob(3, 0.08)), grey, texture=4, halo=0)
 
     def _spleen_stomach(self, a: float, b: float) -> None:
         """Spleen (annotated) posterior-left, stomach with air (never annotated) anterior-left."""
         r = self.rng
-        self.add(Blob(a * 0.62, -b * 0.35, a * 0.2, b * 0.35, 0.6, self.wob(3, 0.08)), LIVER + 6, texture=6)
+        self.add(Blob(a * 0.62, -b * 0.35, a * 0.2, b * 0.35, 0.6, self.wob(3, 0.08)), LIVER + 15, texture=6)
         su, sv = a * 0.35, b * 0.35
-        self.add(Blob(su, sv, a * 0.25, b * 0.3, 0, self.wob(3, 0.1)), SOFT, annotated=False)
-        self.add(Blob(su, sv + b * 0.12, a * 0.16, b * 0.12), AIR + 5, texture=1, annotated=False)
+        self.add(Blob(su, sv, a * 0.25, b * 0.3, 0, self.wob(3, 0.1)), SOFT, texture=8)
+        self.add(Blob(su, sv + b * 0.12, a * 0.16, b * 0.12), AIR + 50, texture=1, annotated=False)
 
     def _kidneys(self, B: float) -> None:
         """Kidneys beside the spine, brighter cortex; the right one may touch the liver."""
@@ -200,12 +207,12 @@ class Anatomy:
             ka, kb = r.uniform(22, 32), r.uniform(30, 42)
             u = side * (rv + r.uniform(40, 60))
             v = vv + r.uniform(5, 25)
-            touch = side < 0 and r.random() < 0.5  # the right kidney often abuts the liver
+            touch = side < 0 and r.random() < 0.35  # the right kidney may abut the liver
             halo = 0.0 if touch else None
-            self.add(Blob(u, v, ka, kb, side * r.uniform(0.2, 0.5), self.wob(2, 0.05)), KIDNEY + 12, halo, group=f"kidney{side}")
-            self.add(Blob(u + side * 4, v, ka * 0.6, kb * 0.7), KIDNEY - 8, 0.0, group=f"kidney{side}")
+            self.add(Blob(u, v, ka, kb, side * r.uniform(0.2, 0.5), self.wob(2, 0.05)), KIDNEY + 30, halo, group=f"kidney{side}")
+            self.add(Blob(u + side * 4, v, ka * 0.6, kb * 0.7), KIDNEY - 30, 0.0, group=f"kidney{side}")
             if r.random() < 0.15:  # renal tumour touching the kidney
-                self.add(Blob(u - side * ka * 0.8, v + kb * 0.4, 10, 9, 0, self.wob()), KIDNEY - 30, halo=0)
+                self.add(Blob(u - side * ka * 0.8, v + kb * 0.4, 10, 9, 0, self.wob()), KIDNEY - 90, halo=0)
 
     def _vessels(self, B: float) -> None:
         """Aorta (splitting into iliac arteries low down) and IVC, in front of the spine."""
@@ -215,32 +222,32 @@ class Anatomy:
         if z < 0.8:
             ra = r.uniform(9, 14)
             self.add(Blob(r.uniform(4, 14), av + ra * 0.7, ra, ra), VESSEL, texture=3)
-            self.add(Blob(-r.uniform(18, 28), av + 6, r.uniform(9, 14), r.uniform(7, 11)), VESSEL - 22, texture=3)
+            self.add(Blob(-r.uniform(18, 28), av + 6, r.uniform(9, 14), r.uniform(7, 11)), VESSEL - 40, texture=3)
         else:
             for side in (-1, 1):
                 self.add(Blob(side * r.uniform(20, 40), av + 5, 8, 8), VESSEL, texture=3)
-                self.add(Blob(side * r.uniform(45, 60), av, 9, 7), VESSEL - 22, texture=3)
+                self.add(Blob(side * r.uniform(45, 60), av, 9, 7), VESSEL - 40, texture=3)
 
     def _bowel(self, a: float, b: float) -> None:
         """Small-bowel loops (annotated), often touching each other, some with air."""
         r = self.rng
-        n = int(r.integers(3, 13))
+        n = int(r.integers(3, 12))
         for _ in range(n):
             u, v = r.uniform(-0.55, 0.6) * a, r.uniform(-0.05, 0.7) * b
-            rr = r.uniform(10, 24)
+            rr = r.uniform(12, 30)
             blob = Blob(u, v, rr, rr * r.uniform(0.6, 1.0), r.uniform(0, 3), self.wob(4, 0.1))
-            halo = r.uniform(2, 5) if r.random() < 0.75 else 0.0
-            self.add(blob, r.uniform(126, 152), texture=9, halo=halo)
+            halo = r.uniform(2, 5) if r.random() < 0.9 else 0.0
+            self.add(blob, r.uniform(10, 80), texture=9, halo=halo)
             if r.random() < 0.3:
-                self.add(Blob(u, v, rr * 0.35, rr * 0.25), AIR + 10, texture=1, annotated=False)
+                self.add(Blob(u, v, rr * 0.35, rr * 0.25), AIR + 100, texture=1, annotated=False)
 
     def _pelvis(self, a: float, b: float) -> None:
         """Iliac bones with gluteal muscles behind them, and the bladder."""
         r = self.rng
         for side in (-1, 1):
             iu, iv = side * a * r.uniform(0.55, 0.7), -b * r.uniform(0.2, 0.35)
-            self.add(Blob(iu - side * 10, iv - 30, a * 0.22, b * 0.3, side * 0.5, self.wob(2, 0.04)), MUSCLE + 6)
-            self.add(Blob(iu, iv, a * 0.1, b * 0.35, side * 0.5, self.wob(2, 0.05)), BONE - 5, texture=5, halo=0)
+            self.add(Blob(iu - side * 10, iv - 30, a * 0.22, b * 0.3, side * 0.5, self.wob(2, 0.04)), MUSCLE + 12)
+            self.add(Blob(iu, iv, a * 0.1, b * 0.35, side * 0.5, self.wob(2, 0.05)), BONE - 100, texture=5, halo=0)
         if self.level > 0.85:
             self.add(Blob(0, b * 0.45, a * r.uniform(0.2, 0.3), b * r.uniform(0.2, 0.3), 0, self.wob()), FLUID)
 
@@ -254,11 +261,11 @@ def _random_frame(rng: np.random.Generator) -> Frame:
     rot = np.array([[c, -s], [s, c]]) @ base
     if rng.random() < 0.5:
         rot = rot @ np.array([[-1.0, 0.0], [0.0, 1.0]])
-    return Frame(rot, rng.normal(0, 12, 2))
+    return Frame(rot, rng.normal(0, 10, 2), float(rng.uniform(1.2, 1.4)))
 
 
-def render_slice(seed: int, novel: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Render one (image, instance map) pair, deterministic in `seed`."""
+def render_slice(seed: int, novel: bool = False, window: tuple[float, float] = HU_WINDOW) -> tuple[np.ndarray, np.ndarray]:
+    """Render one (image, instance map) pair, deterministic in `seed`, through the HU `window`."""
     rng = np.random.default_rng(seed)
     frame = _random_frame(rng)
     parts = Anatomy(rng, float(rng.uniform(0, 1)), novel).build()
@@ -270,14 +277,15 @@ def render_slice(seed: int, novel: bool = False) -> tuple[np.ndarray, np.ndarray
     for k, part in enumerate(parts, start=1):
         if part.halo > 0:
             bl = part.blob
-            grow = Blob(bl.u, bl.v, bl.a + part.halo, bl.b + part.halo, bl.angle, bl.wobble)
+            pad = part.halo / frame.zoom  # the fat rim's width stays in image pixels
+            grow = Blob(bl.u, bl.v, bl.a + pad, bl.b + pad, bl.angle, bl.wobble)
             hwin, hm = grow.mask(frame)
-            img[hwin][hm] = FAT + 3 * texture[hwin][hm]
+            img[hwin][hm] = FAT + 3 * HU_PER_TEXTURE * texture[hwin][hm]
             inst[hwin][hm] = 0
         win, m = part.blob.mask(frame)
         if not m.any():
             continue
-        img[win][m] = part.grey + part.texture * texture[win][m]
+        img[win][m] = part.grey + part.texture * HU_PER_TEXTURE * texture[win][m]
         pid = groups.setdefault(part.group, k) if part.group else k
         inst[win][m] = pid if part.annotated else 0
         if part.annotated:
@@ -285,9 +293,9 @@ def render_slice(seed: int, novel: bool = False) -> tuple[np.ndarray, np.ndarray
     labels = _connected_instances(inst, ann_ids, rng)
     # Touching annotated structures sometimes show a faint fat plane, sometimes nothing at all.
     edge = _interfaces(labels)
-    img[edge] -= rng.uniform(0, 25)
-    img = ndi.gaussian_filter(img, 0.8) + rng.normal(0, rng.uniform(9, 16), img.shape)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8), labels
+    img[edge] -= rng.uniform(0, 80)
+    img = ndi.gaussian_filter(img, 1.0) + rng.normal(0, rng.uniform(10, 25), img.shape)  # quantum noise, HU
+    return hu_to_grey(img, *window), labels
 
 
 def _connected_instances(
@@ -323,6 +331,11 @@ def _interfaces(labels: np.ndarray) -> np.ndarray:
         e = (a != b) & (a > 0) & (b > 0)
         edge |= e
     return edge
+
+
+def stamp(**settings: int) -> str:
+    """The PHANTOM.txt line of a phantom made with these settings by this version of the generator."""
+    return "comp phantom: " + " ".join(f"{k}={v}" for k, v in settings.items()) + f" version={VERSION}\n"
 
 
 def _render_job(job: tuple[int, bool]) -> tuple[np.ndarray, np.ndarray]:
@@ -361,6 +374,6 @@ def generate(
         write_label_csv(out / f"Y_{split}.csv", ys, image_names(n))
     atomic_write_text(
         out / "PHANTOM.txt",
-        f"comp phantom: n_train={n_train} n_labelled={n_labelled} n_test={n_test} seed={seed}\n",
+        stamp(n_train=n_train, n_labelled=n_labelled, n_test=n_test, seed=seed),
     )
     return out

@@ -80,6 +80,6 @@ def build_proxy(out: Path, cache: Path, extra: Path | None = None, cfg: ImportCo
     atomic_write_text(
         out / "PROXY.txt",
         f"comp real-CT proxy from {ARCHIVE} (sha256 {SHA256}); labelled: {LABELLED[0]}; "
-        f"unlabelled: {len(unlabelled)} volume(s)\n",
+        f"unlabelled: {len(unlabelled)} volume(s); HU window {cfg.window_lo:g}..{cfg.window_hi:g}\n",
     )
     return out

@@ -103,7 +103,9 @@ def augment(img: np.ndarray, lab: np.ndarray, cfg: AugConfig, rng: np.random.Gen
     img = np.ascontiguousarray(img, np.float32)
     lab = np.ascontiguousarray(lab)
     if cfg.gamma > 0:
-        img = np.clip(img, 0, 1) ** math.exp(rng.uniform(-cfg.gamma, cfg.gamma))
+        # Gamma bends the window's 0..1 range; values outside it (air, bone beyond the window) keep their offset.
+        inside = np.clip(img, 0, 1)
+        img = img - inside + inside ** math.exp(rng.uniform(-cfg.gamma, cfg.gamma))
     if cfg.contrast > 0 or cfg.brightness > 0:
         mean = float(img.mean())
         img = (img - mean) * (1 + rng.uniform(-cfg.contrast, cfg.contrast)) + mean + rng.uniform(-cfg.brightness, cfg.brightness)

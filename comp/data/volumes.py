@@ -2,7 +2,7 @@
 
 Slices are axial, shown the radiological way (anterior up, the patient's left on the image's
 right), resampled to 512x512 with the aspect ratio kept and padded, Hounsfield units windowed to
-uint8, and each labelled structure split into connected components with random uint8 ids. A
+uint8 (by default like the challenge, -1000..1000 HU), and each labelled structure split into connected components with random uint8 ids. A
 sidecar groups.csv names each slice's volume and contiguous block, so CV never splits them.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from comp.contrast import HU_WINDOW, hu_to_grey
 from comp.errors import UserError, atomic_write_text
 from comp.io import SIZE, image_names, write_images, write_label_csv
 
@@ -128,11 +129,6 @@ def to_square(sl: np.ndarray, spacing: tuple[float, float], size: int = SIZE, or
     return out
 
 
-def window(hu: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Map Hounsfield units in [lo, hi] linearly to 0..255."""
-    return np.clip(np.rint((hu - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
-
-
 def split_components(lab: np.ndarray, rng: np.random.Generator, min_px: int = 20, max_regions: int = 255) -> np.ndarray:
     """Each labelled structure's connected components as separate regions with distinct random uint8 ids."""
     pieces = []
@@ -154,8 +150,8 @@ def split_components(lab: np.ndarray, rng: np.random.Generator, min_px: int = 20
 class ImportConfig:
     """How volumes become challenge slices."""
 
-    window_lo: float = -350.0  # air black, fat mid-grey, soft tissue light grey, bone white
-    window_hi: float = 450.0
+    window_lo: float = HU_WINDOW[0]  # the challenge-like wide window
+    window_hi: float = HU_WINDOW[1]
     every: int = 1  # keep every k-th slice
     min_px: int = 20  # components smaller than this (at 512x512) are dropped
     blocks: int = 5  # contiguous slice blocks per volume (the CV groups)
@@ -176,7 +172,7 @@ def volume_slices(image: Path, label: Path | None, cfg: ImportConfig, rng: np.ra
     xs = np.empty((len(keep), SIZE, SIZE), np.uint8)
     ys = np.zeros((len(keep), SIZE, SIZE), np.uint8)
     for n, k in enumerate(keep):
-        xs[n] = window(to_square(sl[k], spacing, order=1, pad=AIR_HU), cfg.window_lo, cfg.window_hi)
+        xs[n] = hu_to_grey(to_square(sl[k], spacing, order=1, pad=AIR_HU), cfg.window_lo, cfg.window_hi)
         if lab_sl is not None:
             ys[n] = split_components(to_square(lab_sl[k], spacing, order=0).astype(np.int32), rng, cfg.min_px)
     return xs, ys, vol.name

@@ -1,0 +1,157 @@
+"""`comp data stats DIR`: the profile of a data set in the challenge layout, to hold stand-ins against the challenge.
+
+Slice counts, regions per annotated slice, annotated share of pixels, region sizes, how many regions
+touch another one, histogram landmarks with the HU window they imply, and two reference scores on the
+annotated slices: the official watershed baseline and the oracle (perfect foreground split into
+connected components), the ceiling of any method that only finds the foreground.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from comp.contrast import histogram, landmarks
+from comp.io import N_PIXELS, Dataset
+from comp.metric import image_scores
+from comp.parallel import pmap
+from comp.postprocess import relabel_uint8
+
+# The challenge's published figures (data challenge page and the seed report); None where unpublished.
+CHALLENGE = {
+    "train slices": 2000, "annotated slices": 400, "test slices": 500, "regions per slice": "18 ± 7",
+    "annotated share": "19%", "mean region size": "~1%", "touching share": "most separated",
+    "official baseline ARI": "0.14",
+}  # fmt: skip
+
+
+@dataclass
+class Stats:
+    """A data set's profile (shares and sizes as fractions of the 512x512 image)."""
+
+    name: str
+    train_slices: int
+    annotated_slices: int
+    test_slices: int
+    regions_mean: float
+    regions_std: float
+    annotated_share: float
+    region_size_q: dict  # quantile -> share of the image
+    region_size_mean: float
+    touching_share: float  # regions with a 4-neighbour pixel in another region
+    air: float | None
+    fat: float
+    soft: float
+    bone: float
+    implied_window: tuple[float, float]
+    scored_slices: int
+    baseline_ari: float
+    oracle_ari: float
+
+
+def touching(lab: np.ndarray) -> tuple[int, int]:
+    """(regions touching another region, regions) of one instance map."""
+    touch = set()
+    for a, b in ((lab[:, :-1], lab[:, 1:]), (lab[:-1, :], lab[1:, :])):
+        m = (a != b) & (a > 0) & (b > 0)
+        touch.update(np.unique(a[m]).tolist())
+        touch.update(np.unique(b[m]).tolist())
+    return len(touch), len(np.unique(lab[lab > 0]))
+
+
+def oracle_cc(lab: np.ndarray) -> np.ndarray:
+    """The perfect foreground split into connected components (4-connectivity, as the regions are)."""
+    return relabel_uint8(ndi.label(lab > 0)[0])
+
+
+def _baseline(img: np.ndarray) -> np.ndarray:
+    """The official watershed baseline with its own defaults (a pool job)."""
+    from comp.baselines import OfficialWatershedParams, official_watershed
+
+    return official_watershed(img, OfficialWatershedParams())
+
+
+def data_stats(data: Dataset, images: int = 0, workers: int = 0) -> Stats:
+    """Profile a data set; the two reference scores use up to `images` evenly spaced annotated slices (0 = all)."""
+    ann = data.annotated
+    y = data.y_train[ann]
+    regions, sizes, touch = [], [], [0, 0]
+    for lab in y:
+        cnt = np.bincount(lab.ravel(), minlength=256)[1:]
+        regions.append(int((cnt > 0).sum()))
+        sizes += (cnt[cnt > 0] / N_PIXELS).tolist()
+        t, n = touching(lab)
+        touch[0] += t
+        touch[1] += n
+    share = float((y > 0).mean()) if len(y) else 0.0
+    step = max(1, len(ann) // images) if images else 1
+    pick = np.arange(len(ann))[::step][: images or None]
+    base = np.stack(pmap(_baseline, data.x_train[ann[pick]], workers=workers, desc="official baseline")) if len(pick) else y[:0]
+    oracle = np.stack([oracle_cc(t) for t in y[pick]]) if len(pick) else y[:0]
+    marks = landmarks(histogram(data.x_train), data.root)
+    q = np.quantile(sizes, [0.1, 0.5, 0.9]) if sizes else [0.0] * 3
+    return Stats(
+        name=data.name,
+        train_slices=len(data.x_train),
+        annotated_slices=len(ann),
+        test_slices=len(data.x_test) if data.has_test_images else 0,
+        regions_mean=float(np.mean(regions)) if regions else 0.0,
+        regions_std=float(np.std(regions)) if regions else 0.0,
+        annotated_share=share,
+        region_size_q={"10%": float(q[0]), "50%": float(q[1]), "90%": float(q[2])},
+        region_size_mean=float(np.mean(sizes)) if sizes else 0.0,
+        touching_share=touch[0] / max(touch[1], 1),
+        air=marks.air,
+        fat=marks.fat,
+        soft=marks.soft,
+        bone=marks.bone,
+        implied_window=tuple(round(v) for v in marks.window()),
+        scored_slices=len(pick),
+        baseline_ari=float(image_scores(y[pick], base).mean()) if len(pick) else float("nan"),
+        oracle_ari=float(image_scores(y[pick], oracle).mean()) if len(pick) else float("nan"),
+    )
+
+
+def rows(s: Stats) -> dict[str, str]:
+    """The profile as labelled, formatted cells (the same labels as CHALLENGE)."""
+    pct = lambda v: f"{100 * v:.2f}%"  # noqa: E731
+    air = "clipped" if s.air is None else f"{s.air:.0f}"
+    return {
+        "train slices": str(s.train_slices),
+        "annotated slices": str(s.annotated_slices),
+        "test slices": str(s.test_slices),
+        "regions per slice": f"{s.regions_mean:.1f} ± {s.regions_std:.1f}",
+        "annotated share": f"{100 * s.annotated_share:.1f}%",
+        "mean region size": pct(s.region_size_mean),
+        "region size 10/50/90%": " / ".join(pct(v) for v in s.region_size_q.values()),
+        "touching share": f"{100 * s.touching_share:.0f}% of regions touch another",
+        "grey landmarks air/fat/soft/bone": f"{air} / {s.fat:.0f} / {s.soft:.0f} / {s.bone:.0f}",
+        "implied HU window": f"{s.implied_window[0]}..{s.implied_window[1]}",
+        "official baseline ARI": f"{s.baseline_ari:.3f}",
+        "oracle fg + CC ARI": f"{s.oracle_ari:.3f}",
+        "scored slices": str(s.scored_slices),
+    }
+
+
+def render_text(s: Stats) -> str:
+    """Aligned `label: value` lines of one profile."""
+    r = rows(s)
+    w = max(map(len, r))
+    return f"{s.name}\n" + "".join(f"  {k:<{w}}  {v}\n" for k, v in r.items())
+
+
+def render_markdown(profiles: list[Stats]) -> str:
+    """A table: the challenge's published figures beside each profile."""
+    cells = [rows(s) for s in profiles]
+    head = "| | challenge (published) | " + " | ".join(s.name for s in profiles) + " |\n"
+    head += "|---|---|" + "---|" * len(profiles) + "\n"
+    body = "".join(f"| {k} | {CHALLENGE.get(k, '—')} | " + " | ".join(c[k] for c in cells) + " |\n" for k in cells[0])
+    return head + body
+
+
+def to_json(profiles: list[Stats]) -> str:
+    """Machine-readable profiles."""
+    return json.dumps([asdict(s) for s in profiles], indent=1)
