@@ -295,14 +295,16 @@ td,th{{border:1px solid #bbb;padding:3px 6px;text-align:left}} img{{max-width:10
 
 def report(target: str | None, data, runs: Path) -> Path:
     """Report an ensemble name, a run folder or an experiment's newest run (default: ensemble 'default', else the newest run)."""
-    from comp.ensemble import ensemble_path
+    from comp.ensemble import ensemble_path, has_maps, load_ensemble
 
     if target is None:
         target = "default" if ensemble_path("default", runs).is_file() else None
-    if target is not None and (ensemble_path(target, runs).is_file() or target.endswith(".yaml")):
+    is_file = target is not None and (ensemble_path(target, runs).is_file() or target.endswith(".yaml"))
+    members = [Path(m.run) for m in load_ensemble(target, runs).members] if is_file else []
+    if is_file and not (len(members) == 1 and not has_maps(members[0])):
         inp, label = _from_ensemble(target, runs, data), f"ensemble-{Path(target).stem}"
-    else:
-        run = _find_run(target, runs)
+    else:  # a run, or a tuned non-learned method: its CV run's out-of-fold predictions
+        run = members[0] if members else _find_run(target, runs)
         inp, label = _from_run(run), f"{run.parent.name}-{run.name}"
     return build_report(inp, data, runs, runs / "report" / label)
 

@@ -316,11 +316,13 @@ def tune_method(spec_file: EnsembleSpec, data, runs: Path, trials: int = 40, sto
     rate = (done - before) / max((time.time() - t0) / 60, 1e-9)
     best = study.best_trial
     params, c = _method_trial(optuna.trial.FixedTrial(best.params), spec, exp.params, contrast)
-    full = best.value if len(idx) == len(ids) else float(method_scores(dataclasses.replace(exp, params=params), c, x, y, spec).mean())
+    scores = method_scores(dataclasses.replace(exp, params=params), c, x, y, spec)
+    full = float(scores.mean())
     stored = spec_file.oof_ari is None or full > spec_file.oof_ari + 1e-9
     if stored:
         names = [*spec.space, *spec.fixed]
         spec_file.overrides = {**{f"params.{k}": getattr(params, k) for k in names}, "contrast.window": list(c.window)}
-        spec_file.oof_ari = spec_file.oof_ari_no_merge = float(full)
+        spec_file.oof_ari = spec_file.oof_ari_no_merge = full
+        spec_file.oof_std = float(scores.std())
         save_ensemble(spec_file, runs)
     return TuneResult(float(best.value), float(full), float(full), None, stored, done, rate)

@@ -18,7 +18,8 @@ def test_results_fill_the_readme_table(tiny_phantom: Path, tmp_path: Path) -> No
     suite = Suite(folds=2, trials=2, datasets={"tiny": str(tiny_phantom)}, baseline="baseline_watershed", fg_cc=str(exp), singles=[str(exp)])
     out = run_results(suite, tmp_path / "runs", reuse=True, readme=readme)
     table = out.read_text()
-    for label in ("official watershed baseline", "fg U-Net + connected components", "best single model", "best ensemble (tuned)"):
+    for label in ("official watershed baseline", "official baseline, contrast-stretched (auto)", "fg U-Net + connected components",
+                  "single model", "best ensemble (tuned)"):
         line = next(ln for ln in table.splitlines() if ln.startswith(f"| {label} |"))
         cells = [c.strip() for c in line.split("|")]
         assert "±" in cells[3] and float(cells[4]) >= -1, line  # CV ARI and a held-out ARI (the phantom ships Y_test)
