@@ -91,19 +91,20 @@ def open_study(url: str, name: str, seed: int):
     return optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler, load_if_exists=True)
 
 
+def suggest_space(trial, space: dict[str, tuple[float, float, bool]], params_type: type) -> dict:
+    """One trial's values of a (low, high, log) search space; integer fields of `params_type` get integers."""
+    types = {f.name: f.type for f in dataclasses.fields(params_type)}
+    return {
+        name: trial.suggest_int(name, int(lo), int(hi), log=log) if types[name] in (int, "int") else trial.suggest_float(name, lo, hi, log=log)
+        for name, (lo, hi, log) in space.items()
+    }
+
+
 def suggest(trial, base: PostParams, n_members: int, has_embedding: bool) -> tuple[PostParams, list[float]]:
     """Post-processing parameters and ensemble weights for one trial."""
-    types = {f.name: f.type for f in dataclasses.fields(PostParams)}
-    values = {}
-    for name, (lo, hi, log) in SPACE.items():
-        if name == "merge_embedding" and not has_embedding:
-            continue
-        if base.mode == "cc" and name not in ("fg_threshold", "min_size", "smooth"):
-            continue
-        if types[name] in (int, "int"):
-            values[name] = trial.suggest_int(name, int(lo), int(hi), log=log)
-        else:
-            values[name] = trial.suggest_float(name, lo, hi, log=log)
+    space = {k: v for k, v in SPACE.items() if (k != "merge_embedding" or has_embedding)
+             and (base.mode != "cc" or k in ("fg_threshold", "min_size", "smooth"))}  # fmt: skip
+    values = suggest_space(trial, space, PostParams)
     weights = [trial.suggest_float(f"w{j}", 0.0, 1.0) for j in range(n_members)] if n_members > 1 else [1.0]
     if not any(w > 0 for w in weights):
         weights = [1.0] * n_members
@@ -240,13 +241,7 @@ def fold_fitted(run: Path) -> list[dict]:
 
 def _method_trial(trial, spec: MethodSpec, params, contrast: Contrast) -> tuple[object, Contrast]:
     """A trial's method parameters (the method's declared space, plus the params that make fit a no-op) and window."""
-    types = {f.name: f.type for f in dataclasses.fields(params)}
-    values = {}
-    for name, (lo, hi, log) in spec.space.items():
-        if types[name] in (int, "int"):
-            values[name] = trial.suggest_int(name, int(lo), int(hi), log=log)
-        else:
-            values[name] = trial.suggest_float(name, lo, hi, log=log)
+    values = suggest_space(trial, spec.space, type(params))
     lo = trial.suggest_float("window_lo", WINDOW_LO[0], WINDOW_LO[1])
     width = trial.suggest_float("window_width", WINDOW_WIDTH[0], WINDOW_WIDTH[1], log=True)
     return dataclasses.replace(params, **values, **spec.fixed), Contrast((round(lo, 2), round(lo + width, 2)), contrast.channels)

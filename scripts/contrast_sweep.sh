@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Contrast sweep (issue 12): CV of experiments under contrast.window = none, auto and fixed windows,
-# same folds and seeds. The fixed windows are given in HU and turned into grey levels with the data
+# Contrast sweep (issue 12): CV of experiments under contrast.window = none, auto (its default HU
+# window), and each HU window both fixed and through auto's calibration; same folds and seeds. The fixed windows are given in HU and turned into grey levels with the data
 # set's known rendering (the stand-ins: -1000..1000 HU -> 0..255), so `auto` is compared with the
 # windows it tries to find. Usage: scripts/contrast_sweep.sh [EXP...]
 #   (default: baseline_watershed_stretched smooth_watershed); DATA=data/proxy, FOLDS=3;
@@ -21,10 +21,16 @@ grey() {  # "lo,hi" in HU -> "[glo,ghi]" in grey levels under RENDER
 }
 
 for exp in ${@:-baseline_watershed_stretched smooth_watershed}; do
-  for w in none auto $HU_WINDOWS; do
+  # Each HU window twice: fixed (grey levels from the known rendering) and `auto@` (grey levels estimated
+  # from the histogram): the gap between the two is what auto's calibration costs.
+  for w in none auto $HU_WINDOWS $(printf 'auto@%s ' $HU_WINDOWS); do
     grep -qP "^$exp\t$name\t$w\t" $OUT && continue  # resume: done rows are kept
-    case $w in none|auto) value=$w ;; *) value=$(grey "$w") ;; esac
-    log=$($PY -m comp cv $exp --data "$DATA" --folds $FOLDS --set "contrast.window=$value" | tee /dev/stderr)
+    case $w in
+      none|auto) sets=(--set "contrast.window=$w") ;;
+      auto@*) sets=(--set contrast.window=auto --set "contrast.hu=[${w#auto@}]") ;;
+      *) sets=(--set "contrast.window=$(grey "$w")") ;;
+    esac
+    log=$($PY -m comp cv $exp --data "$DATA" --folds $FOLDS "${sets[@]}" | tee /dev/stderr)
     run=$(grep -oP "^$exp on \S+ \(\K[^)]+" <<< "$log")
     $PY - "$exp" "$name" "$w" "$run" <<'PYEOF' >> $OUT
 import json, sys
@@ -40,10 +46,10 @@ done
 $PY - <<'PYEOF'
 import csv
 from pathlib import Path
-rows = list(csv.DictReader(open("runs/contrast_sweep.tsv"), delimiter="\t"))
+rows = sorted(csv.DictReader(open("runs/contrast_sweep.tsv"), delimiter="\t"), key=lambda r: r["experiment"])  # stable: run order within one
 out = ["| experiment | data | contrast.window | grey window | CV ARI ± fold std |", "|---|---|---|---|---|"]
 for r in rows:
-    w = r["window"] if r["window"] in ("none", "auto") else f"{r['window'].replace(',', '..')} HU"
+    w = r["window"] if r["window"] in ("none", "auto") else f"{r['window'].replace(',', '..')} HU".replace("@", " ")
     out.append(f"| {r['experiment']} | {r['data']} | {w} | {r['grey']} | {float(r['mean_ari']):.4f} ± {float(r['fold_std']):.4f} |")
 Path("runs/contrast_sweep.md").write_text("\n".join(out) + "\n")
 print("\n".join(out))
