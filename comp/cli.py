@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -148,9 +149,11 @@ def cmd_submit(a: argparse.Namespace) -> int:
 
 def cmd_ensemble(a: argparse.Namespace) -> int:
     """Greedy forward selection of an ensemble over finished CV runs' OOF maps."""
+    from comp.config import check_name
     from comp.ensemble import build_ensemble, ensemble_path, finished_runs, resolve_run
     from comp.report import write_leaderboard
 
+    check_name(a.name, "--name", "ensemble name")  # before any work: the name becomes a file under runs/
     runs, data = Path(a.runs), resolve_data(a.data)
     members = [resolve_run(m, runs, data) for m in a.members] if a.members else _latest_per_config(finished_runs(runs, data))
     spec, written = build_ensemble(a.name, members, data, runs, a.max_steps, a.images, a.workers, a.command_line, a.force)
@@ -179,13 +182,13 @@ def _latest_per_config(runs: list[Path]) -> list[Path]:
 
 def cmd_tune(a: argparse.Namespace) -> int:
     """Optuna search of post-processing and weights on cached OOF maps; stores the best in the ensemble file."""
-    from comp.ensemble import OOF, build_ensemble, ensemble_path, finished_runs, has_maps, load_ensemble, resolve_run, save_ensemble, single_member
+    from comp.ensemble import OOF, build_ensemble, ensemble_path, finished_runs, has_maps, is_ensemble, load_ensemble, resolve_run, save_ensemble, single_member
     from comp.report import write_leaderboard
     from comp.tune import tune, tune_method
 
     runs, data = Path(a.runs), resolve_data(a.data)
     single = False
-    if ensemble_path(a.name, runs).is_file() or a.name.endswith(".yaml"):
+    if is_ensemble(a.name, runs) or a.name.endswith(".yaml"):
         spec = load_ensemble(a.name, runs)
     elif a.name == "default" and finished_runs(runs, data):  # nothing selected yet: select over every finished map run first
         spec, _ = build_ensemble(a.name, _latest_per_config(finished_runs(runs, data)), data, runs, workers=a.workers,
@@ -398,10 +401,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.command_line = "python -m comp " + shlex.join(argv)
     try:
-        return args.fn(args)
+        rc = args.fn(args)
+        sys.stdout.flush()  # inside the try: a closed pipe is reported here, not at interpreter exit
+        return rc
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `comp score ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

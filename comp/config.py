@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,14 @@ from comp.contrast import ContrastParams
 from comp.errors import UserError
 
 EXPERIMENTS = Path("experiments")
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def check_name(name: str, where: str | Path, what: str = "name") -> str:
+    """A name that becomes a folder or file under runs/: letters, digits, '_', '.', '-' only, never '.' or '..'."""
+    if not _NAME.fullmatch(name) or name in (".", ".."):
+        raise UserError(where, f"{what} '{name}' may only use letters, digits, '_', '.' and '-' (it names a folder under runs/)")
+    return name
 
 
 @dataclass
@@ -158,7 +167,7 @@ def experiment_from_dict(raw: dict, path: Path, overrides: list[str] | None = No
         raise UserError(path, "missing key 'method'")
     spec = get_method(str(raw["method"]), path)
     return Experiment(
-        name=str(raw.get("name", path.stem)),
+        name=check_name(str(raw.get("name", path.stem)), path),
         method=spec.name,
         params=from_dict(spec.params, raw.get("params"), str(path), "params"),
         cv=from_dict(CVConfig, raw.get("cv"), str(path), "cv"),

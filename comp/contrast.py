@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from comp.errors import UserError
 
@@ -87,6 +86,8 @@ def histogram(x: np.ndarray, max_images: int = 200) -> np.ndarray:
 
 def landmarks(hist: np.ndarray, where: str = "data") -> Landmarks:
     """Air, fat, soft-tissue and bone landmarks of a histogram, and the HU calibration they imply."""
+    from scipy import ndimage as ndi  # here: the command line imports this module for its constants
+
     h = hist.astype(np.float64).copy()
     h[0] = h[255] = 0  # clipped values say nothing about where a tissue lies
     smooth = ndi.gaussian_filter1d(h, 1.0)

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import yaml
 
-from comp.config import from_dict
+from comp.config import check_name, from_dict
 from comp.errors import UserError, atomic_write_text
 from comp.io import Dataset
 from comp.merge import Merger
@@ -261,8 +261,16 @@ def single_member(name: str, run: Path, **fields) -> EnsembleSpec:
 
 
 def ensemble_path(name: str, runs: Path) -> Path:
-    """runs/ensembles/NAME.yaml."""
-    return runs / ENSEMBLES / f"{name}.yaml"
+    """runs/ensembles/NAME.yaml (a NAME that would leave that folder is a user error)."""
+    return runs / ENSEMBLES / f"{check_name(name, '--name', 'ensemble name')}.yaml"
+
+
+def is_ensemble(name: str, runs: Path) -> bool:
+    """Whether `name` is an ensemble file's path or the name of a stored ensemble (a run folder or experiment is not)."""
+    try:
+        return name.endswith(".yaml") and Path(name).is_file() or ensemble_path(name, runs).is_file()
+    except UserError:  # not a valid ensemble name: a path of another kind
+        return False
 
 
 def load_ensemble(name: str, runs: Path) -> EnsembleSpec:

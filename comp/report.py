@@ -295,11 +295,11 @@ td,th{{border:1px solid #bbb;padding:3px 6px;text-align:left}} img{{max-width:10
 
 def report(target: str | None, data, runs: Path) -> Path:
     """Report an ensemble name, a run folder or an experiment's newest run (default: ensemble 'default', else the newest run)."""
-    from comp.ensemble import ensemble_path, has_maps, load_ensemble
+    from comp.ensemble import has_maps, is_ensemble, load_ensemble
 
     if target is None:
-        target = "default" if ensemble_path("default", runs).is_file() else None
-    is_file = target is not None and (ensemble_path(target, runs).is_file() or target.endswith(".yaml"))
+        target = "default" if is_ensemble("default", runs) else None
+    is_file = target is not None and (is_ensemble(target, runs) or target.endswith(".yaml"))
     members = [Path(m.run) for m in load_ensemble(target, runs).members] if is_file else []
     if is_file and not (len(members) == 1 and not has_maps(members[0])):
         inp, label = _from_ensemble(target, runs, data), f"ensemble-{Path(target).stem}"

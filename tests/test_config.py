@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,22 @@ def test_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         load_experiment("unet_cpu", ["params.train.budgett=0.25"])
     with pytest.raises(UserError, match="expected KEY=VALUE"):
         load_experiment("unet_cpu", ["params.train.budget"])
+
+
+def test_names_that_would_escape_runs_are_user_errors(tmp_path, tiny_phantom):
+    exp = tmp_path / "escape.yaml"
+    exp.write_text("name: ../../x\nmethod: official_watershed\n")
+    r = run_cli("cv", str(exp), "--data", str(tiny_phantom), "--runs", str(tmp_path / "runs"))
+    assert r.returncode == 2 and "name '../../x' may only use" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path.parent / "x").exists()
+    r = run_cli("ensemble", "--name", "../x", "--data", str(tiny_phantom), "--runs", str(tmp_path / "runs"))
+    assert r.returncode == 2 and "ensemble name '../x'" in r.stderr
+
+
+def test_score_into_a_closed_pipe_exits_quietly(tmp_path, tiny_phantom):
+    import subprocess
+
+    csv = tiny_phantom / "Y_test.csv"
+    cmd = f"{sys.executable} -m comp score {csv} {csv} | head -n 0; echo rc=${{PIPESTATUS[0]}}"
+    r = subprocess.run(["bash", "-c", cmd], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert "rc=0" in r.stdout and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
