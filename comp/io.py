@@ -174,7 +174,11 @@ class LabelTable:
 
 def _header(line: bytes, path: Path) -> list[str]:
     """Parse and check the header line of a label CSV: an empty index name, then '<n>.png' columns."""
-    fields = line.decode("utf-8", "replace").rstrip("\r\n").split(",")
+    # pandas quotes the header when asked to ('"","0.png",...'): the quotes are not part of the names.
+    fields = [f.strip().strip('"') for f in line.decode("utf-8", "replace").rstrip("\r\n").split(",")]
+    if fields and _NAME.match(fields[0]):
+        raise UserError(path, f"the first column is '{fields[0]}', not the row labels ('Pixel 0', ...): "
+                              "was it written without its index (to_csv(index=False))?")  # fmt: skip
     cols = fields[1:]
     if not cols:
         raise UserError(path, "header has no image columns")
@@ -318,16 +322,21 @@ def _read_csv_slow(path: Path) -> tuple[np.ndarray, list[str]]:
 
 
 def _blocks(f, block_bytes: int):
-    """Yield chunks of whole lines (each ends with a newline) from a binary file."""
+    """Yield chunks of whole lines (each ends with a newline) from a binary file; blank lines at its end are dropped."""
+    last = None
     while True:
         buf = f.read(block_bytes)
         if not buf:
-            return
+            break
         if not buf.endswith(b"\n"):
             buf += f.readline()
             if not buf.endswith(b"\n"):
                 buf += b"\n"
-        yield buf
+        if last is not None:
+            yield last
+        last = buf
+    if last is not None and last.strip():
+        yield last.rstrip(b"\r\n \t") + b"\n"
 
 
 def _wrong_rows(path: Path, n: int) -> UserError:

@@ -229,3 +229,24 @@ def test_writer_is_atomic(tmp_path: Path) -> None:
         write_label_csv(path, bad, columns=["0.png"])
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["sub.csv"]  # no temp file left behind
+
+
+def test_csvs_as_pandas_users_write_them(tmp_path):
+    """A quoted header and trailing blank lines are read; a file written with index=False is named exactly."""
+    import pandas as pd
+
+    from comp.io import image_names, read_label_csv, write_label_csv
+
+    y = np.zeros((2, 512, 512), np.uint8)
+    y[0, :10, :10] = 3
+    y[1, 100:, 7] = 200
+    write_label_csv(tmp_path / "a.csv", y, image_names(2))
+    raw = (tmp_path / "a.csv").read_bytes()
+    (tmp_path / "blank.csv").write_bytes(raw + b"\n\r\n")
+    (tmp_path / "quoted.csv").write_bytes(raw.replace(b",0.png,1.png", b'"","0.png","1.png"', 1))
+    for name in ("blank.csv", "quoted.csv"):
+        assert np.array_equal(read_label_csv(tmp_path / name).maps, y), name
+    df = pd.DataFrame(y.reshape(2, -1).T, columns=image_names(2))
+    df.to_csv(tmp_path / "noindex.csv", index=False)
+    with pytest.raises(UserError, match=r"first column is '0.png'.*index=False"):
+        read_label_csv(tmp_path / "noindex.csv")
