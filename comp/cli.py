@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from comp.contrast import HU_WINDOW
-from comp.errors import UserError
+from comp.errors import UserError, writable_dir
 
 # The embedded default data set of `make cv` when no challenge data is present: small enough
 # for a 2-core CPU, in the exact challenge layout.
@@ -119,6 +119,7 @@ def cmd_cv(a: argparse.Namespace) -> int:
     from comp.report import write_leaderboard
 
     exp = load_experiment(a.experiment, a.set)
+    writable_dir(a.runs, "run folders")
     run_cv(exp, resolve_data(a.data), a.folds, Path(a.runs), command=a.command_line)
     print(f"leaderboard: {write_leaderboard(Path(a.runs))}")
     return 0
@@ -131,8 +132,9 @@ def cmd_submit(a: argparse.Namespace) -> int:
 
     if bool(a.experiment) == bool(a.ensemble):
         raise UserError("submit", "give an experiment or --ensemble NAME (one of the two)")
+    out = Path(a.out or f"submissions/{Path(a.ensemble or a.experiment).stem}.csv")
+    writable_dir(out.parent, "submission")  # before any fitting or predicting
     if a.ensemble:
-        out = Path(a.out or f"submissions/{Path(a.ensemble).stem}.csv")
         s = submit_ensemble(a.ensemble, resolve_data(a.data), out, Path(a.runs), a.cached, not a.no_tta, a.workers)
     else:
         exp = load_experiment(a.experiment, a.set)
@@ -413,3 +415,6 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `comp score ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # a full disk or a folder gone mid-run: one line, like a user error
+        print(f"error: {e.filename or 'output'}: {e.strerror or e}", file=sys.stderr)
+        return 2

@@ -54,3 +54,16 @@ def atomic_save_npy(path: str | os.PathLike, arr) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write text to `path` atomically."""
     atomic_write_bytes(path, text.encode())
+
+
+def writable_dir(folder: str | os.PathLike, what: str) -> Path:
+    """Create `folder` if needed and prove it takes a file, before any long work writes there."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(folder, f"cannot write the {what} there ({exc.strerror or exc.__class__.__name__})") from None
+    return folder

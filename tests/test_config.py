@@ -88,3 +88,13 @@ def test_score_into_a_closed_pipe_exits_quietly(tmp_path, tiny_phantom):
     cmd = f"{sys.executable} -m comp score {csv} {csv} | head -n 0; echo rc=${{PIPESTATUS[0]}}"
     r = subprocess.run(["bash", "-c", cmd], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
     assert "rc=0" in r.stdout and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+def test_unwritable_outputs_fail_before_the_work(tmp_path, tiny_phantom):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    r = run_cli("submit", "baseline_watershed", "--data", str(tiny_phantom), "--out", str(blocker / "sub.csv"))
+    assert r.returncode == 2 and "cannot write the submission there" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("cv", "baseline_watershed", "--data", str(tiny_phantom), "--runs", str(blocker / "runs"))
+    assert r.returncode == 2 and "cannot write the run folders there" in r.stderr
+    assert "fold 0" not in r.stdout  # nothing was fitted first
