@@ -7,7 +7,7 @@ import torch
 
 from comp.data.targets import resize_image
 from comp.models import DIST, EMB0, InstanceNet
-from comp.train import device
+from comp.train import Amp, device
 
 
 def _activate(out: torch.Tensor) -> torch.Tensor:
@@ -18,12 +18,12 @@ def _activate(out: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_maps(model: InstanceNet, x: np.ndarray, res: int, batch_size: int = 16, tta: bool = False,
-                 affine: tuple[float, float] = (1.0, 0.0)) -> np.ndarray:  # fmt: skip
+                 affine: tuple[float, float] = (1.0, 0.0), amp: bool = True) -> np.ndarray:  # fmt: skip
     """(N, 512, 512) uint8 slices -> (N, C, res, res) float16 maps; `tta` averages flips; `affine` as in training."""
     from tqdm import tqdm
 
     dev = device()
-    cuda = dev.type == "cuda"
+    mixed = Amp(dev, amp)  # the training's setting: bf16 where native, else fp16; nothing on the CPU
     model.to(dev).eval()
     out = None
     for i in tqdm(range(0, len(x), batch_size), desc="predict", leave=False, disable=len(x) <= batch_size):
@@ -33,7 +33,7 @@ def predict_maps(model: InstanceNet, x: np.ndarray, res: int, batch_size: int = 
         acc = None
         for dims in flips:
             inp = chunk.flip(dims) if dims else chunk
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+            with mixed.autocast():
                 y = _activate(model(inp))
             y = y.flip(dims) if dims else y
             acc = y if acc is None else acc + y

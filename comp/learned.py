@@ -78,7 +78,7 @@ class LearnedInstances:
         from comp.infer import predict_maps
 
         tta = self.p.tta if tta is None else tta
-        return predict_maps(self.model, x, self.p.train.resolution, tta=tta, affine=self.contrast.unit_affine())
+        return predict_maps(self.model, x, self.p.train.resolution, tta=tta, affine=self.contrast.unit_affine(), amp=self.p.train.amp)
 
     def postprocess_maps(self, maps: np.ndarray) -> np.ndarray:
         """(N, C, r, r) maps -> (N, 512, 512) uint8 instance maps."""

@@ -27,7 +27,7 @@ from comp.contrast import Contrast, ContrastParams, resolve
 from comp.data.targets import AugConfig, augment, resize_image
 from comp.errors import UserError, atomic_write_text
 from comp.models import InstanceNet, ModelConfig, build_model
-from comp.train import Amp, device, lr_factor, run_epoch, save_checkpoint, seed_everything
+from comp.train import Amp, describe, device, lr_factor, run_epoch, save_checkpoint, seed_everything
 
 
 @dataclass
@@ -209,12 +209,13 @@ def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path, contrast: Contrast = 
     loader = torch.utils.data.DataLoader(data, batch_size=min(cfg.batch_size, len(data)), shuffle=True, drop_last=True, generator=gen)
     opt = torch.optim.AdamW(task.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     amp = Amp(dev, cfg.amp)
+    print(f"pretraining on {describe(dev)}", flush=True)
     per_epoch, total = len(loader), cfg.epochs * len(loader)
     warm = int(cfg.warmup_epochs * per_epoch)
     last = out_dir / "last.pt"
     start, history = 0, []
     if last.exists():
-        ck = torch.load(last, map_location=dev, weights_only=False)
+        ck = torch.load(last, map_location="cpu", weights_only=True)  # CPU RNG states; no pickle from a checkpoint
         task.load_state_dict(ck["task"])
         opt.load_state_dict(ck["opt"])
         if "scaler" in ck:

@@ -44,12 +44,18 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def describe(dev: torch.device) -> str:
+    """The device in words, for the first line of a run (a 512 px config silently on the CPU is hours lost)."""
+    return f"{dev.type} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
 class Amp:
     """Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); a no-op on CPU."""
 
     def __init__(self, dev: torch.device, enabled: bool) -> None:
         self.dev, self.enabled = dev, enabled and dev.type == "cuda"
-        self.dtype = torch.bfloat16 if self.enabled and torch.cuda.is_bf16_supported() else torch.float16
+        native_bf16 = self.enabled and torch.cuda.is_bf16_supported(including_emulation=False)
+        self.dtype = torch.bfloat16 if native_bf16 else torch.float16  # emulated bf16 is slow: fp16 + loss scaling
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
 
     def autocast(self) -> torch.autocast:
@@ -157,6 +163,8 @@ def train_fold(
     dev = device()
     cuda = dev.type == "cuda"
     seed_everything(seed)
+    amp = Amp(dev, cfg.amp)
+    print(f"training on {describe(dev)}" + (f", AMP {str(amp.dtype).split('.')[-1]}" if amp.enabled else ", no AMP"), flush=True)
     if cfg.budget < 1.0:
         keep = np.random.default_rng(seed).permutation(len(x))[: max(1, round(cfg.budget * len(x)))]
         x, y = x[np.sort(keep)], y[np.sort(keep)]
@@ -176,14 +184,14 @@ def train_fold(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     opt = _optimizer(model, cfg)
-    amp = Amp(dev, cfg.amp)
     per_epoch = len(loader)
     total = cfg.epochs * per_epoch
     warm = int(cfg.warmup_epochs * per_epoch)
     last, best_path = workdir / "last.pt", workdir / "best.pt"
     start, best, history = 0, -math.inf, []
     if last.exists():
-        ck = torch.load(last, map_location=dev, weights_only=False)
+        # On the CPU and weights-only: RNG states must stay CPU tensors, and no pickle runs from a checkpoint.
+        ck = torch.load(last, map_location="cpu", weights_only=True)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         amp.scaler.load_state_dict(ck["scaler"])
