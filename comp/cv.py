@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -73,6 +76,43 @@ def _run_dir(exp: Experiment, data: Dataset, folds: int, runs: Path) -> Path:
     return base / f"{stamp}-{key}"
 
 
+def _alive(pid: int) -> bool:
+    """Whether a process of this machine still exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(path: Path):
+    """Hold `path` (pid@host inside) for the duration: a second process of the same run stops with one clear error."""
+    me = f"{os.getpid()}@{socket.gethostname()}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            holder = path.read_text().strip() if path.is_file() else ""
+            pid, _, host = holder.partition("@")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                path.unlink(missing_ok=True)  # left by a process that died (kill -9): take it over
+                continue
+            raise UserError(path, f"this run is in progress in process {holder or '?'}; wait for it (or delete this file if that process is gone)")
+    else:
+        raise UserError(path, "could not take the run lock")
+    os.write(fd, me.encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def finished_run(exp: Experiment, data: Dataset, folds: int, runs: Path = RUNS) -> CVResult | None:
     """The newest finished run of this exact config, data and fold count, if any."""
     key = _run_key(exp, data, folds)
@@ -85,8 +125,14 @@ def finished_run(exp: Experiment, data: Dataset, folds: int, runs: Path = RUNS) 
 
 
 def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path = RUNS, command: str = "") -> CVResult:
-    """Fit and predict every fold, score OOF predictions, write the run folder, return the summary."""
+    """Fit and predict every fold, score OOF predictions, write the run folder, return the summary (one process per run)."""
     k = folds or exp.cv.folds
+    with run_lock(runs / exp.name / f".{_run_key(exp, data, k)}.lock"):
+        return _run_cv(exp, data, k, runs, command)
+
+
+def _run_cv(exp: Experiment, data: Dataset, k: int, runs: Path, command: str) -> CVResult:
+    """run_cv's work, under its lock."""
     spec = get_method(exp.method, exp.path)
     ann = data.annotated
     if len(ann) == 0:

@@ -13,6 +13,7 @@ from comp.config import CVConfig, Experiment
 from comp.cv import make_folds, run_cv
 from comp.baselines import OfficialWatershedParams, SmoothWatershedParams
 from comp.io import Dataset
+from tests.conftest import run_cli
 
 
 def test_folds_deterministic_and_balanced() -> None:
@@ -73,3 +74,25 @@ def test_smooth_watershed_beats_the_official_baseline(tiny_phantom: Path, tmp_pa
     off = run_cv(_exp("off", "official_watershed", OfficialWatershedParams(workers=2)), d, runs=tmp_path)
     smooth = run_cv(_exp("sm", "smooth_watershed", SmoothWatershedParams(fit_images=4, workers=2)), d, runs=tmp_path)
     assert smooth.mean > off.mean
+
+
+def test_a_run_in_progress_is_not_run_twice(tmp_path, tiny_phantom):
+    """A live holder of the run's lock stops a second process with one clear error; a dead one's lock is taken over."""
+    import os
+    import socket
+
+    from comp.config import load_experiment
+    from comp.cv import _run_key
+    from comp.io import Dataset
+
+    exp = load_experiment("baseline_watershed")
+    lock = tmp_path / "runs" / exp.name / f".{_run_key(exp, Dataset(tiny_phantom), 2)}.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(f"{os.getpid()}@{socket.gethostname()}")  # this test process: alive
+    args = ("cv", "baseline_watershed", "--data", str(tiny_phantom), "--folds", "2", "--runs", str(tmp_path / "runs"))
+    r = run_cli(*args)
+    assert r.returncode == 2 and f"in progress in process {os.getpid()}@" in r.stderr and "fold 0" not in r.stdout
+    lock.write_text(f"{2**22 + 12345}@{socket.gethostname()}")  # no such process
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert not lock.exists() and len(list((tmp_path / "runs" / exp.name).glob("*/cv.json"))) == 1
