@@ -139,7 +139,7 @@ def cmd_submit(a: argparse.Namespace) -> int:
     else:
         exp = load_experiment(a.experiment, a.set)
         out = Path(a.out or f"submissions/{exp.name}.csv")
-        s = submit(exp, resolve_data(a.data), out)
+        s = submit(exp, resolve_data(a.data), out, runs=Path(a.runs))
     line = f"{out}: valid submission for {s['images']} test images ({s['mean_regions']:.1f} regions per image)"
     if "seconds_per_slice" in s:
         line += f"; {s['seconds_per_slice']:.3f} s per slice"

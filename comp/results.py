@@ -63,7 +63,7 @@ def _held_out_single(name: str, short: str, run: Path, data, runs: Path) -> floa
         spec = single_member(f"results-{data.name}-{short}", run)
         save_ensemble(spec, runs)
         return submit_ensemble(spec.name, data, out, runs)["test_ari"]
-    return submit(load_experiment(name), data, out)["test_ari"]
+    return submit(load_experiment(name), data, out, runs=runs)["test_ari"]
 
 
 def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | None = Path("README.md")) -> Path:

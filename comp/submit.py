@@ -39,7 +39,7 @@ def validate_submission(path: str | Path, data_root: str | Path, row_labels: lis
     return {"images": n_test, "mean_regions": float(np.mean(regions))}
 
 
-def submit(exp: Experiment, data: Dataset, out: str | Path, seed: int = 0) -> dict:
+def submit(exp: Experiment, data: Dataset, out: str | Path, seed: int = 0, runs: Path = Path("runs")) -> dict:
     """Fit the method on every annotated slice, predict X_test, write and validate `out`."""
     out = Path(out)
     if not data.has_test_images:
@@ -49,7 +49,8 @@ def submit(exp: Experiment, data: Dataset, out: str | Path, seed: int = 0) -> di
     ann = data.annotated
     if len(ann) == 0:
         raise UserError(data.root / "Y_train.csv", "no annotated image to fit on")
-    workdir = Path("runs") / exp.name / f"submit-{exp.digest()}"
+    # Keyed like CV runs (config and data): a model fitted on other data is never resumed or shipped.
+    workdir = Path(runs) / exp.name / f"submit-{exp.digest()}-{data.fingerprint()['y_train'][:6]}"
     workdir.mkdir(parents=True, exist_ok=True)
     contrast = resolve(exp.contrast, data.x_train, exp.path)  # as in CV: the training slices' histogram
     ctx = FitContext(workdir=workdir, fold=-1, seed=seed, unlabelled=data.x_train[data.unlabelled], contrast=contrast)
@@ -118,7 +119,7 @@ def submit_ensemble(name: str, data: Dataset, out: str | Path, runs: Path = Path
     if len(spec.members) == 1 and not has_maps(Path(spec.members[0].run)):
         # A tuned non-learned method: its settings (window included) applied to the fit on every annotated slice.
         exp, _ = run_experiment(Path(spec.members[0].run), spec.overrides)
-        return submit(exp, data, out)
+        return submit(exp, data, out, runs=runs)
     t0 = time.time()
     member_maps = []
     for m in spec.members:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from comp.data.targets import AugConfig, augment, make_targets, resize_image, resize_labels
-from comp.errors import atomic_path
+from comp.errors import UserError, atomic_path
 from comp.losses import LossConfig, instance_loss
 from comp.models import InstanceNet
 
@@ -192,6 +193,8 @@ def train_fold(
     if last.exists():
         # On the CPU and weights-only: RNG states must stay CPU tensors, and no pickle runs from a checkpoint.
         ck = torch.load(last, map_location="cpu", weights_only=True)
+        if json.loads(json.dumps(ck.get("config"))) != json.loads(json.dumps(asdict(cfg))):  # tuples and lists alike
+            raise UserError(last, "checkpoint of another training config: delete this folder or use a new run")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         amp.scaler.load_state_dict(ck["scaler"])

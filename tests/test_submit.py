@@ -71,3 +71,24 @@ def test_cli_cv_and_submit_on_a_data_folder(tiny_phantom: Path, tmp_path: Path) 
     r = run_cli("submit", str(exp), "--data", str(tiny_phantom), "--out", str(out), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "held-out test ARI" in r.stdout and out.is_file()
+
+
+def test_submit_on_other_data_never_resumes_the_first_datas_model(tmp_path):
+    """The same learned config submitted on two data sets trains twice, each in its own --runs work folder."""
+    import yaml
+
+    from comp.data.phantom import generate
+    from tests.conftest import TINY_UNET
+
+    exp = tmp_path / "tinysub.yaml"
+    raw = yaml.safe_load(TINY_UNET)
+    raw["params"]["train"]["epochs"] = 1
+    exp.write_text(yaml.safe_dump({**raw, "name": "tinysub"}))
+    outs = []
+    for seed in (11, 12):
+        data = generate(tmp_path / f"d{seed}", n_train=6, n_labelled=4, n_test=2, seed=seed, workers=1)
+        r = run_cli("submit", str(exp), "--data", str(data), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / f"{seed}.csv"))
+        assert r.returncode == 0, r.stderr
+        outs.append(r.stdout + r.stderr)
+    assert "resuming" not in outs[1]
+    assert len(list((tmp_path / "runs" / "tinysub").glob("submit-*"))) == 2
