@@ -35,7 +35,7 @@ cv: venv  ## cross-validate experiments/$(EXP).yaml (default data: data/raw, els
 test: venv  ## the whole test suite
 	$(PY) -m pytest -q tests
 
-submit: venv  ## ensemble ENS (fold models + flip TTA) if tuned/selected, else fit EXP on every annotated slice; validated CSV
+submit: venv  ## the tuned/selected file (EXP= on the command line, else ENS) if it exists, else fit EXP on every annotated slice; validated CSV
 ifneq ($(SUBMIT_ENS),)
 	$(PY) -m comp submit --ensemble $(TARGET_ENS) $(DATA_ARG) --out submissions/$(TARGET_ENS).csv
 else
