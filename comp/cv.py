@@ -149,7 +149,6 @@ def _run_cv(exp: Experiment, data: Dataset, k: int, runs: Path, command: str) ->
     atomic_write_text(
         run_dir / "folds.csv", "image,index,fold\n" + "".join(f"{names[i]},{i},{f}\n" for i, f in zip(ann, fold_of))
     )
-    x_unl = data.x_train[data.unlabelled] if len(data.unlabelled) else None
     x_test = data.x_test if data.has_test_images else None
     t0 = time.time()
     for f in range(k):
@@ -164,8 +163,6 @@ def _run_cv(exp: Experiment, data: Dataset, k: int, runs: Path, command: str) ->
             fold=f,
             seed=exp.cv.seed + f,
             val=FoldData(data.x_train[va], data.y_train[va], va),
-            unlabelled=x_unl,
-            test=x_test,
             contrast=contrast,
         )
         ctx.workdir.mkdir(parents=True, exist_ok=True)

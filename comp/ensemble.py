@@ -174,7 +174,7 @@ class OOF:
         return self.members[0].folds
 
     def subset(self, n: int, seed: int = 0) -> np.ndarray:
-        """Indices of up to n OOF images, spread over folds, deterministic (0 = all)."""
+        """Indices of up to n OOF images drawn at random (seeded, so deterministic), in order (0 = all)."""
         if n <= 0 or n >= len(self.images):
             return np.arange(len(self.images))
         return np.sort(np.random.default_rng(seed).permutation(len(self.images))[:n])

@@ -114,7 +114,3 @@ def load_encoder(model: InstanceNet, path: Path) -> None:
         raise UserError(path, f"encoder checkpoint does not fit this encoder: {what}")
     model.encoder.load_state_dict(state)
 
-
-def param_count(model: nn.Module) -> int:
-    """Number of parameters."""
-    return sum(p.numel() for p in model.parameters())

@@ -92,11 +92,11 @@ class PostParams:
 
     mode: str = "watershed"  # watershed | cc (connected components of the foreground only)
     fg_threshold: float = 0.5  # pixels above it are plausible structure and get a region
-    seed_threshold: float = 0.5  # seeds: fg * (1 - boundary) * dist-weighting above this
+    seed_threshold: float = 0.5  # seeds: fg * (1 - boundary_weight * boundary) above this ...
     seed_dist: float = 0.3  # ... and distance-to-border map above this
     boundary_weight: float = 1.0  # how much the boundary map lowers seed evidence
     min_seed: int = 8  # pixels (at 512) a seed needs
-    min_size: int = 30  # regions below this join their neighbour (or vanish if isolated)
+    min_size: int = 30  # regions below this join the neighbour they share the longest border with (or vanish if isolated)
     smooth: float = 0.0  # Gaussian sigma applied to the maps before thresholding (pixels at 512)
     merge_embedding: float = 0.0  # merge adjacent regions whose mean embeddings are closer (0 = off)
     compactness: float = 0.0
@@ -158,7 +158,7 @@ def instances_from_maps(maps: np.ndarray, p: PostParams, size: int = 512) -> np.
 
 
 def absorb_small(labels: np.ndarray, min_size: int) -> np.ndarray:
-    """Regions below `min_size` pixels take the id of the largest region they touch, or vanish if none."""
+    """Regions below `min_size` pixels take the id of the (not small) neighbour with the longest shared border, or vanish if none."""
     if min_size <= 1 or labels.max() == 0:
         return labels
     cnt = np.bincount(labels.ravel())

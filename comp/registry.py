@@ -33,8 +33,6 @@ class FitContext:
     fold: int
     seed: int
     val: FoldData | None = None
-    unlabelled: np.ndarray | None = None  # slices without annotation: usable without labels
-    test: np.ndarray | None = None  # test slices (never labels): for caching their maps
     contrast: Contrast = Contrast()  # the experiment's contrast step, resolved on this data set
 
 

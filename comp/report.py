@@ -105,9 +105,6 @@ def write_leaderboard(runs: Path) -> Path:
 
 # ----------------------------------------------------------------------------- HTML report
 
-COLOURS = 64
-
-
 def _plt():
     """matplotlib with a file-only backend (no screen on a GPU box either)."""
     import matplotlib

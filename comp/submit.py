@@ -53,7 +53,7 @@ def submit(exp: Experiment, data: Dataset, out: str | Path, seed: int = 0, runs:
     workdir = Path(runs) / exp.name / f"submit-{exp.digest()}-{data.fingerprint()['y_train'][:6]}"
     workdir.mkdir(parents=True, exist_ok=True)
     contrast = resolve(exp.contrast, data.x_train, exp.path)  # as in CV: the training slices' histogram
-    ctx = FitContext(workdir=workdir, fold=-1, seed=seed, unlabelled=data.x_train[data.unlabelled], contrast=contrast)
+    ctx = FitContext(workdir=workdir, fold=-1, seed=seed, contrast=contrast)
     method.fit(FoldData(data.x_train[ann], data.y_train[ann], ann), ctx)
     return _write_validate_score(out, method.predict(data.x_test), data)
 
