@@ -227,6 +227,9 @@ def test_writer_is_atomic(tmp_path: Path) -> None:
     bad = np.zeros((2, 512, 512), np.uint8)
     with pytest.raises(ValueError):
         write_label_csv(path, bad, columns=["0.png"])
+    # A failure after the header and the first blocks are written (too few row labels for the second block).
+    with pytest.raises(ValueError):
+        write_label_csv(path, bad, row_labels=[f"Pixel {i}" for i in range(20_000)], block_rows=16_384)
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["sub.csv"]  # no temp file left behind
 
