@@ -72,8 +72,11 @@ def _run_dir(exp: Experiment, data: Dataset, folds: int, runs: Path) -> Path:
         for d in sorted(base.iterdir(), reverse=True):
             if d.name.endswith(key) and not (d / "cv.json").exists():
                 return d
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return base / f"{stamp}-{key}"
+    while True:  # run ids are one per second: a rerun within the same second waits for the next one
+        new = base / f"{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}-{key}"
+        if not new.exists():
+            return new
+        time.sleep(0.2)
 
 
 def _alive(pid: int) -> bool:
@@ -162,7 +165,6 @@ def _run_cv(exp: Experiment, data: Dataset, k: int, runs: Path, command: str) ->
             workdir=run_dir / f"fold{f}",
             fold=f,
             seed=exp.cv.seed + f,
-            val=FoldData(data.x_train[va], data.y_train[va], va),
             contrast=contrast,
         )
         ctx.workdir.mkdir(parents=True, exist_ok=True)

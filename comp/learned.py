@@ -17,7 +17,17 @@ from comp.models import ModelConfig, build_model
 from comp.parallel import pmap
 from comp.postprocess import PostParams, instances_from_maps
 from comp.registry import FitContext, FoldData, register_method
-from comp.train import TrainConfig, train_fold
+from comp.train import TrainConfig, seed_everything, train_fold
+
+
+def inner_split(n: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, validation) indices of n training images: n_val of them held out at random (seeded), in order."""
+    if n_val <= 0:
+        return np.arange(n), np.arange(0)
+    if n_val >= n:
+        raise UserError("params.val_images", f"{n_val} validation images but the fold has only {n} training images")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
 @dataclass
@@ -28,7 +38,9 @@ class LearnedParams:
     train: TrainConfig = field(default_factory=TrainConfig)
     post: PostParams = field(default_factory=PostParams)
     tta: bool = False
-    val_images: int = 0  # images used for the per-epoch validation score (0 = the whole fold)
+    # An inner validation split of this many of the fold's *training* images picks the best epoch (never the
+    # scored fold's images); 0 = a fixed schedule: train on every training image and keep the last epoch.
+    val_images: int = 0
     workers: int = 0  # processes for post-processing (0 = all cores)
 
 
@@ -42,17 +54,19 @@ class LearnedInstances:
         self.contrast = Contrast()
 
     def fit(self, train: FoldData, ctx: FitContext) -> None:
-        """Train a fresh network on the fold, keeping the epoch with the best validation ARI."""
+        """Train a fresh network on the fold: the last epoch, or the best on an inner split of the training images."""
         self.contrast = ctx.contrast
+        seed_everything(ctx.seed)  # before the build: a fold's initial weights depend on its seed only
         self.model = build_model(self.p.model, self.contrast.stem_windows())
+        fit_idx, val_idx = inner_split(len(train.x), self.p.val_images, ctx.seed)
         validate = None
-        if ctx.val is not None and len(ctx.val.x):
-            n = self.p.val_images or len(ctx.val.x)
-            vx, vy = ctx.val.x[:n], ctx.val.y[:n]
+        if len(val_idx):
+            vx, vy = train.x[val_idx], train.y[val_idx]
             validate = lambda model: self._quick_score(vx, vy)  # noqa: E731
-        info = train_fold(self.model, train.x, train.y, self.p.train, ctx.workdir, ctx.seed, validate, self.contrast.unit_affine())
+        info = train_fold(self.model, train.x[fit_idx], train.y[fit_idx], self.p.train, ctx.workdir, ctx.seed, validate,
+                          self.contrast.unit_affine())  # fmt: skip
         atomic_write_text(ctx.workdir / "history.json", json.dumps(info["history"], indent=1))
-        self.fitted = {"best_val_ari": info["best_val_ari"], "epochs": len(info["history"])}
+        self.fitted = {"best_val_ari": info["best_val_ari"], "epochs": len(info["history"]), "val_ids": train.ids[val_idx].tolist()}
 
     def load(self, workdir: Path, contrast: Contrast = Contrast()) -> None:
         """Load a trained fold (workdir/best.pt) and the run's resolved contrast; no pretraining checkpoint is needed."""

@@ -32,7 +32,6 @@ class FitContext:
     workdir: Path
     fold: int
     seed: int
-    val: FoldData | None = None
     contrast: Contrast = Contrast()  # the experiment's contrast step, resolved on this data set
 
 

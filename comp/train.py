@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,7 @@ class TrainConfig:
     channels_last: bool = True  # only on CUDA
     num_workers: int = 0
     budget: float = 1.0  # fraction of the fold's annotated training images used (few-shot ablations)
+    deterministic: bool = False  # CUDA: deterministic kernels (slower); the CPU path is deterministic anyway
     loss: LossConfig = field(default_factory=LossConfig)
     aug: AugConfig = field(default_factory=AugConfig)
 
@@ -164,6 +166,10 @@ def train_fold(
     dev = device()
     cuda = dev.type == "cuda"
     seed_everything(seed)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
     amp = Amp(dev, cfg.amp)
     print(f"training on {describe(dev)}" + (f", AMP {str(amp.dtype).split('.')[-1]}" if amp.enabled else ", no AMP"), flush=True)
     if cfg.budget < 1.0:

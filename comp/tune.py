@@ -83,7 +83,7 @@ def open_study(url: str, name: str, seed: int):
                 storage = optuna.storages.RDBStorage(url, heartbeat_interval=10, grace_period=30)
             break
         except Exception as exc:  # bad URL, server down, missing driver; or a race on a new database's schema
-            if "UniqueViolation" in str(exc) and attempt < 4:
+            if ("UniqueViolation" in str(exc) or "UNIQUE constraint failed" in str(exc)) and attempt < 4:  # PostgreSQL, SQLite
                 time.sleep(0.5 + attempt)  # another worker is creating the tables: try again once it is done
                 continue
             raise UserError(url.split("@")[-1], f"cannot open the study storage ({exc.__class__.__name__}: {str(exc)[:160]})") from None

@@ -199,3 +199,32 @@ def test_kill_9_mid_training_resumes_from_checkpoint(tiny_phantom: Path, tmp_pat
     assert f"resuming from {last} at epoch {done + 1}" in out
     hist = json.loads((last.parent / "history.json").read_text())
     assert [h["epoch"] for h in hist] == list(range(30))  # no epoch lost or repeated
+
+
+def test_selection_never_sees_the_scored_fold_and_seeds_fix_the_weights(tmp_path, tiny_phantom):
+    """The epoch is picked on an inner split of the training images; two runs in one process score the same."""
+    import json
+
+    import pandas as pd
+    import yaml
+
+    from comp.config import experiment_from_dict
+    from comp.cv import run_cv
+    from comp.io import Dataset
+    from tests.conftest import TINY_UNET
+
+    raw = yaml.safe_load(TINY_UNET)
+    raw["params"]["val_images"] = 2
+    exp = experiment_from_dict({**raw, "name": "tinysel"}, tmp_path / "tinysel.yaml")
+    data = Dataset(tiny_phantom)
+    scores = []
+    for k in range(2):  # the second run's build follows a whole training in this process
+        run = run_cv(exp, data, runs=tmp_path / f"runs{k}").run_dir
+        folds = pd.read_csv(run / "folds.csv")
+        for f in range(2):
+            val_ids = json.loads((run / f"fold{f}" / "fold.json").read_text())["fitted"]["val_ids"]
+            scored = set(folds.loc[folds["fold"] == f, "index"])
+            trained = set(folds.loc[folds["fold"] != f, "index"])
+            assert len(val_ids) == 2 and set(val_ids) <= trained and not set(val_ids) & scored
+        scores.append(pd.read_csv(run / "oof_scores.csv")["ari"].to_numpy())
+    assert np.array_equal(scores[0], scores[1])
