@@ -253,3 +253,23 @@ def test_csvs_as_pandas_users_write_them(tmp_path):
     df.to_csv(tmp_path / "noindex.csv", index=False)
     with pytest.raises(UserError, match=r"first column is '0.png'.*index=False"):
         read_label_csv(tmp_path / "noindex.csv")
+
+
+def test_float_written_labels_take_the_fast_reader(tmp_path, monkeypatch):
+    """'3.0'-style values (pandas floats) parse in the fast path; a real fraction still gets its exact error."""
+    import comp.io as io_mod
+    from comp.io import image_names, read_label_csv
+
+    y = np.zeros((2, 512, 512), np.uint8)
+    y[0, :10, :10] = 3
+    y[1, 5:, 9] = 255
+    df = pd.DataFrame(y.reshape(2, -1).T.astype(float), columns=image_names(2), index=[f"Pixel {i}" for i in range(512 * 512)])
+    df.to_csv(tmp_path / "f.csv")
+    assert b"3.0," in (tmp_path / "f.csv").read_bytes()[:200_000] or b"255.0" in (tmp_path / "f.csv").read_bytes()
+    monkeypatch.setattr(io_mod, "_read_csv_slow", lambda path: (_ for _ in ()).throw(AssertionError("slow path")))
+    assert np.array_equal(read_label_csv(tmp_path / "f.csv").maps, y)
+    monkeypatch.undo()
+    df.iloc[7, 1] = 2.5
+    df.to_csv(tmp_path / "g.csv")
+    with pytest.raises(UserError, match="non-integer value 2.5"):
+        read_label_csv(tmp_path / "g.csv")
