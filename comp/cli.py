@@ -201,25 +201,25 @@ def cmd_tune(a: argparse.Namespace) -> int:
             raise UserError(runs, f"no finished CV run with cached maps on data '{data.name}': run `comp cv` first, or name an experiment")
         spec = single_member(Path(a.name).name, resolve_run(exp, runs, data, maps=False), data=data.fingerprint(), command=a.command_line)
         single = True
-    if len(spec.members) == 1 and not has_maps(Path(spec.members[0].run)):  # a non-learned method: its parameters and window
-        r = tune_method(spec, data, runs, a.trials, a.storage, a.images, a.seed)
-        print(f"{r.trials_complete} complete trials ({r.trials_per_minute:.1f} per minute this call); best trial {r.best_trial_ari:.4f}")
-        print(f"all OOF images (the images the search optimised: in-sample): {r.oof_ari:.4f}")
-        path = ensemble_path(spec.name, runs)
-        if r.stored or path.is_file():
-            print(f"{'stored in' if r.stored else 'kept the better stored result in'} {path}")
-        else:
-            print(f"nothing stored: the run's own settings score {spec.oof_ari:.4f} out-of-fold; `comp submit` fits the experiment as configured")
-        print(f"leaderboard: {write_leaderboard(runs)}")
-        return 0
-    oof = OOF.load([Path(m.run) for m in spec.members], data)  # a run without maps stops here, before anything is saved
-    if single:
-        save_ensemble(spec, runs)
-    r = tune(spec, oof, runs, a.trials, a.storage, a.images, a.workers, not a.no_merge, a.seed)
+    learned = not (len(spec.members) == 1 and not has_maps(Path(spec.members[0].run)))
+    if learned:
+        oof = OOF.load([Path(m.run) for m in spec.members], data)  # a run without maps stops here, before anything is saved
+        if single:
+            save_ensemble(spec, runs)
+        r = tune(spec, oof, runs, a.trials, a.storage, a.images, a.workers, not a.no_merge, a.seed, a.params)
+    else:  # a non-learned method: its parameters and contrast window
+        r = tune_method(spec, data, runs, a.trials, a.storage, a.images, a.seed, a.params)
     print(f"{r.trials_complete} complete trials ({r.trials_per_minute:.1f} per minute this call); best trial {r.best_trial_ari:.4f}")
-    merged = f"with merging (threshold {r.merge_threshold}) {r.oof_ari:.4f}" if r.merge_threshold else "merging did not help"
-    print(f"all OOF images: without merging {r.oof_ari_no_merge:.4f}, {merged}")
-    print(f"{'stored in' if r.stored else 'kept the better stored result in'} {ensemble_path(spec.name, runs)}")
+    merged = f", with merging at {r.merge_threshold}" if r.merge_threshold else ""
+    print(f"tuned{merged}: in-sample {r.oof_ari:.4f} (the images the search optimised), nested {r.nested_ari:.4f} "
+          f"(each fold scored by a search on the others); to beat: {r.baseline_ari:.4f}")  # fmt: skip
+    path = ensemble_path(spec.name, runs)
+    if r.stored:
+        print(f"stored in {path}")
+    elif path.is_file():
+        print(f"kept the stored settings in {path}: the tuned ones do not beat them on the nested estimate")
+    else:
+        print("nothing stored: the tuned settings do not beat the run's own CV score; `comp submit` fits the experiment as configured")
     print(f"leaderboard: {write_leaderboard(runs)}")
     return 0
 
@@ -360,6 +360,7 @@ def parser() -> argparse.ArgumentParser:
     tu.add_argument("--storage", default=None, help="study storage URL, e.g. postgresql://user@host/db (default SQLite under runs/tune/)")
     tu.add_argument("--images", type=int, default=0, help="tune on this many OOF images (0 = all)")
     tu.add_argument("--no-merge", action="store_true", help="skip LightGBM region merging")
+    tu.add_argument("--params", nargs="+", default=None, metavar="NAME", help="search only these parameters (fewer free parameters: a nested estimate that overfits less)")
     tu.add_argument("--exp", default=None, help="for 'default' when no map-predicting run exists: tune this experiment's newest run")
     tu.add_argument("--seed", type=int, default=0)
     tu.add_argument("--data", default=None)

@@ -10,7 +10,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import yaml
@@ -102,6 +102,12 @@ def oof_ids(run: Path) -> np.ndarray:
     """X_train indices of a finished run's OOF images, in fold order."""
     k = int(_run_config(run)["cv"]["folds"])
     return np.concatenate([np.load(run / "oof" / f"fold{f}.npz")["ids"] for f in range(k)])
+
+
+def oof_folds(run: Path) -> np.ndarray:
+    """The fold of each of oof_ids(run)."""
+    k = int(_run_config(run)["cv"]["folds"])
+    return np.concatenate([np.full(len(np.load(run / "oof" / f"fold{f}.npz")["ids"]), f) for f in range(k)])
 
 
 def run_experiment(run: Path, overrides: dict | None = None):
@@ -201,7 +207,17 @@ class OOF:
         return np.array(pmap(_score_item, self.items(idx, which), w, post, merger, workers=workers, desc=desc))
 
 
-def greedy_select(oof: OOF, post: PostParams, max_steps: int = 8, idx=None, workers: int = 0) -> tuple[list[int], list[dict]]:
+def nested_scores(folds: np.ndarray, idx: np.ndarray, search: Callable[[np.ndarray], object],
+                  score: Callable[[object, np.ndarray], np.ndarray]) -> np.ndarray:  # fmt: skip
+    """Per-image scores of `idx` where each fold's images are scored with what `search` found on the other folds'."""
+    out = np.full(len(folds), np.nan)
+    for k in np.unique(folds[idx]):
+        held, inner = idx[folds[idx] == k], idx[folds[idx] != k]
+        out[held] = score(search(inner), held)
+    return out[idx]
+
+
+def greedy_select(oof: OOF, post: PostParams, max_steps: int = 8, idx=None, workers: int = 0, verbose: bool = True) -> tuple[list[int], list[dict]]:
     """Greedy forward selection with replacement by mean OOF ARI; returns member counts and the path taken."""
     counts = [0] * len(oof.members)
     best, path = -np.inf, []
@@ -217,7 +233,8 @@ def greedy_select(oof: OOF, post: PostParams, max_steps: int = 8, idx=None, work
         counts[j] += 1
         best = score
         path.append({"step": step + 1, "added": oof.members[j].label, "oof_ari": round(score, 6)})
-        print(f"step {step + 1}: + {oof.members[j].label} -> OOF ARI {score:.4f}", flush=True)
+        if verbose:
+            print(f"step {step + 1}: + {oof.members[j].label} -> OOF ARI {score:.4f}", flush=True)
     return counts, path
 
 
@@ -248,6 +265,7 @@ class EnsembleSpec:
     oof_ari: float | None = None
     oof_std: float | None = None
     oof_ari_no_merge: float | None = None
+    nested_ari: float | None = None  # honest: each fold scored with what a search found on the other folds
     data: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     command: str = ""
@@ -323,6 +341,10 @@ def build_ensemble(
     counts, path = greedy_select(oof, post, max_steps, idx, workers)
     chosen = [j for j, c in enumerate(counts) if c]
     final = oof.scores(counts, post, workers=workers)
+    # Honest: each fold's images scored with the selection made on the other folds' images.
+    nested = nested_scores(oof.folds, idx, lambda inner: greedy_select(oof, post, max_steps, inner, workers, verbose=False)[0],
+                           lambda counts_k, held: oof.scores(counts_k, post, idx=held, workers=workers))  # fmt: skip
+    print(f"selection: in-sample OOF ARI {final.mean():.4f}, nested {nested.mean():.4f}", flush=True)
     spec = EnsembleSpec(
         name=name,
         members=[MemberRef(str(oof.members[j].run), round(counts[j] / sum(counts), 6)) for j in chosen],
@@ -330,6 +352,7 @@ def build_ensemble(
         oof_ari=float(final.mean()),
         oof_std=float(final.std()),
         oof_ari_no_merge=float(final.mean()),
+        nested_ari=float(nested.mean()),
         data=data.fingerprint(),
         history=[{"candidate": m.label, "oof_ari": round(s, 6)} for m, s in zip(oof.members, singles)] + path,
         command=command,
@@ -337,8 +360,8 @@ def build_ensemble(
     old = ensemble_path(name, runs)
     if old.is_file() and not force:
         stored = load_ensemble(name, runs)
-        if stored.oof_ari is not None and stored.oof_ari > spec.oof_ari:
-            print(f"kept {old}: its OOF ARI {stored.oof_ari:.4f} beats {spec.oof_ari:.4f} (use --force to replace)")
+        if stored.nested_ari is not None and stored.nested_ari > spec.nested_ari:
+            print(f"kept {old}: its nested OOF ARI {stored.nested_ari:.4f} beats {spec.nested_ari:.4f} (use --force to replace)")
             return stored, False
     save_ensemble(spec, runs)
     return spec, True

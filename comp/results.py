@@ -40,6 +40,7 @@ class Row:
     names: dict = field(default_factory=dict)  # data name -> what was run
     cv: dict = field(default_factory=dict)  # data name -> (mean, std)
     held_out: dict = field(default_factory=dict)  # data name -> ARI
+    in_sample: dict = field(default_factory=dict)  # data name -> the tuned score on the images it was tuned on
     command: str = ""
 
 
@@ -98,7 +99,8 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
         tune(spec, OOF.load([Path(m.run) for m in spec.members], data), runs, trials=suite.trials)
         spec = load_ensemble(ens_name, runs)
         r = rows.setdefault("best ensemble (tuned)", Row("best ensemble (tuned)", command=f"make ensemble tune ENS=results-DATA TRIALS={suite.trials}"))
-        r.cv[ds] = (spec.oof_ari, spec.oof_std)
+        r.cv[ds] = (spec.nested_ari if spec.nested_ari is not None else spec.oof_ari, spec.oof_std)
+        r.in_sample[ds] = spec.oof_ari
         r.held_out[ds] = submit_ensemble(ens_name, data, runs / "results" / f"{ds}-ensemble.csv", runs)["test_ari"] if data.has_test_labels else None
         r.names[ds] = ", ".join(f"`{Path(m.run).parent.name}` x{m.weight:.2f}" for m in spec.members) + (" + merging" if spec.merge.enabled else "")
     table = _table(list(rows.values()), list(suite.datasets), suite)
@@ -129,10 +131,14 @@ def _table(rows: list[Row], datasets: list[str], suite: Suite) -> str:
         for d in datasets:
             m = r.cv.get(d)
             h = r.held_out.get(d)
-            cells += f" {m[0]:.4f} ± {m[1]:.4f} |" if m else " — |"
+            extra = f" (in-sample {r.in_sample[d]:.4f})" if d in r.in_sample else ""
+            cells += f" {m[0]:.4f} ± {m[1]:.4f}{extra} |" if m else " — |"
             cells += f" {h:.4f} |" if h is not None else " — |"
         what = set(r.names.values())
         name = what.pop() if len(what) == 1 else "; ".join(f"{d}: {n}" for d, n in r.names.items())
         body += f"| {r.label} | {name} |{cells} `{r.command}` |\n"
-    note = f"\n{suite.folds} shared folds, seed 0; tuning: {suite.trials} Optuna trials; held-out = the data set's test split (fold models, flip TTA).\n"
+    note = (f"\n{suite.folds} shared folds, seed 0; tuning: {suite.trials} Optuna trials; the ensemble's CV ARI is the nested "
+            "estimate of its tuning (each fold scored with a search on the other folds; the members, chosen by greedy "
+            "selection on every OOF image, held fixed), in-sample beside it; "
+            "held-out = the data set's test split (fold models, flip TTA).\n")  # fmt: skip
     return head + body + note

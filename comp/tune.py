@@ -13,11 +13,12 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from comp.contrast import Contrast
-from comp.ensemble import OOF, EnsembleSpec, merger_path, oof_ids, save_ensemble
+from comp.ensemble import OOF, EnsembleSpec, merger_path, nested_scores, oof_folds, oof_ids, save_ensemble
 from comp.errors import UserError
 from comp.merge import Merger, fit_fold_mergers, pair_features, pair_targets, save_merger
 from comp.metric import image_scores
@@ -47,12 +48,14 @@ class TuneResult:
     """What one `comp tune` call found and whether it was stored."""
 
     best_trial_ari: float
-    oof_ari: float
+    oof_ari: float  # in-sample: scored on the images the search optimised
     oof_ari_no_merge: float
     merge_threshold: float | None
     stored: bool
     trials_complete: int
     trials_per_minute: float
+    nested_ari: float  # honest: each fold scored with a search on the other folds
+    baseline_ari: float  # what the search had to beat: the stored settings, or the run's own CV score
 
 
 def storage_url(storage: str | None, name: str, runs: Path) -> str:
@@ -64,9 +67,9 @@ def storage_url(storage: str | None, name: str, runs: Path) -> str:
     return f"sqlite:///{(runs / 'tune' / f'{name}.db').resolve()}"
 
 
-def study_name(spec: EnsembleSpec, images: int) -> str:
-    """A study per (ensemble members, image subset): other members make a different objective."""
-    key = "|".join(m.run for m in spec.members) + f"|{images}|{spec.post.mode}"
+def study_name(spec: EnsembleSpec, images: int, space: dict | None = None) -> str:
+    """A study per (ensemble members, image subset, search space): each makes a different objective."""
+    key = "|".join(m.run for m in spec.members) + f"|{images}|{spec.post.mode}" + ("" if space in (None, SPACE) else f"|{sorted(space)}")
     return f"{spec.name}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
@@ -100,24 +103,25 @@ def suggest_space(trial, space: dict[str, tuple[float, float, bool]], params_typ
     }
 
 
-def suggest(trial, base: PostParams, n_members: int, has_embedding: bool) -> tuple[PostParams, list[float]]:
+def _active(space: dict, post: PostParams, has_embedding: bool) -> dict:
+    """The part of a post-processing space that applies: no embedding merge without embeddings, 3 knobs for `cc`."""
+    return {k: v for k, v in space.items() if (k != "merge_embedding" or has_embedding)
+            and (post.mode != "cc" or k in ("fg_threshold", "min_size", "smooth"))}  # fmt: skip
+
+
+def suggest(trial, base: PostParams, n_members: int, has_embedding: bool, space: dict | None = None) -> tuple[PostParams, list[float]]:
     """Post-processing parameters and ensemble weights for one trial."""
-    space = {k: v for k, v in SPACE.items() if (k != "merge_embedding" or has_embedding)
-             and (base.mode != "cc" or k in ("fg_threshold", "min_size", "smooth"))}  # fmt: skip
-    values = suggest_space(trial, space, PostParams)
+    values = suggest_space(trial, _active(space or SPACE, base, has_embedding), PostParams)
     weights = [trial.suggest_float(f"w{j}", 0.0, 1.0) for j in range(n_members)] if n_members > 1 else [1.0]
     if not any(w > 0 for w in weights):
         weights = [1.0] * n_members
     return dataclasses.replace(base, **values), weights
 
 
-def start_params(spec: EnsembleSpec, has_embedding: bool) -> dict:
+def start_params(spec: EnsembleSpec, has_embedding: bool, space: dict | None = None) -> dict:
     """The stored settings as a trial, so the search starts from (and can only improve on) them."""
-    p = {k: getattr(spec.post, k) for k in SPACE if has_embedding or k != "merge_embedding"}
-    if spec.post.mode == "cc":
-        p = {k: v for k, v in p.items() if k in ("fg_threshold", "min_size", "smooth")}
-    lo_hi = {k: SPACE[k][:2] for k in p}
-    p = {k: min(max(v, lo_hi[k][0]), lo_hi[k][1]) for k, v in p.items()}
+    active = _active(space or SPACE, spec.post, has_embedding)
+    p = {k: min(max(getattr(spec.post, k), lo), hi) for k, (lo, hi, _) in active.items()}
     if len(spec.members) > 1:
         top = max(m.weight for m in spec.members)
         p.update({f"w{j}": m.weight / top for j, m in enumerate(spec.members)})
@@ -145,6 +149,17 @@ def fit_merging(oof: OOF, weights: list[float], post: PostParams, workers: int =
     return fit_fold_mergers(x, y, folds)
 
 
+def inner_study(objective: Callable, starts: list[dict], trials: int, seed: int) -> dict:
+    """An in-memory study of `trials` trials started from `starts`: the best parameters (for nested estimates)."""
+    import optuna
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, multivariate=True))
+    for start in starts:
+        study.enqueue_trial(start)
+    study.optimize(objective, n_trials=trials)
+    return study.best_params
+
+
 def tune(
     spec: EnsembleSpec,
     oof: OOF,
@@ -155,58 +170,81 @@ def tune(
     workers: int = 0,
     merge: bool = True,
     seed: int = 0,
+    params: list[str] | None = None,
 ) -> TuneResult:
-    """Run the study to `trials` complete trials, score its best on every OOF image, add merging, store if better."""
+    """Search post-processing and weights on OOF maps, estimate it nested across folds, add merging, store if honestly better.
+
+    The study's best trial is scored on the images it was searched on (in-sample). The honest number is the
+    nested estimate: each fold's images scored with the best of a search on the other folds' images. The
+    tuned settings are kept only when their nested estimate beats the stored settings on every OOF image.
+    """
     import optuna
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     has_emb = all(m.maps.shape[1] > 3 for m in oof.members)
+    space = _restrict(SPACE, params)
     idx = oof.subset(images, seed)
-    study = open_study(storage_url(storage, spec.name, runs), study_name(spec, images), seed)
-    study.enqueue_trial(start_params(spec, has_emb), skip_if_exists=True)
+    study = open_study(storage_url(storage, spec.name, runs), study_name(spec, images, space), seed)
+    start = start_params(spec, has_emb, space)
+    study.enqueue_trial(start, skip_if_exists=True)
 
-    def objective(trial) -> float:
-        post, weights = suggest(trial, spec.post, len(oof.members), has_emb)
-        return float(oof.scores(weights, post, idx=idx, workers=workers).mean())
+    def objective_on(sub: np.ndarray) -> Callable:
+        def objective(trial) -> float:
+            post, weights = suggest(trial, spec.post, len(oof.members), has_emb, space)
+            return float(oof.scores(weights, post, idx=sub, workers=workers).mean())
 
-    def report(study, trial) -> None:
-        if trial.state == TrialState.COMPLETE:
-            print(f"trial {trial.number}: OOF ARI {trial.value:.4f} (best {study.best_value:.4f})", flush=True)
+        return objective
 
-    def complete() -> int:
-        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-
-    t0, before = time.time(), complete()
+    t0, before = time.time(), _complete(study)
     left = trials - before
     if left > 0:
         print(f"study {study.study_name}: {before} complete trials, running {left} more on {len(idx)} OOF images", flush=True)
         stop = optuna.study.MaxTrialsCallback(trials, states=(TrialState.COMPLETE,))
-        study.optimize(objective, n_trials=left, callbacks=[report, stop])
-    done = complete()
+        study.optimize(objective_on(idx), n_trials=left, callbacks=[_report_trial, stop])
+    done = _complete(study)
     rate = (done - before) / max((time.time() - t0) / 60, 1e-9)
     best = study.best_trial
+    every = np.arange(len(oof.images))
+    defaults = oof.scores([m.weight for m in spec.members], spec.post, workers=workers, desc="score the stored settings")
     post, weights = _from_params(best.params, spec.post, len(oof.members))
     full = oof.scores(weights, post, workers=workers, desc="score best on all OOF images")
-    no_merge, final, threshold = float(full.mean()), full, None
+    print(f"nested estimate: {len(np.unique(oof.folds))} searches of {trials} trials, each on the other folds' images", flush=True)
+
+    def replay(p: dict, held: np.ndarray) -> np.ndarray:
+        post_k, weights_k = _from_params(p, spec.post, len(oof.members))
+        return oof.scores(weights_k, post_k, idx=held, workers=workers)
+
+    nested = nested_scores(oof.folds, every, lambda inner: inner_study(objective_on(inner), [start], trials, seed), replay)
+    print(f"stored settings {defaults.mean():.4f}; tuned: in-sample {full.mean():.4f}, nested {nested.mean():.4f}", flush=True)
+    if nested.mean() <= defaults.mean() + 1e-9:  # the search does not generalise: keep what is stored
+        print("the nested estimate does not beat the stored settings: they are kept", flush=True)
+        post, weights, full, nested = spec.post, [m.weight for m in spec.members], defaults, defaults
+    no_merge, final, final_nested, threshold = float(full.mean()), full, nested, None
     if merge:
         merger = fit_merging(oof, weights, post, workers)
-        scan = oof.subset(SCAN_IMAGES, seed)  # the threshold scan on a subset, the winner on every image
-        base = full[scan].mean()
-        gains = {}
+        scan = oof.subset(SCAN_IMAGES, seed)  # thresholds compared on a subset, the winner scored on every image
+        per_t = {}
         for t in MERGE_THRESHOLDS:
             merger.threshold = t
-            gains[t] = oof.scores(weights, post, merger, idx=scan, workers=workers).mean() - base
-            print(f"merge threshold {t}: {gains[t]:+.4f} OOF ARI on {len(scan)} images", flush=True)
-        t_best = max(gains, key=gains.get)
-        if gains[t_best] > 0:
-            merger.threshold = t_best
-            merged = oof.scores(weights, post, merger, workers=workers, desc="score merging on all OOF images")
-            print(f"merging at {t_best}: OOF ARI {merged.mean():.4f} (without merging {no_merge:.4f})", flush=True)
-            if merged.mean() > no_merge + 1e-6:
-                final, threshold = merged, t_best
-    new_ari = float(final.mean())
-    stored = spec.oof_ari is None or new_ari > spec.oof_ari + 1e-9
+            per_t[t] = oof.scores(weights, post, merger, idx=scan, workers=workers) - full[scan]
+            print(f"merge threshold {t}: {per_t[t].mean():+.4f} OOF ARI on {len(scan)} images", flush=True)
+        t_best = max(per_t, key=lambda t: per_t[t].mean())
+        if per_t[t_best].mean() > 0:
+            pick = lambda inner: max(per_t, key=lambda t: per_t[t][np.isin(scan, inner)].mean())  # noqa: E731
+
+            def merged_at(t: float, held: np.ndarray) -> np.ndarray:
+                merger.threshold = t
+                return oof.scores(weights, post, merger, idx=held, workers=workers)
+
+            merged = merged_at(t_best, every)
+            merged_nested = nested_scores(oof.folds, every, pick, merged_at)  # each fold's threshold from the others
+            print(f"merging at {t_best}: in-sample {merged.mean():.4f}, nested {merged_nested.mean():.4f} "
+                  f"(without merging {no_merge:.4f}, nested {nested.mean():.4f})", flush=True)  # fmt: skip
+            if merged_nested.mean() > nested.mean() + 1e-6:
+                final, final_nested, threshold = merged, merged_nested, t_best
+    new_ari, new_nested = float(final.mean()), float(final_nested.mean())
+    stored = spec.nested_ari is None or new_nested > spec.nested_ari + 1e-9
     if stored:
         total = sum(weights)
         for m, w in zip(spec.members, weights):
@@ -215,11 +253,22 @@ def tune(
         spec.merge.enabled = threshold is not None
         spec.merge.threshold = threshold if threshold is not None else spec.merge.threshold
         spec.oof_ari, spec.oof_std, spec.oof_ari_no_merge = new_ari, float(final.std()), no_merge
+        spec.nested_ari = new_nested
         if threshold is not None:
             merger.threshold = threshold
             save_merger(merger, merger_path(spec.name, runs))
         save_ensemble(spec, runs)
-    return TuneResult(float(best.value), new_ari, no_merge, threshold, stored, done, rate)
+    return TuneResult(float(best.value), new_ari, no_merge, threshold, stored, done, rate, new_nested, float(defaults.mean()))
+
+
+def _restrict(space: dict, names: list[str] | None) -> dict:
+    """The search space cut to `names` (fewer free parameters: a nested estimate that overfits less)."""
+    if not names:
+        return dict(space)
+    unknown = sorted(set(names) - set(space))
+    if unknown:
+        raise UserError("--params", f"unknown parameter '{unknown[0]}' (known: {', '.join(space)})")
+    return {k: v for k, v in space.items() if k in names}
 
 
 def _from_params(params: dict, base: PostParams, n_members: int) -> tuple[PostParams, list[float]]:
@@ -267,10 +316,13 @@ def method_scores(exp, contrast: Contrast, x: np.ndarray, y: np.ndarray, spec: M
 
 
 def tune_method(spec_file: EnsembleSpec, data, runs: Path, trials: int = 40, storage: str | None = None, images: int = 0,
-                seed: int = 0) -> TuneResult:  # fmt: skip
-    """Optuna over a non-learned run's declared parameters and its contrast window, scored on the run's OOF images."""
+                seed: int = 0, params: list[str] | None = None) -> TuneResult:  # fmt: skip
+    """Optuna over a non-learned run's declared parameters and its contrast window on the run's OOF images, nested too.
+
+    The bar is the run's own CV ARI (its folds fitted on their training images only); the tuned settings are
+    stored only when their nested estimate (each fold scored with a search on the other folds) beats it.
+    """
     import optuna
-    from optuna.trial import TrialState
 
     from comp.ensemble import run_experiment
     from comp.registry import get_method
@@ -281,43 +333,66 @@ def tune_method(spec_file: EnsembleSpec, data, runs: Path, trials: int = 40, sto
     spec = get_method(exp.method, run)
     if not spec.space:
         raise UserError(run, f"method '{exp.method}' declares nothing to tune")
-    ids = oof_ids(run)
+    spec = dataclasses.replace(spec, space=_restrict(spec.space, params))
+    ids, folds = oof_ids(run), oof_folds(run)
     x, y = data.x_train[ids], data.y_train[ids]
     idx = np.arange(len(ids)) if images <= 0 or images >= len(ids) else np.sort(np.random.default_rng(seed).permutation(len(ids))[:images])
-    key = f"{run}|{exp.method}|{images}|method"
+    key = f"{run}|{exp.method}|{images}|method|{sorted(spec.space)}"
     study = open_study(storage_url(storage, spec_file.name, runs), f"{spec_file.name}-{hashlib.sha1(key.encode()).hexdigest()[:8]}", seed)
     # Start from the run's settings and from what each fold fitted, so the search begins where CV ended.
-    for fitted in [{}, *fold_fitted(run)]:
-        study.enqueue_trial(_method_start(spec, dataclasses.replace(exp.params, **fitted), contrast), skip_if_exists=True)
-    if spec_file.oof_ari is None:  # the bar: the run's own out-of-fold CV score
-        spec_file.oof_ari = float(json.loads((run / "cv.json").read_text())["mean_ari"])
-        print(f"to beat: the run's own CV ARI {spec_file.oof_ari:.4f}", flush=True)
+    starts = [_method_start(spec, dataclasses.replace(exp.params, **fitted), contrast) for fitted in [{}, *fold_fitted(run)]]
+    for start in starts:
+        study.enqueue_trial(start, skip_if_exists=True)
+    cv_ari = float(json.loads((run / "cv.json").read_text())["mean_ari"])
+    print(f"to beat: the run's own CV ARI {cv_ari:.4f}", flush=True)
 
-    def objective(trial) -> float:
-        params, c = _method_trial(trial, spec, exp.params, contrast)
-        return float(method_scores(dataclasses.replace(exp, params=params), c, x[idx], y[idx], spec).mean())
+    def scores_of(trial, sub: np.ndarray) -> np.ndarray:  # a live trial, or a FixedTrial replaying found parameters
+        params_, c = _method_trial(trial, spec, exp.params, contrast)
+        return method_scores(dataclasses.replace(exp, params=params_), c, x[sub], y[sub], spec)
 
-    def complete() -> int:
-        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    def objective_on(sub: np.ndarray) -> Callable:
+        return lambda trial: float(scores_of(trial, sub).mean())
 
-    t0, before = time.time(), complete()
+    def replay(p: dict, sub: np.ndarray) -> np.ndarray:
+        return scores_of(optuna.trial.FixedTrial(p), sub)
+
+    t0, before = time.time(), _complete(study)
     if trials > before:
         print(f"study {study.study_name}: {before} complete trials, running {trials - before} more on {len(idx)} OOF images "
               f"(method parameters and contrast window)", flush=True)  # fmt: skip
-        stop = optuna.study.MaxTrialsCallback(trials, states=(TrialState.COMPLETE,))
-        report = lambda st, t: t.state == TrialState.COMPLETE and print(f"trial {t.number}: OOF ARI {t.value:.4f} (best {st.best_value:.4f})", flush=True)  # noqa: E731
-        study.optimize(objective, n_trials=trials - before, callbacks=[report, stop])
-    done = complete()
+        stop = optuna.study.MaxTrialsCallback(trials, states=(optuna.trial.TrialState.COMPLETE,))
+        study.optimize(objective_on(idx), n_trials=trials - before, callbacks=[_report_trial, stop])
+    done = _complete(study)
     rate = (done - before) / max((time.time() - t0) / 60, 1e-9)
     best = study.best_trial
-    params, c = _method_trial(optuna.trial.FixedTrial(best.params), spec, exp.params, contrast)
-    scores = method_scores(dataclasses.replace(exp, params=params), c, x, y, spec)
-    full = float(scores.mean())
-    stored = spec_file.oof_ari is None or full > spec_file.oof_ari + 1e-9
+    every = np.arange(len(ids))
+    scores = replay(best.params, every)
+    print(f"nested estimate: {len(np.unique(folds))} searches of {trials} trials, each on the other folds' images", flush=True)
+    nested = nested_scores(folds, every, lambda inner: inner_study(objective_on(inner), starts, trials, seed), replay)
+    print(f"tuned: in-sample {scores.mean():.4f}, nested {nested.mean():.4f} (the run's CV ARI {cv_ari:.4f})", flush=True)
+    bar = cv_ari if spec_file.nested_ari is None else spec_file.nested_ari
+    stored = nested.mean() > bar + 1e-9
     if stored:
+        params_, c = _method_trial(optuna.trial.FixedTrial(best.params), spec, exp.params, contrast)
         names = [*spec.space, *spec.fixed]
-        spec_file.overrides = {**{f"params.{k}": getattr(params, k) for k in names}, "contrast.window": list(c.window)}
-        spec_file.oof_ari = spec_file.oof_ari_no_merge = full
+        spec_file.overrides = {**{f"params.{k}": getattr(params_, k) for k in names}, "contrast.window": list(c.window)}
+        spec_file.oof_ari = spec_file.oof_ari_no_merge = float(scores.mean())
         spec_file.oof_std = float(scores.std())
+        spec_file.nested_ari = float(nested.mean())
         save_ensemble(spec_file, runs)
-    return TuneResult(float(best.value), float(full), float(full), None, stored, done, rate)
+    return TuneResult(float(best.value), float(scores.mean()), float(scores.mean()), None, stored, done, rate, float(nested.mean()), bar)
+
+
+def _complete(study) -> int:
+    """Complete trials of a study, every worker's."""
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def _report_trial(study, trial) -> None:
+    """Optuna callback: one line per complete trial."""
+    from optuna.trial import TrialState
+
+    if trial.state == TrialState.COMPLETE:
+        print(f"trial {trial.number}: OOF ARI {trial.value:.4f} (best {study.best_value:.4f})", flush=True)

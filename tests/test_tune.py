@@ -37,11 +37,13 @@ def test_a_few_trials_beat_the_defaults(tiny_phantom: Path, tmp_path: Path) -> N
     assert r.oof_ari > default + 0.2, (r, default)
     stored = load_ensemble("t", tmp_path)
     assert stored.oof_ari == pytest.approx(r.oof_ari) and stored.post.fg_threshold < 0.45
+    # The honest number is stored beside the in-sample one: each fold scored by a search on the other fold.
+    assert stored.nested_ari == pytest.approx(r.nested_ari) and r.nested_ari > default + 0.2 and r.baseline_ari == pytest.approx(default)
     # A later, worse search (one trial: the stored settings only) never overwrites the stored result.
-    stored.oof_ari = 0.999
+    stored.nested_ari = 0.999
     save_ensemble(stored, tmp_path)
     r2 = tune(load_ensemble("t", tmp_path), oof, tmp_path, trials=1, workers=1, merge=False, images=4)
-    assert not r2.stored and load_ensemble("t", tmp_path).oof_ari == 0.999
+    assert not r2.stored and load_ensemble("t", tmp_path).nested_ari == 0.999
 
 
 def _complete_trials(db: Path) -> list[tuple[int, float]]:
@@ -157,6 +159,7 @@ def test_selection_picks_the_better_model(tiny_phantom: Path, tmp_path: Path) ->
     assert r.returncode == 0, r.stderr
     board = (tmp_path / "leaderboard.md").read_text()
     assert "| ensemble | sel |" in board and "| cv | good |" in board
+    assert spec.nested_ari is not None and f"| ensemble | sel | {spec.nested_ari:.4f} |" in board
 
 
 def test_ensemble_of_a_run_without_maps_is_a_user_error(tiny_phantom: Path, tmp_path: Path) -> None:
@@ -221,7 +224,7 @@ def test_cv_ensemble_tune_submit_end_to_end(tiny_phantom: Path, tmp_path: Path) 
     assert r.returncode == 0, r.stdout + r.stderr
     r = run_cli("tune", "e2e", "--trials", "3", "--workers", "1", *common)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "without merging" in r.stdout
+    assert "in-sample" in r.stdout and "nested" in r.stdout
     for extra in ((), ("--cached",)):
         out = tmp_path / f"sub{len(extra)}.csv"
         r = run_cli("submit", "--ensemble", "e2e", "--out", str(out), "--workers", "1", *common, *extra)
@@ -230,3 +233,33 @@ def test_cv_ensemble_tune_submit_end_to_end(tiny_phantom: Path, tmp_path: Path) 
         assert run_cli("validate-submission", str(out), "--data", str(tiny_phantom)).returncode == 0
     board = (tmp_path / "runs" / "leaderboard.md").read_text()
     assert "python -m comp cv" in board and "| ensemble | e2e |" in board
+
+
+def test_nested_scores_never_search_the_images_they_score() -> None:
+    from comp.ensemble import nested_scores
+
+    folds = np.array([0, 1, 2, 0, 1, 2, 0])
+    idx = np.arange(7)
+    searched: list[set] = []
+
+    def search(inner: np.ndarray) -> set:
+        searched.append(set(inner.tolist()))
+        return set(inner.tolist())
+
+    def score(found: set, held: np.ndarray) -> np.ndarray:
+        assert not found & set(held.tolist())  # what was found never saw the images it scores
+        return np.full(len(held), float(folds[held[0]]))
+
+    out = nested_scores(folds, idx, search, score)
+    assert list(out) == [0, 1, 2, 0, 1, 2, 0] and len(searched) == 3
+    assert searched[0] == {1, 2, 4, 5}  # fold 0 is scored with a search on folds 1 and 2
+
+
+def test_tune_params_restricts_the_space(tiny_phantom: Path, tmp_path: Path) -> None:
+    run = fake_run(tmp_path, tiny_phantom, "few", fg_level=0.45)
+    oof = OOF.load([run], Dataset(tiny_phantom))
+    r = tune(_spec(run, tiny_phantom, "few"), oof, tmp_path, trials=4, workers=1, merge=False, params=["fg_threshold"])
+    stored = load_ensemble("few", tmp_path)
+    assert r.stored and stored.post.min_size == PostParams().min_size and stored.post.seed_threshold == PostParams().seed_threshold
+    r = run_cli("tune", "few", "--params", "fg_treshold", "--data", str(tiny_phantom), "--runs", str(tmp_path))
+    assert r.returncode == 2 and "unknown parameter 'fg_treshold'" in r.stderr
