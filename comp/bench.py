@@ -168,6 +168,7 @@ def run_bench(quick: bool = False, out: Path = Path("bench.json")) -> dict:
             "postprocess": bench_postprocess(xs[:4], ys[:4]) if quick else bench_postprocess(xs[:16], ys[:16]),
             "inference": bench_inference(xs[:4] if quick else xs[:16], quick),
             "tuning": bench_tuning(ys[:4], xs[:4], 3, Path(d)) if quick else bench_tuning(ys[:40], xs[:40], 12, Path(d)),
+            "submit_memory": bench_submit_memory(8 if quick else 500, 3, Path(d), res=64 if quick else 256),
         }
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     atomic_write_text(out, json.dumps(results, indent=1))
@@ -190,6 +191,76 @@ def run_bench(quick: bool = False, out: Path = Path("bench.json")) -> dict:
         print(f"{'inference ' + name + ' (' + str(v['resolution']) + ' px, ms/slice)':<38} {v['ms_per_slice']:>10.1f}  [{v['device']}]")
     tu = results["tuning"]
     print(f"{'tuning trials per minute (' + str(tu['images']) + ' images)':<38} {tu['trials_per_minute']:>10.1f}")
+    sm = results["submit_memory"]
+    print(f"{'submit --ensemble peak memory (MB)':<38} {sm['peak_rss_mb']:>10.0f}  [{sm['test_slices']} slices, {sm['members']} members x 3 folds]")
     print(f"{'peak memory (MB)':<38} {results['peak_rss_mb']:>10.0f}")
     print(f"written to {out}")
     return results
+
+
+def _tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants (Linux /proc), in MB; shared pages counted per process."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+    return total / 1024
+
+
+def bench_submit_memory(n_test: int, members: int, tmp: Path, res: int = 256, emb: int = 8) -> dict:
+    """Peak resident memory (whole process tree) of `submit --ensemble --cached` over n_test slices and `members` runs."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from comp.ensemble import EnsembleSpec, MemberRef, save_ensemble
+    from comp.io import image_names, write_images, write_label_csv
+
+    xs, ys = _sample_maps(12)
+    root = tmp / "submem"
+    write_images(root / "X_train", xs[:2])
+    write_label_csv(root / "Y_train.csv", ys[:2], image_names(2))
+    write_images(root / "X_test", np.stack([xs[i % len(xs)] for i in range(n_test)]))
+    maps = synthetic_maps(ys, res, emb)
+    folds = []
+    for f in range(3):  # one cached test-map file per fold, shared by every member (disk, not memory, is the limit here)
+        path = tmp / f"fold{f}_maps.npy"
+        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n_test, *maps.shape[1:]))
+        for c0 in range(0, n_test, 32):
+            mm[c0 : c0 + 32] = maps[np.arange(c0, min(n_test, c0 + 32)) % len(maps)]
+        mm.flush()
+        folds.append(path)
+    runs = tmp / "runs"
+    refs = []
+    for m in range(members):
+        run = runs / f"member{m}" / f"20260101-000000-0000000{m}-000000-k3"
+        (run / "test").mkdir(parents=True)
+        (run / "config.yaml").write_text(yaml.safe_dump({"name": f"member{m}", "method": "unet", "params": {}, "cv": {"folds": 3}}))
+        (run / "cv.json").write_text("{}")
+        (run / "oof").mkdir()
+        np.save(run / "oof" / "fold0_maps.npy", maps[:1])  # marks a map-predicting run
+        for f, path in enumerate(folds):
+            (run / "test" / f"fold{f}_maps.npy").symlink_to(path)
+        refs.append(MemberRef(str(run), 1.0 / members))
+    save_ensemble(EnsembleSpec(name="submem", members=refs), runs)
+    cmd = [sys.executable, "-m", "comp", "submit", "--ensemble", "submem", "--cached", "--data", str(root), "--runs", str(runs),
+           "--out", str(tmp / "submem.csv")]  # fmt: skip
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ})
+    peak = 0.0
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss_mb(proc.pid))
+        time.sleep(0.1)
+    output = proc.stdout.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"submit failed: {output[-2000:]}")
+    return {"test_slices": n_test, "members": members, "folds": 3, "map_shape": list(maps.shape[1:]),
+            "peak_rss_mb": peak, "seconds": time.perf_counter() - t}  # fmt: skip

@@ -135,7 +135,9 @@ def cmd_submit(a: argparse.Namespace) -> int:
     out = Path(a.out or f"submissions/{Path(a.ensemble or a.experiment).stem}.csv")
     writable_dir(out.parent, "submission")  # before any fitting or predicting
     if a.ensemble:
-        s = submit_ensemble(a.ensemble, resolve_data(a.data), out, Path(a.runs), a.cached, not a.no_tta, a.workers)
+        if a.chunk < 1:
+            raise UserError("--chunk", f"must be at least 1, got {a.chunk}")
+        s = submit_ensemble(a.ensemble, resolve_data(a.data), out, Path(a.runs), a.cached, not a.no_tta, a.workers, a.chunk)
     else:
         exp = load_experiment(a.experiment, a.set)
         out = Path(a.out or f"submissions/{exp.name}.csv")
@@ -340,6 +342,7 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--out", default=None)
     sm.add_argument("--runs", default="runs")
     sm.add_argument("--workers", type=int, default=0)
+    sm.add_argument("--chunk", type=int, default=32, help="ensemble: test slices predicted and post-processed at a time (bounds memory)")
     sm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     sm.set_defaults(fn=cmd_submit)
 

@@ -9,7 +9,7 @@ import numpy as np
 from comp.config import Experiment
 from comp.contrast import Contrast, resolve
 from comp.errors import UserError
-from comp.io import N_PIXELS, Dataset, count_images, image_names, read_label_csv, write_label_csv
+from comp.io import N_PIXELS, SIZE, Dataset, count_images, image_names, read_label_csv, write_label_csv
 from comp.metric import image_scores
 from comp.registry import FitContext, FoldData, get_method
 
@@ -67,30 +67,44 @@ def _write_validate_score(out: Path, pred: np.ndarray, data: Dataset) -> dict:
     return summary
 
 
+class MemberMaps:
+    """A member's test maps, a chunk of slices at a time: its fold models loaded once (or its cached maps, memory-mapped)."""
+
+    def __init__(self, run: Path, data: Dataset, cached: bool = False, tta: bool = True) -> None:
+        import yaml
+
+        from comp.config import from_dict
+
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        self.x, self.tta, self.sources = data.x_test, tta, []
+        for f in range(int(cfg["cv"]["folds"])):
+            if cached:
+                path = run / "test" / f"fold{f}_maps.npy"
+                if not path.is_file():
+                    raise UserError(path, "no cached test maps (the CV run had no X_test); drop --cached")
+                n = np.load(path, mmap_mode="r").shape[0]
+                if n != len(self.x):
+                    raise UserError(path, f"{n} cached test maps but {len(self.x)} test images: drop --cached")
+                self.sources.append(path)
+            else:
+                spec = get_method(cfg["method"], run / "config.yaml")
+                method = spec.build(from_dict(spec.params, cfg["params"], str(run / "config.yaml"), "params"))
+                method.load(run / f"fold{f}", Contrast.from_dict(cfg.get("contrast_resolved")))
+                self.sources.append(method)
+
+    def chunk(self, sl: slice) -> np.ndarray:
+        """(n, C, r, r) float16 maps of test slices `sl`, averaged over the fold models."""
+        acc = None
+        for src in self.sources:
+            # A cached file is mapped for this chunk only: pages read stay out of the resident set afterwards.
+            maps = np.array(np.load(src, mmap_mode="r")[sl]) if isinstance(src, Path) else src.predict_maps(self.x[sl], tta=self.tta)
+            acc = maps.astype(np.float32) if acc is None else acc + maps
+        return (acc / len(self.sources)).astype(np.float16)
+
+
 def member_test_maps(run: Path, data: Dataset, cached: bool = False, tta: bool = True) -> np.ndarray:
-    """A member's test maps, averaged over its fold models: re-predicted with flip TTA, or the CV run's cache."""
-    import yaml
-
-    from comp.config import from_dict
-
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    k, n_test = int(cfg["cv"]["folds"]), len(data.x_test)
-    acc = None
-    for f in range(k):
-        if cached:
-            path = run / "test" / f"fold{f}_maps.npy"
-            if not path.is_file():
-                raise UserError(path, "no cached test maps (the CV run had no X_test); drop --cached")
-            maps = np.load(path, mmap_mode="r")
-            if len(maps) != n_test:
-                raise UserError(path, f"{len(maps)} cached test maps but {n_test} test images: drop --cached")
-        else:
-            spec = get_method(cfg["method"], run / "config.yaml")
-            method = spec.build(from_dict(spec.params, cfg["params"], str(run / "config.yaml"), "params"))
-            method.load(run / f"fold{f}", Contrast.from_dict(cfg.get("contrast_resolved")))
-            maps = method.predict_maps(data.x_test, tta=tta)
-        acc = maps.astype(np.float32) if acc is None else acc + maps
-    return (acc / k).astype(np.float16)
+    """A member's maps of every test slice, averaged over its fold models (re-predicted, or the CV run's cache)."""
+    return MemberMaps(run, data, cached, tta).chunk(slice(None))
 
 
 def _segment_test(item: tuple, weights: list[float], post, merger) -> np.ndarray:
@@ -102,9 +116,11 @@ def _segment_test(item: tuple, weights: list[float], post, merger) -> np.ndarray
 
 
 def submit_ensemble(name: str, data: Dataset, out: str | Path, runs: Path = Path("runs"), cached: bool = False,
-                    tta: bool = True, workers: int = 0) -> dict:  # fmt: skip
+                    tta: bool = True, workers: int = 0, chunk: int = 32) -> dict:  # fmt: skip
     """Predict X_test with an ensemble file's members (fold models, flip TTA), blend, post-process, write, validate."""
     import time
+
+    from tqdm import tqdm
 
     from comp.ensemble import has_maps, load_ensemble, merger_path, run_experiment
     from comp.merge import load_merger
@@ -121,13 +137,19 @@ def submit_ensemble(name: str, data: Dataset, out: str | Path, runs: Path = Path
         exp, _ = run_experiment(Path(spec.members[0].run), spec.overrides)
         return submit(exp, data, out, runs=runs)
     t0 = time.time()
-    member_maps = []
+    members = []
     for m in spec.members:
         print(f"member {m.run} (weight {m.weight:.3f}): {'cached test maps' if cached else 'fold models'}", flush=True)
-        member_maps.append(member_test_maps(Path(m.run), data, cached, tta))
+        members.append(MemberMaps(Path(m.run), data, cached, tta))
     merger = load_merger(merger_path(spec.name, runs)) if spec.merge.enabled else None
-    items = [(tuple(mm[i] for mm in member_maps), data.x_test[i]) for i in range(len(data.x_test))]
     weights = [m.weight for m in spec.members]
-    pred = np.stack(pmap(_segment_test, items, weights, spec.post, merger, workers=workers, desc="post-process"))
+    n = len(data.x_test)
+    pred = np.empty((n, SIZE, SIZE), np.uint8)
+    # A chunk of slices at a time: peak memory does not grow with the number of test slices.
+    for c0 in tqdm(range(0, n, chunk), desc="test chunks", disable=n <= chunk):
+        sl = slice(c0, min(n, c0 + chunk))
+        maps = [mm.chunk(sl) for mm in members]
+        items = [(tuple(mm[i] for mm in maps), data.x_test[c0 + i]) for i in range(sl.stop - c0)]
+        pred[sl] = np.stack(pmap(_segment_test, items, weights, spec.post, merger, workers=workers))
     seconds = time.time() - t0
     return {**_write_validate_score(out, pred, data), "seconds_per_slice": seconds / len(pred)}

@@ -231,6 +231,10 @@ def test_cv_ensemble_tune_submit_end_to_end(tiny_phantom: Path, tmp_path: Path) 
         assert r.returncode == 0, r.stdout + r.stderr
         assert "valid submission for 4 test images" in r.stdout and "s per slice" in r.stdout
         assert run_cli("validate-submission", str(out), "--data", str(tiny_phantom)).returncode == 0
+    # One slice at a time (bounded memory) gives the same submission as the default chunks.
+    r = run_cli("submit", "--ensemble", "e2e", "--out", str(tmp_path / "one.csv"), "--chunk", "1", "--workers", "1", *common)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "sub0.csv").read_bytes()
     board = (tmp_path / "runs" / "leaderboard.md").read_text()
     assert "python -m comp cv" in board and "| ensemble | e2e |" in board
 
