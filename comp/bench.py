@@ -122,7 +122,7 @@ def bench_inference(xs: np.ndarray, quick: bool) -> dict:
     from comp.config import EXPERIMENTS, load_experiment
     from comp.infer import predict_maps
     from comp.models import build_model
-    from comp.train import device
+    from comp.runtime import device
 
     names = ["unet_cpu"] if quick else sorted(p.stem for p in EXPERIMENTS.glob("unet_*.yaml") if "_mim" not in p.stem and "_vicregl" not in p.stem)
     out = {}

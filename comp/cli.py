@@ -11,28 +11,13 @@ from pathlib import Path
 from comp.contrast import HU_WINDOW
 from comp.errors import UserError, writable_dir
 
-# The embedded default data set of `make cv` when no challenge data is present: small enough
-# for a 2-core CPU, in the exact challenge layout.
-EMBEDDED = {"n_train": 1000, "n_labelled": 200, "n_test": 100, "seed": 0}
-RAW = Path("data/raw")
-PHANTOM = Path("data/phantom")
 
 
 def resolve_data(arg: str | None):
-    """The data set to use: --data, else data/raw/, else the embedded phantom (generated once)."""
-    from comp.io import Dataset
+    """The data set a command runs on (comp.data.sets; imported when needed, so `comp score` stays light)."""
+    from comp.data.sets import resolve_data as resolve
 
-    if arg:
-        return Dataset(Path(arg))
-    if (RAW / "Y_train.csv").is_file():
-        return Dataset(RAW)
-    from comp.data.phantom import generate, stamp
-
-    have = PHANTOM / "PHANTOM.txt"
-    print(f"no challenge data in {RAW}/: using the embedded phantom data set ({PHANTOM}/)", flush=True)
-    if not have.is_file() or have.read_text() != stamp(**EMBEDDED):
-        generate(PHANTOM, **EMBEDDED)
-    return Dataset(PHANTOM, name="phantom")
+    return resolve(arg)
 
 
 def cmd_phantom(a: argparse.Namespace) -> int:

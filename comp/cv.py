@@ -19,7 +19,7 @@ from comp.contrast import resolve
 from comp.errors import UserError, atomic_path, atomic_save_npy, atomic_write_text
 from comp.io import Dataset, image_names
 from comp.metric import image_scores
-from comp.registry import FitContext, FoldData, get_method
+from comp.registry import FitContext, FoldData, MapMethod, get_method
 
 RUNS = Path("runs")
 
@@ -185,7 +185,7 @@ def _run_cv(exp: Experiment, data: Dataset, k: int, runs: Path, command: str) ->
 
 def _predict_and_cache(method, x_val: np.ndarray, x_test: np.ndarray | None, run_dir: Path, fold: int) -> np.ndarray:
     """Predict the fold's images; methods with maps get OOF and test maps cached (float16) before post-processing."""
-    if not hasattr(method, "predict_maps"):
+    if not isinstance(method, MapMethod):
         return method.predict(x_val)
     maps = method.predict_maps(x_val)
     atomic_save_npy(run_dir / "oof" / f"fold{fold}_maps.npy", maps)

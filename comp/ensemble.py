@@ -21,7 +21,7 @@ from comp.io import Dataset
 from comp.merge import Merger
 from comp.metric import image_score
 from comp.parallel import pmap
-from comp.postprocess import PostParams, instances_from_maps, upsample_maps
+from comp.postprocess import PostParams, blend, segment
 
 ENSEMBLES = Path("ensembles")  # under the runs folder
 
@@ -130,26 +130,6 @@ def check_aligned(members: Sequence[RunMaps]) -> None:
     for m in members[1:]:
         if not (np.array_equal(m.ids, first.ids) and np.array_equal(m.folds, first.folds)):
             raise UserError(m.run, f"folds differ from {first.run}: ensemble members need the same cv.folds, cv.seed and data")
-
-
-def blend(maps: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """Members' (C, r, r) maps -> one: weighted mean of fg/boundary/dist, embeddings side by side (scaled by sqrt(w))."""
-    used = [(m, w) for m, w in zip(maps, weights) if w > 0]
-    if len(used) == 1:
-        return used[0][0].astype(np.float32)
-    res = max(m.shape[-1] for m, _ in used)
-    total = sum(w for _, w in used)
-    probs = sum(w * upsample_maps(m[:3], res) for m, w in used) / total
-    # Embedding spaces of different models are unrelated: concatenating keeps each one's distances.
-    embs = [np.sqrt(w / total) * upsample_maps(m[3:], res) for m, w in used if m.shape[0] > 3]
-    return np.concatenate([probs, *embs]).astype(np.float32)
-
-
-def segment(maps: np.ndarray, image: np.ndarray, post: PostParams, merger: Merger | None = None, fold: int = -1) -> np.ndarray:
-    """Blended maps -> uint8 instance map: watershed post-processing, then optional learned merging."""
-    maps = upsample_maps(maps, image.shape[-1])  # once, shared by the post-processor and the merger
-    labels = instances_from_maps(maps, post, image.shape[-1])
-    return merger.apply(labels, maps, image, fold) if merger is not None else labels
 
 
 def _score_item(item: tuple, weights: Sequence[float], post: PostParams, merger: Merger | None) -> float:

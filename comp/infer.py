@@ -7,7 +7,7 @@ import torch
 
 from comp.data.targets import resize_image
 from comp.models import DIST, EMB0, InstanceNet
-from comp.train import Amp, device
+from comp.runtime import Amp, device
 
 
 def _activate(out: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,8 @@ from comp.models import ModelConfig, build_model
 from comp.parallel import pmap
 from comp.postprocess import PostParams, instances_from_maps
 from comp.registry import FitContext, FoldData, register_method
-from comp.train import TrainConfig, seed_everything, train_fold
+from comp.runtime import seed_everything
+from comp.train import TrainConfig, train_fold
 
 
 def inner_split(n: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

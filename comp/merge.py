@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from comp.errors import UserError, atomic_write_text
-from comp.postprocess import adjacent_pairs, merge_pairs, relabel_uint8, upsample_maps
+from comp.parallel import pmap
+from comp.postprocess import PostParams, adjacent_pairs, blend, merge_pairs, relabel_uint8, segment, upsample_maps
 
 FEATURES = (
     "log_border", "border_boundary", "border_fg", "border_dist", "contact",
@@ -165,3 +166,22 @@ def load_merger(path: Path) -> Merger:
     # threads in the parent, and OpenMP then hangs in the forked post-processing workers.
     models = {int(k): float(body.split()[1]) if body.startswith("constant ") else body for k, body in zip(chunks[1::2], chunks[2::2])}
     return Merger(models, float(head.split()[2]))
+
+
+def _pair_rows(item: tuple, weights: list[float], post: PostParams) -> tuple[np.ndarray, np.ndarray]:
+    """Merge-classifier rows (features, targets) of one OOF image."""
+    maps, image, truth, _ = item
+    m = upsample_maps(blend(maps, weights), image.shape[-1])  # once: segment() keeps maps already at full size
+    labels = segment(m, image, post)
+    pairs, x = pair_features(labels, m, image)
+    return x, pair_targets(labels, truth, pairs)
+
+
+def fit_merging(oof, weights: list[float], post: PostParams, workers: int = 0) -> Merger:
+    """Fold-disciplined pair classifiers trained on the OOF regions (an ensemble.OOF) of the tuned post-processing."""
+    rows = pmap(_pair_rows, oof.items(np.arange(len(oof.images)), range(len(oof.members))), weights, post, workers=workers, desc="merge features")
+    x = np.concatenate([r[0] for r in rows])
+    y = np.concatenate([r[1] for r in rows])
+    folds = np.concatenate([np.full(len(r[1]), f) for r, f in zip(rows, oof.folds)])
+    print(f"merge classifier: {len(y)} region pairs, {int(y.sum())} to merge", flush=True)
+    return fit_fold_mergers(x, y, folds)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+
+if TYPE_CHECKING:  # the merger applies to what this module segments; merge.py imports this module
+    from comp.merge import Merger
 
 
 def relabel_uint8(labels: np.ndarray, keep_zero: bool = True) -> np.ndarray:
@@ -176,3 +180,23 @@ def absorb_small(labels: np.ndarray, min_size: int) -> np.ndarray:
         ok = ~is_small[nb]
         target[s] = nb[ok][np.argmax(length[rows][ok])] if ok.any() else 0
     return target[labels]
+
+
+def blend(maps: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """Members' (C, r, r) maps -> one: weighted mean of fg/boundary/dist, embeddings side by side (scaled by sqrt(w))."""
+    used = [(m, w) for m, w in zip(maps, weights) if w > 0]
+    if len(used) == 1:
+        return used[0][0].astype(np.float32)
+    res = max(m.shape[-1] for m, _ in used)
+    total = sum(w for _, w in used)
+    probs = sum(w * upsample_maps(m[:3], res) for m, w in used) / total
+    # Embedding spaces of different models are unrelated: concatenating keeps each one's distances.
+    embs = [np.sqrt(w / total) * upsample_maps(m[3:], res) for m, w in used if m.shape[0] > 3]
+    return np.concatenate([probs, *embs]).astype(np.float32)
+
+
+def segment(maps: np.ndarray, image: np.ndarray, post: PostParams, merger: "Merger | None" = None, fold: int = -1) -> np.ndarray:
+    """Blended maps -> uint8 instance map: watershed post-processing, then optional learned merging."""
+    maps = upsample_maps(maps, image.shape[-1])  # once, shared by the post-processor and the merger
+    labels = instances_from_maps(maps, post, image.shape[-1])
+    return merger.apply(labels, maps, image, fold) if merger is not None else labels

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -43,6 +43,26 @@ class Method(Protocol):
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Predict (N, 512, 512) uint8 instance maps for (N, 512, 512) uint8 slices."""
+
+
+@runtime_checkable
+class MapMethod(Protocol):
+    """A method whose network maps are worth caching: CV stores its OOF and test maps, ensembles and tuning reuse them."""
+
+    def fit(self, train: FoldData, ctx: FitContext) -> None:
+        """Fit on one fold's training images."""
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Slices -> uint8 instance maps (predict_maps, then postprocess_maps)."""
+
+    def predict_maps(self, x: np.ndarray, tta: bool | None = None) -> np.ndarray:
+        """(N, 512, 512) slices -> (N, C, r, r) float16 maps."""
+
+    def postprocess_maps(self, maps: np.ndarray) -> np.ndarray:
+        """(N, C, r, r) maps -> (N, 512, 512) uint8 instance maps."""
+
+    def load(self, workdir: Path, contrast: Contrast) -> None:
+        """A trained fold from its folder, behind the run's resolved contrast, instead of fitting."""
 
 
 @dataclass

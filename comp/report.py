@@ -211,7 +211,8 @@ def _from_run(run: Path) -> ReportInput:
 
 def _from_ensemble(name: str, runs: Path, data) -> ReportInput:
     """An ensemble: per-image OOF scores and predictions recomputed from its members' cached maps."""
-    from comp.ensemble import OOF, blend, load_ensemble, merger_path, segment
+    from comp.ensemble import OOF, load_ensemble, merger_path
+    from comp.postprocess import blend, segment
     from comp.merge import load_merger
 
     spec = load_ensemble(name, runs)
@@ -221,7 +222,7 @@ def _from_ensemble(name: str, runs: Path, data) -> ReportInput:
     # Each OOF image is merged by the classifier of its fold, which never saw it: honest pictures.
     merger = load_merger(merger_path(name, runs)) if spec.merge.enabled else None
     if merger is not None and not set(map(int, np.unique(oof.folds))) <= set(merger.models):
-        from comp.tune import fit_merging  # a file of the first format holds the test model only: refit the folds'
+        from comp.merge import fit_merging  # a file of the first format holds the test model only: refit the folds'
 
         print(f"{merger_path(name, runs)} holds no per-fold models: refitting them for the OOF pictures", flush=True)
         merger.models = {**fit_merging(oof, weights, spec.post).models, -1: merger.models[-1]}

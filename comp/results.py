@@ -69,7 +69,7 @@ def _held_out_single(name: str, short: str, run: Path, data, runs: Path) -> floa
 
 def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | None = Path("README.md")) -> Path:
     """Run the suite on every data set, write runs/results.md, and refresh the README's table."""
-    from comp.cli import resolve_data
+    from comp.data.sets import resolve_data
     from comp.cv import finished_run, run_cv
     from comp.ensemble import OOF, build_ensemble, has_maps, load_ensemble
     from comp.submit import submit_ensemble

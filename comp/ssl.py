@@ -27,7 +27,8 @@ from comp.contrast import Contrast, ContrastParams, resolve
 from comp.data.targets import AugConfig, augment, resize_image
 from comp.errors import UserError, atomic_write_text
 from comp.models import InstanceNet, ModelConfig, build_model
-from comp.train import Amp, describe, device, lr_factor, run_epoch, save_checkpoint, seed_everything
+from comp.runtime import Amp, describe, device, seed_everything
+from comp.train import lr_factor, run_epoch, save_checkpoint
 
 
 @dataclass

@@ -109,7 +109,7 @@ def member_test_maps(run: Path, data: Dataset, cached: bool = False, tta: bool =
 
 def _segment_test(item: tuple, weights: list[float], post, merger) -> np.ndarray:
     """One test slice: blend the members' maps, post-process, merge."""
-    from comp.ensemble import blend, segment
+    from comp.postprocess import blend, segment
 
     maps, image = item
     return segment(blend(maps, weights), image, post, merger)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from comp.data.targets import AugConfig, augment, make_targets, resize_image, re
 from comp.errors import UserError, atomic_path
 from comp.losses import LossConfig, instance_loss
 from comp.models import InstanceNet
+from comp.runtime import Amp, describe, device, seed_everything
 
 
 @dataclass
@@ -42,30 +42,6 @@ class TrainConfig:
     aug: AugConfig = field(default_factory=AugConfig)
 
 
-def device() -> torch.device:
-    """CUDA when present, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def describe(dev: torch.device) -> str:
-    """The device in words, for the first line of a run (a 512 px config silently on the CPU is hours lost)."""
-    return f"{dev.type} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-
-
-class Amp:
-    """Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); a no-op on CPU."""
-
-    def __init__(self, dev: torch.device, enabled: bool) -> None:
-        self.dev, self.enabled = dev, enabled and dev.type == "cuda"
-        native_bf16 = self.enabled and torch.cuda.is_bf16_supported(including_emulation=False)
-        self.dtype = torch.bfloat16 if native_bf16 else torch.float16  # emulated bf16 is slow: fp16 + loss scaling
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
-
-    def autocast(self) -> torch.autocast:
-        """The forward pass's autocast context."""
-        return torch.autocast(self.dev.type, dtype=self.dtype, enabled=self.enabled)
-
-
 def run_epoch(loader, opt: torch.optim.Optimizer, amp: Amp, loss_fn, lr_at, first_step: int, desc: str) -> dict[str, float]:
     """One optimiser pass: per-step LR `lr_at(step)`, `loss_fn(batch) -> (loss, parts)`, scaled step; mean parts."""
     from tqdm import tqdm
@@ -84,13 +60,6 @@ def run_epoch(loader, opt: torch.optim.Optimizer, amp: Amp, loss_fn, lr_at, firs
             sums[k] = sums.get(k, 0.0) + v
         bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
     return {k: v / len(loader) for k, v in sums.items()}
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class SliceSet(torch.utils.data.Dataset):

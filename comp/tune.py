@@ -20,10 +20,9 @@ import numpy as np
 from comp.contrast import Contrast
 from comp.ensemble import OOF, EnsembleSpec, merger_path, nested_scores, oof_folds, oof_ids, save_ensemble
 from comp.errors import UserError
-from comp.merge import Merger, fit_fold_mergers, pair_features, pair_targets, save_merger
+from comp.merge import fit_merging, save_merger
 from comp.metric import image_scores
-from comp.parallel import pmap
-from comp.postprocess import PostParams, upsample_maps
+from comp.postprocess import PostParams
 from comp.registry import MethodSpec
 
 # name: (low, high, log). Integer fields of PostParams get integer suggestions.
@@ -126,27 +125,6 @@ def start_params(spec: EnsembleSpec, has_embedding: bool, space: dict | None = N
         top = max(m.weight for m in spec.members)
         p.update({f"w{j}": m.weight / top for j, m in enumerate(spec.members)})
     return p
-
-
-def _pair_rows(item: tuple, weights: list[float], post: PostParams) -> tuple[np.ndarray, np.ndarray]:
-    """Merge-classifier rows (features, targets) of one OOF image."""
-    from comp.ensemble import blend, segment
-
-    maps, image, truth, _ = item
-    m = upsample_maps(blend(maps, weights), image.shape[-1])  # once: segment() keeps maps already at full size
-    labels = segment(m, image, post)
-    pairs, x = pair_features(labels, m, image)
-    return x, pair_targets(labels, truth, pairs)
-
-
-def fit_merging(oof: OOF, weights: list[float], post: PostParams, workers: int = 0) -> Merger:
-    """Fold-disciplined pair classifiers trained on the OOF regions of the tuned post-processing."""
-    rows = pmap(_pair_rows, oof.items(np.arange(len(oof.images)), range(len(oof.members))), weights, post, workers=workers, desc="merge features")
-    x = np.concatenate([r[0] for r in rows])
-    y = np.concatenate([r[1] for r in rows])
-    folds = np.concatenate([np.full(len(r[1]), f) for r, f in zip(rows, oof.folds)])
-    print(f"merge classifier: {len(y)} region pairs, {int(y.sum())} to merge", flush=True)
-    return fit_fold_mergers(x, y, folds)
 
 
 def inner_study(objective: Callable, starts: list[dict], trials: int, seed: int) -> dict:

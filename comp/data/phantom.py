@@ -192,8 +192,7 @@ class Anatomy:
             self.add(Blob(lu + du, lv + dv, rr, rr * r.uniform(0.7, 1), 0, self.wob(3, 0.08)), grey, texture=4, halo=0)
 
     def _spleen_stomach(self, a: float, b: float) -> None:
-        """Spleen (annotated) posterior-left, stomach with air (never annotated) anterior-left."""
-        r = self.rng
+        """Spleen posterior-left and stomach anterior-left (both annotated); the stomach's gas is not."""
         self.add(Blob(a * 0.62, -b * 0.35, a * 0.2, b * 0.35, 0.6, self.wob(3, 0.08)), LIVER + 15, texture=6)
         su, sv = a * 0.35, b * 0.35
         self.add(Blob(su, sv, a * 0.25, b * 0.3, 0, self.wob(3, 0.1)), SOFT, texture=8)
