@@ -192,20 +192,25 @@ def run_bench(quick: bool = False, out: Path = Path("bench.json")) -> dict:
     tu = results["tuning"]
     print(f"{'tuning trials per minute (' + str(tu['images']) + ' images)':<38} {tu['trials_per_minute']:>10.1f}")
     sm = results["submit_memory"]
-    print(f"{'submit --ensemble peak memory (MB)':<38} {sm['peak_rss_mb']:>10.0f}  [{sm['test_slices']} slices, {sm['members']} members x 3 folds]")
+    print(f"{'submit --ensemble peak memory (MB)':<38} {sm['peak_pss_mb']:>10.0f}  [{sm['test_slices']} slices, {sm['members']} members x 3 folds]")
     print(f"{'peak memory (MB)':<38} {results['peak_rss_mb']:>10.0f}")
     print(f"written to {out}")
     return results
 
 
 def _tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants (Linux /proc), in MB; shared pages counted per process."""
+    """Memory of a process and all its descendants (Linux /proc), in MB: proportional set size, so pages that forked
+    workers share with their parent are counted once (resident set size where the kernel gives no PSS)."""
     total, todo = 0, [pid]
     while todo:
         p = todo.pop()
         try:
-            with open(f"/proc/{p}/status") as f:
-                total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+            try:
+                with open(f"/proc/{p}/smaps_rollup") as f:
+                    total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+            except (FileNotFoundError, StopIteration):
+                with open(f"/proc/{p}/status") as f:
+                    total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
             with open(f"/proc/{p}/task/{p}/children") as f:
                 todo += [int(c) for c in f.read().split()]
         except (FileNotFoundError, ProcessLookupError, ValueError):
@@ -214,7 +219,7 @@ def _tree_rss_mb(pid: int) -> float:
 
 
 def bench_submit_memory(n_test: int, members: int, tmp: Path, res: int = 256, emb: int = 8) -> dict:
-    """Peak resident memory (whole process tree) of `submit --ensemble --cached` over n_test slices and `members` runs."""
+    """Peak memory (PSS of the whole process tree) of `submit --ensemble --cached` over n_test slices and `members` runs."""
     import os
     import subprocess
     import sys
@@ -263,4 +268,4 @@ def bench_submit_memory(n_test: int, members: int, tmp: Path, res: int = 256, em
     if proc.returncode != 0:
         raise RuntimeError(f"submit failed: {output[-2000:]}")
     return {"test_slices": n_test, "members": members, "folds": 3, "map_shape": list(maps.shape[1:]),
-            "peak_rss_mb": peak, "seconds": time.perf_counter() - t}  # fmt: skip
+            "peak_pss_mb": peak, "seconds": time.perf_counter() - t}  # fmt: skip

@@ -19,4 +19,4 @@ def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
     assert res["inference"]["unet_cpu"]["ms_per_slice"] > 0 and res["inference"]["unet_cpu"]["resolution"] == 256
     assert res["tuning"]["trials"] == 3 and res["tuning"]["trials_per_minute"] > 0
     sm = res["submit_memory"]
-    assert sm["test_slices"] == 8 and sm["members"] == 3 and sm["peak_rss_mb"] > 50  # the whole process tree was seen
+    assert sm["test_slices"] == 8 and sm["members"] == 3 and sm["peak_pss_mb"] > 50  # the whole process tree was seen
