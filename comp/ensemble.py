@@ -98,16 +98,18 @@ def resolve_run(name: str, runs: Path, data: Dataset, maps: bool = True) -> Path
     return matches[0]
 
 
-def oof_ids(run: Path) -> np.ndarray:
-    """X_train indices of a finished run's OOF images, in fold order."""
+def oof_index(run: Path) -> tuple[np.ndarray, np.ndarray]:
+    """X_train indices of a finished run's OOF images, in fold order, and the fold of each (each file read once)."""
     k = int(_run_config(run)["cv"]["folds"])
-    return np.concatenate([np.load(run / "oof" / f"fold{f}.npz")["ids"] for f in range(k)])
+    ids = [np.load(run / "oof" / f"fold{f}.npz")["ids"] for f in range(k)]
+    return np.concatenate(ids), np.concatenate([np.full(len(i), f) for f, i in enumerate(ids)])
 
 
-def oof_folds(run: Path) -> np.ndarray:
-    """The fold of each of oof_ids(run)."""
-    k = int(_run_config(run)["cv"]["folds"])
-    return np.concatenate([np.full(len(np.load(run / "oof" / f"fold{f}.npz")["ids"]), f) for f in range(k)])
+def random_subset(n_total: int, n: int, seed: int = 0) -> np.ndarray:
+    """Indices of up to n of n_total items drawn at random (seeded, so deterministic), in order (n <= 0: all)."""
+    if n <= 0 or n >= n_total:
+        return np.arange(n_total)
+    return np.sort(np.random.default_rng(seed).permutation(n_total)[:n])
 
 
 def run_experiment(run: Path, overrides: dict | None = None):
@@ -161,9 +163,7 @@ class OOF:
 
     def subset(self, n: int, seed: int = 0) -> np.ndarray:
         """Indices of up to n OOF images drawn at random (seeded, so deterministic), in order (0 = all)."""
-        if n <= 0 or n >= len(self.images):
-            return np.arange(len(self.images))
-        return np.sort(np.random.default_rng(seed).permutation(len(self.images))[:n])
+        return random_subset(len(self.images), n, seed)
 
     def items(self, idx: np.ndarray, which: Sequence[int]) -> list[tuple]:
         """(members' maps, slice, truth, fold) per image, for the chosen members."""

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from comp.contrast import Contrast
-from comp.ensemble import OOF, EnsembleSpec, merger_path, nested_scores, oof_folds, oof_ids, save_ensemble
+from comp.ensemble import OOF, EnsembleSpec, merger_path, nested_scores, oof_index, random_subset, save_ensemble
 from comp.errors import UserError
 from comp.merge import fit_merging, save_merger
 from comp.metric import image_scores
@@ -314,9 +314,9 @@ def tune_method(spec_file: EnsembleSpec, data, runs: Path, trials: int = 40, sto
     if not spec.space:
         raise UserError(run, f"method '{exp.method}' declares nothing to tune")
     spec = dataclasses.replace(spec, space=_restrict(spec.space, params))
-    ids, folds = oof_ids(run), oof_folds(run)
+    ids, folds = oof_index(run)
     x, y = data.x_train[ids], data.y_train[ids]
-    idx = np.arange(len(ids)) if images <= 0 or images >= len(ids) else np.sort(np.random.default_rng(seed).permutation(len(ids))[:images])
+    idx = random_subset(len(ids), images, seed)
     key = f"{run}|{exp.method}|{images}|method|{sorted(spec.space)}"
     study = open_study(storage_url(storage, spec_file.name, runs), f"{spec_file.name}-{hashlib.sha1(key.encode()).hexdigest()[:8]}", seed)
     # Start from the run's settings and from what each fold fitted, so the search begins where CV ended.

@@ -63,7 +63,7 @@ def _official(tmp_path: Path, window) -> Path:
 def test_a_window_acts_identically_in_cv_tune_and_submit(tmp_path, tiny_phantom):
     from comp.baselines import OfficialWatershedParams, official_watershed
     from comp.config import load_experiment
-    from comp.ensemble import oof_ids, run_experiment
+    from comp.ensemble import oof_index, run_experiment
     from comp.io import Dataset, read_label_csv
     from comp.tune import method_scores
 
@@ -77,7 +77,7 @@ def test_a_window_acts_identically_in_cv_tune_and_submit(tmp_path, tiny_phantom)
         stretched = Contrast(tuple(map(float, window))).stretch
         ref = lambda x: np.stack([official_watershed(s, OfficialWatershedParams()) for s in stretched(x)])  # noqa: E731
         # cv: the out-of-fold predictions are the baseline on the stretched slices.
-        ids = oof_ids(run)
+        ids, _ = oof_index(run)
         pred = np.concatenate([np.load(run / "oof" / f"fold{f}.npz")["pred"] for f in range(2)])
         assert np.array_equal(pred, ref(data.x_train[ids]))
         # tune: a trial with the run's settings scores exactly the CV's per-image scores.
