@@ -132,7 +132,7 @@ def bench_inference(xs: np.ndarray, quick: bool) -> dict:
         res = exp.params.train.resolution
         predict_maps(model, xs[:2], res)  # warm-up (allocations, cuDNN autotune)
         n = len(xs)
-        t = _best_of(lambda: predict_maps(model, xs, res, batch_size=8), 1 if quick else 2)
+        t = _best_of(lambda m=model: predict_maps(m, xs, res, batch_size=8), 1 if quick else 2)
         out[name] = {"encoder": exp.params.model.encoder, "resolution": res, "ms_per_slice": t / n * 1e3, "device": str(device())}
         del model
         if torch.cuda.is_available():
@@ -155,6 +155,35 @@ def bench_tuning(ys: np.ndarray, xs: np.ndarray, trials: int, tmp: Path) -> dict
     r = tune(spec, oof, tmp, trials=trials, merge=False)
     minutes = (time.perf_counter() - t) / 60
     return {"images": n, "trials": r.trials_complete, "trials_per_minute": r.trials_per_minute, "wall_minutes_incl_final_scoring": minutes}
+
+
+def _quantised_pair(i: int, oof, post) -> tuple[float, float]:
+    """One OOF image's ARI from its cached maps as stored and after a uint8 quantise/decode round trip."""
+    from comp.metric import image_score
+    from comp.postprocess import segment
+    from comp.rundir import quantise
+
+    maps, image, truth, fold = oof.item(i, [0])
+    q, s = quantise(maps[0][None])
+    decoded = q[0] * s[0, :, 1, None, None] + s[0, :, 0, None, None]
+    return image_score(truth, segment(maps[0], image, post)), image_score(truth, segment(decoded, image, post))
+
+
+def bench_quantisation(runs: list[Path], data, workers: int = 0) -> dict:
+    """OOF ARI of runs' own post-processing on their cached maps and on the same maps uint8-quantised."""
+    from comp.ensemble import OOF
+    from comp.parallel import pmap
+
+    out = {}
+    for run in runs:
+        oof = OOF.load([run], data)
+        pairs = np.array(pmap(_quantised_pair, list(range(len(oof.images))), oof, oof.members[0].post, workers=workers, desc=run.name))
+        out[oof.members[0].label] = {"images": len(pairs), "ari_stored": float(pairs[:, 0].mean()), "ari_uint8": float(pairs[:, 1].mean()),
+                                     "max_abs_image_diff": float(np.abs(pairs[:, 0] - pairs[:, 1]).max())}  # fmt: skip
+        r = out[oof.members[0].label]
+        print(f"{r['images']:>4} images  stored {r['ari_stored']:.4f}  uint8 {r['ari_uint8']:.4f}  "
+              f"(diff {r['ari_uint8'] - r['ari_stored']:+.4f}, max per image {r['max_abs_image_diff']:.4f})  {oof.members[0].label}")
+    return out
 
 
 def run_bench(quick: bool = False, out: Path = Path("bench.json")) -> dict:
@@ -224,10 +253,9 @@ def bench_submit_memory(n_test: int, members: int, tmp: Path, res: int = 256, em
     import subprocess
     import sys
 
-    import yaml
-
     from comp.ensemble import EnsembleSpec, MemberRef, save_ensemble
     from comp.io import image_names, write_images, write_label_csv
+    from comp.rundir import RunDir, save_maps, write_maps
 
     xs, ys = _sample_maps(12)
     root = tmp / "submem"
@@ -235,26 +263,19 @@ def bench_submit_memory(n_test: int, members: int, tmp: Path, res: int = 256, em
     write_label_csv(root / "Y_train.csv", ys[:2], image_names(2))
     write_images(root / "X_test", np.stack([xs[i % len(xs)] for i in range(n_test)]))
     maps = synthetic_maps(ys, res, emb)
-    folds = []
-    for f in range(3):  # one cached test-map file per fold, shared by every member (disk, not memory, is the limit here)
-        path = tmp / f"fold{f}_maps.npy"
-        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n_test, *maps.shape[1:]))
-        for c0 in range(0, n_test, 32):
-            mm[c0 : c0 + 32] = maps[np.arange(c0, min(n_test, c0 + 32)) % len(maps)]
-        mm.flush()
-        folds.append(path)
     runs = tmp / "runs"
     refs = []
     for m in range(members):
-        run = runs / f"member{m}" / f"20260101-000000-0000000{m}-000000-k3"
-        (run / "test").mkdir(parents=True)
-        (run / "config.yaml").write_text(yaml.safe_dump({"name": f"member{m}", "method": "unet", "params": {}, "cv": {"folds": 3}}))
-        (run / "cv.json").write_text("{}")
-        (run / "oof").mkdir()
-        np.save(run / "oof" / "fold0_maps.npy", maps[:1])  # marks a map-predicting run
-        for f, path in enumerate(folds):
-            (run / "test" / f"fold{f}_maps.npy").symlink_to(path)
-        refs.append(MemberRef(str(run), 1.0 / members))
+        run = RunDir(runs / f"member{m}" / f"20260101-000000-0000000{m}-000000-k3")
+        run.write_config({"name": f"member{m}", "method": "unet", "params": {}, "cv": {"folds": 3}})
+        run.write_summary({})
+        save_maps(run.oof_maps_file(0), maps[:1])  # marks a map-predicting run
+        if m == 0:  # one cached test-map file per fold, shared by every member (disk, not memory, is the limit here)
+            for f in range(3):
+                write_maps(run.test_maps_file(f), n_test, lambda sl: maps[np.arange(sl.start, sl.stop) % len(maps)], chunk=32)
+        else:
+            run.test_maps_file(0).parent.symlink_to(RunDir(Path(refs[0].run)).test_maps_file(0).parent.resolve())
+        refs.append(MemberRef(str(run.path), 1.0 / members))
     save_ensemble(EnsembleSpec(name="submem", members=refs), runs)
     cmd = [sys.executable, "-m", "comp", "submit", "--ensemble", "submem", "--cached", "--data", str(root), "--runs", str(runs),
            "--out", str(tmp / "submem.csv")]  # fmt: skip

@@ -158,13 +158,18 @@ def _latest_per_config(runs: list[Path]) -> list[Path]:
     """The newest run of each (experiment, config digest), among runs with the most common fold count."""
     if not runs:
         return []
-    ks = [r.name.rsplit("-k", 1)[-1] for r in runs]
+    from comp.rundir import RunDir
+
+    keys = {r: RunDir(r).key for r in runs}
+    ks = [key.folds for key in keys.values() if key is not None]
+    if not ks:
+        return []
     k = max(set(ks), key=ks.count)
     seen, keep = set(), []
     for r in runs:  # newest first
-        key = (r.parent.name, r.name.split("-")[2])
-        if r.name.endswith(f"-k{k}") and key not in seen:
-            seen.add(key)
+        key = keys[r]
+        if key is not None and key.folds == k and (r.parent.name, key.digest) not in seen:
+            seen.add((r.parent.name, key.digest))
             keep.append(r)
     return keep
 
@@ -251,8 +256,14 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     """Run the benchmark suite."""
-    from comp.bench import run_bench
+    from comp.bench import bench_quantisation, run_bench
 
+    if a.quantisation:  # the effect of uint8 map caching on finished runs (older runs cached float16 maps)
+        from comp.ensemble import resolve_run
+
+        data = resolve_data(a.data)
+        bench_quantisation([resolve_run(r, Path(a.runs), data) for r in a.quantisation], data)
+        return 0
     run_bench(quick=a.quick, out=Path(a.out))
     return 0
 
@@ -382,6 +393,9 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks, each against its reference")
     b.add_argument("--quick", action="store_true")
     b.add_argument("--out", default="bench.json")
+    b.add_argument("--quantisation", nargs="+", metavar="RUN", help="instead: ARI of finished runs on their cached maps vs uint8-quantised")
+    b.add_argument("--data", default=None, help="with --quantisation: the runs' data set")
+    b.add_argument("--runs", default="runs")
     b.set_defaults(fn=cmd_bench)
     return p
 

@@ -22,6 +22,7 @@ from comp.merge import Merger
 from comp.metric import image_score
 from comp.parallel import pmap
 from comp.postprocess import PostParams, blend, segment
+from comp.rundir import MapArray, RunDir
 
 ENSEMBLES = Path("ensembles")  # under the runs folder
 
@@ -33,57 +34,71 @@ class RunMaps:
     run: Path
     ids: np.ndarray  # X_train indices of the OOF images
     folds: np.ndarray  # fold of each
-    maps: np.ndarray  # (N, C, r, r) float16
+    maps: Sequence[np.ndarray]  # per OOF image: (C, r, r) float32 (a MapArray, or a list/array in tests)
     post: PostParams
     config: dict
 
     @property
     def label(self) -> str:
         """experiment/run-id, as shown in tables."""
-        return f"{self.run.parent.name}/{self.run.name}"
+        return RunDir(self.run).label
+
+    @property
+    def channels(self) -> int:
+        """Map channels (3 probabilities, then the embedding)."""
+        return int(np.shape(self.maps[0])[0])
+
+
+class _Concat:
+    """Several folds' MapArrays read as one sequence of per-image maps (nothing decoded until asked)."""
+
+    def __init__(self, parts: list[MapArray]) -> None:
+        self.parts, self.offsets = parts, np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        f = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.parts[f][int(i - self.offsets[f])]
 
 
 def load_run_maps(run: Path) -> RunMaps:
-    """Load a CV run's OOF maps; a run without cached maps (a non-learned method) is a clear error."""
-    run = Path(run)
-    config = _run_config(run)
-    k = int(config["cv"]["folds"])
-    ids, folds, maps = [], [], []
-    for f in range(k):
-        path = run / "oof" / f"fold{f}_maps.npy"
-        if not path.is_file():
-            raise UserError(run, f"no cached OOF maps ({path.name}): only map-predicting methods can be ensembled")
-        ids.append(np.load(run / "oof" / f"fold{f}.npz")["ids"])
-        maps.append(np.load(path))
-        folds.append(np.full(len(ids[-1]), f))
-    return RunMaps(run, np.concatenate(ids), np.concatenate(folds), np.concatenate(maps), _post_of(run, config), config)
+    """A CV run's OOF maps (memory-mapped, decoded per image); a run without cached maps is a clear error."""
+    rd = RunDir(Path(run))
+    config = _run_config(rd.path)
+    ids, folds = rd.oof_index()
+    parts = []
+    for f in range(rd.n_folds):
+        if not rd.oof_maps_file(f).is_file():
+            raise UserError(rd.path, f"no cached OOF maps ({rd.oof_maps_file(f).name}): only map-predicting methods can be ensembled")
+        parts.append(rd.oof_maps(f))
+    return RunMaps(rd.path, ids, folds, _Concat(parts), _post_of(rd.path, config), config)
 
 
 def _run_config(run: Path) -> dict:
     """A finished CV run's config.yaml; an unfinished run is a clear error."""
-    if not (run / "cv.json").is_file():
-        raise UserError(run, "not a finished CV run (no cv.json)")
-    return yaml.safe_load((run / "config.yaml").read_text())
+    rd = RunDir(Path(run))
+    rd.summary()  # raises for an unfinished run
+    return rd.config()
 
 
 def _post_of(run: Path, config: dict) -> PostParams:
     """The post-processing a run's config.yaml asks for."""
-    return from_dict(PostParams, config.get("params", {}).get("post", {}), str(run / "config.yaml"), "params.post")
+    return from_dict(PostParams, config.get("params", {}).get("post", {}), str(RunDir(Path(run)).config_file), "params.post")
 
 
 def has_maps(run: Path) -> bool:
     """Whether a CV run cached OOF maps (a map-predicting method) or only instance maps (a non-learned one)."""
-    return (Path(run) / "oof" / "fold0_maps.npy").is_file()
+    return RunDir(Path(run)).has_maps
 
 
 def finished_runs(runs: Path, data: Dataset, maps: bool = True) -> list[Path]:
     """Finished CV runs on this data set (same labels), newest first; with `maps`, only those that cached OOF maps."""
     want = data.fingerprint()["y_train"]
-    found = []
-    for cv in runs.glob("*/*/cv.json"):
-        summary = json.loads(cv.read_text())
-        if summary.get("dataset", {}).get("y_train") == want and (has_maps(cv.parent) or not maps):
-            found.append(cv.parent)
+    found = [r.path for r in RunDir.finished_under(runs) if r.summary().get("dataset", {}).get("y_train") == want and (r.has_maps or not maps)]
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
@@ -100,9 +115,8 @@ def resolve_run(name: str, runs: Path, data: Dataset, maps: bool = True) -> Path
 
 def oof_index(run: Path) -> tuple[np.ndarray, np.ndarray]:
     """X_train indices of a finished run's OOF images, in fold order, and the fold of each (each file read once)."""
-    k = int(_run_config(run)["cv"]["folds"])
-    ids = [np.load(run / "oof" / f"fold{f}.npz")["ids"] for f in range(k)]
-    return np.concatenate(ids), np.concatenate([np.full(len(i), f) for f, i in enumerate(ids)])
+    _run_config(run)  # a clear error for an unfinished run
+    return RunDir(Path(run)).oof_index()
 
 
 def random_subset(n_total: int, n: int, seed: int = 0) -> np.ndarray:
@@ -119,7 +133,7 @@ def run_experiment(run: Path, overrides: dict | None = None):
 
     cfg = _run_config(run)
     sets = [f"{k}={json.dumps(v)}" for k, v in (overrides or {}).items()]
-    exp = experiment_from_dict(cfg, run / "config.yaml", sets, ignore=("data", "contrast_resolved"))
+    exp = experiment_from_dict(cfg, RunDir(Path(run)).config_file, sets, ignore=("data", "contrast_resolved"))
     resolved = Contrast.from_dict(cfg.get("contrast_resolved"))
     if "contrast.window" in (overrides or {}):  # a tuned window is given in grey levels
         resolved = Contrast(tuple(float(v) for v in overrides["contrast.window"]), resolved.channels)
@@ -134,9 +148,9 @@ def check_aligned(members: Sequence[RunMaps]) -> None:
             raise UserError(m.run, f"folds differ from {first.run}: ensemble members need the same cv.folds, cv.seed and data")
 
 
-def _score_item(item: tuple, weights: Sequence[float], post: PostParams, merger: Merger | None) -> float:
-    """ARI of one OOF image under the given weights, post-processing and merger."""
-    maps, image, truth, fold = item
+def _score_item(i: int, oof: "OOF", which: Sequence[int], weights: Sequence[float], post: PostParams, merger: Merger | None) -> float:
+    """ARI of OOF image i under the given weights, post-processing and merger (maps decoded here, in the worker)."""
+    maps, image, truth, fold = oof.item(i, which)
     return image_score(truth, segment(blend(maps, weights), image, post, merger, fold))
 
 
@@ -165,9 +179,9 @@ class OOF:
         """Indices of up to n OOF images drawn at random (seeded, so deterministic), in order (0 = all)."""
         return random_subset(len(self.images), n, seed)
 
-    def items(self, idx: np.ndarray, which: Sequence[int]) -> list[tuple]:
-        """(members' maps, slice, truth, fold) per image, for the chosen members."""
-        return [(tuple(self.members[j].maps[i] for j in which), self.images[i], self.truths[i], int(self.folds[i])) for i in idx]
+    def item(self, i: int, which: Sequence[int]) -> tuple:
+        """(chosen members' maps, slice, truth, fold) of OOF image i."""
+        return tuple(self.members[j].maps[i] for j in which), self.images[i], self.truths[i], int(self.folds[i])
 
     def scores(
         self,
@@ -184,7 +198,8 @@ class OOF:
         if not which:
             raise UserError("weights", "every ensemble weight is 0")
         w = [weights[j] for j in which]
-        return np.array(pmap(_score_item, self.items(idx, which), w, post, merger, workers=workers, desc=desc))
+        # Only indices cross to the (forked) workers: each decodes its image's maps from the shared mapping.
+        return np.array(pmap(_score_item, [int(i) for i in idx], self, which, w, post, merger, workers=workers, desc=desc))
 
 
 def nested_scores(folds: np.ndarray, idx: np.ndarray, search: Callable[[np.ndarray], object],

@@ -168,9 +168,9 @@ def load_merger(path: Path) -> Merger:
     return Merger(models, float(head.split()[2]))
 
 
-def _pair_rows(item: tuple, weights: list[float], post: PostParams) -> tuple[np.ndarray, np.ndarray]:
-    """Merge-classifier rows (features, targets) of one OOF image."""
-    maps, image, truth, _ = item
+def _pair_rows(i: int, oof, weights: list[float], post: PostParams) -> tuple[np.ndarray, np.ndarray]:
+    """Merge-classifier rows (features, targets) of OOF image i (an ensemble.OOF's)."""
+    maps, image, truth, _ = oof.item(i, range(len(oof.members)))
     m = upsample_maps(blend(maps, weights), image.shape[-1])  # once: segment() keeps maps already at full size
     labels = segment(m, image, post)
     pairs, x = pair_features(labels, m, image)
@@ -179,7 +179,7 @@ def _pair_rows(item: tuple, weights: list[float], post: PostParams) -> tuple[np.
 
 def fit_merging(oof, weights: list[float], post: PostParams, workers: int = 0) -> Merger:
     """Fold-disciplined pair classifiers trained on the OOF regions (an ensemble.OOF) of the tuned post-processing."""
-    rows = pmap(_pair_rows, oof.items(np.arange(len(oof.images)), range(len(oof.members))), weights, post, workers=workers, desc="merge features")
+    rows = pmap(_pair_rows, list(range(len(oof.images))), oof, weights, post, workers=workers, desc="merge features")
     x = np.concatenate([r[0] for r in rows])
     y = np.concatenate([r[1] for r in rows])
     folds = np.concatenate([np.full(len(r[1]), f) for r, f in zip(rows, oof.folds)])

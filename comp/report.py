@@ -12,6 +12,7 @@ import numpy as np
 import yaml
 
 from comp.errors import UserError, atomic_write_text
+from comp.rundir import SUMMARY, RunDir
 
 LEADERBOARD = "leaderboard.md"
 
@@ -20,7 +21,7 @@ def _run_command(run: Path, summary: dict) -> str:
     """The command stored with a run, else the one that reproduces its config (older runs)."""
     if summary.get("command"):
         return summary["command"]
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg = RunDir(run).config()
     data = summary.get("dataset", {})
     data_arg = "" if data.get("name") == "phantom" else f" --data {data.get('root', '?')}"
     sets = "".join(f" --set {k}={v}" for k, v in _overrides(summary["experiment"], cfg))
@@ -51,8 +52,8 @@ def _overrides(name: str, cfg: dict) -> list[tuple[str, object]]:
 def leaderboard_rows(runs: Path) -> list[dict]:
     """One row per finished CV run and per ensemble file, best first within each data set."""
     rows = []
-    for cv in runs.glob("*/*/cv.json"):
-        s = json.loads(cv.read_text())
+    for run in RunDir.finished_under(runs):
+        s = run.summary()
         rows.append(
             {
                 "kind": "cv",
@@ -63,11 +64,13 @@ def leaderboard_rows(runs: Path) -> list[dict]:
                 "oof_ari": s["mean_ari"],
                 "honest": s["mean_ari"],  # out-of-fold: each fold fitted without its images
                 "std": s["std_ari"],
-                "path": str(cv.parent),
-                "command": _run_command(cv.parent, s),
+                "path": str(run.path),
+                "command": _run_command(run.path, s),
             }
         )
-    for path in sorted((runs / "ensembles").glob("*.yaml")):
+    from comp.ensemble import ENSEMBLES
+
+    for path in sorted((runs / ENSEMBLES).glob("*.yaml")):
         e = yaml.safe_load(path.read_text())
         if e.get("oof_ari") is None:
             continue
@@ -193,9 +196,9 @@ class ReportInput:
 
 def _from_run(run: Path) -> ReportInput:
     """A CV run: stored OOF scores and predictions."""
-    s = json.loads((run / "cv.json").read_text())
-    k = len(s["folds"])
-    packs = [np.load(run / "oof" / f"fold{f}.npz") for f in range(k)]
+    rd = RunDir(run)
+    s = rd.summary()
+    packs = [rd.fold_pack(f) for f in range(len(s["folds"]))]
     ids = np.concatenate([p["ids"] for p in packs])
     preds = [p["pred"] for p in packs]
     offsets = np.cumsum([0] + [len(p["ids"]) for p in packs])
@@ -240,13 +243,13 @@ def _curves(run_dirs: list[Path], out: Path) -> list[str]:
     """Training loss / validation ARI per fold and pretraining loss PNGs; returns their file names."""
     names = []
     for r, run in enumerate(run_dirs):
-        hist = {f.parent.name: json.loads(f.read_text()) for f in sorted(run.glob("fold*/history.json"))}
+        hist = RunDir(run).histories()
         if hist:
             plot_curves({k: ([h["epoch"] + 1 for h in v], [h["loss"] for h in v]) for k, v in hist.items()}, out / f"train_loss_{r}.png", f"training loss — {run.parent.name}", "loss")
             val = {k: ([h["epoch"] + 1 for h in v if "val_ari" in h], [h["val_ari"] for h in v if "val_ari" in h]) for k, v in hist.items()}
             plot_curves(val, out / f"val_ari_{r}.png", f"validation ARI — {run.parent.name}", "ARI")
             names += [f"train_loss_{r}.png", f"val_ari_{r}.png"]
-        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg = RunDir(run).config()
         weights = str(cfg.get("params", {}).get("model", {}).get("encoder_weights", "none"))
         if weights.endswith(".pt"):
             found = sorted(Path(weights[:-3]).glob("*/history.json"), key=lambda p: p.stat().st_mtime)
@@ -313,9 +316,9 @@ def report(target: str | None, data, runs: Path) -> Path:
 
 def _find_run(target: str | None, runs: Path) -> Path:
     """A run folder, or the newest finished run of an experiment (of any experiment when None)."""
-    if target and Path(target).is_dir() and (Path(target) / "cv.json").is_file():
+    if target and Path(target).is_dir() and RunDir(Path(target)).finished:
         return Path(target)
-    pattern = f"{target}/*/cv.json" if target else "*/*/cv.json"
+    pattern = f"{target}/*/{SUMMARY}" if target else f"*/*/{SUMMARY}"
     found = sorted(runs.glob(pattern), key=lambda p: p.stat().st_mtime)
     if not found:
         raise UserError(target or runs, "no finished CV run or ensemble of that name to report")

@@ -116,9 +116,9 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
 
 def _std(run: Path) -> float:
     """Image std of a run's OOF ARI."""
-    import json
+    from comp.rundir import RunDir
 
-    return json.loads((run / "cv.json").read_text())["std_ari"]
+    return RunDir(run).summary()["std_ari"]
 
 
 def _table(rows: list[Row], datasets: list[str], suite: Suite) -> str:

@@ -12,6 +12,7 @@ from comp.errors import UserError
 from comp.io import N_PIXELS, SIZE, Dataset, count_images, image_names, read_label_csv, write_label_csv
 from comp.metric import image_scores
 from comp.registry import FitContext, FoldData, get_method
+from comp.rundir import RunDir, load_maps
 
 
 def validate_submission(path: str | Path, data_root: str | Path, row_labels: list[str] | None = None) -> dict:
@@ -50,7 +51,7 @@ def submit(exp: Experiment, data: Dataset, out: str | Path, seed: int = 0, runs:
     if len(ann) == 0:
         raise UserError(data.root / "Y_train.csv", "no annotated image to fit on")
     # Keyed like CV runs (config and data): a model fitted on other data is never resumed or shipped.
-    workdir = Path(runs) / exp.name / f"submit-{exp.digest()}-{data.fingerprint()['y_train'][:6]}"
+    workdir = RunDir.submit_workdir(runs, exp.name, exp.digest(), data.fingerprint()["y_train"][:6])
     workdir.mkdir(parents=True, exist_ok=True)
     contrast = resolve(exp.contrast, data.x_train, exp.path)  # as in CV: the training slices' histogram
     ctx = FitContext(workdir=workdir, fold=-1, seed=seed, contrast=contrast)
@@ -71,25 +72,24 @@ class MemberMaps:
     """A member's test maps, a chunk of slices at a time: its fold models loaded once (or its cached maps, memory-mapped)."""
 
     def __init__(self, run: Path, data: Dataset, cached: bool = False, tta: bool = True) -> None:
-        import yaml
-
         from comp.config import from_dict
 
-        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        rd = RunDir(Path(run))
+        cfg = rd.config()
         self.x, self.tta, self.sources = data.x_test, tta, []
         for f in range(int(cfg["cv"]["folds"])):
             if cached:
-                path = run / "test" / f"fold{f}_maps.npy"
+                path = rd.test_maps_file(f)
                 if not path.is_file():
                     raise UserError(path, "no cached test maps (the CV run had no X_test); drop --cached")
-                n = np.load(path, mmap_mode="r").shape[0]
+                n = len(rd.test_maps(f))
                 if n != len(self.x):
                     raise UserError(path, f"{n} cached test maps but {len(self.x)} test images: drop --cached")
                 self.sources.append(path)
             else:
-                spec = get_method(cfg["method"], run / "config.yaml")
-                method = spec.build(from_dict(spec.params, cfg["params"], str(run / "config.yaml"), "params"))
-                method.load(run / f"fold{f}", Contrast.from_dict(cfg.get("contrast_resolved")))
+                spec = get_method(cfg["method"], rd.config_file)
+                method = spec.build(from_dict(spec.params, cfg["params"], str(rd.config_file), "params"))
+                method.load(rd.fold_dir(f), Contrast.from_dict(cfg.get("contrast_resolved")))
                 self.sources.append(method)
 
     def chunk(self, sl: slice) -> np.ndarray:
@@ -97,7 +97,7 @@ class MemberMaps:
         acc = None
         for src in self.sources:
             # A cached file is mapped for this chunk only: pages read stay out of the resident set afterwards.
-            maps = np.array(np.load(src, mmap_mode="r")[sl]) if isinstance(src, Path) else src.predict_maps(self.x[sl], tta=self.tta)
+            maps = load_maps(src)[sl] if isinstance(src, Path) else src.predict_maps(self.x[sl], tta=self.tta)
             acc = maps.astype(np.float32) if acc is None else acc + maps
         return (acc / len(self.sources)).astype(np.float16)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from comp.merge import fit_merging, save_merger
 from comp.metric import image_scores
 from comp.postprocess import PostParams
 from comp.registry import MethodSpec
+from comp.rundir import RunDir
 
 # name: (low, high, log). Integer fields of PostParams get integer suggestions.
 SPACE: dict[str, tuple[float, float, bool]] = {
@@ -160,7 +160,7 @@ def tune(
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    has_emb = all(m.maps.shape[1] > 3 for m in oof.members)
+    has_emb = all(m.channels > 3 for m in oof.members)
     space = _restrict(SPACE, params)
     idx = oof.subset(images, seed)
     study = open_study(storage_url(storage, spec.name, runs), study_name(spec, images, space), seed)
@@ -261,8 +261,8 @@ def _from_params(params: dict, base: PostParams, n_members: int) -> tuple[PostPa
 def fold_fitted(run: Path) -> list[dict]:
     """The distinct parameter values a run's folds fitted (fold{k}/fold.json 'fitted'), if any."""
     seen = []
-    for f in sorted(run.glob("fold*/fold.json")):
-        fitted = json.loads(f.read_text()).get("fitted") or {}
+    for info in RunDir(Path(run)).fold_infos():
+        fitted = info.get("fitted") or {}
         if fitted and fitted not in seen:
             seen.append(fitted)
     return seen
@@ -323,7 +323,7 @@ def tune_method(spec_file: EnsembleSpec, data, runs: Path, trials: int = 40, sto
     starts = [_method_start(spec, dataclasses.replace(exp.params, **fitted), contrast) for fitted in [{}, *fold_fitted(run)]]
     for start in starts:
         study.enqueue_trial(start, skip_if_exists=True)
-    cv_ari = float(json.loads((run / "cv.json").read_text())["mean_ari"])
+    cv_ari = float(RunDir(run).summary()["mean_ari"])
     print(f"to beat: the run's own CV ARI {cv_ari:.4f}", flush=True)
 
     def scores_of(trial, sub: np.ndarray) -> np.ndarray:  # a live trial, or a FixedTrial replaying found parameters

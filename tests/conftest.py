@@ -51,25 +51,22 @@ def fake_run(runs: Path, data_root: Path, name: str, fg_level: float = 0.9, boun
     fg_level: foreground probability inside structures; boundaries: whether touching borders are marked;
     noise: Gaussian noise added to every map. Embeddings are one random vector per true structure.
     """
-    import json
 
     import numpy as np
-    import yaml
     from scipy import ndimage as ndi
 
     from comp.cv import make_folds
     from comp.data.targets import resize_labels
     from comp.io import Dataset
     from comp.metric import image_score
+    from comp.rundir import RunDir, save_maps
 
     data = Dataset(data_root)
     ann = data.annotated
     fold_of = make_folds(len(ann), folds, 0)
     rng = np.random.default_rng(seed)
-    run = runs / name / f"20260101-000000-{name[:8]:0>8}-{data.fingerprint()['y_train'][:6]}-k{folds}"
-    (run / "oof").mkdir(parents=True)
-    cfg = {"name": name, "method": "unet", "params": {"post": post or {}}, "cv": {"folds": folds, "seed": 0}, "data": data.fingerprint()}
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    run = RunDir(runs / name / f"20260101-000000-{name[:8]:0>8}-{data.fingerprint()['y_train'][:6]}-k{folds}")
+    run.write_config({"name": name, "method": "unet", "params": {"post": post or {}}, "cv": {"folds": folds, "seed": 0}, "data": data.fingerprint()})
     for f in range(folds):
         ids = ann[fold_of == f]
         maps = []
@@ -87,12 +84,12 @@ def fake_run(runs: Path, data_root: Path, name: str, fg_level: float = 0.9, boun
             m = np.concatenate([np.stack([fg, bnd, dist]), emb]) + rng.normal(0, noise, (7, res, res))
             m[:3] = np.clip(m[:3], 0, 1)
             maps.append(m.astype(np.float16))
-        np.save(run / "oof" / f"fold{f}_maps.npy", np.stack(maps))
+        save_maps(run.oof_maps_file(f), np.stack(maps))
         pred = data.y_train[ids].copy()
         pred[:, 256:] = 0  # half of each truth: a visible, scorable prediction
         scores = np.array([image_score(t, p) for t, p in zip(data.y_train[ids], pred)])
-        np.savez(run / "oof" / f"fold{f}.npz", ids=ids, pred=pred, scores=scores)
+        run.write_fold(f, ids, pred, scores, {"fold": f})
     summary = {"experiment": name, "method": "unet", "dataset": data.fingerprint(), "mean_ari": 0.0, "std_ari": 0.0,
                "n_images": int(len(ann)), "folds": [{"fold": f} for f in range(folds)]}  # fmt: skip
-    (run / "cv.json").write_text(json.dumps(summary))
-    return run
+    run.write_summary(summary)
+    return run.path

@@ -10,6 +10,7 @@ import yaml
 
 from comp.contrast import Contrast, ContrastParams, histogram, hu_to_grey, landmarks, resolve
 from comp.errors import UserError
+from comp.rundir import RunDir
 from tests.conftest import run_cli
 
 
@@ -144,6 +145,6 @@ def test_networks_get_window_channels_and_reload_them(tmp_path, tiny_phantom):
     assert len(resolved["channels"]) == 1 and 0 < resolved["window"][0] < resolved["window"][1] < 255
     ck = torch.load(run / "fold0" / "best.pt", map_location="cpu", weights_only=True)["model"]
     assert ck["stem.windows"].shape == (2, 2)  # two input channels: the main window and the extra one
-    cached = np.mean([np.load(run / "test" / f"fold{f}_maps.npy").astype(np.float32) for f in range(2)], axis=0)
+    cached = np.mean([RunDir(run).test_maps(f)[:] for f in range(2)], axis=0)
     again = member_test_maps(run, Dataset(tiny_phantom), cached=False, tta=False).astype(np.float32)
     assert np.allclose(again, cached, atol=2e-3)

@@ -82,11 +82,12 @@ def test_a_run_in_progress_is_not_run_twice(tmp_path, tiny_phantom):
     import socket
 
     from comp.config import load_experiment
-    from comp.cv import _run_key
+    from comp.cv import run_key
     from comp.io import Dataset
+    from comp.rundir import RunDir
 
     exp = load_experiment("baseline_watershed")
-    lock = tmp_path / "runs" / exp.name / f".{_run_key(exp, Dataset(tiny_phantom), 2)}.lock"
+    lock = RunDir.lock_file(tmp_path / "runs", exp.name, run_key(exp, Dataset(tiny_phantom), 2))
     lock.parent.mkdir(parents=True)
     lock.write_text(f"{os.getpid()}@{socket.gethostname()}")  # this test process: alive
     args = ("cv", "baseline_watershed", "--data", str(tiny_phantom), "--folds", "2", "--runs", str(tmp_path / "runs"))

@@ -20,6 +20,7 @@ from comp.errors import UserError
 from comp.losses import LossConfig, discriminative_loss, instance_loss
 from comp.models import EMB0, ModelConfig, build_model, load_encoder
 from comp.postprocess import PostParams, instances_from_maps
+from comp.rundir import RunDir
 from tests.conftest import ROOT
 
 TINY = dict(decoder_channels=[16, 8, 8, 8, 8], embedding_dim=4)
@@ -167,9 +168,9 @@ def test_tiny_training_end_to_end_caches_maps(tiny_phantom: Path, tmp_path: Path
     cv = json.loads((run / "cv.json").read_text())
     assert cv["n_images"] == 8
     for k in (0, 1):
-        maps = np.load(run / "oof" / f"fold{k}_maps.npy")
-        assert maps.dtype == np.float16 and maps.shape == (4, EMB0 + 4, 64, 64)
-        assert np.load(run / "test" / f"fold{k}_maps.npy").shape[0] == 4
+        maps = RunDir(run).oof_maps(k)
+        assert maps.values.dtype == np.uint8 and maps.shape == (4, EMB0 + 4, 64, 64)  # cached quantised
+        assert len(RunDir(run).test_maps(k)) == 4
         assert (run / f"fold{k}" / "best.pt").is_file() and (run / f"fold{k}" / "last.pt").is_file()
         assert len(json.loads((run / f"fold{k}" / "history.json").read_text())) == 2
 

@@ -16,7 +16,7 @@ CHROMIUM = shutil.which("chromium")
 
 def _report(tiny_phantom: Path, tmp_path: Path) -> Path:
     run = fake_run(tmp_path, tiny_phantom, "rep")
-    (run / "fold0").mkdir()
+    (run / "fold0").mkdir(exist_ok=True)
     (run / "fold0" / "history.json").write_text('[{"epoch": 0, "loss": 2.0, "val_ari": 0.3}, {"epoch": 1, "loss": 1.5, "val_ari": 0.5}]')
     r = run_cli("report", str(run), "--data", str(tiny_phantom), "--runs", str(tmp_path))
     assert r.returncode == 0, r.stderr

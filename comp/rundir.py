@@ -1,0 +1,291 @@
+"""The run folder: one type owns a CV run's layout (config, folds, per-fold work, OOF and test maps, scores).
+
+    runs/<experiment>/<YYYYmmdd-HHMMSS>-<config digest>-<labels fingerprint>-k<folds>/
+        config.yaml  folds.csv  oof_scores.csv  cv.json (written last: the run is finished)
+        fold<k>/            the method's work for fold k (checkpoints, history.json, fold.json)
+        oof/fold<k>.npz     ids, instance predictions and scores of fold k's held-out images
+        oof/fold<k>_maps.npy (+ _maps_scale.npy)   their cached maps, uint8-quantised
+        test/fold<k>_maps.npy (+ _maps_scale.npy)  the test slices' maps of fold k's model
+
+Cached maps are stored as uint8 with a float32 offset and step per image and channel: a quarter of
+float32 and half of float16, within half a step (<= 0.2% of a channel's range in that image) of the
+values. Files written before that (plain float16) still load.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import yaml
+
+from comp.errors import UserError, atomic_path, atomic_save_npy, atomic_write_text
+
+RUNS = Path("runs")
+SUMMARY = "cv.json"
+
+
+class MapArray:
+    """Cached (N, C, r, r) maps, quantised or not; indexing decodes to float32, the file stays memory-mapped."""
+
+    def __init__(self, values: np.ndarray, scale: np.ndarray | None = None) -> None:
+        self.values, self.scale = values, scale  # scale: (N, C, 2) float32 offset and step, None for float maps
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(N, C, r, r)."""
+        return tuple(self.values.shape)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        """One image's decoded maps at a time."""
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, i: int | slice | np.ndarray) -> np.ndarray:
+        """Maps of one image (C, r, r) or of several (n, C, r, r), as float32."""
+        v = np.asarray(self.values[i], np.float32)
+        if self.scale is None:
+            return v
+        s = self.scale[i]
+        return v * s[..., 1, None, None] + s[..., 0, None, None]
+
+
+def quantise(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, C, r, r) float maps -> uint8 codes and (N, C, 2) float32 [offset, step] per image and channel."""
+    m = np.nan_to_num(np.asarray(maps, np.float32))
+    lo, hi = m.min(axis=(2, 3)), m.max(axis=(2, 3))
+    step = np.where(hi > lo, (hi - lo) / 255.0, 1.0).astype(np.float32)
+    codes = np.rint((m - lo[..., None, None]) / step[..., None, None])
+    return np.clip(codes, 0, 255).astype(np.uint8), np.stack([lo, step], -1).astype(np.float32)
+
+
+def _scale_path(path: Path) -> Path:
+    """fold0_maps.npy -> fold0_maps_scale.npy."""
+    return path.with_name(path.stem + "_scale.npy")
+
+
+def save_maps(path: Path, maps: np.ndarray) -> None:
+    """Write maps quantised (the scale file first: the maps file's presence means both are complete)."""
+    codes, scale = quantise(maps)
+    atomic_save_npy(_scale_path(path), scale)
+    atomic_save_npy(path, codes)
+
+
+def write_maps(path: Path, n: int, predict: Callable[[slice], np.ndarray], chunk: int = 64) -> None:
+    """Predict n slices a chunk at a time straight into a quantised maps file: memory independent of n."""
+    from tqdm import tqdm
+
+    scale, codes = None, None
+    with atomic_path(path, suffix=".npy") as tmp:
+        for c0 in tqdm(range(0, n, chunk), desc=f"maps -> {path.name}", leave=False, disable=n <= chunk):
+            sl = slice(c0, min(n, c0 + chunk))
+            q, s = quantise(predict(sl))
+            if codes is None:
+                codes = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *q.shape[1:]))
+                scale = np.empty((n, *s.shape[1:]), np.float32)
+            codes[sl], scale[sl] = q, s
+        if codes is None:
+            raise UserError(path, "no slices to predict")
+        codes.flush()
+        del codes
+        atomic_save_npy(_scale_path(path), scale)
+
+
+def load_maps(path: Path) -> MapArray:
+    """A cached maps file, memory-mapped (forked workers share its pages)."""
+    values = np.load(path, mmap_mode="r")
+    scale_file = _scale_path(path)
+    if values.dtype == np.uint8:
+        if not scale_file.is_file():
+            raise UserError(scale_file, "missing: the quantised maps beside it cannot be read")
+        return MapArray(values, np.load(scale_file))
+    return MapArray(values)
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """What identifies a run of an experiment: config digest, labels fingerprint (6 hex), fold count."""
+
+    digest: str
+    labels: str
+    folds: int
+
+    def __str__(self) -> str:
+        return f"{self.digest}-{self.labels}-k{self.folds}"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A CV run folder; every path inside one is spelled here and only here."""
+
+    path: Path
+
+    # ------------------------------------------------------------------ naming and lookup
+    @property
+    def experiment(self) -> str:
+        """The experiment's name (the parent folder)."""
+        return self.path.parent.name
+
+    @property
+    def label(self) -> str:
+        """experiment/run-id, as shown in tables."""
+        return f"{self.experiment}/{self.path.name}"
+
+    @property
+    def key(self) -> RunKey | None:
+        """The run's key parsed from its folder name (None for a folder not named by `create`)."""
+        parts = self.path.name.split("-")
+        if len(parts) != 5 or not parts[4].startswith("k") or not parts[4][1:].isdigit():
+            return None
+        return RunKey(parts[2], parts[3], int(parts[4][1:]))
+
+    @classmethod
+    def of_experiment(cls, runs: Path, experiment: str, key: RunKey) -> list["RunDir"]:
+        """Every run folder of this experiment and key, newest first."""
+        base = Path(runs) / experiment
+        if not base.is_dir():
+            return []
+        return [cls(d) for d in sorted(base.iterdir(), reverse=True) if d.is_dir() and d.name.endswith(f"-{key}")]
+
+    @classmethod
+    def create(cls, runs: Path, experiment: str, key: RunKey) -> "RunDir":
+        """Reuse an unfinished run of the same key (resume), else make a new run id."""
+        for run in cls.of_experiment(runs, experiment, key):
+            if not run.finished:
+                return run
+        while True:  # run ids are one per second: a rerun within the same second waits for the next one
+            new = Path(runs) / experiment / f"{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}-{key}"
+            if not new.exists():
+                return cls(new)
+            time.sleep(0.2)
+
+    @classmethod
+    def finished_under(cls, runs: Path) -> Iterator["RunDir"]:
+        """Every finished run folder under a runs folder."""
+        for summary in Path(runs).glob(f"*/*/{SUMMARY}"):
+            yield cls(summary.parent)
+
+    @staticmethod
+    def lock_file(runs: Path, experiment: str, key: RunKey) -> Path:
+        """The lock of a run key (beside its run folders: it exists before the folder is chosen)."""
+        return Path(runs) / experiment / f".{key}.lock"
+
+    @staticmethod
+    def submit_workdir(runs: Path, experiment: str, digest: str, labels: str) -> Path:
+        """Where `submit` fits a method on every annotated slice (keyed like runs: config and data)."""
+        return Path(runs) / experiment / f"submit-{digest}-{labels}"
+
+    # ------------------------------------------------------------------ files
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def summary_file(self) -> Path:
+        return self.path / SUMMARY
+
+    @property
+    def folds_file(self) -> Path:
+        return self.path / "folds.csv"
+
+    @property
+    def scores_file(self) -> Path:
+        return self.path / "oof_scores.csv"
+
+    def fold_dir(self, fold: int) -> Path:
+        """The method's work folder of one fold."""
+        return self.path / f"fold{fold}"
+
+    def oof_file(self, fold: int) -> Path:
+        """ids, predictions and scores of a fold's held-out images (its presence: the fold is done)."""
+        return self.path / "oof" / f"fold{fold}.npz"
+
+    def oof_maps_file(self, fold: int) -> Path:
+        return self.path / "oof" / f"fold{fold}_maps.npy"
+
+    def test_maps_file(self, fold: int) -> Path:
+        return self.path / "test" / f"fold{fold}_maps.npy"
+
+    # ------------------------------------------------------------------ state
+    @property
+    def finished(self) -> bool:
+        """Whether the run was summarised (every fold done)."""
+        return self.summary_file.is_file()
+
+    @property
+    def has_maps(self) -> bool:
+        """Whether the run cached OOF maps (a map-predicting method) or only instance maps (a non-learned one)."""
+        return self.oof_maps_file(0).is_file()
+
+    def fold_done(self, fold: int) -> bool:
+        return self.oof_file(fold).is_file()
+
+    def config(self) -> dict:
+        """The run's config.yaml."""
+        if not self.config_file.is_file():
+            raise UserError(self.path, "not a run folder (no config.yaml)")
+        return yaml.safe_load(self.config_file.read_text())
+
+    def summary(self) -> dict:
+        """cv.json; an unfinished run is a clear error."""
+        if not self.finished:
+            raise UserError(self.path, f"not a finished CV run (no {SUMMARY})")
+        return json.loads(self.summary_file.read_text())
+
+    @property
+    def n_folds(self) -> int:
+        return int(self.config()["cv"]["folds"])
+
+    # ------------------------------------------------------------------ writing
+    def write_config(self, config: dict) -> None:
+        atomic_write_text(self.config_file, yaml.safe_dump(config, sort_keys=False))
+
+    def write_folds(self, names: list[str], ids: np.ndarray, fold_of: np.ndarray) -> None:
+        atomic_write_text(self.folds_file, "image,index,fold\n" + "".join(f"{names[i]},{i},{f}\n" for i, f in zip(ids, fold_of)))
+
+    def write_fold(self, fold: int, ids: np.ndarray, pred: np.ndarray, scores: np.ndarray, info: dict) -> None:
+        """A fold's OOF pack and fold.json (the pack last: it marks the fold done)."""
+        atomic_write_text(self.fold_dir(fold) / "fold.json", json.dumps(info, indent=1))
+        with atomic_path(self.oof_file(fold), suffix=".npz") as tmp, open(tmp, "wb") as fh:
+            np.savez_compressed(fh, ids=ids, pred=pred, scores=scores)
+
+    def write_scores(self, rows: list[tuple[str, int, float]]) -> None:
+        atomic_write_text(self.scores_file, "image,fold,ari\n" + "".join(f"{n},{f},{s:.6f}\n" for n, f, s in rows))
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_text(self.summary_file, json.dumps(summary, indent=1))
+
+    # ------------------------------------------------------------------ reading
+    def fold_pack(self, fold: int) -> dict[str, np.ndarray]:
+        """ids, pred and scores of one fold."""
+        with np.load(self.oof_file(fold)) as z:
+            return {k: z[k] for k in z.files}
+
+    def oof_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """X_train indices of the OOF images, in fold order, and the fold of each (each file read once)."""
+        ids = []
+        for f in range(self.n_folds):
+            with np.load(self.oof_file(f)) as z:
+                ids.append(z["ids"])
+        return np.concatenate(ids), np.concatenate([np.full(len(i), f) for f, i in enumerate(ids)])
+
+    def oof_maps(self, fold: int) -> MapArray:
+        return load_maps(self.oof_maps_file(fold))
+
+    def test_maps(self, fold: int) -> MapArray:
+        return load_maps(self.test_maps_file(fold))
+
+    def fold_infos(self) -> list[dict]:
+        """Each finished fold's fold.json, in fold order."""
+        return [json.loads(p.read_text()) for p in sorted(self.path.glob("fold*/fold.json"))]
+
+    def histories(self) -> dict[str, list[dict]]:
+        """Training histories of the folds that kept one, by fold folder name."""
+        return {p.parent.name: json.loads(p.read_text()) for p in sorted(self.path.glob("fold*/history.json"))}
