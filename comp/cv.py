@@ -144,7 +144,7 @@ def _run_cv(exp: Experiment, data: Dataset, k: int, runs: Path, command: str) ->
         )
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         tf = time.time()
-        method.fit(FoldData(data.x_train[tr], data.y_train[tr], tr), ctx)
+        method.fit(FoldData(data.x_train[tr], data.y_train[tr], tr, None if groups is None else groups[tr]), ctx)
         pred = _predict_and_cache(method, data.x_train[va], x_test, run, f)
         scores = image_scores(data.y_train[va], pred)
         fitted = getattr(method, "fitted", None)

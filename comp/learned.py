@@ -16,19 +16,9 @@ from comp.metric import image_scores
 from comp.models import ModelConfig, build_model
 from comp.parallel import pmap
 from comp.postprocess import PostParams, instances_from_maps
-from comp.registry import FitContext, FoldData, register_method
+from comp.registry import FitContext, FoldData, inner_split, register_method
 from comp.runtime import seed_everything
 from comp.train import TrainConfig, train_fold
-
-
-def inner_split(n: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fit, validation) indices of n training images: n_val of them held out at random (seeded), in order."""
-    if n_val <= 0:
-        return np.arange(n), np.arange(0)
-    if n_val >= n:
-        raise UserError("params.val_images", f"{n_val} validation images but the fold has only {n} training images")
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
 @dataclass
@@ -59,7 +49,7 @@ class LearnedInstances:
         self.contrast = ctx.contrast
         seed_everything(ctx.seed)  # before the build: a fold's initial weights depend on its seed only
         self.model = build_model(self.p.model, self.contrast.stem_windows())
-        fit_idx, val_idx = inner_split(len(train.x), self.p.val_images, ctx.seed)
+        fit_idx, val_idx = inner_split(len(train.x), self.p.val_images, ctx.seed, groups=train.groups)
         validate = None
         if len(val_idx):
             vx, vy = train.x[val_idx], train.y[val_idx]

@@ -16,13 +16,17 @@ import numpy as np
 
 from comp.errors import UserError, atomic_write_text
 from comp.parallel import pmap
-from comp.postprocess import PostParams, adjacent_pairs, blend, merge_pairs, relabel_uint8, segment, upsample_maps
+from comp.postprocess import PostParams, adjacent_pairs, blend, gradient, merge_pairs, relabel_uint8, segment, upsample_maps
 
 FEATURES = (
     "log_border", "border_boundary", "border_fg", "border_dist", "contact",
     "log_area_min", "log_area_max", "fg_min", "dist_max_min", "emb_dist",
     "int_diff", "int_mean", "int_std_max",
+    # image-only (added later: a stored model that knows fewer features reads only the first ones)
+    "border_grad", "grad_in_max", "int_diff_rel", "border_grad_max", "border_grad_min",
+    "pos_y", "pos_x", "pos_dy", "pos_dx", "raw_min", "raw_max",
 )  # fmt: skip
+GRAD_SIGMA = 1.0  # smoothing of the intensity gradient the border features read
 LGB_PARAMS = {
     "objective": "binary", "learning_rate": 0.05, "num_leaves": 15, "min_data_in_leaf": 10,
     "feature_fraction": 0.9, "bagging_fraction": 0.9, "bagging_freq": 1, "lambda_l2": 1.0,
@@ -41,45 +45,138 @@ def _region_stats(labels: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, n
     return mean, np.sqrt(np.maximum(var, 0))
 
 
-def pair_features(labels: np.ndarray, maps512: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Adjacent region pairs (a < b) of a 512x512 label map and their feature rows (columns = FEATURES)."""
-    fg, bnd, dist = maps512[0], maps512[1], maps512[2]
-    pairs, length, bsum = adjacent_pairs(labels, bnd)
+def _border_extremes(labels: np.ndarray, values: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Max and min of `values` along each pair's shared border (4-neighbour crossings, mean of the two sides)."""
+    lab = labels.astype(np.int64)
+    n = int(lab.max()) + 1
+    keys, vals = [], []
+    for a, b, va, vb in ((lab[:, :-1], lab[:, 1:], values[:, :-1], values[:, 1:]), (lab[:-1], lab[1:], values[:-1], values[1:])):
+        m = (a != b) & (a > 0) & (b > 0)
+        keys.append(np.minimum(a[m], b[m]) * n + np.maximum(a[m], b[m]))
+        vals.append(0.5 * (va[m] + vb[m]))
+    k, v = np.concatenate(keys), np.concatenate(vals)
+    j = np.searchsorted(pairs[:, 0] * n + pairs[:, 1], k)  # pairs are sorted by that key (adjacent_pairs)
+    hi, lo = np.full(len(pairs), -np.inf), np.full(len(pairs), np.inf)
+    np.maximum.at(hi, j, v)
+    np.minimum.at(lo, j, v)
+    return hi, lo
+
+
+def _centroids(labels: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Region centroids (y, x) as fractions of the body's bounding box (pixels brighter than air)."""
+    body = np.argwhere(image > 10)
+    (y0, x0), (y1, x1) = (body.min(0), body.max(0)) if len(body) else ((0, 0), labels.shape)
+    n = int(labels.max()) + 1
+    cnt = np.maximum(np.bincount(labels.ravel(), minlength=n), 1)
+    yy, xx = np.indices(labels.shape)
+    cy = np.bincount(labels.ravel(), weights=yy.ravel(), minlength=n) / cnt
+    cx = np.bincount(labels.ravel(), weights=xx.ravel(), minlength=n) / cnt
+    return (cy - y0) / max(y1 - y0, 1), (cx - x0) / max(x1 - x0, 1)
+
+
+def pair_features(labels: np.ndarray, maps512: np.ndarray | None, image: np.ndarray,
+                  grad: np.ndarray | None = None, raw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Adjacent region pairs (a < b) of a 512x512 label map and their feature rows (columns = FEATURES).
+
+    `maps512` None: no network maps (their columns are NaN, which LightGBM treats as missing); `raw`: the
+    slice before its contrast step, when `image` is stretched (bone and fat, clipped there, stay apart).
+    """
+    grad = gradient(image, GRAD_SIGMA) if grad is None else grad
+    pairs, length, gsum = adjacent_pairs(labels, grad)
     if len(pairs) == 0:
         return pairs, np.zeros((0, len(FEATURES)), np.float32)
-    fsum = adjacent_pairs(labels, fg)[2]
-    dsum = adjacent_pairs(labels, dist)[2]
     n = int(labels.max()) + 1
+    a, b = pairs[:, 0], pairs[:, 1]
+    nan = np.full(len(pairs), np.nan)
     area = np.bincount(labels.ravel(), minlength=n).astype(np.float64)
     imean, istd = _region_stats(labels, image)
-    fmean = _region_stats(labels, fg)[0]
-    dmean = _region_stats(labels, dist)[0]
-    a, b = pairs[:, 0], pairs[:, 1]
-    if maps512.shape[0] > 3:
+    gmean = _region_stats(labels, grad)[0]
+    if maps512 is not None:
+        fg, bnd, dist = maps512[0], maps512[1], maps512[2]
+        bsum, fsum, dsum = (adjacent_pairs(labels, m)[2] for m in (bnd, fg, dist))
+        fmean, dmean = _region_stats(labels, fg)[0], _region_stats(labels, dist)[0]
+        fg_min, dist_min = np.minimum(fmean[a], fmean[b]), np.minimum(dmean[a], dmean[b])
+    else:
+        bsum = fsum = dsum = fg_min = dist_min = nan
+    if maps512 is not None and maps512.shape[0] > 3:
         emb = np.stack([_region_stats(labels, e)[0] for e in maps512[3:]], 1)
         emb_dist = np.linalg.norm(emb[a] - emb[b], axis=1)
     else:
-        emb_dist = np.full(len(pairs), np.nan)
+        emb_dist = nan
     amin, amax = np.minimum(area[a], area[b]), np.maximum(area[a], area[b])
+    diff = np.abs(imean[a] - imean[b])
+    gmax, gmin = _border_extremes(labels, grad, pairs)
+    cy, cx = _centroids(labels, image)
+    rmean = _region_stats(labels, raw)[0] if raw is not None else None
+    rmin, rmax = (np.minimum(rmean[a], rmean[b]) / 255, np.maximum(rmean[a], rmean[b]) / 255) if raw is not None else (nan, nan)
     x = np.stack(
         [
             np.log1p(length), bsum / length, fsum / length, dsum / length, length / np.sqrt(np.maximum(amin, 1)),
-            np.log1p(amin), np.log1p(amax), np.minimum(fmean[a], fmean[b]), np.minimum(dmean[a], dmean[b]),
-            emb_dist, np.abs(imean[a] - imean[b]) / 255, (imean[a] + imean[b]) / 510, np.maximum(istd[a], istd[b]) / 255,
+            np.log1p(amin), np.log1p(amax), fg_min, dist_min,
+            emb_dist, diff / 255, (imean[a] + imean[b]) / 510, np.maximum(istd[a], istd[b]) / 255,
+            gsum / length, np.maximum(gmean[a], gmean[b]), diff / (np.sqrt(istd[a] ** 2 + istd[b] ** 2) + 1.0), gmax, gmin,
+            (cy[a] + cy[b]) / 2, (cx[a] + cx[b]) / 2, np.abs(cy[a] - cy[b]), np.abs(cx[a] - cx[b]), rmin, rmax,
         ],
         1,
     )  # fmt: skip
     return pairs, x.astype(np.float32)
 
 
-def pair_targets(labels: np.ndarray, truth: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """1 where both regions of a pair lie mostly (>50%) inside the same annotated structure, else 0."""
+def majority(labels: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per region id: its most common true id (0 = unannotated) and the share of its pixels that id holds."""
     n = int(labels.max()) + 1
     table = np.bincount(labels.ravel().astype(np.int64) * 256 + truth.ravel(), minlength=n * 256).reshape(n, 256)
-    major = table.argmax(1)
-    share = table.max(1) / np.maximum(table.sum(1), 1)
+    return table.argmax(1), table.max(1) / np.maximum(table.sum(1), 1)
+
+
+def pair_targets(labels: np.ndarray, truth: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """1 where both regions of a pair lie mostly (>50%) inside the same annotated structure, else 0."""
+    return _same_structure(*majority(labels, truth), pairs)
+
+
+def _same_structure(major: np.ndarray, share: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """pair_targets from the regions' majority ids and shares."""
     a, b = pairs[:, 0], pairs[:, 1]
     return ((major[a] == major[b]) & (major[a] > 0) & (share[a] > 0.5) & (share[b] > 0.5)).astype(np.int8)
+
+
+def _matching(pairs: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Pairs taken in `order`, skipping any that touches a region already taken (one merge per region a round)."""
+    chosen, used = [], set()
+    for j in order:
+        a, b = int(pairs[j, 0]), int(pairs[j, 1])
+        if a not in used and b not in used:
+            chosen.append((a, b))
+            used.update((a, b))
+    return np.array(chosen, np.int64).reshape(-1, 2)
+
+
+def agglomeration_rows(labels: np.ndarray, maps512: np.ndarray | None, image: np.ndarray, truth: np.ndarray, rounds: int,
+                       max_pairs: int, seed: int, raw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Training rows of one image for every stage of an agglomeration: pairs of the regions as given, then after
+    each round of true merges (the regions a merger meets while it works), pairs of two unannotated regions left out.
+
+    (Rows along a trained merger's own path instead, its mistakes included, scored no better on the proxy.)"""
+    rng = np.random.default_rng(seed)
+    grad = gradient(image, GRAD_SIGMA)
+    lab, xs, ys = labels.astype(np.int64), [], []
+    for _ in range(rounds):
+        pairs, x = pair_features(lab, maps512, image, grad, raw)
+        if len(pairs) == 0:
+            break
+        major, share = majority(lab, truth)
+        y = _same_structure(major, share, pairs)
+        keep = np.flatnonzero((major[pairs[:, 0]] > 0) | (major[pairs[:, 1]] > 0))
+        keep = rng.permutation(keep)[:max_pairs]
+        xs.append(x[keep])
+        ys.append(y[keep])
+        order = rng.permutation(np.flatnonzero(y))
+        if len(order) == 0:
+            break
+        lab = merge_pairs(lab, _matching(pairs, order))
+    if not xs:
+        return np.zeros((0, len(FEATURES)), np.float32), np.zeros(0, np.int8)
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 @dataclass
@@ -95,40 +192,39 @@ class Merger:
         model = self.models.get(fold)
         if model is None or len(x) == 0:
             return np.zeros(len(x))
-        if isinstance(model, str):  # loaded lazily, in the process that predicts (see load_merger)
+        if isinstance(model, str) and model.startswith("constant "):
+            model = float(model.split()[1])
+        elif isinstance(model, str):  # loaded lazily, in the process that predicts (see load_merger)
             import lightgbm as lgb
 
             model = self.models[fold] = lgb.Booster(model_str=model)
-        return model.predict(x, num_threads=1) if hasattr(model, "predict") else np.full(len(x), float(model))
+        if not hasattr(model, "predict"):
+            return np.full(len(x), float(model))
+        return model.predict(x[:, : model.num_feature()], num_threads=1)  # a model stored before later features
 
-    def apply(self, labels: np.ndarray, maps: np.ndarray, image: np.ndarray, fold: int = -1) -> np.ndarray:
+    def apply(self, labels: np.ndarray, maps: np.ndarray | None, image: np.ndarray, fold: int = -1,
+              raw: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
         """Greedily merge the most probable non-overlapping pairs above the threshold, re-scoring after each round."""
-        maps512 = upsample_maps(maps, labels.shape[0])
+        maps512 = upsample_maps(maps, labels.shape[0]) if maps is not None else None
+        grad = gradient(image, GRAD_SIGMA)
         lab = labels.astype(np.int64)
         for _ in range(self.max_rounds):
-            pairs, x = pair_features(lab, maps512, image)
+            pairs, x = pair_features(lab, maps512, image, grad, raw)
             p = self.probabilities(x, fold)
-            chosen, used = [], set()
-            for j in np.argsort(-p, kind="stable"):
-                if p[j] < self.threshold:
-                    break
-                a, b = int(pairs[j, 0]), int(pairs[j, 1])
-                if a not in used and b not in used:
-                    chosen.append((a, b))
-                    used.update((a, b))
-            if not chosen:
+            above = np.flatnonzero(p >= self.threshold)
+            if len(above) == 0:
                 break
-            lab = merge_pairs(lab, np.array(chosen))
+            lab = merge_pairs(lab, _matching(pairs, above[np.argsort(-p[above], kind="stable")]))
         return relabel_uint8(lab)
 
 
-def train_classifier(x: np.ndarray, y: np.ndarray):
+def train_classifier(x: np.ndarray, y: np.ndarray, weight: np.ndarray | None = None):
     """A LightGBM pair classifier, or a constant where the rows hold a single class."""
     import lightgbm as lgb
 
     if len(y) == 0 or y.min() == y.max():
         return float(y[0]) if len(y) else 0.0
-    return lgb.train(LGB_PARAMS, lgb.Dataset(x, y.astype(np.float32)), num_boost_round=ROUNDS)
+    return lgb.train(LGB_PARAMS, lgb.Dataset(x, y.astype(np.float32), weight=weight), num_boost_round=ROUNDS)
 
 
 def fit_fold_mergers(x: np.ndarray, y: np.ndarray, folds: np.ndarray, threshold: float = 0.5) -> Merger:
@@ -138,7 +234,7 @@ def fit_fold_mergers(x: np.ndarray, y: np.ndarray, folds: np.ndarray, threshold:
     return Merger(models, threshold)
 
 
-def _model_text(model) -> str:
+def model_text(model) -> str:
     """A classifier as text: LightGBM's model string, or `constant p`."""
     if isinstance(model, str):
         return model
@@ -148,7 +244,7 @@ def _model_text(model) -> str:
 def save_merger(merger: Merger, path: Path) -> None:
     """Store every classifier (each fold's and the test set's) and the threshold as text, atomically."""
     parts = [f"# threshold {merger.threshold}\n"]
-    parts += [f"# model {k}\n{_model_text(m)}" for k, m in sorted(merger.models.items())]
+    parts += [f"# model {k}\n{model_text(m)}" for k, m in sorted(merger.models.items())]
     atomic_write_text(path, "".join(parts))
 
 

@@ -91,6 +91,31 @@ def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
 
 
 @dataclass
+class SuperpixelParams:
+    """An over-segmentation of a (contrast-stretched) slice: watershed of its smoothed gradient from h-minima."""
+
+    sigma: float = 1.0  # Gaussian smoothing before the gradient (pixels at 512)
+    h: float = 0.005  # depth a gradient minimum needs to seed a superpixel (gradient of 0..1 intensities)
+    compactness: float = 0.0
+
+
+def gradient(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Sobel gradient magnitude of a uint8 slice (as 0..1 intensities) after Gaussian smoothing."""
+    from skimage.filters import sobel
+
+    return sobel(ndi.gaussian_filter(image.astype(np.float32) / 255.0, sigma))
+
+
+def superpixels(image: np.ndarray, p: SuperpixelParams, grad: np.ndarray | None = None) -> np.ndarray:
+    """Label map (1..n, every pixel labelled) of a fine over-segmentation; about 1,000 regions at the defaults."""
+    from skimage.morphology import h_minima
+
+    g = gradient(image, p.sigma) if grad is None else grad
+    markers = ndi.label(h_minima(g, p.h))[0]
+    return watershed(g, markers, compactness=p.compactness).astype(np.int32)
+
+
+@dataclass
 class PostParams:
     """Every threshold of the map post-processor, with defaults (`comp tune` searches them)."""
 

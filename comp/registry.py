@@ -13,7 +13,7 @@ from comp.contrast import Contrast
 from comp.errors import UserError
 
 # Modules whose import registers methods; loaded lazily so `comp score` never imports torch.
-_PROVIDERS = ("comp.baselines", "comp.learned")
+_PROVIDERS = ("comp.baselines", "comp.hybrid", "comp.learned")
 
 
 @dataclass
@@ -23,6 +23,7 @@ class FoldData:
     x: np.ndarray
     y: np.ndarray
     ids: np.ndarray
+    groups: np.ndarray | None = None  # group (e.g. CT volume) of each image, when the data set ships groups.csv
 
 
 @dataclass
@@ -33,6 +34,31 @@ class FitContext:
     fold: int
     seed: int
     contrast: Contrast = Contrast()  # the experiment's contrast step, resolved on this data set
+
+
+def inner_split(n: int, n_val: int, seed: int, where: str = "params.val_images",
+                groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(fit, validation) indices of n training images: about n_val held out at random (seeded), in order.
+
+    With `groups` (e.g. the CT volume of each slice) whole groups are held out, so a selection made on the
+    validation images is not flattered by near-copies of them in the fitting part.
+    """
+    if n_val <= 0:
+        return np.arange(n), np.arange(0)
+    if n_val >= n:
+        raise UserError(where, f"{n_val} validation images but the fold has only {n} training images")
+    rng = np.random.default_rng(seed)
+    if groups is None or len(np.unique(groups)) < 2:
+        perm = rng.permutation(n)
+        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    uniq = np.unique(groups)
+    held: list = []
+    for g in rng.permutation(uniq)[:-1]:  # at least one group stays for fitting
+        if np.isin(groups, held).sum() >= n_val:
+            break
+        held.append(g)
+    val = np.isin(groups, held)
+    return np.flatnonzero(~val), np.flatnonzero(val)
 
 
 class Method(Protocol):

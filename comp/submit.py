@@ -55,7 +55,8 @@ def submit(exp: Experiment, data: Dataset, out: str | Path, seed: int = 0, runs:
     workdir.mkdir(parents=True, exist_ok=True)
     contrast = resolve(exp.contrast, data.x_train, exp.path)  # as in CV: the training slices' histogram
     ctx = FitContext(workdir=workdir, fold=-1, seed=seed, contrast=contrast)
-    method.fit(FoldData(data.x_train[ann], data.y_train[ann], ann), ctx)
+    groups = data.groups()
+    method.fit(FoldData(data.x_train[ann], data.y_train[ann], ann, None if groups is None else groups[ann]), ctx)
     return _write_validate_score(out, method.predict(data.x_test), data)
 
 

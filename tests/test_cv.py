@@ -97,3 +97,14 @@ def test_a_run_in_progress_is_not_run_twice(tmp_path, tiny_phantom):
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr
     assert not lock.exists() and len(list((tmp_path / "runs" / exp.name).glob("*/cv.json"))) == 1
+
+
+def test_inner_split_holds_out_whole_groups() -> None:
+    from comp.registry import inner_split
+
+    groups = np.repeat(np.array(["v0", "v1", "v2", "v3"]), [10, 12, 9, 11])
+    fit, val = inner_split(len(groups), 10, seed=3, groups=groups)
+    assert len(val) >= 10 and not set(groups[fit]) & set(groups[val]) and set(groups[fit])
+    assert sorted(np.concatenate([fit, val])) == list(range(len(groups)))
+    fit, val = inner_split(len(groups), 10, seed=3)
+    assert len(val) == 10 and set(groups[fit]) & set(groups[val])  # without groups: images at random

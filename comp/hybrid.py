@@ -1,0 +1,102 @@
+"""The hybrid method: a fine intensity over-segmentation of the contrast-stretched slice, merged by LightGBM.
+
+Superpixels (h-minima watershed of the smoothed gradient, ~1,000 per slice) can follow almost every true
+border; a pair classifier trained on the fold's training slices (intensity, gradient along the border,
+texture and shape features) then merges neighbours that belong to one structure, round after round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from comp.contrast import Contrast
+from comp.metric import image_scores
+from comp.merge import Merger, agglomeration_rows, model_text, save_merger, train_classifier
+from comp.parallel import pmap
+from comp.postprocess import SuperpixelParams, superpixels
+from comp.registry import FitContext, FoldData, inner_split, register_method
+
+
+@dataclass
+class HybridParams:
+    """Superpixels, the merge classifier's training and its use."""
+
+    superpixels: SuperpixelParams = field(default_factory=SuperpixelParams)
+    threshold: float = 0.5  # merge a pair when the classifier's probability reaches this
+    # Chosen on each training fold: superpixel depth h x threshold, scored on `fit_images` training slices
+    # (whole CT volumes when the data set has groups) that the classifier of that choice did not train on.
+    fit_h: list[float] = field(default_factory=lambda: [0.005, 0.0075, 0.01])
+    fit_thresholds: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+    fit_images: int = 16  # 0 = no selection: superpixels.h and threshold as given
+    max_rounds: int = 16  # merge rounds at prediction (each merges a matching of pairs, then re-scores)
+    train_rounds: int = 8  # agglomeration stages whose pairs train the classifier
+    train_pairs: int = 1500  # pairs drawn per slice and stage (bounds the training set)
+    workers: int = 0
+
+
+def _rows(item: tuple, p: HybridParams) -> tuple[np.ndarray, np.ndarray]:
+    """Training rows of one slice (stretched, raw, truth, seed; a pool job)."""
+    image, raw, truth, seed = item
+    return agglomeration_rows(superpixels(image, p.superpixels), None, image, truth, p.train_rounds, p.train_pairs, seed, raw)
+
+
+def _segment(item: tuple, p: HybridParams, merger: Merger) -> np.ndarray:
+    """One slice (stretched, raw): superpixels, merged."""
+    image, raw = item
+    return merger.apply(superpixels(image, p.superpixels), None, image, raw=raw)
+
+
+def _train(rows: list[tuple[np.ndarray, np.ndarray]], idx: np.ndarray) -> str:
+    """The pair classifier on the rows of slices `idx`, as text (forked prediction workers build it themselves:
+    no LightGBM/OpenMP state crosses a fork)."""
+    x = np.concatenate([rows[i][0] for i in idx])
+    y = np.concatenate([rows[i][1] for i in idx])
+    print(f"hybrid: classifier on {len(y)} pairs of {len(idx)} slices, {int(y.sum())} to merge", flush=True)
+    return model_text(train_classifier(x, y))
+
+
+@register_method("hybrid", HybridParams)
+class Hybrid:
+    """Fitted on the fold's training slices only: the classifier never sees the images it merges in CV."""
+
+    def __init__(self, params: HybridParams) -> None:
+        self.p = params
+        self.contrast = Contrast()
+        self.merger = Merger({}, params.threshold, params.max_rounds)
+
+    def fit(self, train: FoldData, ctx: FitContext) -> None:
+        """Pick (h, threshold) with classifiers trained without some training slices, then train on them all."""
+        self.contrast = ctx.contrast
+        images = self.contrast.stretch(train.x)
+        items = [(im, raw, t, ctx.seed * 100003 + i) for i, (im, raw, t) in enumerate(zip(images, train.x, train.y))]
+        n_val = min(self.p.fit_images, len(items) // 3)
+        fit_idx, val_idx = inner_split(len(items), n_val, ctx.seed, "params.fit_images", train.groups)
+        grid = [replace(self.p.superpixels, h=h) for h in self.p.fit_h] if len(val_idx) else [self.p.superpixels]
+        best, rows = (-np.inf, self.p.superpixels, self.p.threshold), None
+        for sp in grid:
+            p = replace(self.p, superpixels=sp)
+            rows_sp = pmap(_rows, items, p, workers=self.p.workers, desc=f"hybrid: pair features (h {sp.h})")
+            if len(val_idx):
+                inner = Merger({-1: _train(rows_sp, fit_idx)}, self.p.threshold, self.p.max_rounds)
+                for t in self.p.fit_thresholds:
+                    inner.threshold = t
+                    pred = np.stack(pmap(_segment, [(images[i], train.x[i]) for i in val_idx], p, inner, workers=self.p.workers))
+                    score = float(image_scores(train.y[val_idx], pred).mean())
+                    print(f"hybrid: h {sp.h} threshold {t}: {score:.4f} on {len(val_idx)} held-out training slices", flush=True)
+                    if score > best[0]:
+                        best, rows = (score, sp, t), rows_sp
+            else:
+                rows = rows_sp
+        _, sp, threshold = best
+        self.p = replace(self.p, superpixels=sp, threshold=threshold)
+        self.merger = Merger({-1: _train(rows, np.arange(len(items)))}, threshold, self.p.max_rounds)
+        save_merger(self.merger, Path(ctx.workdir) / "merge.txt")
+        self.fitted = {"h": sp.h, "threshold": threshold}
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Superpixels of every stretched slice, merged by the fitted classifier."""
+        items = list(zip(self.contrast.stretch(x), x))
+        return np.stack(pmap(_segment, items, self.p, self.merger, workers=self.p.workers, desc="hybrid"))

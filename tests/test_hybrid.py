@@ -1,0 +1,56 @@
+"""The superpixel + learned-merging hybrid on hand-drawn slices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from comp.contrast import Contrast
+from comp.hybrid import Hybrid, HybridParams
+from comp.merge import agglomeration_rows
+from comp.postprocess import SuperpixelParams, superpixels
+from comp.registry import FitContext, FoldData
+
+
+def _slice(seed: int, noise: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """A body (60) holding structure A (a faint step inside: 120 | 126), and B (100) touching C (140)."""
+    rng = np.random.default_rng(seed)
+    img = np.full((512, 512), 60.0)
+    truth = np.zeros((512, 512), np.uint8)
+    s = int(rng.integers(-20, 20))
+    img[100 + s : 220 + s, 80:200], truth[100 + s : 220 + s, 80:200] = 120, 7  # A, left half
+    img[100 + s : 220 + s, 200:320] = 126  # A, right half: the same structure, a faint step
+    img[300:420, 100 + s : 220 + s], truth[300:420, 100 + s : 220 + s] = 100, 3  # B
+    img[300:420, 220 + s : 340 + s], truth[300:420, 220 + s : 340 + s] = 140, 9  # C, touching B
+    img += rng.normal(0, noise, img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), truth
+
+
+def test_hybrid_merges_one_structure_split_by_superpixels_and_keeps_touching_ones_apart(tmp_path: Path) -> None:
+    p = HybridParams(superpixels=SuperpixelParams(h=0.005), threshold=0.5, fit_images=0, train_rounds=4, workers=1)
+    test_x, test_y = _slice(99)
+    sp = superpixels(test_x, p.superpixels)
+    a = test_y == 7
+    assert len(np.unique(sp[a])) >= 2  # the over-segmentation cuts A along its faint step: merging must join it
+
+    train = [_slice(s) for s in range(6)]
+    x, y = np.stack([t[0] for t in train]), np.stack([t[1] for t in train])
+    method = Hybrid(p)
+    method.fit(FoldData(x, y, np.arange(6)), FitContext(tmp_path, 0, 0, Contrast()))
+    pred = method.predict(test_x[None])[0]
+    vals, counts = np.unique(pred[a], return_counts=True)
+    assert counts.max() / a.sum() > 0.95  # A is one region
+    b, c = pred[test_y == 3], pred[test_y == 9]
+    major_b, major_c = np.bincount(b).argmax(), np.bincount(c).argmax()
+    assert major_b != major_c and major_b > 0 and major_c > 0  # B and C touch, yet stay apart
+    assert (tmp_path / "merge.txt").is_file() and method.fitted["threshold"] == 0.5
+
+
+def test_agglomeration_rows_cover_later_stages_and_skip_unannotated_pairs() -> None:
+    img, truth = _slice(1, noise=4.0)  # noisy: many superpixels per structure
+    sp = superpixels(img, SuperpixelParams(h=0.005))
+    x1, y1 = agglomeration_rows(sp, None, img, truth, 1, 10_000, 0)
+    x4, y4 = agglomeration_rows(sp, None, img, truth, 4, 10_000, 0)
+    assert len(y4) > len(y1) > 0 and y1.sum() > 0 and (y1 == 0).sum() > 0  # both classes; later stages add rows
+    assert np.isnan(x1[:, 1]).all()  # no network maps: their columns are missing values, not zeros
