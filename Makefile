@@ -19,7 +19,7 @@ STORAGE ?=
 TARGET_ENS := $(if $(filter command line,$(origin EXP)),$(EXP),$(ENS))
 SUBMIT_ENS := $(wildcard runs/ensembles/$(TARGET_ENS).yaml)
 
-.PHONY: venv cv test submit ensemble tune report results leaderboard phantom proxy bench clean
+.PHONY: venv cv test submit ensemble tune dashboard report results leaderboard phantom proxy bench bench-gpu clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,19 @@ $(VENV)/.installed: requirements.txt
 
 venv: $(VENV)/.installed
 
-cv: venv  ## cross-validate experiments/$(EXP).yaml (default data: data/raw, else the embedded phantom)
-	$(PY) -m comp cv experiments/$(EXP).yaml $(DATA_ARG) $(FOLDS_ARG) $(SET_ARG)
+FOLD_ARG := $(if $(FOLD),--fold $(FOLD))
+# GPUS="0 1 2 3": one process per GPU on the same run, each taking the next unclaimed fold; the last
+# to land a fold summarises the run. The same command on other machines sharing runs/ joins in.
+cv: venv  ## cross-validate experiments/$(EXP).yaml (default data: data/raw, else the embedded phantom); FOLD=k, GPUS="0 1"
+ifneq ($(strip $(GPUS)),)
+	@mkdir -p runs; pids=""; for g in $(GPUS); do \
+	  CUDA_VISIBLE_DEVICES=$$g $(PY) -m comp cv experiments/$(EXP).yaml $(DATA_ARG) $(FOLDS_ARG) $(FOLD_ARG) $(SET_ARG) \
+	    > runs/cv-$(EXP)-gpu$$g.log 2>&1 & pids="$$pids $$!"; echo "GPU $$g: pid $$! (log runs/cv-$(EXP)-gpu$$g.log)"; \
+	done; status=0; for p in $$pids; do wait $$p || status=1; done; \
+	tail -n 12 runs/cv-$(EXP)-gpu*.log; exit $$status
+else
+	$(PY) -m comp cv experiments/$(EXP).yaml $(DATA_ARG) $(FOLDS_ARG) $(FOLD_ARG) $(SET_ARG)
+endif
 
 test: venv  ## the whole test suite
 	$(PY) -m pytest -q tests
@@ -47,6 +58,9 @@ ensemble: venv  ## greedy OOF selection over every finished map run (or MEMBERS=
 
 tune: venv  ## Optuna on cached OOF maps (+ LightGBM merging) for ENS, or a non-learned EXP's parameters + window; STORAGE=postgresql://...
 	$(PY) -m comp tune $(TARGET_ENS) --exp $(EXP) --trials $(TRIALS) $(if $(STORAGE),--storage $(STORAGE)) $(DATA_ARG)
+
+dashboard: venv  ## Optuna dashboard of the studies of ENS (or EXP) in STORAGE, else runs/tune/$(TARGET_ENS).db (http://127.0.0.1:8080)
+	$(VENV)/bin/optuna-dashboard $(if $(STORAGE),$(STORAGE),sqlite:///runs/tune/$(TARGET_ENS).db)
 
 report: venv  ## HTML report of ENS/RUN (default: ensemble 'default', else the newest run) -> runs/report/.../index.html
 	$(PY) -m comp report $(RUN) $(DATA_ARG)
@@ -66,5 +80,8 @@ proxy: venv  ## real-CT proxy in data/proxy from the pinned TotalSegmentator sdi
 bench: venv  ## benchmarks against their references; writes bench.json
 	$(PY) -m comp bench
 
+bench-gpu: venv  ## each GPU config: train/infer images per s, peak GPU memory, projected make cv hours; writes bench_gpu.json
+	$(PY) -m comp bench --gpu
+
 clean:
-	rm -rf runs data/phantom data/.cache bench.json
+	rm -rf runs data/phantom data/.cache bench.json bench_gpu.json

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from comp.errors import atomic_write_text
+from comp.errors import UserError, atomic_write_text
 
 
 def _best_of(fn: Callable[[], object], repeat: int) -> float:
@@ -155,6 +155,104 @@ def bench_tuning(ys: np.ndarray, xs: np.ndarray, trials: int, tmp: Path) -> dict
     r = tune(spec, oof, tmp, trials=trials, merge=False)
     minutes = (time.perf_counter() - t) / 60
     return {"images": n, "trials": r.trials_complete, "trials_per_minute": r.trials_per_minute, "wall_minutes_incl_final_scoring": minutes}
+
+
+N_ANNOTATED, N_TEST = 400, 500  # the challenge: what `make cv` projections are for
+
+
+def gpu_configs() -> list[str]:
+    """The GPU-sized segmentation experiments (unet_* without the _cpu sizes and pretraining variants)."""
+    from comp.config import EXPERIMENTS
+
+    return sorted(p.stem for p in EXPERIMENTS.glob("unet_*.yaml") if "_cpu" not in p.stem)
+
+
+def _train_rate(model, cfg, xs: np.ndarray, ys: np.ndarray, steps: int, dev) -> float:
+    """Training images per second over `steps` optimiser steps fed by the real loader (after 2 warm-up steps)."""
+    import torch
+
+    from comp.runtime import Amp
+    from comp.train import SliceSet, _optimizer, make_loader, step_loss
+
+    amp = Amp(dev, cfg.amp)
+    loader, _ = make_loader(SliceSet(xs, ys, cfg.resolution, cfg.aug, 0, cfg.crop), cfg, torch.Generator().manual_seed(0), dev.type == "cuda")
+    loss_of = step_loss(model, cfg, amp, dev)
+    opt = _optimizer(model, cfg)
+    model.train()
+    batches, done, t0 = iter(()), 0, 0.0
+    for i in range(steps + 2):
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch = next(batches)
+        if i == 2:  # warm-up over (allocations, cuDNN autotuning): start the clock
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        loss, _ = loss_of(batch)
+        opt.zero_grad(set_to_none=True)
+        amp.scaler.scale(loss).backward()
+        amp.scaler.step(opt)
+        amp.scaler.update()
+        done += len(batch["image"]) if i >= 2 else 0
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return done / (time.perf_counter() - t0)
+
+
+def projected_cv_hours(exp, train_ips: float, infer_ips: float, infer_tta_ips: float) -> float:
+    """Hours of `make cv` on one GPU for 400 annotated slices and 500 test slices (training, validation, predictions)."""
+    p, k = exp.params, exp.cv.folds
+    fit = N_ANNOTATED * (k - 1) / k - p.val_images
+    train = fit * p.train.epochs / train_ips
+    val = p.val_images * (p.train.epochs / p.train.val_every) / infer_ips if p.val_images else 0.0
+    pred = (N_ANNOTATED / k + N_TEST) / (infer_tta_ips if p.tta else infer_ips)
+    return k * (train + val + pred) / 3600
+
+
+def bench_gpu(dry_run: bool = False, steps: int = 30, out: Path = Path("bench_gpu.json")) -> dict:
+    """Each GPU config for a fixed number of steps: training and inference images/s, peak GPU memory, `make cv` projection.
+
+    `dry_run`: the same path on whatever device there is, tiny (64 px, batch 2, 2 steps): checks, not figures."""
+    import torch
+
+    from comp.config import load_experiment
+    from comp.infer import predict_maps
+    from comp.models import build_model
+    from comp.runtime import describe, device
+
+    dev = device()
+    if dev.type != "cuda" and not dry_run:
+        raise UserError("bench --gpu", "no CUDA GPU on this machine: run it on the GPU box (`python -m comp bench --gpu --dry-run` checks the path here)")
+    xs, ys = _sample_maps(8 if dry_run else 64)
+    steps = 2 if dry_run else steps
+    results = {"device": describe(dev), "dry_run": dry_run, "steps": steps, "configs": {}}
+    for name in gpu_configs():
+        exp = load_experiment(name)
+        cfg = replace(exp.params.train, resolution=64, crop=0, batch_size=2, num_workers=0) if dry_run else exp.params.train
+        model = build_model(replace(exp.params.model, encoder_weights="none"))
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        train_ips = _train_rate(model, cfg, xs, ys, steps, dev)
+        n = len(xs) if not dry_run else 4
+        predict_maps(model, xs[:2], cfg.resolution, cfg.batch_size, amp=cfg.amp)  # warm-up
+        plain = n / _best_of(lambda m=model: predict_maps(m, xs[:n], cfg.resolution, cfg.batch_size, amp=cfg.amp), 1)
+        tta = n / _best_of(lambda m=model: predict_maps(m, xs[:n], cfg.resolution, cfg.batch_size, tta=True, amp=cfg.amp), 1)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
+        r = {"resolution": cfg.resolution, "crop": cfg.crop, "batch_size": cfg.batch_size, "amp": cfg.amp, "train_images_per_s": train_ips,
+             "infer_images_per_s": plain, "infer_tta_images_per_s": tta, "peak_gpu_gib": peak,
+             "make_cv_hours_400": projected_cv_hours(exp, train_ips, plain, tta)}  # fmt: skip
+        results["configs"][name] = r
+        print(f"{name:<16} {r['resolution']:>4} px  train {train_ips:8.1f} img/s  infer {plain:8.1f} / TTA {tta:7.1f} img/s  "
+              f"peak {'%.1f GiB' % peak if peak is not None else '—':>9}  make cv (400 slices, {exp.cv.folds} folds): "
+              f"{r['make_cv_hours_400']:.1f} h", flush=True)  # fmt: skip
+        del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    atomic_write_text(out, json.dumps(results, indent=1))
+    print(f"{'DRY RUN (tiny sizes): not figures. ' if dry_run else ''}{results['device']}; written to {out}")
+    return results
 
 
 def _quantised_pair(i: int, oof, post) -> tuple[float, float]:

@@ -105,8 +105,8 @@ def cmd_cv(a: argparse.Namespace) -> int:
 
     exp = load_experiment(a.experiment, a.set)
     writable_dir(a.runs, "run folders")
-    run_cv(exp, resolve_data(a.data), a.folds, Path(a.runs), command=a.command_line)
-    print(f"leaderboard: {write_leaderboard(Path(a.runs))}")
+    if run_cv(exp, resolve_data(a.data), a.folds, Path(a.runs), command=a.command_line, only=a.fold) is not None:
+        print(f"leaderboard: {write_leaderboard(Path(a.runs))}")
     return 0
 
 
@@ -256,7 +256,11 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     """Run the benchmark suite."""
-    from comp.bench import bench_quantisation, run_bench
+    from comp.bench import bench_gpu, bench_quantisation, run_bench
+
+    if a.gpu:
+        bench_gpu(dry_run=a.dry_run, steps=a.steps, out=Path(a.out if a.out != "bench.json" else "bench_gpu.json"))
+        return 0
 
     if a.quantisation:  # the effect of uint8 map caching on finished runs (older runs cached float16 maps)
         from comp.ensemble import resolve_run
@@ -325,6 +329,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("experiment", help="experiments/NAME.yaml or NAME")
     c.add_argument("--data", default=None)
     c.add_argument("--folds", type=int, default=None)
+    c.add_argument("--fold", type=int, default=None, metavar="K", help="only fold K of the run (others: other processes or later calls)")
     c.add_argument("--runs", default="runs")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. params.train.budget=0.25")
     c.set_defaults(fn=cmd_cv)
@@ -393,6 +398,9 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks, each against its reference")
     b.add_argument("--quick", action="store_true")
     b.add_argument("--out", default="bench.json")
+    b.add_argument("--gpu", action="store_true", help="instead: each GPU config's training/inference speed, memory, make cv projection")
+    b.add_argument("--dry-run", action="store_true", help="with --gpu: tiny sizes on any device (a check of the path, not figures)")
+    b.add_argument("--steps", type=int, default=30, help="with --gpu: timed training steps per config")
     b.add_argument("--quantisation", nargs="+", metavar="RUN", help="instead: ARI of finished runs on their cached maps vs uint8-quantised")
     b.add_argument("--data", default=None, help="with --quantisation: the runs' data set")
     b.add_argument("--runs", default="runs")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -71,30 +73,76 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def run_lock(path: Path):
-    """Hold `path` (pid@host inside) for the duration: a second process of the same run stops with one clear error."""
+STALE_S = 600.0  # a claim not touched for this long is abandoned (its holder beats every HEARTBEAT_S)
+HEARTBEAT_S = 60.0
+
+
+def _stale(path: Path, holder: str) -> bool:
+    """A claim left by a dead process of this host, or one whose holder (on any host) stopped touching it."""
+    pid, _, host = holder.partition("@")
+    if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+        return True
+    try:
+        return time.time() - path.stat().st_mtime > STALE_S
+    except FileNotFoundError:
+        return True
+
+
+def _take(path: Path) -> str | None:
+    """Create `path` holding pid@host (None), or return its holder's pid@host when someone else holds it."""
     me = f"{os.getpid()}@{socket.gethostname()}"
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
         except FileExistsError:
-            holder = path.read_text().strip() if path.is_file() else ""
-            pid, _, host = holder.partition("@")
-            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-                path.unlink(missing_ok=True)  # left by a process that died (kill -9): take it over
-                continue
-            raise UserError(path, f"this run is in progress in process {holder or '?'}; wait for it (or delete this file if that process is gone)")
-    else:
-        raise UserError(path, "could not take the run lock")
-    os.write(fd, me.encode())
-    os.close(fd)
+            try:
+                holder = path.read_text().strip()
+            except FileNotFoundError:
+                continue  # released meanwhile
+            if not _stale(path, holder):
+                return holder or "?"
+            path.unlink(missing_ok=True)  # left by a process that died (kill -9, a lost machine): take it over
+            continue
+        os.write(fd, me.encode())
+        os.close(fd)
+        return None
+    return "?"
+
+
+@contextlib.contextmanager
+def claim(path: Path, wait_s: float = 0.0) -> Iterator[str | None]:
+    """Hold `path` for the block, touched every minute so other machines see it is alive (works on NFS).
+
+    Yields None when held, else the holder's pid@host (after waiting up to `wait_s` for it to go)."""
+    deadline = time.time() + wait_s
+    while (holder := _take(path)) is not None and time.time() < deadline:
+        time.sleep(0.5)
+    if holder is not None:
+        yield holder
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(OSError):
+                os.utime(path)
+
+    threading.Thread(target=beat, daemon=True).start()
     try:
-        yield
+        yield None
     finally:
+        stop.set()
         path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def run_lock(path: Path):
+    """The run's short critical sections (choosing its folder, summarising): wait a little, then one clear error."""
+    with claim(path, float(os.environ.get("COMP_LOCK_WAIT", "120"))) as holder:
+        if holder is not None:
+            raise UserError(path, f"this run is locked by process {holder}; wait for it (or delete this file if that process is gone)")
+        yield
 
 
 def finished_run(exp: Experiment, data: Dataset, folds: int, runs: Path = RUNS) -> CVResult | None:
@@ -106,54 +154,76 @@ def finished_run(exp: Experiment, data: Dataset, folds: int, runs: Path = RUNS) 
     return CVResult(done[0].path, s["mean_ari"], s["std_ari"], [f["ari"] for f in s["folds"]])
 
 
-def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path = RUNS, command: str = "") -> CVResult:
-    """Fit and predict every fold, score OOF predictions, write the run folder, return the summary (one process per run)."""
+def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path = RUNS, command: str = "",
+           only: int | None = None) -> CVResult | None:  # fmt: skip
+    """Fit and score the run's folds, each claimed first, so processes (GPUs, machines) sharing `runs` split them.
+
+    `only`: just that fold (`--fold K`). The process that lands the last fold summarises the run and gets its
+    CVResult; one that leaves folds to others returns None."""
     k = folds or exp.cv.folds
-    with run_lock(RunDir.lock_file(runs, exp.name, run_key(exp, data, k))):
-        return _run_cv(exp, data, k, runs, command)
-
-
-def _run_cv(exp: Experiment, data: Dataset, k: int, runs: Path, command: str) -> CVResult:
-    """run_cv's work, under its lock."""
+    if only is not None and not 0 <= only < k:
+        raise UserError("--fold", f"fold {only} of a {k}-fold run (folds are 0..{k - 1})")
     spec = get_method(exp.method, exp.path)
     ann = data.annotated
     if len(ann) == 0:
         raise UserError(data.root / "Y_train.csv", "no annotated image: cross-validation needs annotations")
     groups = data.groups()
     fold_of = make_folds(len(ann), k, exp.cv.seed, None if groups is None else groups[ann])
-    run = RunDir.create(runs, exp.name, run_key(exp, data, k))
     contrast = resolve(exp.contrast, data.x_train, exp.path)  # label-free: the slices' histogram only
     print(f"contrast: {exp.contrast.window} -> grey window {contrast.window}" + (f", channels {contrast.channels}" if contrast.channels else ""))
-    config = {**exp.to_dict(), "cv": {"folds": k, "seed": exp.cv.seed}, "data": data.fingerprint(), "contrast_resolved": contrast.to_dict()}
-    run.write_config(config)
     names = image_names(len(data.x_train))
-    run.write_folds(names, ann, fold_of)
+    lock = RunDir.lock_file(runs, exp.name, run_key(exp, data, k))
+    with run_lock(lock):  # every process of this run agrees on one folder
+        run = RunDir.create(runs, exp.name, run_key(exp, data, k))
+        if not run.config_file.is_file():
+            run.write_config({**exp.to_dict(), "cv": {"folds": k, "seed": exp.cv.seed}, "data": data.fingerprint(),
+                              "contrast_resolved": contrast.to_dict()})  # fmt: skip
+            run.write_folds(names, ann, fold_of)
     x_test = data.x_test if data.has_test_images else None
     t0 = time.time()
-    for f in range(k):
+    todo = [f for f in (range(k) if only is None else [only])]
+    for n, f in enumerate(todo):
         if run.fold_done(f):
-            print(f"fold {f}: already done, skipped (resuming {run.path})")
+            print(f"fold {f}: already done, skipped ({run.path})")
             continue
-        tr, va = ann[fold_of != f], ann[fold_of == f]
-        method = spec.build(exp.params)
-        ctx = FitContext(
-            workdir=run.fold_dir(f),
-            fold=f,
-            seed=exp.cv.seed + f,
-            contrast=contrast,
-        )
-        ctx.workdir.mkdir(parents=True, exist_ok=True)
-        tf = time.time()
-        method.fit(FoldData(data.x_train[tr], data.y_train[tr], tr, None if groups is None else groups[tr]), ctx)
-        pred = _predict_and_cache(method, data.x_train[va], x_test, run, f)
-        scores = image_scores(data.y_train[va], pred)
-        fitted = getattr(method, "fitted", None)
-        info = {"fold": f, "n": int(len(va)), "ari": float(scores.mean()), "seconds": round(time.time() - tf, 1)}
-        if fitted:
-            info["fitted"] = fitted
-        run.write_fold(f, va, pred, scores, info)
-        print(f"fold {f}: ARI {scores.mean():.4f} on {len(va)} images ({info['seconds']} s)")
-    return _summarise(exp, run, k, names, time.time() - t0, command)
+        with claim(run.claim_file(f)) as holder:
+            if holder is not None:
+                print(f"fold {f}: in progress in process {holder}, skipped")
+                continue
+            if run.fold_done(f):  # landed between the check and the claim
+                continue
+            tr, va = ann[fold_of != f], ann[fold_of == f]
+            left = sum(not run.fold_done(g) for g in todo[n + 1 :])
+            _fit_fold(spec.build(exp.params), FitContext(run.fold_dir(f), f, exp.cv.seed + f, contrast, left),
+                      FoldData(data.x_train[tr], data.y_train[tr], tr, None if groups is None else groups[tr]),
+                      data.x_train[va], data.y_train[va], va, x_test, run)  # fmt: skip
+    missing = [f for f in range(k) if not run.fold_done(f)]
+    if missing:
+        print(f"run {run.path}: folds {missing} not done here (other processes, or later `--fold` runs); "
+              "the process that lands the last fold summarises the run")  # fmt: skip
+        return None
+    with run_lock(lock):
+        if run.finished:  # another process summarised it
+            s = run.summary()
+            return CVResult(run.path, s["mean_ari"], s["std_ari"], [g["ari"] for g in s["folds"]])
+        return _summarise(exp, run, k, names, time.time() - t0, command)
+
+
+def _fit_fold(method, ctx: FitContext, train: FoldData, x_val: np.ndarray, y_val: np.ndarray, ids: np.ndarray,
+              x_test: np.ndarray | None, run: RunDir) -> None:  # fmt: skip
+    """Fit one fold, predict and score its held-out images, write its OOF pack and fold.json."""
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    tf = time.time()
+    method.fit(train, ctx)
+    pred = _predict_and_cache(method, x_val, x_test, run, ctx.fold)
+    scores = image_scores(y_val, pred)
+    info = {"fold": ctx.fold, "n": int(len(ids)), "ari": float(scores.mean()), "seconds": round(time.time() - tf, 1),
+            "host": f"{os.getpid()}@{socket.gethostname()}"}  # fmt: skip
+    fitted = getattr(method, "fitted", None)
+    if fitted:
+        info["fitted"] = fitted
+    run.write_fold(ctx.fold, ids, pred, scores, info)
+    print(f"fold {ctx.fold}: ARI {scores.mean():.4f} on {len(ids)} images ({info['seconds']} s)")
 
 
 def _predict_and_cache(method, x_val: np.ndarray, x_test: np.ndarray | None, run: RunDir, fold: int) -> np.ndarray:

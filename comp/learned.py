@@ -55,7 +55,7 @@ class LearnedInstances:
             vx, vy = train.x[val_idx], train.y[val_idx]
             validate = lambda model: self._quick_score(vx, vy)  # noqa: E731
         info = train_fold(self.model, train.x[fit_idx], train.y[fit_idx], self.p.train, ctx.workdir, ctx.seed, validate,
-                          self.contrast.unit_affine())  # fmt: skip
+                          self.contrast.unit_affine(), ctx.folds_left)  # fmt: skip
         atomic_write_text(ctx.workdir / "history.json", json.dumps(info["history"], indent=1))
         self.fitted = {"best_val_ari": info["best_val_ari"], "epochs": len(info["history"]), "val_ids": train.ids[val_idx].tolist()}
 
@@ -74,7 +74,7 @@ class LearnedInstances:
         """Validation ARI at working resolution (cheap enough to run every epoch)."""
         res = self.p.train.resolution
         maps = self.predict_maps(x, tta=False)
-        pred = np.stack([instances_from_maps(m, self.p.post, size=res) for m in maps])
+        pred = np.stack(pmap(instances_from_maps, maps, self.p.post, res, workers=self.p.workers))  # forked workers
         truth = np.stack([resize_labels(t, res) for t in y])
         return float(image_scores(truth, pred).mean())
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from comp.errors import UserError
 from comp.models import BOUNDARY, DIST, EMB0, FG
 
 
@@ -22,6 +23,15 @@ class LossConfig:
     emb: float = 0.5
     delta_pull: float = 0.5
     delta_push: float = 1.5
+    dice: str = "soft"  # overlap term of the fg and boundary heads: soft (Dice) | tvmf (adaptive t-vMF Dice)
+    tvmf_kappa: float = 32.0  # t-vMF: kappa = this x the batch's (detached) soft Dice, so easy heads get compact
+
+    def __post_init__(self) -> None:
+        if self.dice not in DICE_TERMS:
+            raise UserError("params.train.loss.dice", f"unknown overlap term '{self.dice}' (known: {', '.join(DICE_TERMS)})")
+
+
+DICE_TERMS = ("soft", "tvmf")
 
 
 def soft_dice(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -30,6 +40,30 @@ def soft_dice(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
     t = target.flatten(1)
     inter = (p * t).sum(1)
     return (1 - (2 * inter + eps) / (p.sum(1) + t.sum(1) + eps)).mean()
+
+
+def tvmf_similarity(cos: torch.Tensor, kappa: torch.Tensor | float) -> torch.Tensor:
+    """t-vMF similarity (Kobayashi): (1 + cos) / (1 + kappa (1 - cos)) - 1; kappa 0 gives the cosine itself."""
+    return (1 + cos) / (1 + kappa * (1 - cos)) - 1
+
+
+def tvmf_dice(logits: torch.Tensor, target: torch.Tensor, kappa: torch.Tensor | float, eps: float = 1e-6) -> torch.Tensor:
+    """t-vMF Dice loss (Kato & Hotta): Dice rewritten as the cosine of prediction and target, sharpened by kappa.
+
+    Per image: (1 - phi_kappa(cos(p, t)))^2, averaged. At kappa 0 and |p| = |t| the cosine equals the Dice
+    coefficient; a larger kappa keeps the loss high until the overlap is nearly perfect."""
+    p = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    cos = (p * t).sum(1) / (p.norm(dim=1) * t.norm(dim=1) + eps)
+    return ((1 - tvmf_similarity(cos, kappa)) ** 2).mean()
+
+
+def overlap_loss(logits: torch.Tensor, target: torch.Tensor, cfg: "LossConfig") -> torch.Tensor:
+    """The overlap term of a probability head: soft Dice, or t-vMF Dice with kappa adapted to the batch's Dice."""
+    if cfg.dice == "soft":
+        return soft_dice(logits, target)
+    kappa = cfg.tvmf_kappa * (1 - soft_dice(logits, target).detach())  # the batch's soft Dice coefficient, scaled
+    return tvmf_dice(logits, target, kappa)
 
 
 def discriminative_loss(emb: torch.Tensor, inst: torch.Tensor, d_pull: float, d_push: float) -> torch.Tensor:
@@ -57,22 +91,22 @@ def discriminative_loss(emb: torch.Tensor, inst: torch.Tensor, d_pull: float, d_
     return total / max(count, 1)
 
 
-def instance_loss(out: torch.Tensor, tgt: dict[str, torch.Tensor], cfg: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted sum of the heads' losses on a batch; also returns each part for logging."""
+def instance_loss(out: torch.Tensor, tgt: dict[str, torch.Tensor], cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted sum of the heads' losses on a batch; also each part, detached on the device (read it when logging)."""
     out = out.float()
     parts: dict[str, torch.Tensor] = {}
     fg = tgt["fg"]
     if cfg.fg > 0:
-        parts["fg"] = cfg.fg * (F.binary_cross_entropy_with_logits(out[:, FG], fg) + soft_dice(out[:, FG], fg))
+        parts["fg"] = cfg.fg * (F.binary_cross_entropy_with_logits(out[:, FG], fg) + overlap_loss(out[:, FG], fg, cfg))
     if cfg.boundary > 0:
         b = tgt["boundary"]
         w = 1 + (cfg.boundary_pos_weight - 1) * b + cfg.touch_weight * tgt["touch"]
         bce = F.binary_cross_entropy_with_logits(out[:, BOUNDARY], b, weight=w)
-        parts["boundary"] = cfg.boundary * (bce + soft_dice(out[:, BOUNDARY], b))
+        parts["boundary"] = cfg.boundary * (bce + overlap_loss(out[:, BOUNDARY], b, cfg))
     if cfg.dist > 0:
         raw = F.binary_cross_entropy_with_logits(out[:, DIST], tgt["dist"], reduction="none")
         parts["dist"] = cfg.dist * (raw * fg).sum() / fg.sum().clamp(min=1)
     if cfg.emb > 0 and out.shape[1] > EMB0:
         parts["emb"] = cfg.emb * discriminative_loss(out[:, EMB0:], tgt["instances"], cfg.delta_pull, cfg.delta_push)
     total = sum(parts.values())
-    return total, {k: float(v.detach()) for k, v in parts.items()}
+    return total, {k: v.detach() for k, v in parts.items()}

@@ -34,6 +34,7 @@ class FitContext:
     fold: int
     seed: int
     contrast: Contrast = Contrast()  # the experiment's contrast step, resolved on this data set
+    folds_left: int = 0  # folds this process fits after this one (for a whole-run ETA)
 
 
 def inner_split(n: int, n_val: int, seed: int, where: str = "params.val_images",

@@ -84,6 +84,8 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
         for name in names:
             exp = load_experiment(name)
             res = (finished_run(exp, data, suite.folds, runs) if reuse else None) or run_cv(exp, data, suite.folds, runs, command=f"python -m comp cv {name} --folds {suite.folds}")
+            if res is None:
+                raise UserError(runs / exp.name, "folds of this run are in progress in another process: run `make results` when it is done")
             result[name] = res
             print(f"[{ds}] {name}: CV ARI {res.mean:.4f} ({res.run_dir})", flush=True)
         picks = [("official watershed baseline", suite.baseline), ("official baseline, contrast-stretched (auto)", suite.stretched),

@@ -203,6 +203,10 @@ class RunDir:
         """The method's work folder of one fold."""
         return self.path / f"fold{fold}"
 
+    def claim_file(self, fold: int) -> Path:
+        """Held (pid@host) by the process training a fold: other processes take another fold."""
+        return self.fold_dir(fold) / ".claim"
+
     def oof_file(self, fold: int) -> Path:
         """ids, predictions and scores of a fold's held-out images (its presence: the fold is done)."""
         return self.path / "oof" / f"fold{fold}.npz"

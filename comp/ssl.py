@@ -28,7 +28,7 @@ from comp.data.targets import AugConfig, augment, resize_image
 from comp.errors import UserError, atomic_write_text
 from comp.models import InstanceNet, ModelConfig, build_model
 from comp.runtime import Amp, describe, device, seed_everything
-from comp.train import lr_factor, run_epoch, save_checkpoint
+from comp.train import EpochSampler, lr_factor, run_epoch, save_checkpoint
 
 
 @dataclass
@@ -50,6 +50,7 @@ class SSLConfig:
     patch: int = 16  # masking patch size at working resolution
     local_weight: float = 0.75  # vicregl: share of the dense (local) term
     amp: bool = True
+    num_workers: int = 0  # DataLoader worker processes (augmentation off the training loop)
     aug: AugConfig = field(default_factory=lambda: AugConfig(rotate_deg=10.0, scale=0.1))
     max_images: int = 0  # 0 = every slice
     seed: int = 0
@@ -179,13 +180,13 @@ class CropSet(torch.utils.data.Dataset):
     def __init__(self, x: np.ndarray, cfg: SSLConfig, affine: tuple[float, float] = (1.0, 0.0)) -> None:
         self.x = np.stack([affine[0] * resize_image(i, cfg.resolution) + affine[1] for i in x]).astype(np.float32)
         self.cfg = cfg
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.x)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        rng = np.random.default_rng((self.cfg.seed, self.epoch, i))
+    def __getitem__(self, key: int) -> torch.Tensor:
+        epoch, i = divmod(int(key), len(self.x))  # keys from EpochSampler carry the epoch (see train.SliceSet)
+        rng = np.random.default_rng((self.cfg.seed, epoch, i))
         img, _ = augment(self.x[i], np.zeros(self.x[i].shape, np.uint8), self.cfg.aug, rng)
         c = self.cfg.crop
         if c < len(img):
@@ -207,7 +208,10 @@ def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path, contrast: Contrast = 
     task = PRETEXTS[cfg.method](model, cfg).to(dev)
     data = CropSet(x, cfg, contrast.unit_affine())
     gen = torch.Generator().manual_seed(cfg.seed)
-    loader = torch.utils.data.DataLoader(data, batch_size=min(cfg.batch_size, len(data)), shuffle=True, drop_last=True, generator=gen)
+    sampler = EpochSampler(len(data), gen)
+    loader = torch.utils.data.DataLoader(data, batch_size=min(cfg.batch_size, len(data)), sampler=sampler, drop_last=True,
+                                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                                         pin_memory=dev.type == "cuda")  # fmt: skip
     opt = torch.optim.AdamW(task.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     amp = Amp(dev, cfg.amp)
     print(f"pretraining on {describe(dev)}", flush=True)
@@ -225,14 +229,14 @@ def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path, contrast: Contrast = 
         gen.set_state(ck["gen"])
         print(f"resuming from {last} at epoch {start}")
 
-    def loss_of(xb: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_of(xb: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with amp.autocast():
-            loss = task.loss(xb.to(dev), gen)
-        return loss, {"loss": float(loss.detach())}
+            loss = task.loss(xb.to(dev, non_blocking=True), gen)
+        return loss, {"loss": loss.detach()}
 
     for epoch in range(start, cfg.epochs):
         task.train()
-        data.epoch = epoch
+        sampler.epoch = epoch
         t0 = time.time()
         parts = run_epoch(loader, opt, amp, loss_of, lambda step: cfg.lr * lr_factor(step, total, warm),
                           epoch * per_epoch, f"pretrain {cfg.method} {epoch + 1}/{cfg.epochs}")  # fmt: skip

@@ -42,11 +42,17 @@ class TrainConfig:
     aug: AugConfig = field(default_factory=AugConfig)
 
 
+LOG_EVERY = 25  # steps between progress-bar loss updates: each one waits for the device
+
+
 def run_epoch(loader, opt: torch.optim.Optimizer, amp: Amp, loss_fn, lr_at, first_step: int, desc: str) -> dict[str, float]:
-    """One optimiser pass: per-step LR `lr_at(step)`, `loss_fn(batch) -> (loss, parts)`, scaled step; mean parts."""
+    """One optimiser pass: per-step LR `lr_at(step)`, `loss_fn(batch) -> (loss, parts)`, scaled step; mean parts.
+
+    The parts are summed on the device and read once at the end: no step waits for the GPU to catch up
+    (a `float(loss)` per step would), except the progress bar's every LOG_EVERY steps."""
     from tqdm import tqdm
 
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     bar = tqdm(loader, desc=desc, leave=False)
     for i, batch in enumerate(bar):
         for group in opt.param_groups:
@@ -57,9 +63,10 @@ def run_epoch(loader, opt: torch.optim.Optimizer, amp: Amp, loss_fn, lr_at, firs
         amp.scaler.step(opt)
         amp.scaler.update()
         for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + v
-        bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-    return {k: v / len(loader) for k, v in sums.items()}
+            sums[k] = sums[k] + v if k in sums else v
+        if (i + 1) % LOG_EVERY == 0:
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+    return {k: float(v) / len(loader) for k, v in sums.items()}
 
 
 class SliceSet(torch.utils.data.Dataset):
@@ -73,15 +80,16 @@ class SliceSet(torch.utils.data.Dataset):
         self.aug = aug
         self.seed = seed
         self.crop = crop if 0 < crop < res else 0
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.x)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
+        # key = epoch * len + index (EpochSampler): persistent workers hold a copy of this object, so the
+        # epoch travels with each key. Seeded by (seed, epoch, index): the same samples with any worker count.
+        epoch, i = divmod(int(key), len(self.x))
         img, lab = self.x[i], self.y[i]
-        # Seeded by (seed, epoch, index): the same run sees the same samples, with any worker count.
-        rng = np.random.default_rng((self.seed, self.epoch, i))
+        rng = np.random.default_rng((self.seed, epoch, i))
         if self.aug is not None:
             img, lab = augment(img, lab, self.aug, rng)
         if self.crop:
@@ -96,6 +104,28 @@ class SliceSet(torch.utils.data.Dataset):
             "dist": torch.from_numpy(t.dist),
             "instances": torch.from_numpy(t.instances),
         }
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A shuffled pass over n items whose keys carry the epoch (epoch * n + index), seeded by `generator`."""
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.n, self.generator, self.epoch = n, generator, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter((self.epoch * self.n + torch.randperm(self.n, generator=self.generator)).tolist())
+
+
+def eta_line(epoch_seconds: float, epochs_left: int, epochs: int, folds_left: int) -> str:
+    """'ETA: this fold ~X min, the run ~Y min' from the first epoch's time (validation included)."""
+    fold = epoch_seconds * epochs_left / 60
+    line = f"ETA: this fold ~{fold:.1f} min"
+    if folds_left:
+        line += f", the run ~{fold + folds_left * epochs * epoch_seconds / 60:.1f} min ({folds_left} more folds)"
+    return line
 
 
 def lr_factor(step: int, total: int, warm: int, schedule: str = "cosine") -> float:
@@ -121,6 +151,40 @@ def save_checkpoint(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
+def make_loader(data: SliceSet, cfg: TrainConfig, generator: torch.Generator, cuda: bool) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
+    """The fed loader: shuffled by `generator`, persistent workers, pinned memory on CUDA; and its sampler (set .epoch)."""
+    sampler = EpochSampler(len(data), generator)
+    loader = torch.utils.data.DataLoader(
+        data,
+        batch_size=min(cfg.batch_size, len(data)),
+        sampler=sampler,
+        drop_last=len(data) > cfg.batch_size,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,  # workers live across epochs (the epoch is in each key)
+        pin_memory=cuda,  # page-locked batches: the non-blocking copies overlap the previous step
+    )
+    if cuda and not cfg.deterministic:
+        torch.backends.cudnn.benchmark = True  # fixed input size: autotuned convolutions pay off after one step
+    return loader, sampler
+
+
+def step_loss(model: InstanceNet, cfg: TrainConfig, amp: Amp, dev: torch.device):
+    """Move the model to `dev` (channels-last on CUDA if asked); return batch -> (loss, detached parts)."""
+    channels_last = dev.type == "cuda" and cfg.channels_last
+    model.to(dev)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    def loss_of(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+        img = batch["image"].contiguous(memory_format=torch.channels_last) if channels_last else batch["image"]
+        with amp.autocast():
+            out = model(img)
+        return instance_loss(out, batch, cfg.loss)
+
+    return loss_of
+
+
 def train_fold(
     model: InstanceNet,
     x: np.ndarray,
@@ -130,8 +194,11 @@ def train_fold(
     seed: int,
     validate=None,
     affine: tuple[float, float] = (1.0, 0.0),
+    folds_left: int = 0,
 ) -> dict:
-    """Train on (x, y); `validate(model) -> ARI` picks the best epoch; `affine` is the contrast's. Resumes from workdir/last.pt."""
+    """Train on (x, y); `validate(model) -> ARI` picks the best epoch; `affine` is the contrast's. Resumes from workdir/last.pt.
+
+    After the first epoch it prints an ETA for this fold and, with `folds_left` more to come, for the run."""
     dev = device()
     cuda = dev.type == "cuda"
     seed_everything(seed)
@@ -146,19 +213,8 @@ def train_fold(
         x, y = x[np.sort(keep)], y[np.sort(keep)]
     data = SliceSet(x, y, cfg.resolution, cfg.aug, seed, cfg.crop, affine)
     g = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(
-        data,
-        batch_size=min(cfg.batch_size, len(data)),
-        shuffle=True,
-        drop_last=len(data) > cfg.batch_size,
-        num_workers=cfg.num_workers,
-        generator=g,
-        persistent_workers=False,
-    )
-    model.to(dev)
-    channels_last = cuda and cfg.channels_last
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    loader, sampler = make_loader(data, cfg, g, cuda)
+    loss_of = step_loss(model, cfg, amp, dev)
     opt = _optimizer(model, cfg)
     per_epoch = len(loader)
     total = cfg.epochs * per_epoch
@@ -178,16 +234,9 @@ def train_fold(
         g.set_state(ck["loader_rng"])
         print(f"resuming from {last} at epoch {start}")
 
-    def loss_of(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-        img = batch["image"].contiguous(memory_format=torch.channels_last) if channels_last else batch["image"]
-        with amp.autocast():
-            out = model(img)
-        return instance_loss(out, batch, cfg.loss)
-
     for epoch in range(start, cfg.epochs):
         model.train()
-        data.epoch = epoch
+        sampler.epoch = epoch
         t0 = time.time()
         parts = run_epoch(loader, opt, amp, loss_of, lambda step: cfg.lr * lr_factor(step, total, warm, cfg.schedule),
                           epoch * per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")  # fmt: skip
@@ -205,6 +254,8 @@ def train_fold(
         if "val_ari" in rec:
             msg += f" val ARI {rec['val_ari']:.4f} (best {best:.4f})"
         print(msg + f" [{rec['seconds']} s]", flush=True)
+        if epoch == start and epoch + 1 < cfg.epochs:
+            print(eta_line(rec["seconds"], cfg.epochs - epoch - 1, cfg.epochs, folds_left), flush=True)
         save_checkpoint(
             last,
             {

@@ -90,7 +90,14 @@ def open_study(url: str, name: str, seed: int):
                 continue
             raise UserError(url.split("@")[-1], f"cannot open the study storage ({exc.__class__.__name__}: {str(exc)[:160]})") from None
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, multivariate=True)
-    return optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler, load_if_exists=True)
+    study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler, load_if_exists=True)
+    print(f"watch it live (any machine that reaches the storage): {dashboard_command(url)}", flush=True)
+    return study
+
+
+def dashboard_command(url: str) -> str:
+    """The Optuna dashboard command that reads the same storage (pinned in requirements.txt)."""
+    return f".venv/bin/optuna-dashboard '{url}'"
 
 
 def suggest_space(trial, space: dict[str, tuple[float, float, bool]], params_type: type) -> dict:

@@ -38,9 +38,9 @@ cv: {folds: 2}
 """
 
 
-def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """Run `python -m comp ARGS` and capture its output."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m comp ARGS` (extra environment `env`) and capture its output."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "comp", *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 

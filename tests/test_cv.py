@@ -91,12 +91,45 @@ def test_a_run_in_progress_is_not_run_twice(tmp_path, tiny_phantom):
     lock.parent.mkdir(parents=True)
     lock.write_text(f"{os.getpid()}@{socket.gethostname()}")  # this test process: alive
     args = ("cv", "baseline_watershed", "--data", str(tiny_phantom), "--folds", "2", "--runs", str(tmp_path / "runs"))
-    r = run_cli(*args)
-    assert r.returncode == 2 and f"in progress in process {os.getpid()}@" in r.stderr and "fold 0" not in r.stdout
+    r = run_cli(*args, env={"COMP_LOCK_WAIT": "1"})
+    assert r.returncode == 2 and f"locked by process {os.getpid()}@" in r.stderr and "fold 0" not in r.stdout
     lock.write_text(f"{2**22 + 12345}@{socket.gethostname()}")  # no such process
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr
     assert not lock.exists() and len(list((tmp_path / "runs" / exp.name).glob("*/cv.json"))) == 1
+
+
+def test_folds_claimed_elsewhere_are_skipped_and_the_last_fold_summarises(tmp_path, tiny_phantom):
+    """--fold K trains one fold; a fold held by a live process is left to it; a claim nobody touches any more is taken over."""
+    import json
+    import os
+    import socket
+    import time
+
+    from comp.rundir import RunDir
+
+    runs = tmp_path / "runs"
+    args = ("cv", "baseline_watershed", "--data", str(tiny_phantom), "--folds", "3", "--runs", str(runs))
+    r = run_cli(*args, "--fold", "1")
+    assert r.returncode == 0, r.stderr
+    assert "fold 1: ARI" in r.stdout and "fold 0: ARI" not in r.stdout and "folds [0, 2] not done here" in r.stdout
+    run = RunDir(next((runs / "baseline_watershed").iterdir()))
+    assert run.fold_done(1) and not run.finished and not run.claim_file(1).exists()
+    run.claim_file(0).parent.mkdir(parents=True, exist_ok=True)
+    run.claim_file(0).write_text(f"{os.getpid()}@{socket.gethostname()}")  # alive: fold 0 is someone else's
+    r = run_cli(*args)
+    assert "fold 0: in progress in process" in r.stdout and "fold 2: ARI" in r.stdout and "fold 1: already done" in r.stdout
+    assert not run.finished
+    run.claim_file(0).write_text("1@another-machine")
+    old = time.time() - 3600
+    os.utime(run.claim_file(0), (old, old))  # its holder stopped beating an hour ago
+    r = run_cli(*args)
+    assert r.returncode == 0 and "fold 0: ARI" in r.stdout and run.finished, r.stdout + r.stderr
+    assert run_cli(*args[:-1], str(tmp_path / "one")).returncode == 0  # the same run in one process
+    one = RunDir(next((tmp_path / "one" / "baseline_watershed").iterdir()))
+    assert json.loads(one.summary_file.read_text())["mean_ari"] == run.summary()["mean_ari"]
+    r = run_cli(*args, "--fold", "3")
+    assert r.returncode == 2 and "fold 3 of a 3-fold run" in r.stderr
 
 
 def test_inner_split_holds_out_whole_groups() -> None:

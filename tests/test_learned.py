@@ -229,3 +229,58 @@ def test_selection_never_sees_the_scored_fold_and_seeds_fix_the_weights(tmp_path
             assert len(val_ids) == 2 and set(val_ids) <= trained and not set(val_ids) & scored
         scores.append(pd.read_csv(run / "oof_scores.csv")["ari"].to_numpy())
     assert np.array_equal(scores[0], scores[1])
+
+
+def test_tvmf_dice_is_the_cosine_dice_at_kappa_zero_and_sharper_above() -> None:
+    from comp.losses import soft_dice, tvmf_dice
+
+    torch.manual_seed(0)
+    target = (torch.rand(2, 16, 16) > 0.6).float()
+    logits = torch.randn(2, 16, 16)
+    p = torch.sigmoid(logits).flatten(1)
+    cos = (p * target.flatten(1)).sum(1) / (p.norm(dim=1) * target.flatten(1).norm(dim=1))
+    assert torch.allclose(tvmf_dice(logits, target, 0.0), ((1 - cos) ** 2).mean(), atol=1e-5)
+    # Where |p| = |t| (a perfect or a rescaled-to-equal-norm prediction) the cosine is the Dice coefficient.
+    perfect = torch.where(target > 0, 30.0, -30.0)
+    assert tvmf_dice(perfect, target, 0.0) < 1e-6 and soft_dice(perfect, target, eps=0.0) < 1e-6
+    half = torch.where(target > 0, 0.0, -30.0)  # p = 0.5 on every true pixel: cos = 1, Dice = 2/3
+    assert tvmf_dice(half, target, 0.0) < 1e-6 and tvmf_dice(half, target, 32.0) < 1e-6
+    assert tvmf_dice(logits, target, 32.0) > tvmf_dice(logits, target, 0.0)  # a larger kappa: a stricter loss
+
+
+def test_tvmf_loss_decreases_on_a_tiny_fit() -> None:
+    from comp.losses import LossConfig, overlap_loss
+
+    torch.manual_seed(0)
+    target = torch.zeros(2, 16, 16)
+    target[:, 4:12, 4:12] = 1
+    logits = torch.zeros(2, 16, 16, requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=0.1)
+    cfg = LossConfig(dice="tvmf")
+    first = float(overlap_loss(logits, target, cfg).detach())
+    for _ in range(50):
+        opt.zero_grad()
+        loss = overlap_loss(logits, target, cfg)
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.1 * first
+    with pytest.raises(UserError, match="unknown overlap term"):
+        LossConfig(dice="focal")
+
+
+def test_two_processes_share_one_run_each_fold_once_same_score(tiny_phantom: Path, tmp_path: Path) -> None:
+    """`make cv GPUS="0 1"` in miniature: two processes on one run folder split its folds and match a one-process run."""
+    exp = tmp_path / "tiny.yaml"
+    exp.write_text(TINY_EXP.format(epochs=2).replace("folds: 2", "folds: 3"))
+    procs = [_cv(exp, tiny_phantom, tmp_path / "runs") for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    text = "".join(outs)
+    for f in range(3):
+        assert text.count(f"fold {f}: ARI") == 1, text  # trained exactly once, by one of the two
+    run = RunDir(next((tmp_path / "runs" / "tiny").iterdir()))
+    assert run.finished and len(list((tmp_path / "runs" / "tiny").iterdir())) == 1
+    one = _cv(exp, tiny_phantom, tmp_path / "one")
+    assert one.wait(timeout=600) == 0
+    alone = RunDir(next((tmp_path / "one" / "tiny").iterdir())).summary()
+    assert abs(alone["mean_ari"] - run.summary()["mean_ari"]) < 1e-9

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -267,3 +268,26 @@ def test_tune_params_restricts_the_space(tiny_phantom: Path, tmp_path: Path) -> 
     assert r.stored and stored.post.min_size == PostParams().min_size and stored.post.seed_threshold == PostParams().seed_threshold
     r = run_cli("tune", "few", "--params", "fg_treshold", "--data", str(tiny_phantom), "--runs", str(tmp_path))
     assert r.returncode == 2 and "unknown parameter 'fg_treshold'" in r.stderr
+
+
+def test_the_printed_dashboard_command_reads_the_tuned_study(tiny_phantom: Path, tmp_path: Path) -> None:
+    """The dashboard line `tune` prints opens the very study it ran (here SQLite; PostgreSQL URLs alike)."""
+    import io
+    import shlex
+
+    from optuna_dashboard import wsgi
+
+    run = fake_run(tmp_path, tiny_phantom, "dash", noise=0.05)
+    save_ensemble(_spec(run, tiny_phantom, "dash"), tmp_path)
+    r = run_cli("tune", "dash", "--data", str(tiny_phantom), "--runs", str(tmp_path), "--trials", "2", "--no-merge",
+                "--workers", "1", "--images", "2")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("watch it live"))
+    cmd = shlex.split(line.split(": ", 1)[1])
+    assert cmd[0].endswith("optuna-dashboard") and (ROOT / cmd[0]).is_file()
+    env = {"REQUEST_METHOD": "GET", "PATH_INFO": "/api/studies", "SERVER_NAME": "x", "SERVER_PORT": "80", "QUERY_STRING": "",
+           "wsgi.input": io.BytesIO(), "wsgi.errors": sys.stderr, "wsgi.url_scheme": "http"}  # fmt: skip
+    status: list[str] = []
+    body = b"".join(wsgi(cmd[1])(env, lambda st, headers, exc=None: status.append(st)))
+    names = [s["study_name"] for s in json.loads(body)["study_summaries"]]
+    assert status == ["200 OK"] and any(n.startswith("dash-") for n in names)
