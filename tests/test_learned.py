@@ -284,3 +284,25 @@ def test_two_processes_share_one_run_each_fold_once_same_score(tiny_phantom: Pat
     assert one.wait(timeout=600) == 0
     alone = RunDir(next((tmp_path / "one" / "tiny").iterdir())).summary()
     assert abs(alone["mean_ari"] - run.summary()["mean_ari"]) < 1e-9
+
+
+def test_a_training_epoch_reads_the_loss_back_only_when_logging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each float(tensor) waits for the device: a step must not do one (the progress bar does, every LOG_EVERY steps)."""
+    from comp.runtime import Amp
+    from comp.train import LOG_EVERY, run_epoch
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.01)
+    batches = [torch.randn(4, 3) for _ in range(60)]
+
+    def loss_fn(b: torch.Tensor):
+        loss = ((b * w).sum(1) ** 2).mean()
+        return loss, {"a": loss.detach(), "b": 2 * loss.detach()}
+
+    reads = []
+    real = torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: reads.append(1) or real(t))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(1) or real(t))
+    parts = run_epoch(batches, opt, Amp(torch.device("cpu"), False), loss_fn, lambda s: 0.01, 0, "t")
+    assert len(reads) <= 60 // LOG_EVERY + 2  # the bar's few, then one per part at the end
+    assert parts["b"] == pytest.approx(2 * parts["a"], rel=1e-6)
