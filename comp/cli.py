@@ -58,7 +58,7 @@ def cmd_stats(a: argparse.Namespace) -> int:
     from comp.io import Dataset
     from comp.stats import data_stats, render_markdown, render_text, to_json
 
-    profiles = [data_stats(Dataset(Path(d)), a.images, a.workers) for d in a.dirs]
+    profiles = [data_stats(Dataset(Path(d)), a.images, a.workers, a.superpixels) for d in a.dirs]
     print(to_json(profiles) if a.json else render_markdown(profiles) if a.markdown else "".join(map(render_text, profiles)), end="")
     return 0
 
@@ -313,6 +313,7 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--markdown", action="store_true", help="one table beside the challenge's published figures")
     st.add_argument("--json", action="store_true")
     st.add_argument("--workers", type=int, default=0)
+    st.add_argument("--superpixels", nargs="+", type=float, metavar="H", help="also: superpixels per slice and their merge ceiling at these h-minima depths")
     st.set_defaults(fn=cmd_stats)
 
     v = sub.add_parser("validate-submission", help="check a submission CSV against the test layout")

@@ -9,7 +9,7 @@ connected components), the ceiling of any method that only finds the foreground.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -50,6 +50,7 @@ class Stats:
     scored_slices: int
     baseline_ari: float
     oracle_ari: float
+    superpixels: dict = field(default_factory=dict)  # h -> [superpixels per slice, ceiling ARI] (asked with --superpixels)
 
 
 def touching(lab: np.ndarray) -> tuple[int, int]:
@@ -74,8 +75,32 @@ def _baseline(img: np.ndarray) -> np.ndarray:
     return official_watershed(img, OfficialWatershedParams())
 
 
-def data_stats(data: Dataset, images: int = 0, workers: int = 0) -> Stats:
-    """Profile a data set; the two reference scores use up to `images` evenly spaced annotated slices (0 = all)."""
+def _ceiling(item: tuple, h: float) -> tuple[int, float]:
+    """Superpixels of one stretched slice and the ARI of giving each its majority true structure (a pool job)."""
+    from comp.merge import majority
+    from comp.metric import image_score
+    from comp.postprocess import SuperpixelParams, superpixels
+
+    image, truth = item
+    sp = superpixels(image, SuperpixelParams(h=h))
+    return int(sp.max()), image_score(truth, majority(sp, truth)[0][sp].astype(np.uint8))
+
+
+def superpixel_ceilings(x: np.ndarray, y: np.ndarray, x_all: np.ndarray, hs: list[float], workers: int = 0) -> dict:
+    """For each superpixel depth h: superpixels per slice and the ceiling of merging them (every superpixel given
+    its majority structure), on the slices stretched to the `auto` soft-tissue window found on `x_all`."""
+    from comp.contrast import ContrastParams, resolve
+
+    stretched = resolve(ContrastParams(window="auto"), x_all, "superpixels").stretch(x)
+    out = {}
+    for h in hs:
+        r = np.array(pmap(_ceiling, list(zip(stretched, y)), h, workers=workers, desc=f"superpixels h {h}"))
+        out[str(h)] = [float(r[:, 0].mean()), float(r[:, 1].mean())]
+    return out
+
+
+def data_stats(data: Dataset, images: int = 0, workers: int = 0, superpixel_h: list[float] | None = None) -> Stats:
+    """Profile a data set; the reference scores use up to `images` evenly spaced annotated slices (0 = all)."""
     ann = data.annotated
     y = data.y_train[ann]
     regions, sizes, touch = [], [], [0, 0]
@@ -112,6 +137,7 @@ def data_stats(data: Dataset, images: int = 0, workers: int = 0) -> Stats:
         scored_slices=len(pick),
         baseline_ari=float(image_scores(y[pick], base).mean()) if len(pick) else float("nan"),
         oracle_ari=float(image_scores(y[pick], oracle).mean()) if len(pick) else float("nan"),
+        superpixels=superpixel_ceilings(data.x_train[ann[pick]], y[pick], data.x_train, superpixel_h, workers) if superpixel_h and len(pick) else {},
     )
 
 
@@ -133,6 +159,7 @@ def rows(s: Stats) -> dict[str, str]:
         "official baseline ARI": f"{s.baseline_ari:.3f}",
         "oracle fg + CC ARI": f"{s.oracle_ari:.3f}",
         "scored slices": str(s.scored_slices),
+        **{f"superpixels h={h}: per slice / ceiling ARI": f"{n:.0f} / {c:.3f}" for h, (n, c) in s.superpixels.items()},
     }
 
 

@@ -271,5 +271,5 @@ def train_fold(
             },
         )
     if best_path.exists():
-        model.load_state_dict(torch.load(best_path, map_location=dev, weights_only=True)["model"])
+        model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
     return {"best_val_ari": best if best > -math.inf else None, "history": history}

@@ -306,3 +306,31 @@ def test_a_training_epoch_reads_the_loss_back_only_when_logging(monkeypatch: pyt
     parts = run_epoch(batches, opt, Amp(torch.device("cpu"), False), loss_fn, lambda s: 0.01, 0, "t")
     assert len(reads) <= 60 // LOG_EVERY + 2  # the bar's few, then one per part at the end
     assert parts["b"] == pytest.approx(2 * parts["a"], rel=1e-6)
+
+
+def test_amp_uses_bf16_only_where_the_card_has_it_natively(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A card that only emulates bf16 gets fp16 + loss scaling (the default is_bf16_supported() counts emulation)."""
+    from comp.runtime import Amp
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)  # emulation only
+    assert Amp(torch.device("cuda"), True).dtype == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # native
+    assert Amp(torch.device("cuda"), True).dtype == torch.bfloat16
+    assert not Amp(torch.device("cuda"), False).enabled and not Amp(torch.device("cpu"), True).enabled
+
+
+def test_resume_loads_the_checkpoint_onto_the_cpu_weights_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RNG states must stay CPU tensors on a GPU box (set_rng_state raises otherwise), and no pickle runs."""
+    from comp.train import TrainConfig, train_fold
+
+    xs = np.random.default_rng(0).integers(0, 255, (4, 512, 512)).astype(np.uint8)
+    ys = np.zeros((4, 512, 512), np.uint8)
+    ys[:, 100:200, 100:200] = 1
+    cfg = ModelConfig(encoder="tu-mobilenetv3_small_100", decoder_channels=(16, 8, 8, 8, 8), embedding_dim=4)
+    train = TrainConfig(epochs=1, batch_size=2, resolution=32)
+    train_fold(build_model(cfg), xs, ys, train, tmp_path, 0)
+    calls = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or real(*a, **k))
+    train_fold(build_model(cfg), xs, ys, train, tmp_path, 0)  # finished: resumes past the last epoch
+    assert calls and all(k.get("map_location") == "cpu" and k.get("weights_only") is True for k in calls)

@@ -54,3 +54,13 @@ def test_stats_cli_markdown_and_missing_folder(tmp_path: Path) -> None:
     assert "| touching share | most separated | 50% of regions touch another |" in r.stdout
     r = run_cli("data", "stats", str(tmp_path / "nope"))
     assert r.returncode == 2 and "data folder not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_superpixel_ceilings_fall_as_superpixels_coarsen(tiny_phantom) -> None:
+    from comp.io import Dataset
+    from comp.stats import data_stats, rows
+
+    s = data_stats(Dataset(tiny_phantom), images=3, workers=1, superpixel_h=[0.002, 0.05])
+    (n_fine, c_fine), (n_coarse, c_coarse) = s.superpixels["0.002"], s.superpixels["0.05"]
+    assert n_fine > n_coarse > 0 and 0.5 < c_fine <= 1.0 and c_coarse < c_fine
+    assert rows(s)["superpixels h=0.002: per slice / ceiling ARI"].endswith(f"{c_fine:.3f}")
