@@ -259,11 +259,10 @@ def _quantised_pair(i: int, oof, post) -> tuple[float, float]:
     """One OOF image's ARI from its cached maps as stored and after a uint8 quantise/decode round trip."""
     from comp.metric import image_score
     from comp.postprocess import segment
-    from comp.rundir import quantise
+    from comp.rundir import MapArray, quantise
 
     maps, image, truth, fold = oof.item(i, [0])
-    q, s = quantise(maps[0][None])
-    decoded = q[0] * s[0, :, 1, None, None] + s[0, :, 0, None, None]
+    decoded = MapArray(*quantise(maps[0][None]))[0]  # the stored form, decoded as every reader does
     return image_score(truth, segment(maps[0], image, post)), image_score(truth, segment(decoded, image, post))
 
 

@@ -172,16 +172,17 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
     contrast = resolve(exp.contrast, data.x_train, exp.path)  # label-free: the slices' histogram only
     print(f"contrast: {exp.contrast.window} -> grey window {contrast.window}" + (f", channels {contrast.channels}" if contrast.channels else ""))
     names = image_names(len(data.x_train))
-    lock = RunDir.lock_file(runs, exp.name, run_key(exp, data, k))
+    key = run_key(exp, data, k)
+    lock = RunDir.lock_file(runs, exp.name, key)
     with run_lock(lock):  # every process of this run agrees on one folder
-        run = RunDir.create(runs, exp.name, run_key(exp, data, k))
+        run = RunDir.create(runs, exp.name, key)
         if not run.config_file.is_file():
             run.write_config({**exp.to_dict(), "cv": {"folds": k, "seed": exp.cv.seed}, "data": data.fingerprint(),
                               "contrast_resolved": contrast.to_dict()})  # fmt: skip
             run.write_folds(names, ann, fold_of)
     x_test = data.x_test if data.has_test_images else None
     t0 = time.time()
-    todo = [f for f in (range(k) if only is None else [only])]
+    todo = list(range(k)) if only is None else [only]
     for n, f in enumerate(todo):
         if run.fold_done(f):
             print(f"fold {f}: already done, skipped ({run.path})")

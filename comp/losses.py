@@ -34,12 +34,19 @@ class LossConfig:
 DICE_TERMS = ("soft", "tvmf")
 
 
+def _flat(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image probability and target vectors."""
+    return torch.sigmoid(logits).flatten(1), target.flatten(1)
+
+
+def _soft_dice(p: torch.Tensor, t: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """soft_dice on per-image probability vectors."""
+    return (1 - (2 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)).mean()
+
+
 def soft_dice(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """1 - soft Dice over each image, averaged."""
-    p = torch.sigmoid(logits).flatten(1)
-    t = target.flatten(1)
-    inter = (p * t).sum(1)
-    return (1 - (2 * inter + eps) / (p.sum(1) + t.sum(1) + eps)).mean()
+    return _soft_dice(*_flat(logits, target), eps)
 
 
 def tvmf_similarity(cos: torch.Tensor, kappa: torch.Tensor | float) -> torch.Tensor:
@@ -47,23 +54,27 @@ def tvmf_similarity(cos: torch.Tensor, kappa: torch.Tensor | float) -> torch.Ten
     return (1 + cos) / (1 + kappa * (1 - cos)) - 1
 
 
+def _tvmf_dice(p: torch.Tensor, t: torch.Tensor, kappa: torch.Tensor | float, eps: float = 1e-6) -> torch.Tensor:
+    """tvmf_dice on per-image probability vectors."""
+    cos = (p * t).sum(1) / (p.norm(dim=1) * t.norm(dim=1) + eps)
+    return ((1 - tvmf_similarity(cos, kappa)) ** 2).mean()
+
+
 def tvmf_dice(logits: torch.Tensor, target: torch.Tensor, kappa: torch.Tensor | float, eps: float = 1e-6) -> torch.Tensor:
     """t-vMF Dice loss (Kato & Hotta): Dice rewritten as the cosine of prediction and target, sharpened by kappa.
 
     Per image: (1 - phi_kappa(cos(p, t)))^2, averaged. At kappa 0 and |p| = |t| the cosine equals the Dice
     coefficient; a larger kappa keeps the loss high until the overlap is nearly perfect."""
-    p = torch.sigmoid(logits).flatten(1)
-    t = target.flatten(1)
-    cos = (p * t).sum(1) / (p.norm(dim=1) * t.norm(dim=1) + eps)
-    return ((1 - tvmf_similarity(cos, kappa)) ** 2).mean()
+    return _tvmf_dice(*_flat(logits, target), kappa, eps)
 
 
 def overlap_loss(logits: torch.Tensor, target: torch.Tensor, cfg: "LossConfig") -> torch.Tensor:
     """The overlap term of a probability head: soft Dice, or t-vMF Dice with kappa adapted to the batch's Dice."""
+    p, t = _flat(logits, target)  # once: both terms read the same probabilities
     if cfg.dice == "soft":
-        return soft_dice(logits, target)
-    kappa = cfg.tvmf_kappa * (1 - soft_dice(logits, target).detach())  # the batch's soft Dice coefficient, scaled
-    return tvmf_dice(logits, target, kappa)
+        return _soft_dice(p, t)
+    kappa = cfg.tvmf_kappa * (1 - _soft_dice(p, t).detach())  # the batch's soft Dice coefficient, scaled
+    return _tvmf_dice(p, t, kappa)
 
 
 def discriminative_loss(emb: torch.Tensor, inst: torch.Tensor, d_pull: float, d_push: float) -> torch.Tensor:

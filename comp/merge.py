@@ -16,7 +16,7 @@ import numpy as np
 
 from comp.errors import UserError, atomic_write_text
 from comp.parallel import pmap
-from comp.postprocess import PostParams, adjacent_pairs, blend, gradient, merge_pairs, relabel_uint8, segment, upsample_maps
+from comp.postprocess import PostParams, adjacent_pairs, blend, border_profile, gradient, merge_pairs, relabel_uint8, segment, upsample_maps
 
 FEATURES = (
     "log_border", "border_boundary", "border_fg", "border_dist", "contact",
@@ -45,23 +45,6 @@ def _region_stats(labels: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, n
     return mean, np.sqrt(np.maximum(var, 0))
 
 
-def _border_extremes(labels: np.ndarray, values: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Max and min of `values` along each pair's shared border (4-neighbour crossings, mean of the two sides)."""
-    lab = labels.astype(np.int64)
-    n = int(lab.max()) + 1
-    keys, vals = [], []
-    for a, b, va, vb in ((lab[:, :-1], lab[:, 1:], values[:, :-1], values[:, 1:]), (lab[:-1], lab[1:], values[:-1], values[1:])):
-        m = (a != b) & (a > 0) & (b > 0)
-        keys.append(np.minimum(a[m], b[m]) * n + np.maximum(a[m], b[m]))
-        vals.append(0.5 * (va[m] + vb[m]))
-    k, v = np.concatenate(keys), np.concatenate(vals)
-    j = np.searchsorted(pairs[:, 0] * n + pairs[:, 1], k)  # pairs are sorted by that key (adjacent_pairs)
-    hi, lo = np.full(len(pairs), -np.inf), np.full(len(pairs), np.inf)
-    np.maximum.at(hi, j, v)
-    np.minimum.at(lo, j, v)
-    return hi, lo
-
-
 def _centroids(labels: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Region centroids (y, x) as fractions of the body's bounding box (pixels brighter than air)."""
     body = np.argwhere(image > 10)
@@ -82,7 +65,7 @@ def pair_features(labels: np.ndarray, maps512: np.ndarray | None, image: np.ndar
     slice before its contrast step, when `image` is stretched (bone and fat, clipped there, stay apart).
     """
     grad = gradient(image, GRAD_SIGMA) if grad is None else grad
-    pairs, length, gsum = adjacent_pairs(labels, grad)
+    pairs, length, gsum, gmax, gmin = border_profile(labels, grad)  # one scan for sum, max and min
     if len(pairs) == 0:
         return pairs, np.zeros((0, len(FEATURES)), np.float32)
     n = int(labels.max()) + 1
@@ -105,7 +88,6 @@ def pair_features(labels: np.ndarray, maps512: np.ndarray | None, image: np.ndar
         emb_dist = nan
     amin, amax = np.minimum(area[a], area[b]), np.maximum(area[a], area[b])
     diff = np.abs(imean[a] - imean[b])
-    gmax, gmin = _border_extremes(labels, grad, pairs)
     cy, cx = _centroids(labels, image)
     rmean = _region_stats(labels, raw)[0] if raw is not None else None
     rmin, rmax = (np.minimum(rmean[a], rmean[b]) / 255, np.maximum(rmean[a], rmean[b]) / 255) if raw is not None else (nan, nan)

@@ -37,11 +37,12 @@ def relabel_uint8(labels: np.ndarray, keep_zero: bool = True) -> np.ndarray:
     return out
 
 
-def adjacent_pairs(labels: np.ndarray, values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs (a < b) of 4-adjacent non-zero regions, their shared border length and the sum of `values` on it."""
+def _crossings(labels: np.ndarray, values: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every 4-neighbour step between two non-zero regions: pair index (into the sorted pairs), the mean of
+    `values` on its two sides (0 without values), and the pairs (a < b) themselves."""
     lab = labels.astype(np.int64)
     n = int(lab.max()) + 1
-    keys, sums = [], []
+    keys, vals = [], []
     for a, b, va, vb in (
         (lab[:, :-1], lab[:, 1:], *((values[:, :-1], values[:, 1:]) if values is not None else (None, None))),
         (lab[:-1, :], lab[1:, :], *((values[:-1, :], values[1:, :]) if values is not None else (None, None))),
@@ -49,14 +50,31 @@ def adjacent_pairs(labels: np.ndarray, values: np.ndarray | None = None) -> tupl
         m = (a != b) & (a > 0) & (b > 0)
         lo, hi = np.minimum(a[m], b[m]), np.maximum(a[m], b[m])
         keys.append(lo * n + hi)
-        sums.append(0.5 * (va[m] + vb[m]) if values is not None else np.zeros(len(lo)))
-    k = np.concatenate(keys)
-    s = np.concatenate(sums)
-    uniq, inv = np.unique(k, return_inverse=True)
-    length = np.bincount(inv).astype(np.float64)
-    total = np.bincount(inv, weights=s) if len(s) else np.zeros(0)
-    pairs = np.stack([uniq // n, uniq % n], axis=1)
-    return pairs, length, total
+        vals.append(0.5 * (va[m] + vb[m]) if values is not None else np.zeros(len(lo)))
+    uniq, inv = np.unique(np.concatenate(keys), return_inverse=True)
+    return inv, np.concatenate(vals), np.stack([uniq // n, uniq % n], axis=1)
+
+
+def adjacent_pairs(labels: np.ndarray, values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (a < b) of 4-adjacent non-zero regions, their shared border length and the sum of `values` on it."""
+    inv, vals, pairs = _crossings(labels, values)
+    return pairs, *_length_total(inv, vals, len(pairs))
+
+
+def _length_total(inv: np.ndarray, vals: np.ndarray, n_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Border length (steps) and sum of values per pair, from _crossings."""
+    length = np.bincount(inv, minlength=n_pairs).astype(np.float64)
+    return length, np.bincount(inv, weights=vals, minlength=n_pairs) if len(vals) else np.zeros(0)
+
+
+def border_profile(labels: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, ...]:
+    """adjacent_pairs, plus the max and min of `values` along each shared border, from one scan of the image."""
+    inv, vals, pairs = _crossings(labels, values)
+    length, total = _length_total(inv, vals, len(pairs))
+    hi, lo = np.full(len(pairs), -np.inf), np.full(len(pairs), np.inf)
+    np.maximum.at(hi, inv, vals)
+    np.minimum.at(lo, inv, vals)
+    return pairs, length, total, hi, lo
 
 
 def merge_pairs(labels: np.ndarray, pairs: np.ndarray) -> np.ndarray:
