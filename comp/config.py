@@ -16,6 +16,7 @@ import yaml
 
 from comp.contrast import ContrastParams
 from comp.errors import UserError
+from comp.pseudo import PseudoParams
 
 EXPERIMENTS = Path("experiments")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -45,12 +46,13 @@ class Experiment:
     params: Any
     cv: CVConfig = field(default_factory=CVConfig)
     contrast: ContrastParams = field(default_factory=ContrastParams)
+    pseudo: PseudoParams = field(default_factory=PseudoParams)
     description: str = ""
     path: str = ""
 
     def to_dict(self) -> dict:
         """Plain-data form of the resolved config, as stored with a run."""
-        return {
+        d = {
             "name": self.name,
             "method": self.method,
             "description": self.description,
@@ -58,6 +60,9 @@ class Experiment:
             "cv": dataclasses.asdict(self.cv),
             "contrast": dataclasses.asdict(self.contrast),
         }
+        if self.pseudo.enabled:  # only then: configs without pseudo-labels keep their digests (and finished runs)
+            d["pseudo"] = dataclasses.asdict(self.pseudo)
+        return d
 
     def digest(self) -> str:
         """Short hash of the resolved config (the file path and description left out)."""
@@ -156,22 +161,27 @@ def load_experiment(name_or_path: str, overrides: list[str] | None = None) -> Ex
 
 def experiment_from_dict(raw: dict, path: Path, overrides: list[str] | None = None, ignore: tuple[str, ...] = ()) -> Experiment:
     """Validate a raw experiment mapping (a YAML file, or a run's config.yaml with `ignore`d extra keys)."""
-    from comp.registry import get_method
+    from comp.registry import METHODS, get_method
 
     raw = apply_overrides({k: v for k, v in raw.items() if k not in ignore}, overrides or [], str(path))
-    allowed = {"name", "method", "description", "params", "cv", "contrast"}
+    allowed = {"name", "method", "description", "params", "cv", "contrast", "pseudo"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise UserError(path, f"unknown key '{unknown[0]}' (known: {', '.join(sorted(allowed))})")
     if "method" not in raw:
         raise UserError(path, "missing key 'method'")
     spec = get_method(str(raw["method"]), path)
+    pseudo = from_dict(PseudoParams, raw.get("pseudo"), str(path), "pseudo")
+    if pseudo.enabled and not spec.pseudo:
+        raise UserError(path, f"'pseudo.teacher' is set but method '{spec.name}' does not train on pseudo-labels "
+                        f"(those that do: {', '.join(sorted(n for n, m in METHODS.items() if m.pseudo))})")  # fmt: skip
     return Experiment(
         name=check_name(str(raw.get("name", path.stem)), path),
         method=spec.name,
         params=from_dict(spec.params, raw.get("params"), str(path), "params"),
         cv=from_dict(CVConfig, raw.get("cv"), str(path), "cv"),
         contrast=from_dict(ContrastParams, raw.get("contrast"), str(path), "contrast"),
+        pseudo=pseudo,
         description=str(raw.get("description", "")),
         path=str(path),
     )

@@ -18,6 +18,7 @@ from comp.contrast import resolve
 from comp.errors import UserError
 from comp.io import Dataset, image_names
 from comp.metric import image_scores
+from comp.pseudo import check_folds, pseudo_labels
 from comp.registry import FitContext, FoldData, MapMethod, get_method
 from comp.rundir import RUNS, RunDir, RunKey, save_maps, write_maps
 
@@ -154,6 +155,25 @@ def finished_run(exp: Experiment, data: Dataset, folds: int, runs: Path = RUNS) 
     return CVResult(done[0].path, s["mean_ari"], s["std_ari"], [f["ari"] for f in s["folds"]])
 
 
+def teacher_run(exp: Experiment, data: Dataset, folds: int, runs: Path = RUNS) -> RunDir | None:
+    """The finished CV run of the experiment's pseudo-label teacher (cross-validated first when there is none)."""
+    from comp.config import load_experiment
+
+    if not exp.pseudo.enabled:
+        return None
+    teacher = load_experiment(exp.pseudo.teacher, exp.pseudo.teacher_set)
+    if teacher.name == exp.name and teacher.digest() == exp.digest():
+        raise UserError(exp.path, f"'pseudo.teacher' is the experiment itself ({exp.pseudo.teacher})")
+    res = finished_run(teacher, data, folds, runs)
+    if res is None:
+        print(f"pseudo-labels: cross-validating the teacher {teacher.name} first", flush=True)
+        sets = "".join(f" --set {s}" for s in exp.pseudo.teacher_set)
+        res = run_cv(teacher, data, folds, runs, command=f"python -m comp cv {exp.pseudo.teacher} --folds {folds}{sets}")
+    if res is None:
+        raise UserError(runs / teacher.name, "the teacher's folds are in progress in another process: run this when it is done")
+    return RunDir(res.run_dir)
+
+
 def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path = RUNS, command: str = "",
            only: int | None = None) -> CVResult | None:  # fmt: skip
     """Fit and score the run's folds, each claimed first, so processes (GPUs, machines) sharing `runs` split them.
@@ -172,6 +192,9 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
     contrast = resolve(exp.contrast, data.x_train, exp.path)  # label-free: the slices' histogram only
     print(f"contrast: {exp.contrast.window} -> grey window {contrast.window}" + (f", channels {contrast.channels}" if contrast.channels else ""))
     names = image_names(len(data.x_train))
+    teacher = teacher_run(exp, data, k, runs)
+    if teacher is not None:
+        check_folds(teacher, ann, fold_of)  # fold k's student learns only from labels of a model blind to fold k
     key = run_key(exp, data, k)
     lock = RunDir.lock_file(runs, exp.name, key)
     with run_lock(lock):  # every process of this run agrees on one folder
@@ -195,8 +218,9 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
                 continue
             tr, va = ann[fold_of != f], ann[fold_of == f]
             left = sum(not run.fold_done(g) for g in todo[n + 1 :])
+            pseudo = None if teacher is None else pseudo_labels(teacher, f, data.x_train, data.unlabelled, exp.pseudo)
             _fit_fold(spec.build(exp.params), FitContext(run.fold_dir(f), f, exp.cv.seed + f, contrast, left),
-                      FoldData(data.x_train[tr], data.y_train[tr], tr, None if groups is None else groups[tr]),
+                      FoldData(data.x_train[tr], data.y_train[tr], tr, None if groups is None else groups[tr], pseudo),
                       data.x_train[va], data.y_train[va], va, x_test, run)  # fmt: skip
     missing = [f for f in range(k) if not run.fold_done(f)]
     if missing:

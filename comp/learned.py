@@ -35,7 +35,7 @@ class LearnedParams:
     workers: int = 0  # processes for post-processing (0 = all cores)
 
 
-@register_method("unet", LearnedParams)
+@register_method("unet", LearnedParams, pseudo=True)
 class LearnedInstances:
     """Train per fold, predict maps, post-process them into instances."""
 
@@ -45,7 +45,8 @@ class LearnedInstances:
         self.contrast = Contrast()
 
     def fit(self, train: FoldData, ctx: FitContext) -> None:
-        """Train a fresh network on the fold: the last epoch, or the best on an inner split of the training images."""
+        """Train a fresh network on the fold (and its pseudo-labelled slices, if any): the last epoch, or the best on
+        an inner split of the annotated training images."""
         self.contrast = ctx.contrast
         seed_everything(ctx.seed)  # before the build: a fold's initial weights depend on its seed only
         self.model = build_model(self.p.model, self.contrast.stem_windows())
@@ -54,8 +55,9 @@ class LearnedInstances:
         if len(val_idx):
             vx, vy = train.x[val_idx], train.y[val_idx]
             validate = lambda model: self._quick_score(vx, vy)  # noqa: E731
+        extra = None if train.pseudo is None else (train.pseudo.x, train.pseudo.y)
         info = train_fold(self.model, train.x[fit_idx], train.y[fit_idx], self.p.train, ctx.workdir, ctx.seed, validate,
-                          self.contrast.unit_affine(), ctx.folds_left)  # fmt: skip
+                          self.contrast.unit_affine(), ctx.folds_left, extra)  # fmt: skip
         atomic_write_text(ctx.workdir / "history.json", json.dumps(info["history"], indent=1))
         self.fitted = {"best_val_ari": info["best_val_ari"], "epochs": len(info["history"]), "val_ids": train.ids[val_idx].tolist()}
 

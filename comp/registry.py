@@ -24,6 +24,8 @@ class FoldData:
     y: np.ndarray
     ids: np.ndarray
     groups: np.ndarray | None = None  # group (e.g. CT volume) of each image, when the data set ships groups.csv
+    # Unlabelled training slices pseudo-labelled by a teacher that never saw the scored fold's annotations.
+    pseudo: "FoldData | None" = None
 
 
 @dataclass
@@ -103,16 +105,18 @@ class MethodSpec:
     # contrast window; `fixed` are the params that make fit() a no-op while a trial is scored.
     space: dict[str, tuple[float, float, bool]] = field(default_factory=dict)
     fixed: dict[str, object] = field(default_factory=dict)
+    pseudo: bool = False  # fit() trains on FoldData.pseudo as well (the experiment's `pseudo:` section may be set)
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, params: type, space: dict | None = None, fixed: dict | None = None) -> Callable:
+def register_method(name: str, params: type, space: dict | None = None, fixed: dict | None = None,
+                    pseudo: bool = False) -> Callable:  # fmt: skip
     """Class decorator: register a method under `name`, configured by the dataclass `params`."""
 
     def deco(cls: Callable[[object], Method]) -> Callable[[object], Method]:
-        METHODS[name] = MethodSpec(name, params, cls, dict(space or {}), dict(fixed or {}))
+        METHODS[name] = MethodSpec(name, params, cls, dict(space or {}), dict(fixed or {}), pseudo)
         return cls
 
     return deco

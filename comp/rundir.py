@@ -6,6 +6,8 @@
         oof/fold<k>.npz     ids, instance predictions and scores of fold k's held-out images
         oof/fold<k>_maps.npy (+ _maps_scale.npy)   their cached maps, uint8-quantised
         test/fold<k>_maps.npy (+ _maps_scale.npy)  the test slices' maps of fold k's model
+        pseudo/fold<k>-<tag>.npz   unlabelled training slices labelled by fold k's model (as a teacher;
+                                   fold "all": every fold's model, for a fit on every annotated slice)
 
 Cached maps are stored as uint8 with a float32 offset and step per image and channel: a quarter of
 float32 and half of float16, within half a step (<= 0.2% of a channel's range in that image) of the
@@ -217,6 +219,10 @@ class RunDir:
     def test_maps_file(self, fold: int) -> Path:
         return self.path / "test" / f"fold{fold}_maps.npy"
 
+    def pseudo_file(self, fold: int | None, tag: str) -> Path:
+        """Pseudo-labels this run's fold model (None: all its fold models) made, for selection settings `tag`."""
+        return self.path / "pseudo" / f"fold{'all' if fold is None else fold}-{tag}.npz"
+
     # ------------------------------------------------------------------ state
     @property
     def finished(self) -> bool:
@@ -279,6 +285,27 @@ class RunDir:
             with np.load(self.oof_file(f)) as z:
                 ids.append(z["ids"])
         return np.concatenate(ids), np.concatenate([np.full(len(i), f) for f, i in enumerate(ids)])
+
+    def folds(self) -> tuple[np.ndarray, np.ndarray]:
+        """X_train indices of the annotated images and the fold of each, as folds.csv fixed them when the run began."""
+        if not self.folds_file.is_file():
+            raise UserError(self.path, "not a run folder (no folds.csv)")
+        rows = np.loadtxt(self.folds_file, delimiter=",", skiprows=1, usecols=(1, 2), dtype=np.int64, ndmin=2)
+        return rows[:, 0], rows[:, 1]
+
+    def fold_model(self, fold: int):
+        """The trained model of one fold, rebuilt from config.yaml behind the run's resolved contrast."""
+        from comp.config import from_dict
+        from comp.contrast import Contrast
+        from comp.registry import get_method
+
+        cfg = self.config()
+        spec = get_method(cfg["method"], self.config_file)
+        method = spec.build(from_dict(spec.params, cfg["params"], str(self.config_file), "params"))
+        if not hasattr(method, "load"):
+            raise UserError(self.path, f"method '{cfg['method']}' keeps no fold models to load")
+        method.load(self.fold_dir(fold), Contrast.from_dict(cfg.get("contrast_resolved")))
+        return method
 
     def oof_maps(self, fold: int) -> MapArray:
         return load_maps(self.oof_maps_file(fold))

@@ -195,8 +195,11 @@ def train_fold(
     validate=None,
     affine: tuple[float, float] = (1.0, 0.0),
     folds_left: int = 0,
+    extra: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict:
     """Train on (x, y); `validate(model) -> ARI` picks the best epoch; `affine` is the contrast's. Resumes from workdir/last.pt.
+
+    `extra` (pseudo-labelled slices) joins the training set after `budget` has thinned the annotated ones.
 
     After the first epoch it prints an ETA for this fold and, with `folds_left` more to come, for the run."""
     dev = device()
@@ -211,6 +214,9 @@ def train_fold(
     if cfg.budget < 1.0:
         keep = np.random.default_rng(seed).permutation(len(x))[: max(1, round(cfg.budget * len(x)))]
         x, y = x[np.sort(keep)], y[np.sort(keep)]
+    if extra is not None and len(extra[0]):
+        print(f"training on {len(x)} annotated + {len(extra[0])} pseudo-labelled slices", flush=True)
+        x, y = np.concatenate([x, extra[0]]), np.concatenate([y, extra[1]])
     data = SliceSet(x, y, cfg.resolution, cfg.aug, seed, cfg.crop, affine)
     g = torch.Generator().manual_seed(seed)
     loader, sampler = make_loader(data, cfg, g, cuda)
