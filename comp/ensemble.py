@@ -21,7 +21,7 @@ from comp.io import Dataset
 from comp.merge import Merger
 from comp.metric import image_score
 from comp.parallel import pmap
-from comp.postprocess import PostParams, blend, segment
+from comp.postprocess import PostParams, SuperpixelRegions, blend, segment
 from comp.rundir import MapArray, RunDir
 
 ENSEMBLES = Path("ensembles")  # under the runs folder
@@ -148,10 +148,11 @@ def check_aligned(members: Sequence[RunMaps]) -> None:
             raise UserError(m.run, f"folds differ from {first.run}: ensemble members need the same cv.folds, cv.seed and data")
 
 
-def _score_item(i: int, oof: "OOF", which: Sequence[int], weights: Sequence[float], post: PostParams, merger: Merger | None) -> float:
-    """ARI of OOF image i under the given weights, post-processing and merger (maps decoded here, in the worker)."""
+def _score_item(i: int, oof: "OOF", which: Sequence[int], weights: Sequence[float], post: PostParams, merger: Merger | None,
+                regions: SuperpixelRegions | None = None) -> float:  # fmt: skip
+    """ARI of OOF image i under the given weights, post-processing (or superpixels) and merger (maps decoded in the worker)."""
     maps, image, truth, fold = oof.item(i, which)
-    return image_score(truth, segment(blend(maps, weights), image, post, merger, fold))
+    return image_score(truth, segment(blend(maps, weights), image, post, merger, fold, regions))
 
 
 @dataclass
@@ -191,6 +192,7 @@ class OOF:
         idx: np.ndarray | None = None,
         workers: int = 0,
         desc: str | None = None,
+        regions: SuperpixelRegions | None = None,
     ) -> np.ndarray:
         """Per-image OOF ARI of the weighted blend (members with weight 0 are not even loaded into workers)."""
         idx = np.arange(len(self.images)) if idx is None else idx
@@ -199,7 +201,13 @@ class OOF:
             raise UserError("weights", "every ensemble weight is 0")
         w = [weights[j] for j in which]
         # Only indices cross to the (forked) workers: each decodes its image's maps from the shared mapping.
-        return np.array(pmap(_score_item, [int(i) for i in idx], self, which, w, post, merger, workers=workers, desc=desc))
+        return np.array(pmap(_score_item, [int(i) for i in idx], self, which, w, post, merger, regions, workers=workers, desc=desc))
+
+    def window(self) -> list[float]:
+        """The members' resolved grey window (the first member's; learned runs on one data set share it)."""
+        from comp.contrast import Contrast
+
+        return list(Contrast.from_dict(self.members[0].config.get("contrast_resolved")).window)
 
 
 def nested_scores(folds: np.ndarray, idx: np.ndarray, search: Callable[[np.ndarray], object],
@@ -257,6 +265,8 @@ class EnsembleSpec:
     members: list[MemberRef] = field(default_factory=list)
     post: PostParams = field(default_factory=PostParams)
     merge: MergeSpec = field(default_factory=MergeSpec)
+    # The hybrid: merging starts from superpixels of the stretched slice instead of the post-processed maps.
+    regions: SuperpixelRegions | None = None
     oof_ari: float | None = None
     oof_std: float | None = None
     oof_ari_no_merge: float | None = None

@@ -16,7 +16,7 @@ from comp.contrast import Contrast
 from comp.metric import image_scores
 from comp.merge import Merger, agglomeration_rows, model_text, save_merger, train_classifier
 from comp.parallel import pmap
-from comp.postprocess import SuperpixelParams, superpixels
+from comp.postprocess import SuperpixelParams, merged_superpixels, superpixels
 from comp.registry import FitContext, FoldData, inner_split, register_method
 
 
@@ -46,7 +46,7 @@ def _rows(item: tuple, p: HybridParams) -> tuple[np.ndarray, np.ndarray]:
 def _segment(item: tuple, p: HybridParams, merger: Merger) -> np.ndarray:
     """One slice (stretched, raw): superpixels, merged."""
     image, raw = item
-    return merger.apply(superpixels(image, p.superpixels), None, image, raw=raw)
+    return merged_superpixels(image, raw, p.superpixels, merger)
 
 
 def _train(rows: list[tuple[np.ndarray, np.ndarray]], idx: np.ndarray) -> str:

@@ -16,7 +16,8 @@ import numpy as np
 
 from comp.errors import UserError, atomic_write_text
 from comp.parallel import pmap
-from comp.postprocess import PostParams, adjacent_pairs, blend, border_profile, gradient, merge_pairs, relabel_uint8, segment, upsample_maps
+from comp.postprocess import (PostParams, SuperpixelRegions, adjacent_pairs, blend, border_profile, gradient, merge_pairs,
+                              relabel_uint8, segment, superpixels, upsample_maps)  # fmt: skip
 
 FEATURES = (
     "log_border", "border_boundary", "border_fg", "border_dist", "contact",
@@ -209,11 +210,11 @@ def train_classifier(x: np.ndarray, y: np.ndarray, weight: np.ndarray | None = N
     return lgb.train(LGB_PARAMS, lgb.Dataset(x, y.astype(np.float32), weight=weight), num_boost_round=ROUNDS)
 
 
-def fit_fold_mergers(x: np.ndarray, y: np.ndarray, folds: np.ndarray, threshold: float = 0.5) -> Merger:
+def fit_fold_mergers(x: np.ndarray, y: np.ndarray, folds: np.ndarray, threshold: float = 0.5, max_rounds: int = 4) -> Merger:
     """One classifier per fold trained on the other folds' pairs, and one (-1) on every pair."""
     models = {int(k): train_classifier(x[folds != k], y[folds != k]) for k in np.unique(folds)}
     models[-1] = train_classifier(x, y)
-    return Merger(models, threshold)
+    return Merger(models, threshold, max_rounds)
 
 
 def model_text(model) -> str:
@@ -225,7 +226,7 @@ def model_text(model) -> str:
 
 def save_merger(merger: Merger, path: Path) -> None:
     """Store every classifier (each fold's and the test set's) and the threshold as text, atomically."""
-    parts = [f"# threshold {merger.threshold}\n"]
+    parts = [f"# threshold {merger.threshold} rounds {merger.max_rounds}\n"]
     parts += [f"# model {k}\n{model_text(m)}" for k, m in sorted(merger.models.items())]
     atomic_write_text(path, "".join(parts))
 
@@ -243,7 +244,8 @@ def load_merger(path: Path) -> Merger:
     # The boosters are built from their text on first use: parsing them here would start LightGBM's OpenMP
     # threads in the parent, and OpenMP then hangs in the forked post-processing workers.
     models = {int(k): float(body.split()[1]) if body.startswith("constant ") else body for k, body in zip(chunks[1::2], chunks[2::2])}
-    return Merger(models, float(head.split()[2]))
+    words = head.split()  # "# threshold T" (first format) or "# threshold T rounds R"
+    return Merger(models, float(words[2]), int(words[4]) if len(words) > 4 else 4)
 
 
 def _pair_rows(i: int, oof, weights: list[float], post: PostParams) -> tuple[np.ndarray, np.ndarray]:
@@ -258,8 +260,32 @@ def _pair_rows(i: int, oof, weights: list[float], post: PostParams) -> tuple[np.
 def fit_merging(oof, weights: list[float], post: PostParams, workers: int = 0) -> Merger:
     """Fold-disciplined pair classifiers trained on the OOF regions (an ensemble.OOF) of the tuned post-processing."""
     rows = pmap(_pair_rows, list(range(len(oof.images))), oof, weights, post, workers=workers, desc="merge features")
+    return _fit_on_rows(rows, oof.folds, "merge classifier")
+
+
+def _fit_on_rows(rows: list[tuple[np.ndarray, np.ndarray]], image_folds: np.ndarray, what: str, max_rounds: int = 4) -> Merger:
+    """Fold mergers from per-image (features, targets) rows, each image's rows tagged with its fold."""
     x = np.concatenate([r[0] for r in rows])
     y = np.concatenate([r[1] for r in rows])
-    folds = np.concatenate([np.full(len(r[1]), f) for r, f in zip(rows, oof.folds)])
-    print(f"merge classifier: {len(y)} region pairs, {int(y.sum())} to merge", flush=True)
-    return fit_fold_mergers(x, y, folds)
+    folds = np.concatenate([np.full(len(r[1]), f) for r, f in zip(rows, image_folds)])
+    print(f"{what}: {len(y)} region pairs, {int(y.sum())} to merge", flush=True)
+    return fit_fold_mergers(x, y, folds, max_rounds=max_rounds)
+
+
+SUPERPIXEL_ROUNDS = 16  # merge rounds over ~1,000 superpixels (each round merges a matching of pairs)
+
+
+def _superpixel_rows(i: int, oof, weights: list[float], regions: SuperpixelRegions, rounds: int, max_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Agglomeration rows of OOF image i: its superpixels, with the blended maps as features."""
+    maps, image, truth, _ = oof.item(i, range(len(oof.members)))
+    stretched = regions.stretch(image)
+    labels = superpixels(stretched, regions.superpixels)
+    return agglomeration_rows(labels, upsample_maps(blend(maps, weights), image.shape[-1]), stretched, truth, rounds, max_pairs, i, image)
+
+
+def fit_superpixel_merging(oof, weights: list[float], regions: SuperpixelRegions, workers: int = 0, rounds: int = 8,
+                           max_pairs: int = 1500) -> Merger:  # fmt: skip
+    """Fold-disciplined pair classifiers for the hybrid: every agglomeration stage of the OOF images' superpixels."""
+    items = list(range(len(oof.images)))
+    rows = pmap(_superpixel_rows, items, oof, weights, regions, rounds, max_pairs, workers=workers, desc="superpixel merge features")
+    return _fit_on_rows(rows, oof.folds, "superpixel merge classifier", SUPERPIXEL_ROUNDS)

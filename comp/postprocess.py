@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -10,6 +10,8 @@ from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+
+from comp.contrast import Contrast
 
 if TYPE_CHECKING:  # the merger applies to what this module segments; merge.py imports this module
     from comp.merge import Merger
@@ -134,6 +136,25 @@ def superpixels(image: np.ndarray, p: SuperpixelParams, grad: np.ndarray | None 
 
 
 @dataclass
+class SuperpixelRegions:
+    """What a merger starts from instead of the maps' watershed: superpixels of the contrast-stretched slice."""
+
+    superpixels: SuperpixelParams = field(default_factory=SuperpixelParams)
+    window: list[float] = field(default_factory=lambda: [0.0, 255.0])  # grey levels stretched to 0..255 first
+
+    def stretch(self, image: np.ndarray) -> np.ndarray:
+        """The slice behind this window."""
+        return Contrast((float(self.window[0]), float(self.window[1]))).stretch(image)
+
+
+def merged_superpixels(stretched: np.ndarray, raw: np.ndarray, sp: SuperpixelParams, merger: "Merger | None",
+                       maps512: np.ndarray | None = None, fold: int = -1) -> np.ndarray:  # fmt: skip
+    """The hybrid: superpixels of a stretched slice merged by a pair classifier (learned maps as features, if any)."""
+    labels = superpixels(stretched, sp)
+    return merger.apply(labels, maps512, stretched, fold, raw=raw) if merger is not None else relabel_uint8(labels)
+
+
+@dataclass
 class PostParams:
     """Every threshold of the map post-processor, with defaults (`comp tune` searches them)."""
 
@@ -238,8 +259,11 @@ def blend(maps: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
     return np.concatenate([probs, *embs]).astype(np.float32)
 
 
-def segment(maps: np.ndarray, image: np.ndarray, post: PostParams, merger: "Merger | None" = None, fold: int = -1) -> np.ndarray:
-    """Blended maps -> uint8 instance map: watershed post-processing, then optional learned merging."""
+def segment(maps: np.ndarray, image: np.ndarray, post: PostParams, merger: "Merger | None" = None, fold: int = -1,
+            regions: SuperpixelRegions | None = None) -> np.ndarray:  # fmt: skip
+    """Blended maps -> uint8 instance map: watershed post-processing (or superpixels), then optional learned merging."""
     maps = upsample_maps(maps, image.shape[-1])  # once, shared by the post-processor and the merger
+    if regions is not None:
+        return merged_superpixels(regions.stretch(image), image, regions.superpixels, merger, maps, fold)
     labels = instances_from_maps(maps, post, image.shape[-1])
     return merger.apply(labels, maps, image, fold) if merger is not None else labels

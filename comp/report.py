@@ -229,11 +229,11 @@ def _from_ensemble(name: str, runs: Path, data) -> ReportInput:
 
         print(f"{merger_path(name, runs)} holds no per-fold models: refitting them for the OOF pictures", flush=True)
         merger.models = {**fit_merging(oof, weights, spec.post).models, -1: merger.models[-1]}
-    scores = oof.scores(weights, spec.post, merger, desc="score ensemble")
+    scores = oof.scores(weights, spec.post, merger, desc="score ensemble", regions=spec.regions)
 
     def predict(i: int) -> np.ndarray:
         maps = blend([m.maps[i] for m in oof.members], weights)
-        return segment(maps, oof.images[i], spec.post, merger, int(oof.folds[i]))
+        return segment(maps, oof.images[i], spec.post, merger, int(oof.folds[i]), spec.regions)
 
     title = f"ensemble {spec.name}: OOF ARI {scores.mean():.4f} ± {scores.std():.4f} ({len(members)} members)"
     return ReportInput(title, spec.data.get("name", "?"), oof.members[0].ids, scores, predict, members)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from comp.config import Experiment
-from comp.contrast import Contrast, resolve
+from comp.contrast import resolve
 from comp.errors import UserError
 from comp.io import N_PIXELS, SIZE, Dataset, count_images, image_names, read_label_csv, write_label_csv
 from comp.metric import image_scores
@@ -56,7 +56,13 @@ def submit(exp: Experiment, data: Dataset, out: str | Path, seed: int = 0, runs:
     contrast = resolve(exp.contrast, data.x_train, exp.path)  # as in CV: the training slices' histogram
     ctx = FitContext(workdir=workdir, fold=-1, seed=seed, contrast=contrast)
     groups = data.groups()
-    method.fit(FoldData(data.x_train[ann], data.y_train[ann], ann, None if groups is None else groups[ann]), ctx)
+    pseudo = None
+    if exp.pseudo.enabled:  # every fold model of the teacher labels: this fit holds nothing out
+        from comp.cv import teacher_run
+        from comp.pseudo import pseudo_labels
+
+        pseudo = pseudo_labels(teacher_run(exp, data, exp.cv.folds, runs), None, data.x_train, data.unlabelled, exp.pseudo)
+    method.fit(FoldData(data.x_train[ann], data.y_train[ann], ann, None if groups is None else groups[ann], pseudo), ctx)
     return _write_validate_score(out, method.predict(data.x_test), data)
 
 
@@ -73,8 +79,6 @@ class MemberMaps:
     """A member's test maps, a chunk of slices at a time: its fold models loaded once (or its cached maps, memory-mapped)."""
 
     def __init__(self, run: Path, data: Dataset, cached: bool = False, tta: bool = True) -> None:
-        from comp.config import from_dict
-
         rd = RunDir(Path(run))
         cfg = rd.config()
         self.x, self.tta, self.sources = data.x_test, tta, []
@@ -88,10 +92,7 @@ class MemberMaps:
                     raise UserError(path, f"{n} cached test maps but {len(self.x)} test images: drop --cached")
                 self.sources.append(path)
             else:
-                spec = get_method(cfg["method"], rd.config_file)
-                method = spec.build(from_dict(spec.params, cfg["params"], str(rd.config_file), "params"))
-                method.load(rd.fold_dir(f), Contrast.from_dict(cfg.get("contrast_resolved")))
-                self.sources.append(method)
+                self.sources.append(rd.fold_model(f))
 
     def chunk(self, sl: slice) -> np.ndarray:
         """(n, C, r, r) float16 maps of test slices `sl`, averaged over the fold models."""
@@ -108,12 +109,12 @@ def member_test_maps(run: Path, data: Dataset, cached: bool = False, tta: bool =
     return MemberMaps(run, data, cached, tta).chunk(slice(None))
 
 
-def _segment_test(item: tuple, weights: list[float], post, merger) -> np.ndarray:
-    """One test slice: blend the members' maps, post-process, merge."""
+def _segment_test(item: tuple, weights: list[float], post, merger, regions=None) -> np.ndarray:
+    """One test slice: blend the members' maps, post-process (or superpixels), merge."""
     from comp.postprocess import blend, segment
 
     maps, image = item
-    return segment(blend(maps, weights), image, post, merger)
+    return segment(blend(maps, weights), image, post, merger, -1, regions)
 
 
 def submit_ensemble(name: str, data: Dataset, out: str | Path, runs: Path = Path("runs"), cached: bool = False,
@@ -151,6 +152,6 @@ def submit_ensemble(name: str, data: Dataset, out: str | Path, runs: Path = Path
         sl = slice(c0, min(n, c0 + chunk))
         maps = [mm.chunk(sl) for mm in members]
         items = [(tuple(mm[i] for mm in maps), data.x_test[c0 + i]) for i in range(sl.stop - c0)]
-        pred[sl] = np.stack(pmap(_segment_test, items, weights, spec.post, merger, workers=workers))
+        pred[sl] = np.stack(pmap(_segment_test, items, weights, spec.post, merger, spec.regions, workers=workers))
     seconds = time.time() - t0
     return {**_write_validate_score(out, pred, data), "seconds_per_slice": seconds / len(pred)}

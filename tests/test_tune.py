@@ -291,3 +291,28 @@ def test_the_printed_dashboard_command_reads_the_tuned_study(tiny_phantom: Path,
     body = b"".join(wsgi(cmd[1])(env, lambda st, headers, exc=None: status.append(st)))
     names = [s["study_name"] for s in json.loads(body)["study_summaries"]]
     assert status == ["200 OK"] and any(n.startswith("dash-") for n in names)
+
+
+def test_superpixel_hybrid_wins_where_the_maps_fail_and_submit_reproduces_it(tiny_phantom: Path, tmp_path: Path) -> None:
+    """A blank foreground channel: the maps' watershed finds nothing, superpixels merged by fold classifiers do."""
+    from comp.submit import submit_ensemble
+
+    run = fake_run(tmp_path, tiny_phantom, "blind", fg_level=0.0, boundaries=False)
+    data = Dataset(tiny_phantom)
+    oof = OOF.load([run], data)
+    r = tune(_spec(run, tiny_phantom, "sp"), oof, tmp_path, trials=2, workers=1)
+    stored = load_ensemble("sp", tmp_path)
+    assert r.superpixels and stored.regions is not None and stored.merge.enabled
+    assert r.nested_ari > r.baseline_ari + 0.1, r
+    merger = load_merger(tmp_path / "ensembles" / "sp.merge.txt")
+    assert sorted(merger.models) == [-1, 0, 1] and merger.max_rounds == 16  # fold k's images merged by a model blind to k
+    # The stored file reproduces the OOF score it claims, and submit applies the same hybrid to the test slices.
+    again = oof.scores([1.0], stored.post, merger, workers=1, regions=stored.regions)
+    assert again.mean() == pytest.approx(stored.oof_ari)
+    (run / "test").mkdir(exist_ok=True)
+    from comp.rundir import RunDir, save_maps
+
+    save_maps(RunDir(run).test_maps_file(0), np.zeros((4, 7, 64, 64), np.float32))
+    save_maps(RunDir(run).test_maps_file(1), np.zeros((4, 7, 64, 64), np.float32))
+    out = submit_ensemble("sp", data, tmp_path / "sp.csv", tmp_path, cached=True, workers=1)
+    assert out["mean_regions"] > 2 and out["test_ari"] > 0.1
