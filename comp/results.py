@@ -7,6 +7,7 @@ tuning with learned merging, and held-out ARI on the test split where the data s
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ import yaml
 
 from comp.config import from_dict, load_experiment
 from comp.errors import UserError, atomic_write_text
+from comp.rundir import SUMMARY
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -30,6 +32,8 @@ class Suite:
     stretched: str = "baseline_watershed_stretched"  # the same recipe behind the contrast step
     fg_cc: str = "unet_fg_cc_cpu"
     singles: list[str] = field(default_factory=lambda: ["unet_cpu"])
+    select_steps: int = 8  # greedy ensemble selection: at most this many additions
+    select_images: int = 0  # greedy selection scored on this many OOF images (0 = all)
 
 
 @dataclass
@@ -52,7 +56,7 @@ def load_suite(path: str) -> Suite:
     return from_dict(Suite, yaml.safe_load(p.read_text()) or {}, str(p))
 
 
-def _held_out_single(name: str, short: str, run: Path, data, runs: Path) -> float | None:
+def held_out_single(name: str, short: str, run: Path, data, runs: Path) -> float | None:
     """Held-out test ARI of one CV run: its fold models (flip TTA) for learned methods, a refit otherwise."""
     from comp.ensemble import has_maps, save_ensemble, single_member
     from comp.submit import submit, submit_ensemble
@@ -75,6 +79,9 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
     from comp.submit import submit_ensemble
     from comp.tune import tune
 
+    import time
+
+    t0, reused_s = time.time(), 0.0
     rows: dict[str, Row] = {}
     names = [suite.baseline, suite.stretched, suite.fg_cc, *suite.singles]
     short = {n: load_experiment(n).name for n in names}  # entries may be paths
@@ -83,7 +90,10 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
         result = {}
         for name in names:
             exp = load_experiment(name)
-            res = (finished_run(exp, data, suite.folds, runs) if reuse else None) or run_cv(exp, data, suite.folds, runs, command=f"python -m comp cv {name} --folds {suite.folds}")
+            res = finished_run(exp, data, suite.folds, runs) if reuse else None
+            if res is not None:
+                reused_s += float(json.loads((res.run_dir / SUMMARY).read_text()).get("seconds", 0.0))
+            res = res or run_cv(exp, data, suite.folds, runs, command=f"python -m comp cv {name} --folds {suite.folds}")
             if res is None:
                 raise UserError(runs / exp.name, "folds of this run are in progress in another process: run `make results` when it is done")
             result[name] = res
@@ -94,18 +104,24 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
             r = rows.setdefault(f"{label}|{name}", Row(label, command=f"make cv EXP={short[name]} FOLDS={suite.folds}"))
             r.names[ds] = f"`{short[name]}`"
             r.cv[ds] = (result[name].mean, _std(result[name].run_dir))
-            r.held_out[ds] = _held_out_single(name, short[name], result[name].run_dir, data, runs)
+            r.held_out[ds] = held_out_single(name, short[name], result[name].run_dir, data, runs)
         learned = [result[n].run_dir for n in suite.singles if has_maps(result[n].run_dir)]
         ens_name = f"results-{ds}"
-        spec, _ = build_ensemble(ens_name, learned, data, runs, force=True, command=f"python -m comp ensemble {' '.join(short[n] for n in suite.singles)} --name {ens_name}")
+        spec, _ = build_ensemble(ens_name, learned, data, runs, max_steps=suite.select_steps, images=suite.select_images, force=True, command=f"python -m comp ensemble {' '.join(short[n] for n in suite.singles)} --name {ens_name}")
         tune(spec, OOF.load([Path(m.run) for m in spec.members], data), runs, trials=suite.trials)
         spec = load_ensemble(ens_name, runs)
         r = rows.setdefault("best ensemble (tuned)", Row("best ensemble (tuned)", command=f"make ensemble tune ENS=results-DATA TRIALS={suite.trials}"))
         r.cv[ds] = (spec.nested_ari if spec.nested_ari is not None else spec.oof_ari, spec.oof_std)
         r.in_sample[ds] = spec.oof_ari
         r.held_out[ds] = submit_ensemble(ens_name, data, runs / "results" / f"{ds}-ensemble.csv", runs)["test_ari"] if data.has_test_labels else None
-        r.names[ds] = ", ".join(f"`{Path(m.run).parent.name}` x{m.weight:.2f}" for m in spec.members) + (" + merging" if spec.merge.enabled else "")
+        how = " + superpixels merged by LightGBM" if spec.regions is not None else " + merging" if spec.merge.enabled else ""
+        r.names[ds] = ", ".join(f"`{Path(m.run).parent.name}` x{m.weight:.2f}" for m in spec.members) + how
+    minutes = (time.time() - t0) / 60
     table = _table(list(rows.values()), list(suite.datasets), suite)
+    table += f"\nThis table took {minutes:.0f} min to regenerate on this machine"
+    if reused_s:  # a fresh suite also trains what was reused: their own recorded times
+        table += f"; it reused finished CV runs whose recorded times add {reused_s / 60:.0f} min (a fresh run: about {minutes + reused_s / 60:.0f} min)"
+    table += ".\n"
     out = runs / "results.md"
     atomic_write_text(out, table)
     if readme is not None and readme.is_file():
@@ -141,6 +157,7 @@ def _table(rows: list[Row], datasets: list[str], suite: Suite) -> str:
         body += f"| {r.label} | {name} |{cells} `{r.command}` |\n"
     note = (f"\n{suite.folds} shared folds, seed 0; tuning: {suite.trials} Optuna trials; the ensemble's CV ARI is the nested "
             "estimate of its tuning (each fold scored with a search on the other folds; the members, chosen by greedy "
-            "selection on every OOF image, held fixed), in-sample beside it; "
+            "selection on every OOF image, held fixed; the tuning keeps the maps' watershed or superpixels of the "
+            "stretched slice merged by fold classifiers that read the maps, whichever nests better), in-sample beside it; "
             "held-out = the data set's test split (fold models, flip TTA).\n")  # fmt: skip
     return head + body + note
