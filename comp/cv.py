@@ -162,8 +162,14 @@ def teacher_run(exp: Experiment, data: Dataset, folds: int, runs: Path = RUNS) -
     if not exp.pseudo.enabled:
         return None
     teacher = load_experiment(exp.pseudo.teacher, exp.pseudo.teacher_set)
-    if teacher.name == exp.name and teacher.digest() == exp.digest():
-        raise UserError(exp.path, f"'pseudo.teacher' is the experiment itself ({exp.pseudo.teacher})")
+    # Teachers may have teachers (rounds of self-training); a loop back would cross-validate forever.
+    chain, node = [exp], teacher
+    while True:
+        if any(node.name == e.name and node.digest() == e.digest() for e in chain):
+            raise UserError(exp.path, "'pseudo.teacher' leads back to itself: " + " -> ".join(e.name for e in [*chain, node]))
+        if not node.pseudo.enabled:
+            break
+        chain, node = [*chain, node], load_experiment(node.pseudo.teacher, node.pseudo.teacher_set)
     res = finished_run(teacher, data, folds, runs)
     if res is None:
         print(f"pseudo-labels: cross-validating the teacher {teacher.name} first", flush=True)

@@ -66,10 +66,11 @@ def pseudo_labels(teacher: RunDir, fold: int | None, x_train: np.ndarray, unlabe
 
     Cached in the teacher's run folder (written atomically), so students sharing a teacher label once."""
     path = teacher.pseudo_file(fold, p.tag(len(x_train)))
+    which = "all" if fold is None else fold
     if path.is_file():
         with np.load(path) as z:
             ids, labels = z["ids"], z["labels"]
-        print(f"pseudo-labels: {len(ids)} slices from {teacher.label} (fold {'all' if fold is None else fold}; cached)", flush=True)
+        print(f"pseudo-labels: {len(ids)} slices from {teacher.label} (fold {which}; cached)", flush=True)
         return FoldData(x_train[ids], labels, ids)
     folds = range(teacher.n_folds) if fold is None else [fold]
     models = [teacher.fold_model(f) for f in folds]
@@ -90,5 +91,5 @@ def pseudo_labels(teacher: RunDir, fold: int | None, x_train: np.ndarray, unlabe
         np.savez_compressed(fh, ids=keep, labels=labels, confidence=conf, params=json.dumps(asdict(p)))
     kept = conf[np.isin(unlabelled, keep)]
     print(f"pseudo-labels: {len(keep)} of {len(unlabelled)} unlabelled slices from {teacher.label} (fold "
-          f"{'all' if fold is None else fold}; confidence {kept.min() if len(kept) else 0:.3f}..{kept.max() if len(kept) else 0:.3f})", flush=True)  # fmt: skip
+          f"{which}; confidence {kept.min() if len(kept) else 0:.3f}..{kept.max() if len(kept) else 0:.3f})", flush=True)  # fmt: skip
     return FoldData(x_train[keep], labels, keep)

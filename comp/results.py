@@ -7,8 +7,8 @@ tuning with learned merging, and held-out ARI on the test split where the data s
 
 from __future__ import annotations
 
-import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +16,7 @@ import yaml
 
 from comp.config import from_dict, load_experiment
 from comp.errors import UserError, atomic_write_text
-from comp.rundir import SUMMARY
+from comp.rundir import RunDir
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -79,8 +79,6 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
     from comp.submit import submit_ensemble
     from comp.tune import tune
 
-    import time
-
     t0, reused_s = time.time(), 0.0
     rows: dict[str, Row] = {}
     names = [suite.baseline, suite.stretched, suite.fg_cc, *suite.singles]
@@ -92,7 +90,7 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
             exp = load_experiment(name)
             res = finished_run(exp, data, suite.folds, runs) if reuse else None
             if res is not None:
-                reused_s += float(json.loads((res.run_dir / SUMMARY).read_text()).get("seconds", 0.0))
+                reused_s += float(RunDir(res.run_dir).summary().get("seconds", 0.0))
             res = res or run_cv(exp, data, suite.folds, runs, command=f"python -m comp cv {name} --folds {suite.folds}")
             if res is None:
                 raise UserError(runs / exp.name, "folds of this run are in progress in another process: run `make results` when it is done")
@@ -134,8 +132,6 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
 
 def _std(run: Path) -> float:
     """Image std of a run's OOF ARI."""
-    from comp.rundir import RunDir
-
     return RunDir(run).summary()["std_ari"]
 
 

@@ -273,7 +273,8 @@ def superpixel_candidate(oof: OOF, weights: list[float], window: list[float], se
     threshold picked on the other folds' scan images), and the picked regions, threshold and merger."""
     every, scan = np.arange(len(oof.images)), oof.subset(SUPERPIXEL_SCAN_IMAGES, seed)
     done: dict[tuple[float, float], np.ndarray] = {}
-    mergers = {h: fit_superpixel_merging(oof, weights, SuperpixelRegions(SuperpixelParams(h=h), window), workers) for h in SUPERPIXEL_H}
+    regions = {h: SuperpixelRegions(SuperpixelParams(h=h), window) for h in SUPERPIXEL_H}
+    mergers = {h: fit_superpixel_merging(oof, weights, r, workers) for h, r in regions.items()}
 
     def at(choice: tuple[float, float], held: np.ndarray) -> np.ndarray:  # each (depth, threshold, image) scored once
         h, t = choice
@@ -281,8 +282,7 @@ def superpixel_candidate(oof: OOF, weights: list[float], window: list[float], se
         todo = held[np.isnan(got[held])]
         if len(todo):
             mergers[h].threshold = t
-            got[todo] = oof.scores(weights, PostParams(), mergers[h], idx=todo, workers=workers,
-                                   regions=SuperpixelRegions(SuperpixelParams(h=h), window))  # fmt: skip
+            got[todo] = oof.scores(weights, PostParams(), mergers[h], idx=todo, workers=workers, regions=regions[h])
         return got[held]
 
     per = {(h, t): at((h, t), scan) for h in SUPERPIXEL_H for t in SUPERPIXEL_THRESHOLDS}
@@ -294,7 +294,7 @@ def superpixel_candidate(oof: OOF, weights: list[float], window: list[float], se
     full = at(best, every)
     merger = mergers[best[0]]
     merger.threshold = best[1]
-    return full, nested, SuperpixelRegions(SuperpixelParams(h=best[0]), window), best[1], merger
+    return full, nested, regions[best[0]], best[1], merger
 
 
 def _restrict(space: dict, names: list[str] | None) -> dict:

@@ -91,3 +91,17 @@ def test_pseudo_section_is_checked_and_leaves_other_digests_alone(tmp_path: Path
         experiment_from_dict({"method": "smooth_watershed", "pseudo": {"teacher": "unet_cpu"}}, tmp_path / "w.yaml")
     with pytest.raises(UserError, match="pseudo.imgs"):
         experiment_from_dict({**raw, "pseudo": {"imgs": 3}}, tmp_path / "a.yaml")
+
+
+def test_a_teacher_chain_that_loops_back_is_one_clear_error(tmp_path: Path, tiny_phantom: Path) -> None:
+    from comp.config import load_experiment
+    from comp.cv import run_cv
+    from comp.io import Dataset
+    from tests.conftest import TINY_UNET
+
+    raw = yaml.safe_load(TINY_UNET)
+    for me, other in (("a", "b"), ("b", "a")):  # a learns from b, b from a
+        (tmp_path / f"{me}.yaml").write_text(yaml.safe_dump({**raw, "name": me, "pseudo": {"teacher": str(tmp_path / f"{other}.yaml")}}))
+    with pytest.raises(UserError, match="leads back to itself: a -> b -> a"):
+        run_cv(load_experiment(str(tmp_path / "a.yaml")), Dataset(tiny_phantom), runs=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()  # nothing trained, no folder made
