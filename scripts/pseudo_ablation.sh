@@ -12,6 +12,7 @@ from pathlib import Path
 from comp.config import load_experiment
 from comp.cv import finished_run, run_cv
 from comp.data.sets import resolve_data
+from comp.errors import atomic_write_text
 from comp.results import held_out_single
 
 runs, folds, rows = Path("runs"), 3, []
@@ -28,6 +29,6 @@ for ds in os.environ["DATASETS"].split():
             print(f"[{ds} {budget:.0%}] {name}: CV {res.mean:.4f} held-out {held} ({res.run_dir})", flush=True)
         rows.append(f"| {ds} | {budget:.0%} | {cells[0]} | {cells[1]} |")
 table = "| data | budget | unet_cpu | unet_cpu_pseudo |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
-Path("runs/pseudo_ablation.md").write_text(table)
+atomic_write_text(Path("runs/pseudo_ablation.md"), table)
 print(table)
 PYEOF
