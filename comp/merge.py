@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from comp.errors import UserError, atomic_write_text
-from comp.parallel import pmap
+from comp.parallel import n_workers, pmap
 from comp.postprocess import (PostParams, SuperpixelRegions, adjacent_pairs, blend, border_profile, gradient, merge_pairs,
                               relabel_uint8, segment, superpixels, upsample_maps)  # fmt: skip
 
@@ -201,20 +201,34 @@ class Merger:
         return relabel_uint8(lab)
 
 
-def train_classifier(x: np.ndarray, y: np.ndarray, weight: np.ndarray | None = None):
+def train_classifier(x: np.ndarray, y: np.ndarray, weight: np.ndarray | None = None, threads: int = 1):
     """A LightGBM pair classifier, or a constant where the rows hold a single class."""
     import lightgbm as lgb
 
     if len(y) == 0 or y.min() == y.max():
         return float(y[0]) if len(y) else 0.0
-    return lgb.train(LGB_PARAMS, lgb.Dataset(x, y.astype(np.float32), weight=weight), num_boost_round=ROUNDS)
+    return lgb.train({**LGB_PARAMS, "num_threads": threads}, lgb.Dataset(x, y.astype(np.float32), weight=weight), num_boost_round=ROUNDS)
 
 
-def fit_fold_mergers(x: np.ndarray, y: np.ndarray, folds: np.ndarray, threshold: float = 0.5, max_rounds: int = 4) -> Merger:
+def _train_without(key: int, x: np.ndarray, y: np.ndarray, groups: np.ndarray, threads: int) -> str:
+    """The classifier on every row whose group is not `key` (-1: every row), as text (a pool job)."""
+    keep = groups != key
+    return model_text(train_classifier(x[keep], y[keep], threads=threads))
+
+
+def train_without(keys: list[int], x: np.ndarray, y: np.ndarray, groups: np.ndarray, workers: int = 0) -> dict[int, str]:
+    """One classifier per key, on the rows of the other groups, trained in forked workers that share the cores.
+
+    Never in this process: LightGBM's OpenMP threads started here would hang the workers forked later."""
+    n = n_workers(workers)
+    threads = 1 if n == 1 else max(1, n // min(n, len(keys)))  # one process (n == 1) trains here: single-threaded
+    return dict(zip(keys, pmap(_train_without, keys, x, y, groups, threads, workers=workers, always_fork=True)))
+
+
+def fit_fold_mergers(x: np.ndarray, y: np.ndarray, folds: np.ndarray, threshold: float = 0.5, max_rounds: int = 4, workers: int = 0) -> Merger:
     """One classifier per fold trained on the other folds' pairs, and one (-1) on every pair."""
-    models = {int(k): train_classifier(x[folds != k], y[folds != k]) for k in np.unique(folds)}
-    models[-1] = train_classifier(x, y)
-    return Merger(models, threshold, max_rounds)
+    keys = [int(k) for k in np.unique(folds) if k != -1] + [-1]
+    return Merger(train_without(keys, x, y, folds, workers), threshold, max_rounds)
 
 
 def model_text(model) -> str:
@@ -260,16 +274,17 @@ def _pair_rows(i: int, oof, weights: list[float], post: PostParams) -> tuple[np.
 def fit_merging(oof, weights: list[float], post: PostParams, workers: int = 0) -> Merger:
     """Fold-disciplined pair classifiers trained on the OOF regions (an ensemble.OOF) of the tuned post-processing."""
     rows = pmap(_pair_rows, list(range(len(oof.images))), oof, weights, post, workers=workers, desc="merge features")
-    return _fit_on_rows(rows, oof.folds, "merge classifier")
+    return _fit_on_rows(rows, oof.folds, "merge classifier", workers=workers)
 
 
-def _fit_on_rows(rows: list[tuple[np.ndarray, np.ndarray]], image_folds: np.ndarray, what: str, max_rounds: int = 4) -> Merger:
+def _fit_on_rows(rows: list[tuple[np.ndarray, np.ndarray]], image_folds: np.ndarray, what: str, max_rounds: int = 4,
+                 workers: int = 0) -> Merger:  # fmt: skip
     """Fold mergers from per-image (features, targets) rows, each image's rows tagged with its fold."""
     x = np.concatenate([r[0] for r in rows])
     y = np.concatenate([r[1] for r in rows])
     folds = np.concatenate([np.full(len(r[1]), f) for r, f in zip(rows, image_folds)])
     print(f"{what}: {len(y)} region pairs, {int(y.sum())} to merge", flush=True)
-    return fit_fold_mergers(x, y, folds, max_rounds=max_rounds)
+    return fit_fold_mergers(x, y, folds, max_rounds=max_rounds, workers=workers)
 
 
 SUPERPIXEL_ROUNDS = 16  # merge rounds over ~1,000 superpixels (each round merges a matching of pairs)
@@ -288,4 +303,4 @@ def fit_superpixel_merging(oof, weights: list[float], regions: SuperpixelRegions
     """Fold-disciplined pair classifiers for the hybrid: every agglomeration stage of the OOF images' superpixels."""
     items = list(range(len(oof.images)))
     rows = pmap(_superpixel_rows, items, oof, weights, regions, rounds, max_pairs, workers=workers, desc="superpixel merge features")
-    return _fit_on_rows(rows, oof.folds, "superpixel merge classifier", SUPERPIXEL_ROUNDS)
+    return _fit_on_rows(rows, oof.folds, "superpixel merge classifier", SUPERPIXEL_ROUNDS, workers)

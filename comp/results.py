@@ -57,7 +57,7 @@ def load_suite(path: str) -> Suite:
 
 
 def held_out_single(name: str, short: str, run: Path, data, runs: Path) -> float | None:
-    """Held-out test ARI of one CV run: its fold models (flip TTA) for learned methods, a refit otherwise."""
+    """Held-out test ARI of one CV run: its fold models' test maps cached during CV for learned methods, a refit otherwise."""
     from comp.ensemble import has_maps, save_ensemble, single_member
     from comp.submit import submit, submit_ensemble
 
@@ -67,7 +67,7 @@ def held_out_single(name: str, short: str, run: Path, data, runs: Path) -> float
     if has_maps(run):
         spec = single_member(f"results-{data.name}-{short}", run)
         save_ensemble(spec, runs)
-        return submit_ensemble(spec.name, data, out, runs)["test_ari"]
+        return submit_ensemble(spec.name, data, out, runs, cached=True)["test_ari"]
     return submit(load_experiment(name), data, out, runs=runs)["test_ari"]
 
 
@@ -111,7 +111,7 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
         r = rows.setdefault("best ensemble (tuned)", Row("best ensemble (tuned)", command=f"make ensemble tune ENS=results-DATA TRIALS={suite.trials}"))
         r.cv[ds] = (spec.nested_ari if spec.nested_ari is not None else spec.oof_ari, spec.oof_std)
         r.in_sample[ds] = spec.oof_ari
-        r.held_out[ds] = submit_ensemble(ens_name, data, runs / "results" / f"{ds}-ensemble.csv", runs)["test_ari"] if data.has_test_labels else None
+        r.held_out[ds] = submit_ensemble(ens_name, data, runs / "results" / f"{ds}-ensemble.csv", runs, cached=True)["test_ari"] if data.has_test_labels else None
         how = " + superpixels merged by LightGBM" if spec.regions is not None else " + merging" if spec.merge.enabled else ""
         r.names[ds] = ", ".join(f"`{Path(m.run).parent.name}` x{m.weight:.2f}" for m in spec.members) + how
     minutes = (time.time() - t0) / 60
@@ -153,7 +153,8 @@ def _table(rows: list[Row], datasets: list[str], suite: Suite) -> str:
         body += f"| {r.label} | {name} |{cells} `{r.command}` |\n"
     note = (f"\n{suite.folds} shared folds, seed 0; tuning: {suite.trials} Optuna trials; the ensemble's CV ARI is the nested "
             "estimate of its tuning (each fold scored with a search on the other folds; the members, chosen by greedy "
-            "selection on every OOF image, held fixed; the tuning keeps the maps' watershed or superpixels of the "
+            f"selection on {suite.select_images or 'every'} OOF images, held fixed; the tuning keeps the maps' watershed or superpixels of the "
             "stretched slice merged by fold classifiers that read the maps, whichever nests better), in-sample beside it; "
-            "held-out = the data set's test split (fold models, flip TTA).\n")  # fmt: skip
+            "held-out = the data set's test split (learned methods: the fold models' test maps cached during CV, averaged, "
+            "no TTA; the others: fitted on every annotated slice).\n")  # fmt: skip
     return head + body + note

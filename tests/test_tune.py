@@ -47,6 +47,23 @@ def test_a_few_trials_beat_the_defaults(tiny_phantom: Path, tmp_path: Path) -> N
     assert not r2.stored and load_ensemble("t", tmp_path).nested_ari == 0.999
 
 
+def test_no_nested_search_when_no_trial_beats_the_stored_settings(tiny_phantom: Path, tmp_path: Path, monkeypatch) -> None:
+    import comp.tune
+
+    run = fake_run(tmp_path, tiny_phantom, "good")
+    oof = OOF.load([run], Dataset(tiny_phantom))
+    default = oof.scores([1.0], PostParams(), workers=1).mean()
+    monkeypatch.setattr(comp.tune, "inner_study", lambda *a, **k: pytest.fail("nested search for settings nothing beat"))
+    r = tune(_spec(run, tiny_phantom, "same"), oof, tmp_path, trials=1, workers=1, merge=False)  # the stored settings only
+    assert r.nested_ari == pytest.approx(default) and r.oof_ari == pytest.approx(default)
+    monkeypatch.undo()  # with a trial that beats them, the nested searches run
+    calls = []
+    monkeypatch.setattr(comp.tune, "inner_study", lambda *a, **k: calls.append(1) or comp.tune.start_params(_spec(run, tiny_phantom), False))
+    weak = fake_run(tmp_path, tiny_phantom, "weak", fg_level=0.45)
+    tune(_spec(weak, tiny_phantom, "weak"), OOF.load([weak], Dataset(tiny_phantom)), tmp_path, trials=6, workers=1, merge=False)
+    assert len(calls) == len(np.unique(oof.folds))
+
+
 def _complete_trials(db: Path) -> list[tuple[int, float]]:
     import optuna
     from sqlalchemy.exc import IntegrityError, OperationalError
