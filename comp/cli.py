@@ -198,11 +198,13 @@ def cmd_tune(a: argparse.Namespace) -> int:
         oof = OOF.load([Path(m.run) for m in spec.members], data)  # a run without maps stops here, before anything is saved
         if single:
             save_ensemble(spec, runs)
-        r = tune(spec, oof, runs, a.trials, a.storage, a.images, a.workers, not a.no_merge, a.seed, a.params, not a.no_superpixels)
+        region_runs = [resolve_run(n, runs, data, maps=False) for n in a.regions_from or []]
+        r = tune(spec, oof, runs, a.trials, a.storage, a.images, a.workers, not a.no_merge, a.seed, a.params, not a.no_superpixels, region_runs)
     else:  # a non-learned method: its parameters and contrast window
         r = tune_method(spec, data, runs, a.trials, a.storage, a.images, a.seed, a.params)
     print(f"{r.trials_complete} complete trials ({r.trials_per_minute:.1f} per minute this call); best trial {r.best_trial_ari:.4f}")
-    merged = f", with merging{' of superpixels' if r.superpixels else ''} at {r.merge_threshold}" if r.merge_threshold else ""
+    start = f" of {r.regions}" if r.regions else ""
+    merged = f", with merging{start} at {r.merge_threshold}" if r.merge_threshold else f", {r.regions} kept as they are" if r.regions else ""
     print(f"tuned{merged}: in-sample {r.oof_ari:.4f} (the images the search optimised), nested {r.nested_ari:.4f} "
           f"(each fold scored by a search on the others); to beat: {r.baseline_ari:.4f}")  # fmt: skip
     path = ensemble_path(spec.name, runs)
@@ -367,6 +369,8 @@ def parser() -> argparse.ArgumentParser:
     tu.add_argument("--no-merge", action="store_true", help="skip LightGBM region merging")
     tu.add_argument("--no-superpixels", action="store_true",
                     help="skip the hybrid candidate (superpixels of the stretched slice merged with the maps as features)")
+    tu.add_argument("--regions-from", nargs="+", default=None, metavar="EXP",
+                    help="also start merging from these instance-predicting runs' OOF predictions (e.g. hybrid; same folds)")
     tu.add_argument("--params", nargs="+", default=None, metavar="NAME", help="search only these parameters (fewer free parameters: a nested estimate that overfits less)")
     tu.add_argument("--exp", default=None, help="for 'default' when no map-predicting run exists: tune this experiment's newest run")
     tu.add_argument("--seed", type=int, default=0)

@@ -21,7 +21,7 @@ from comp.io import Dataset
 from comp.merge import Merger
 from comp.metric import image_score
 from comp.parallel import pmap
-from comp.postprocess import PostParams, SuperpixelRegions, blend, segment
+from comp.postprocess import PostParams, Regions, blend, segment
 from comp.rundir import MapArray, RunDir
 
 ENSEMBLES = Path("ensembles")  # under the runs folder
@@ -149,10 +149,10 @@ def check_aligned(members: Sequence[RunMaps]) -> None:
 
 
 def _score_item(i: int, oof: "OOF", which: Sequence[int], weights: Sequence[float], post: PostParams, merger: Merger | None,
-                regions: SuperpixelRegions | None = None) -> float:  # fmt: skip
+                regions: Regions | None = None) -> float:  # fmt: skip
     """ARI of OOF image i under the given weights, post-processing (or superpixels) and merger (maps decoded in the worker)."""
     maps, image, truth, fold = oof.item(i, which)
-    return image_score(truth, segment(blend(maps, weights), image, post, merger, fold, regions))
+    return image_score(truth, segment(blend(maps, weights), image, post, merger, fold, regions, oof.given(i, regions)))
 
 
 @dataclass
@@ -162,6 +162,7 @@ class OOF:
     members: list[RunMaps]
     images: np.ndarray
     truths: np.ndarray
+    runs_labels: dict = field(default_factory=dict)  # run -> its OOF instance predictions, aligned with these images
 
     @classmethod
     def load(cls, runs: Sequence[Path], data: Dataset) -> "OOF":
@@ -192,7 +193,7 @@ class OOF:
         idx: np.ndarray | None = None,
         workers: int = 0,
         desc: str | None = None,
-        regions: SuperpixelRegions | None = None,
+        regions: Regions | None = None,
     ) -> np.ndarray:
         """Per-image OOF ARI of the weighted blend (members with weight 0 are not even loaded into workers)."""
         idx = np.arange(len(self.images)) if idx is None else idx
@@ -200,8 +201,28 @@ class OOF:
         if not which:
             raise UserError("weights", "every ensemble weight is 0")
         w = [weights[j] for j in which]
+        self.given(0, regions)  # a run's regions are loaded here, before the workers fork
         # Only indices cross to the (forked) workers: each decodes its image's maps from the shared mapping.
         return np.array(pmap(_score_item, [int(i) for i in idx], self, which, w, post, merger, regions, workers=workers, desc=desc))
+
+    def run_labels(self, run: str) -> np.ndarray:
+        """A CV run's own OOF predictions of these images (loaded once); its folds must be the members'."""
+        if run not in self.runs_labels:
+            rd = RunDir(Path(run))
+            rd.summary()  # a clear error for an unfinished run
+            ids, folds = rd.oof_index()
+            where = {int(j): k for k, j in enumerate(ids)}
+            mine = self.members[0].ids
+            pos = np.array([where.get(int(j), -1) for j in mine])
+            if (pos < 0).any() or not np.array_equal(folds[pos], self.folds):
+                raise UserError(rd.path, f"its folds differ from {self.members[0].run}: its regions would come from models that saw the images they split")
+            preds = np.concatenate([rd.fold_pack(f)["pred"] for f in range(rd.n_folds)])
+            self.runs_labels[run] = preds[pos]
+        return self.runs_labels[run]
+
+    def given(self, i: int, regions: Regions | None) -> np.ndarray | None:
+        """The regions a merger starts from on OOF image i when they are a run's predictions (None: superpixels or maps)."""
+        return self.run_labels(regions.run)[i] if regions is not None and regions.run else None
 
     def window(self) -> list[float]:
         """The members' resolved grey window (the first member's; learned runs on one data set share it)."""
@@ -266,7 +287,7 @@ class EnsembleSpec:
     post: PostParams = field(default_factory=PostParams)
     merge: MergeSpec = field(default_factory=MergeSpec)
     # The hybrid: merging starts from superpixels of the stretched slice instead of the post-processed maps.
-    regions: SuperpixelRegions | None = None
+    regions: Regions | None = None
     oof_ari: float | None = None
     oof_std: float | None = None
     oof_ari_no_merge: float | None = None

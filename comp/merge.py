@@ -16,7 +16,7 @@ import numpy as np
 
 from comp.errors import UserError, atomic_write_text
 from comp.parallel import n_workers, pmap
-from comp.postprocess import (PostParams, SuperpixelRegions, adjacent_pairs, blend, border_profile, gradient, merge_pairs,
+from comp.postprocess import (PostParams, Regions, adjacent_pairs, blend, border_profile, gradient, merge_pairs,
                               relabel_uint8, segment, superpixels, upsample_maps)  # fmt: skip
 
 FEATURES = (
@@ -290,17 +290,21 @@ def _fit_on_rows(rows: list[tuple[np.ndarray, np.ndarray]], image_folds: np.ndar
 SUPERPIXEL_ROUNDS = 16  # merge rounds over ~1,000 superpixels (each round merges a matching of pairs)
 
 
-def _superpixel_rows(i: int, oof, weights: list[float], regions: SuperpixelRegions, rounds: int, max_pairs: int) -> tuple[np.ndarray, np.ndarray]:
-    """Agglomeration rows of OOF image i: its superpixels, with the blended maps as features."""
+def _region_rows(i: int, oof, weights: list[float], regions: Regions, rounds: int, max_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Agglomeration rows of OOF image i: its superpixels (or a run's regions), with the blended maps as features."""
     maps, image, truth, _ = oof.item(i, range(len(oof.members)))
     stretched = regions.stretch(image)
-    labels = superpixels(stretched, regions.superpixels)
+    given = oof.given(i, regions)
+    labels = superpixels(stretched, regions.superpixels) if given is None else given
     return agglomeration_rows(labels, upsample_maps(blend(maps, weights), image.shape[-1]), stretched, truth, rounds, max_pairs, i, image)
 
 
-def fit_superpixel_merging(oof, weights: list[float], regions: SuperpixelRegions, workers: int = 0, rounds: int = 8,
-                           max_pairs: int = 1500) -> Merger:  # fmt: skip
-    """Fold-disciplined pair classifiers for the hybrid: every agglomeration stage of the OOF images' superpixels."""
+def fit_region_merging(oof, weights: list[float], regions: Regions, workers: int = 0, rounds: int = 8,
+                       max_pairs: int = 1500) -> Merger:  # fmt: skip
+    """Fold-disciplined pair classifiers for the hybrid: every agglomeration stage of the OOF images' superpixels
+    (or of a run's OOF regions)."""
     items = list(range(len(oof.images)))
-    rows = pmap(_superpixel_rows, items, oof, weights, regions, rounds, max_pairs, workers=workers, desc="superpixel merge features")
-    return _fit_on_rows(rows, oof.folds, "superpixel merge classifier", SUPERPIXEL_ROUNDS, workers)
+    oof.given(0, regions)  # a run's regions are loaded before the workers fork
+    what = f"{regions.run} regions" if regions.run else "superpixel"
+    rows = pmap(_region_rows, items, oof, weights, regions, rounds, max_pairs, workers=workers, desc=f"{what} merge features")
+    return _fit_on_rows(rows, oof.folds, f"{what} merge classifier", SUPERPIXEL_ROUNDS, workers)

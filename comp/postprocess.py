@@ -136,11 +136,14 @@ def superpixels(image: np.ndarray, p: SuperpixelParams, grad: np.ndarray | None 
 
 
 @dataclass
-class SuperpixelRegions:
-    """What a merger starts from instead of the maps' watershed: superpixels of the contrast-stretched slice."""
+class Regions:
+    """What a merger starts from instead of the maps' watershed: superpixels of the contrast-stretched slice, or
+    (with `run`) a CV run's own instance predictions (of its fold models on OOF images, of its fit on every
+    annotated slice on the test set)."""
 
     superpixels: SuperpixelParams = field(default_factory=SuperpixelParams)
     window: list[float] = field(default_factory=lambda: [0.0, 255.0])  # grey levels stretched to 0..255 first
+    run: str = ""  # the run whose predictions are the regions ("" = superpixels)
 
     def stretch(self, image: np.ndarray) -> np.ndarray:
         """The slice behind this window."""
@@ -148,9 +151,10 @@ class SuperpixelRegions:
 
 
 def merged_superpixels(stretched: np.ndarray, raw: np.ndarray, sp: SuperpixelParams, merger: "Merger | None",
-                       maps512: np.ndarray | None = None, fold: int = -1) -> np.ndarray:  # fmt: skip
-    """The hybrid: superpixels of a stretched slice merged by a pair classifier (learned maps as features, if any)."""
-    labels = superpixels(stretched, sp)
+                       maps512: np.ndarray | None = None, fold: int = -1, given: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """The hybrid: superpixels of a stretched slice (or `given` regions) merged by a pair classifier (learned maps
+    as features, if any)."""
+    labels = superpixels(stretched, sp) if given is None else given
     return merger.apply(labels, maps512, stretched, fold, raw=raw) if merger is not None else relabel_uint8(labels)
 
 
@@ -260,10 +264,11 @@ def blend(maps: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
 
 
 def segment(maps: np.ndarray, image: np.ndarray, post: PostParams, merger: "Merger | None" = None, fold: int = -1,
-            regions: SuperpixelRegions | None = None) -> np.ndarray:  # fmt: skip
-    """Blended maps -> uint8 instance map: watershed post-processing (or superpixels), then optional learned merging."""
+            regions: Regions | None = None, given: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """Blended maps -> uint8 instance map: watershed post-processing (or superpixels, or `given` regions), then
+    optional learned merging."""
     maps = upsample_maps(maps, image.shape[-1])  # once, shared by the post-processor and the merger
     if regions is not None:
-        return merged_superpixels(regions.stretch(image), image, regions.superpixels, merger, maps, fold)
+        return merged_superpixels(regions.stretch(image), image, regions.superpixels, merger, maps, fold, given)
     labels = instances_from_maps(maps, post, image.shape[-1])
     return merger.apply(labels, maps, image, fold) if merger is not None else labels

@@ -233,7 +233,7 @@ def _from_ensemble(name: str, runs: Path, data) -> ReportInput:
 
     def predict(i: int) -> np.ndarray:
         maps = blend([m.maps[i] for m in oof.members], weights)
-        return segment(maps, oof.images[i], spec.post, merger, int(oof.folds[i]), spec.regions)
+        return segment(maps, oof.images[i], spec.post, merger, int(oof.folds[i]), spec.regions, oof.given(i, spec.regions))
 
     title = f"ensemble {spec.name}: OOF ARI {scores.mean():.4f} ± {scores.std():.4f} ({len(members)} members)"
     return ReportInput(title, spec.data.get("name", "?"), oof.members[0].ids, scores, predict, members)

@@ -106,13 +106,14 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
         learned = [result[n].run_dir for n in suite.singles if has_maps(result[n].run_dir)]
         ens_name = f"results-{ds}"
         spec, _ = build_ensemble(ens_name, learned, data, runs, max_steps=suite.select_steps, images=suite.select_images, force=True, command=f"python -m comp ensemble {' '.join(short[n] for n in suite.singles)} --name {ens_name}")
-        tune(spec, OOF.load([Path(m.run) for m in spec.members], data), runs, trials=suite.trials)
+        instance_runs = [result[n].run_dir for n in suite.singles if not has_maps(result[n].run_dir)]  # their regions: candidates too
+        tune(spec, OOF.load([Path(m.run) for m in spec.members], data), runs, trials=suite.trials, region_runs=instance_runs)
         spec = load_ensemble(ens_name, runs)
         r = rows.setdefault("best ensemble (tuned)", Row("best ensemble (tuned)", command=f"make ensemble tune ENS=results-DATA TRIALS={suite.trials}"))
         r.cv[ds] = (spec.nested_ari if spec.nested_ari is not None else spec.oof_ari, spec.oof_std)
         r.in_sample[ds] = spec.oof_ari
         r.held_out[ds] = submit_ensemble(ens_name, data, runs / "results" / f"{ds}-ensemble.csv", runs, cached=True)["test_ari"] if data.has_test_labels else None
-        how = " + superpixels merged by LightGBM" if spec.regions is not None else " + merging" if spec.merge.enabled else ""
+        how = _how(spec)
         r.names[ds] = ", ".join(f"`{Path(m.run).parent.name}` x{m.weight:.2f}" for m in spec.members) + how
     minutes = (time.time() - t0) / 60
     table = _table(list(rows.values()), list(suite.datasets), suite)
@@ -128,6 +129,14 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
             atomic_write_text(readme, re.sub(f"{re.escape(START)}.*?{re.escape(END)}", lambda _: f"{START}\n{table}{END}", text, flags=re.S))
     print(table)
     return out
+
+
+def _how(spec) -> str:
+    """What the tuned ensemble does after blending, for the table."""
+    if spec.regions is None:
+        return " + merging" if spec.merge.enabled else ""
+    start = f"`{Path(spec.regions.run).parent.name}`'s regions" if spec.regions.run else "superpixels"
+    return f" + {start} merged by LightGBM" if spec.merge.enabled else f" + {start} as they are"
 
 
 def _std(run: Path) -> float:
@@ -153,8 +162,9 @@ def _table(rows: list[Row], datasets: list[str], suite: Suite) -> str:
         body += f"| {r.label} | {name} |{cells} `{r.command}` |\n"
     note = (f"\n{suite.folds} shared folds, seed 0; tuning: {suite.trials} Optuna trials; the ensemble's CV ARI is the nested "
             "estimate of its tuning (each fold scored with a search on the other folds; the members, chosen by greedy "
-            f"selection on {suite.select_images or 'every'} OOF images, held fixed; the tuning keeps the maps' watershed or superpixels of the "
-            "stretched slice merged by fold classifiers that read the maps, whichever nests better), in-sample beside it; "
+            f"selection on {suite.select_images or 'every'} OOF images, held fixed; the tuning keeps the maps' watershed, superpixels of the "
+            "stretched slice or the instance-predicting singles' OOF regions, merged by fold classifiers that read the maps or "
+            "not, whichever nests better), in-sample beside it; "
             "held-out = the data set's test split (learned methods: the fold models' test maps cached during CV, averaged, "
             "no TTA; the others: fitted on every annotated slice).\n")  # fmt: skip
     return head + body + note

@@ -184,6 +184,11 @@ class RunDir:
         """Where `submit` fits a method on every annotated slice (keyed like runs: config and data)."""
         return Path(runs) / experiment / f"submit-{digest}-{labels}"
 
+    @staticmethod
+    def submit_predictions(workdir: Path) -> Path:
+        """A fit-on-every-slice's X_test predictions, kept for reuse (an ensemble that starts from them)."""
+        return Path(workdir) / "test_pred.npz"
+
     # ------------------------------------------------------------------ files
     @property
     def config_file(self) -> Path:

@@ -8,7 +8,7 @@ import numpy as np
 
 from comp.config import Experiment
 from comp.contrast import resolve
-from comp.errors import UserError
+from comp.errors import UserError, atomic_path
 from comp.io import N_PIXELS, SIZE, Dataset, count_images, image_names, read_label_csv, write_label_csv
 from comp.metric import image_scores
 from comp.registry import FitContext, FoldData, get_method
@@ -42,16 +42,35 @@ def validate_submission(path: str | Path, data_root: str | Path, row_labels: lis
 
 def submit(exp: Experiment, data: Dataset, out: str | Path, seed: int = 0, runs: Path = Path("runs")) -> dict:
     """Fit the method on every annotated slice, predict X_test, write and validate `out`."""
-    out = Path(out)
+    return _write_validate_score(Path(out), predict_test(exp, data, seed, runs), data)
+
+
+def predict_test(exp: Experiment, data: Dataset, seed: int = 0, runs: Path = Path("runs")) -> np.ndarray:
+    """The method fitted on every annotated slice, its X_test instance maps (kept beside the fit, reused while the
+    config, the labels and the number of test slices are the same)."""
     if not data.has_test_images:
         raise UserError(data.root, "no X_test/ folder or X_test.zip: nothing to predict")
+    # Keyed like CV runs (config and data): a model fitted on other data is never resumed or shipped.
+    workdir = RunDir.submit_workdir(runs, exp.name, exp.digest(), data.fingerprint()["y_train"][:6])
+    kept = RunDir.submit_predictions(workdir)
+    if kept.is_file():
+        with np.load(kept) as z:
+            if len(z["pred"]) == len(data.x_test):
+                print(f"{exp.name}: test predictions of its fit on every annotated slice, kept in {kept}", flush=True)
+                return z["pred"]
+    pred = _fit_predict(exp, data, seed, runs, workdir)
+    with atomic_path(kept, suffix=".npz") as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, pred=pred)
+    return pred
+
+
+def _fit_predict(exp: Experiment, data: Dataset, seed: int, runs: Path, workdir: Path) -> np.ndarray:
+    """Fit on every annotated slice in `workdir` and predict X_test."""
     spec = get_method(exp.method, exp.path)
     method = spec.build(exp.params)
     ann = data.annotated
     if len(ann) == 0:
         raise UserError(data.root / "Y_train.csv", "no annotated image to fit on")
-    # Keyed like CV runs (config and data): a model fitted on other data is never resumed or shipped.
-    workdir = RunDir.submit_workdir(runs, exp.name, exp.digest(), data.fingerprint()["y_train"][:6])
     workdir.mkdir(parents=True, exist_ok=True)
     contrast = resolve(exp.contrast, data.x_train, exp.path)  # as in CV: the training slices' histogram
     ctx = FitContext(workdir=workdir, fold=-1, seed=seed, contrast=contrast)
@@ -63,7 +82,7 @@ def submit(exp: Experiment, data: Dataset, out: str | Path, seed: int = 0, runs:
 
         pseudo = pseudo_labels(teacher_run(exp, data, exp.cv.folds, runs), None, data.x_train, data.unlabelled, exp.pseudo)
     method.fit(FoldData(data.x_train[ann], data.y_train[ann], ann, None if groups is None else groups[ann], pseudo), ctx)
-    return _write_validate_score(out, method.predict(data.x_test), data)
+    return method.predict(data.x_test)
 
 
 def _write_validate_score(out: Path, pred: np.ndarray, data: Dataset) -> dict:
@@ -110,11 +129,11 @@ def member_test_maps(run: Path, data: Dataset, cached: bool = False, tta: bool =
 
 
 def _segment_test(item: tuple, weights: list[float], post, merger, regions=None) -> np.ndarray:
-    """One test slice: blend the members' maps, post-process (or superpixels), merge."""
+    """One test slice: blend the members' maps, post-process (or superpixels, or a run's regions), merge."""
     from comp.postprocess import blend, segment
 
-    maps, image = item
-    return segment(blend(maps, weights), image, post, merger, -1, regions)
+    maps, image, given = item
+    return segment(blend(maps, weights), image, post, merger, -1, regions, given)
 
 
 def submit_ensemble(name: str, data: Dataset, out: str | Path, runs: Path = Path("runs"), cached: bool = False,
@@ -145,13 +164,16 @@ def submit_ensemble(name: str, data: Dataset, out: str | Path, runs: Path = Path
         members.append(MemberMaps(Path(m.run), data, cached, tta))
     merger = load_merger(merger_path(spec.name, runs)) if spec.merge.enabled else None
     weights = [m.weight for m in spec.members]
+    given = None
+    if spec.regions is not None and spec.regions.run:  # the run's method fitted on every annotated slice gives the regions
+        given = predict_test(run_experiment(Path(spec.regions.run))[0], data, runs=runs)
     n = len(data.x_test)
     pred = np.empty((n, SIZE, SIZE), np.uint8)
     # A chunk of slices at a time: peak memory does not grow with the number of test slices.
     for c0 in tqdm(range(0, n, chunk), desc="test chunks", disable=n <= chunk):
         sl = slice(c0, min(n, c0 + chunk))
         maps = [mm.chunk(sl) for mm in members]
-        items = [(tuple(mm[i] for mm in maps), data.x_test[c0 + i]) for i in range(sl.stop - c0)]
+        items = [(tuple(mm[i] for mm in maps), data.x_test[c0 + i], None if given is None else given[c0 + i]) for i in range(sl.stop - c0)]
         pred[sl] = np.stack(pmap(_segment_test, items, weights, spec.post, merger, spec.regions, workers=workers))
     seconds = time.time() - t0
     return {**_write_validate_score(out, pred, data), "seconds_per_slice": seconds / len(pred)}

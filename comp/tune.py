@@ -19,9 +19,9 @@ import numpy as np
 from comp.contrast import Contrast
 from comp.ensemble import OOF, EnsembleSpec, merger_path, nested_scores, oof_index, random_subset, save_ensemble
 from comp.errors import UserError
-from comp.merge import Merger, fit_merging, fit_superpixel_merging, save_merger
+from comp.merge import Merger, fit_merging, fit_region_merging, save_merger
 from comp.metric import image_scores
-from comp.postprocess import PostParams, SuperpixelParams, SuperpixelRegions
+from comp.postprocess import PostParams, SuperpixelParams, Regions
 from comp.registry import MethodSpec
 from comp.rundir import RunDir
 
@@ -45,6 +45,9 @@ SCAN_IMAGES = 80
 SUPERPIXEL_H = (0.0075,)  # superpixel depth (the one the hybrid's folds and both stand-ins' ensembles picked most)
 SUPERPIXEL_THRESHOLDS = (0.2, 0.35, 0.5, 0.65)
 SUPERPIXEL_SCAN_IMAGES = 40
+# Another method's own OOF predictions (e.g. the hybrid's) as the regions, merged further with the maps as
+# features, or kept as they are (None): tens of regions an image, as cheap to score as the maps' watershed.
+RUN_THRESHOLDS = (None, 0.35, 0.5, 0.65, 0.8)
 
 
 @dataclass
@@ -60,7 +63,7 @@ class TuneResult:
     trials_per_minute: float
     nested_ari: float  # honest: each fold scored with a search on the other folds
     baseline_ari: float  # what the search had to beat: the stored settings, or the run's own CV score
-    superpixels: bool = False  # the hybrid won: superpixels of the stretched slice, merged
+    regions: str = ""  # what merging starts from when not the maps' watershed (superpixels, or a run's regions)
 
 
 def storage_url(storage: str | None, name: str, runs: Path) -> str:
@@ -163,11 +166,14 @@ def tune(
     seed: int = 0,
     params: list[str] | None = None,
     superpixels: bool = True,
+    region_runs: list[Path] | None = None,
 ) -> TuneResult:
     """Search post-processing and weights on OOF maps, estimate it nested across folds, add merging, store if honestly better.
 
     With `superpixels`, the hybrid is a second candidate: superpixels of the stretched slice merged by pair
-    classifiers that read the tuned blend's maps; whichever has the better nested estimate is kept.
+    classifiers that read the tuned blend's maps; `region_runs` (CV runs of instance-predicting methods on the
+    same folds) add their OOF predictions as regions, kept or merged further the same way. Whichever has the
+    better nested estimate is kept.
 
     The study's best trial is scored on the images it was searched on (in-sample). The honest number is the
     nested estimate: each fold's images scored with the best of a search on the other folds' images. The
@@ -244,13 +250,17 @@ def tune(
                   f"(without merging {no_merge:.4f}, nested {nested.mean():.4f})", flush=True)  # fmt: skip
             if gain.mean() > 1e-6:
                 final, final_nested, threshold = merged, nested + gain, t_best
-    regions = None
+    regions, candidates = None, []
     if superpixels and merge:
-        sp_full, sp_nested, cand, sp_t, sp_merger = superpixel_candidate(oof, weights, oof.window(), seed, workers)
-        print(f"superpixels (h {cand.superpixels.h}) + merging at {sp_t}: in-sample {sp_full.mean():.4f}, nested {sp_nested.mean():.4f} "
-              f"(the maps' post-processing: nested {final_nested.mean():.4f})", flush=True)  # fmt: skip
-        if sp_nested.mean() > final_nested.mean():
-            final, final_nested, threshold, merger, regions = sp_full, sp_nested, sp_t, sp_merger, cand
+        candidates.append(([Regions(SuperpixelParams(h=h), oof.window()) for h in SUPERPIXEL_H], SUPERPIXEL_THRESHOLDS, SUPERPIXEL_SCAN_IMAGES))
+    if region_runs and merge:
+        candidates.append(([Regions(window=oof.window(), run=str(r)) for r in region_runs], RUN_THRESHOLDS, SCAN_IMAGES))
+    for choices, thresholds, scan_n in candidates:
+        c_full, c_nested, cand, c_t, c_merger = region_candidate(oof, weights, choices, thresholds, scan_n, seed, workers)
+        print(f"{_describe(cand)} + merging at {c_t}: in-sample {c_full.mean():.4f}, nested {c_nested.mean():.4f} "
+              f"(so far: nested {final_nested.mean():.4f})", flush=True)  # fmt: skip
+        if c_nested.mean() > final_nested.mean():
+            final, final_nested, threshold, merger, regions = c_full, c_nested, c_t, c_merger, cand
     new_ari, new_nested = float(final.mean()), float(final_nested.mean())
     stored = spec.nested_ari is None or new_nested > spec.nested_ari + 1e-9
     if stored:
@@ -267,38 +277,45 @@ def tune(
             merger.threshold = threshold
             save_merger(merger, merger_path(spec.name, runs))
         save_ensemble(spec, runs)
-    return TuneResult(float(best.value), new_ari, no_merge, threshold, stored, done, rate, new_nested, float(defaults.mean()), regions is not None)
+    return TuneResult(float(best.value), new_ari, no_merge, threshold, stored, done, rate, new_nested, float(defaults.mean()), _describe(regions) if regions is not None else "")
 
 
-def superpixel_candidate(oof: OOF, weights: list[float], window: list[float], seed: int = 0,
-                         workers: int = 0) -> tuple[np.ndarray, np.ndarray, SuperpixelRegions, float, Merger]:  # fmt: skip
-    """The hybrid on the blend's maps: per superpixel depth, fold mergers (image k merged by a model blind to fold k);
-    depth and threshold picked on a scan subset. Returns in-sample scores, nested scores (each fold's depth and
-    threshold picked on the other folds' scan images), and the picked regions, threshold and merger."""
-    every, scan = np.arange(len(oof.images)), oof.subset(SUPERPIXEL_SCAN_IMAGES, seed)
-    done: dict[tuple[float, float], np.ndarray] = {}
-    regions = {h: SuperpixelRegions(SuperpixelParams(h=h), window) for h in SUPERPIXEL_H}
-    mergers = {h: fit_superpixel_merging(oof, weights, r, workers) for h, r in regions.items()}
+def region_candidate(oof: OOF, weights: list[float], choices: list[Regions], thresholds: tuple, scan_n: int, seed: int = 0,
+                     workers: int = 0) -> tuple[np.ndarray, np.ndarray, Regions, float | None, Merger]:  # fmt: skip
+    """Merging that starts from other regions than the maps' watershed: per choice (a superpixel depth, or a run's
+    predictions), fold mergers reading the blend's maps (image k merged by a model blind to fold k); choice and
+    threshold (None: the regions as they are) picked on a scan subset. Returns in-sample scores, nested scores
+    (each fold's choice and threshold picked on the other folds' scan images), the picked regions, threshold and merger."""
+    every, scan = np.arange(len(oof.images)), oof.subset(scan_n, seed)
+    done: dict[tuple[int, float | None], np.ndarray] = {}
+    mergers = [fit_region_merging(oof, weights, r, workers) for r in choices]
 
-    def at(choice: tuple[float, float], held: np.ndarray) -> np.ndarray:  # each (depth, threshold, image) scored once
-        h, t = choice
+    def at(choice: tuple[int, float | None], held: np.ndarray) -> np.ndarray:  # each (choice, threshold, image) scored once
+        c, t = choice
         got = done.setdefault(choice, np.full(len(every), np.nan))
         todo = held[np.isnan(got[held])]
         if len(todo):
-            mergers[h].threshold = t
-            got[todo] = oof.scores(weights, PostParams(), mergers[h], idx=todo, workers=workers, regions=regions[h])
+            if t is not None:
+                mergers[c].threshold = t
+            got[todo] = oof.scores(weights, PostParams(), mergers[c] if t is not None else None, idx=todo, workers=workers, regions=choices[c])
         return got[held]
 
-    per = {(h, t): at((h, t), scan) for h in SUPERPIXEL_H for t in SUPERPIXEL_THRESHOLDS}
-    for (h, t), v in per.items():
-        print(f"superpixels h {h}, merge threshold {t}: {v.mean():.4f} OOF ARI on {len(scan)} images", flush=True)
+    per = {(c, t): at((c, t), scan) for c in range(len(choices)) for t in thresholds}
+    for (c, t), v in per.items():
+        print(f"{_describe(choices[c])}, merge threshold {t}: {v.mean():.4f} OOF ARI on {len(scan)} images", flush=True)
     best = max(per, key=lambda c: per[c].mean())
     pick = lambda inner: max(per, key=lambda c: per[c][np.isin(scan, inner)].mean())  # noqa: E731
     nested = nested_scores(oof.folds, every, pick, at)
     full = at(best, every)
     merger = mergers[best[0]]
-    merger.threshold = best[1]
-    return full, nested, regions[best[0]], best[1], merger
+    if best[1] is not None:
+        merger.threshold = best[1]
+    return full, nested, choices[best[0]], best[1], merger
+
+
+def _describe(regions: Regions) -> str:
+    """How a region candidate is named in progress lines."""
+    return f"regions of {RunDir(Path(regions.run)).label}" if regions.run else f"superpixels h {regions.superpixels.h}"
 
 
 def _restrict(space: dict, names: list[str] | None) -> dict:

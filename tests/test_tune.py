@@ -319,7 +319,7 @@ def test_superpixel_hybrid_wins_where_the_maps_fail_and_submit_reproduces_it(tin
     oof = OOF.load([run], data)
     r = tune(_spec(run, tiny_phantom, "sp"), oof, tmp_path, trials=2, workers=1)
     stored = load_ensemble("sp", tmp_path)
-    assert r.superpixels and stored.regions is not None and stored.merge.enabled
+    assert r.regions.startswith("superpixels") and stored.regions is not None and stored.merge.enabled
     assert r.nested_ari > r.baseline_ari + 0.1, r
     merger = load_merger(tmp_path / "ensembles" / "sp.merge.txt")
     assert sorted(merger.models) == [-1, 0, 1] and merger.max_rounds == 16  # fold k's images merged by a model blind to k
@@ -333,3 +333,33 @@ def test_superpixel_hybrid_wins_where_the_maps_fail_and_submit_reproduces_it(tin
     save_maps(RunDir(run).test_maps_file(1), np.zeros((4, 7, 64, 64), np.float32))
     out = submit_ensemble("sp", data, tmp_path / "sp.csv", tmp_path, cached=True, workers=1)
     assert out["mean_regions"] > 2 and out["test_ari"] > 0.1
+
+
+def test_merging_can_start_from_another_runs_regions_and_submit_reproduces_it(tiny_phantom: Path, tmp_path: Path) -> None:
+    """Blind maps: the maps' watershed finds nothing; an instance-predicting run's OOF regions (kept, or merged
+    by fold classifiers that read the maps) are the tuned ensemble, and submit starts from that method's test fit."""
+    from comp.config import load_experiment
+    from comp.cv import run_cv
+    from comp.errors import UserError
+    from comp.rundir import RunDir, save_maps
+    from comp.submit import submit_ensemble
+
+    data = Dataset(tiny_phantom)
+    blind = fake_run(tmp_path, tiny_phantom, "blind", fg_level=0.0, boundaries=False)
+    inst = run_cv(load_experiment("baseline_watershed_stretched"), data, 2, tmp_path)
+    oof = OOF.load([blind], data)
+    r = tune(_spec(blind, tiny_phantom, "rr"), oof, tmp_path, trials=2, workers=1, superpixels=False, region_runs=[inst.run_dir])
+    stored = load_ensemble("rr", tmp_path)
+    assert stored.regions is not None and stored.regions.run == str(inst.run_dir) and inst.run_dir.parent.name in r.regions
+    assert r.nested_ari > r.baseline_ari + 0.1 and r.nested_ari >= inst.mean - 0.05, (r, inst.mean)
+    merger = load_merger(tmp_path / "ensembles" / "rr.merge.txt") if stored.merge.enabled else None
+    again = oof.scores([1.0], stored.post, merger, workers=1, regions=stored.regions)
+    assert again.mean() == pytest.approx(stored.oof_ari)
+    for f in range(2):
+        save_maps(RunDir(blind).test_maps_file(f), np.zeros((4, 7, 64, 64), np.float32))
+    out = submit_ensemble("rr", data, tmp_path / "rr.csv", tmp_path, cached=True, workers=1)
+    assert out["test_ari"] > 0.1 and list((tmp_path / "baseline_watershed_stretched").glob("submit-*/test_pred.npz"))
+    # Regions from a run on other folds would come from models that saw the images they split: refused.
+    other = run_cv(load_experiment("baseline_watershed_stretched"), data, 3, tmp_path)
+    with pytest.raises(UserError, match="folds differ"):
+        OOF.load([blind], data).run_labels(str(other.run_dir))
