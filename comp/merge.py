@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from comp.errors import UserError, atomic_write_text
-from comp.parallel import n_workers, pmap
+from comp.parallel import pmap
 from comp.postprocess import (PostParams, Regions, adjacent_pairs, blend, border_profile, gradient, merge_pairs,
                               relabel_uint8, segment, superpixels, upsample_maps)  # fmt: skip
 
@@ -201,28 +201,26 @@ class Merger:
         return relabel_uint8(lab)
 
 
-def train_classifier(x: np.ndarray, y: np.ndarray, weight: np.ndarray | None = None, threads: int = 1):
+def train_classifier(x: np.ndarray, y: np.ndarray, weight: np.ndarray | None = None):
     """A LightGBM pair classifier, or a constant where the rows hold a single class."""
     import lightgbm as lgb
 
     if len(y) == 0 or y.min() == y.max():
         return float(y[0]) if len(y) else 0.0
-    return lgb.train({**LGB_PARAMS, "num_threads": threads}, lgb.Dataset(x, y.astype(np.float32), weight=weight), num_boost_round=ROUNDS)
+    return lgb.train(LGB_PARAMS, lgb.Dataset(x, y.astype(np.float32), weight=weight), num_boost_round=ROUNDS)
 
 
-def _train_without(key: int, x: np.ndarray, y: np.ndarray, groups: np.ndarray, threads: int) -> str:
+def _train_without(key: int, x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> str:
     """The classifier on every row whose group is not `key` (-1: every row), as text (a pool job)."""
     keep = groups != key
-    return model_text(train_classifier(x[keep], y[keep], threads=threads))
+    return model_text(train_classifier(x[keep], y[keep]))
 
 
 def train_without(keys: list[int], x: np.ndarray, y: np.ndarray, groups: np.ndarray, workers: int = 0) -> dict[int, str]:
-    """One classifier per key, on the rows of the other groups, trained in forked workers that share the cores.
+    """One classifier per key on the rows of the other groups, as text: the keys spread over forked workers.
 
-    Never in this process: LightGBM's OpenMP threads started here would hang the workers forked later."""
-    n = n_workers(workers)
-    threads = 1 if n == 1 else max(1, n // min(n, len(keys)))  # one process (n == 1) trains here: single-threaded
-    return dict(zip(keys, pmap(_train_without, keys, x, y, groups, threads, workers=workers, always_fork=True)))
+    Each single-threaded: a multi-threaded LightGBM hangs in a child forked after torch's OpenMP pool ran."""
+    return dict(zip(keys, pmap(_train_without, keys, x, y, groups, workers=workers)))
 
 
 def fit_fold_mergers(x: np.ndarray, y: np.ndarray, folds: np.ndarray, threshold: float = 0.5, max_rounds: int = 4, workers: int = 0) -> Merger:

@@ -12,17 +12,14 @@ def n_workers(workers: int = 0) -> int:
     return workers if workers > 0 else (os.cpu_count() or 1)
 
 
-def pmap(fn: Callable, items: Sequence, *args: Any, workers: int = 0, desc: str | None = None, always_fork: bool = False) -> list:
-    """[fn(item, *args) for item in items], spread over processes, in order, with an optional progress bar.
-
-    `always_fork`: a single item runs in a worker too (whatever native thread pool it starts stays out of this
-    process); one worker per item at most either way."""
+def pmap(fn: Callable, items: Sequence, *args: Any, workers: int = 0, desc: str | None = None) -> list:
+    """[fn(item, *args) for item in items], spread over processes, in order, with an optional progress bar."""
     from tqdm import tqdm
 
     call = partial(_apply, fn, args)
     n = n_workers(workers)
     bar = dict(total=len(items), desc=desc, leave=False, disable=desc is None)
-    if n == 1 or len(items) < (1 if always_fork else 2):
+    if n == 1 or len(items) < 2:
         return [call(it) for it in tqdm(items, **bar)]
     import multiprocessing as mp
 

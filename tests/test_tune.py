@@ -147,6 +147,25 @@ def test_lightgbm_merging_joins_a_split_region() -> None:
     assert len(np.unique(merged)) - 1 == 3
 
 
+def test_merge_classifiers_train_after_a_network_without_hanging(tiny_phantom: Path, tmp_path: Path) -> None:
+    """A network trained in this process (torch's OpenMP pool ran) must not hang LightGBM's training after it,
+    in forked workers (fold mergers) or here (the hybrid's single classifier)."""
+    (tmp_path / "tiny.yaml").write_text("name: tiny\n" + TINY_UNET)
+    code = (
+        "import numpy as np\nfrom pathlib import Path\nfrom comp.config import load_experiment\nfrom comp.cv import run_cv\n"
+        "from comp.io import Dataset\nfrom comp.merge import fit_fold_mergers, train_without\n"
+        f"run_cv(load_experiment('{tmp_path / 'tiny.yaml'}'), Dataset(Path('{tiny_phantom}')), 2, Path('{tmp_path / 'runs'}'))\n"
+        "rng = np.random.default_rng(0); x = rng.normal(size=(100000, 24)).astype(np.float32); y = (x[:, 0] > 0).astype(np.int8)\n"
+        "m = fit_fold_mergers(x, y, rng.integers(0, 3, len(y)), workers=2)\n"
+        "p = m.probabilities(x[:200], 0); assert sorted(m.models) == [-1, 0, 1, 2] and ((p > 0.5) == (y[:200] > 0)).mean() > 0.9\n"
+        "assert len(train_without([-1], x, y, np.zeros(len(y), np.int64), workers=2)[-1]) > 1000\n"
+        "print('trained')\n"
+    )  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0 and "trained" in out.stdout, out.stderr[-2000:]
+
+
 def test_saved_merger_keeps_every_fold_model(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     rows = [_crafted_pair_image(rng) for _ in range(12)]
