@@ -58,7 +58,7 @@ def load_suite(path: str) -> Suite:
 
 def held_out_single(name: str, short: str, run: Path, data, runs: Path) -> float | None:
     """Held-out test ARI of one CV run: its fold models' test maps cached during CV for learned methods, a refit otherwise."""
-    from comp.ensemble import has_maps, save_ensemble, single_member
+    from comp.ensemble import has_maps, run_experiment, save_ensemble, single_member
     from comp.submit import submit, submit_ensemble
 
     if not data.has_test_labels:
@@ -68,7 +68,9 @@ def held_out_single(name: str, short: str, run: Path, data, runs: Path) -> float
         spec = single_member(f"results-{data.name}-{short}", run)
         save_ensemble(spec, runs)
         return submit_ensemble(spec.name, data, out, runs, cached=True)["test_ari"]
-    return submit(load_experiment(name), data, out, runs=runs)["test_ari"]
+    # The run's own config (its fold count included), as an ensemble starting from its regions rebuilds it:
+    # one fit on every annotated slice serves both.
+    return submit(run_experiment(run)[0], data, out, runs=runs)["test_ari"]
 
 
 def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | None = Path("README.md")) -> Path:
@@ -106,10 +108,11 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
         learned = [result[n].run_dir for n in suite.singles if has_maps(result[n].run_dir)]
         ens_name = f"results-{ds}"
         spec, _ = build_ensemble(ens_name, learned, data, runs, max_steps=suite.select_steps, images=suite.select_images, force=True, command=f"python -m comp ensemble {' '.join(short[n] for n in suite.singles)} --name {ens_name}")
-        instance_runs = [result[n].run_dir for n in suite.singles if not has_maps(result[n].run_dir)]  # their regions: candidates too
-        tune(spec, OOF.load([Path(m.run) for m in spec.members], data), runs, trials=suite.trials, region_runs=instance_runs)
+        instance = [n for n in suite.singles if not has_maps(result[n].run_dir)]  # their regions: candidates too
+        tune(spec, OOF.load([Path(m.run) for m in spec.members], data), runs, trials=suite.trials, region_runs=[result[n].run_dir for n in instance])
         spec = load_ensemble(ens_name, runs)
-        r = rows.setdefault("best ensemble (tuned)", Row("best ensemble (tuned)", command=f"make ensemble tune ENS=results-DATA TRIALS={suite.trials}"))
+        regions = f' REGIONS="{" ".join(short[n] for n in instance)}"' if instance else ""
+        r = rows.setdefault("best ensemble (tuned)", Row("best ensemble (tuned)", command=f"make ensemble tune ENS=results-DATA TRIALS={suite.trials}{regions}"))
         r.cv[ds] = (spec.nested_ari if spec.nested_ari is not None else spec.oof_ari, spec.oof_std)
         r.in_sample[ds] = spec.oof_ari
         r.held_out[ds] = submit_ensemble(ens_name, data, runs / "results" / f"{ds}-ensemble.csv", runs, cached=True)["test_ari"] if data.has_test_labels else None
