@@ -14,7 +14,7 @@ import numpy as np
 
 from comp.contrast import Contrast
 from comp.metric import image_scores
-from comp.merge import Merger, agglomeration_rows, save_merger, train_without
+from comp.merge import Merger, agglomeration_rows, model_text, save_merger, train_classifier
 from comp.parallel import pmap
 from comp.postprocess import SuperpixelParams, merged_superpixels, superpixels
 from comp.registry import FitContext, FoldData, inner_split, register_method
@@ -49,13 +49,13 @@ def _segment(item: tuple, p: HybridParams, merger: Merger) -> np.ndarray:
     return merged_superpixels(image, raw, p.superpixels, merger)
 
 
-def _train(rows: list[tuple[np.ndarray, np.ndarray]], idx: np.ndarray, workers: int = 0) -> str:
-    """The pair classifier on the rows of slices `idx`, as text (trained in a worker, and forked prediction
-    workers build it themselves: no LightGBM/OpenMP state lives in this process)."""
+def _train(rows: list[tuple[np.ndarray, np.ndarray]], idx: np.ndarray) -> str:
+    """The pair classifier on the rows of slices `idx`, as text (forked prediction workers build it themselves:
+    no LightGBM/OpenMP state crosses a fork)."""
     x = np.concatenate([rows[i][0] for i in idx])
     y = np.concatenate([rows[i][1] for i in idx])
     print(f"hybrid: classifier on {len(y)} pairs of {len(idx)} slices, {int(y.sum())} to merge", flush=True)
-    return train_without([-1], x, y, np.zeros(len(y), np.int64), workers)[-1]
+    return model_text(train_classifier(x, y))
 
 
 @register_method("hybrid", HybridParams)
@@ -80,7 +80,7 @@ class Hybrid:
             p = replace(self.p, superpixels=sp)
             rows_sp = pmap(_rows, items, p, workers=self.p.workers, desc=f"hybrid: pair features (h {sp.h})")
             if len(val_idx):
-                inner = Merger({-1: _train(rows_sp, fit_idx, self.p.workers)}, self.p.threshold, self.p.max_rounds)
+                inner = Merger({-1: _train(rows_sp, fit_idx)}, self.p.threshold, self.p.max_rounds)
                 for t in self.p.fit_thresholds:
                     inner.threshold = t
                     pred = np.stack(pmap(_segment, [(images[i], train.x[i]) for i in val_idx], p, inner, workers=self.p.workers))
@@ -92,7 +92,7 @@ class Hybrid:
                 rows = rows_sp
         _, sp, threshold = best
         self.p = replace(self.p, superpixels=sp, threshold=threshold)
-        self.merger = Merger({-1: _train(rows, np.arange(len(items)), self.p.workers)}, threshold, self.p.max_rounds)
+        self.merger = Merger({-1: _train(rows, np.arange(len(items)))}, threshold, self.p.max_rounds)
         save_merger(self.merger, Path(ctx.workdir) / "merge.txt")
         self.fitted = {"h": sp.h, "threshold": threshold}
 

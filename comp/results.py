@@ -56,7 +56,7 @@ def load_suite(path: str) -> Suite:
     return from_dict(Suite, yaml.safe_load(p.read_text()) or {}, str(p))
 
 
-def held_out_single(name: str, short: str, run: Path, data, runs: Path) -> float | None:
+def held_out_single(short: str, run: Path, data, runs: Path) -> float | None:
     """Held-out test ARI of one CV run: its fold models' test maps cached during CV for learned methods, a refit otherwise."""
     from comp.ensemble import has_maps, run_experiment, save_ensemble, single_member
     from comp.submit import submit, submit_ensemble
@@ -104,7 +104,7 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
             r = rows.setdefault(f"{label}|{name}", Row(label, command=f"make cv EXP={short[name]} FOLDS={suite.folds}"))
             r.names[ds] = f"`{short[name]}`"
             r.cv[ds] = (result[name].mean, _std(result[name].run_dir))
-            r.held_out[ds] = held_out_single(name, short[name], result[name].run_dir, data, runs)
+            r.held_out[ds] = held_out_single(short[name], result[name].run_dir, data, runs)
         learned = [result[n].run_dir for n in suite.singles if has_maps(result[n].run_dir)]
         ens_name = f"results-{ds}"
         spec, _ = build_ensemble(ens_name, learned, data, runs, max_steps=suite.select_steps, images=suite.select_images, force=True, command=f"python -m comp ensemble {' '.join(short[n] for n in suite.singles)} --name {ens_name}")

@@ -24,7 +24,7 @@ for ds in os.environ["DATASETS"].split():
         for name, extra in (("unet_cpu", []), ("unet_cpu_pseudo", [f"pseudo.teacher_set={sets}"] if sets else [])):
             exp = load_experiment(name, sets + extra)
             res = finished_run(exp, data, folds, runs) or run_cv(exp, data, folds, runs, command=f"python -m comp cv {name} --folds {folds} " + " ".join(f"--set '{s}'" for s in sets + extra))
-            held = held_out_single(name, f"{name}-b{budget}", res.run_dir, data, runs)
+            held = held_out_single(f"{name}-b{budget}", res.run_dir, data, runs)
             cells.append(f"{res.mean:.4f} ± {res.std:.4f}" + (f" (held-out {held:.4f})" if held is not None else ""))
             print(f"[{ds} {budget:.0%}] {name}: CV {res.mean:.4f} held-out {held} ({res.run_dir})", flush=True)
         rows.append(f"| {ds} | {budget:.0%} | {cells[0]} | {cells[1]} |")
