@@ -42,7 +42,7 @@ MERGE_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 SCAN_IMAGES = 80
 # The hybrid candidate (superpixels merged with the maps as features): ~1,000 regions an image make each
 # scoring ~10x slower than the maps' watershed, hence fewer thresholds on fewer images.
-SUPERPIXEL_H = (0.0075,)  # superpixel depth (the one the hybrid's folds and both stand-ins' ensembles picked most)
+SUPERPIXEL_H = (0.0075,)  # superpixel depth (both stand-ins' tuning picked it over 0.005 when both were tried)
 SUPERPIXEL_THRESHOLDS = (0.2, 0.35, 0.5, 0.65)
 SUPERPIXEL_SCAN_IMAGES = 40
 # Another method's own OOF predictions (e.g. the hybrid's) as the regions, merged further with the maps as
