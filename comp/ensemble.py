@@ -210,14 +210,10 @@ class OOF:
         if run not in self.runs_labels:
             rd = RunDir(Path(run))
             rd.summary()  # a clear error for an unfinished run
-            ids, folds = rd.oof_index()
-            where = {int(j): k for k, j in enumerate(ids)}
-            mine = self.members[0].ids
-            pos = np.array([where.get(int(j), -1) for j in mine])
-            if (pos < 0).any() or not np.array_equal(folds[pos], self.folds):
+            ids, folds = rd.oof_index()  # runs on the same folds list their OOF images alike (as check_aligned asks of members)
+            if not (np.array_equal(ids, self.members[0].ids) and np.array_equal(folds, self.folds)):
                 raise UserError(rd.path, f"its folds differ from {self.members[0].run}: its regions would come from models that saw the images they split")
-            preds = np.concatenate([rd.fold_pack(f)["pred"] for f in range(rd.n_folds)])
-            self.runs_labels[run] = preds[pos]
+            self.runs_labels[run] = np.concatenate([rd.fold_pack(f)["pred"] for f in range(rd.n_folds)])
         return self.runs_labels[run]
 
     def given(self, i: int, regions: Regions | None) -> np.ndarray | None:

@@ -149,7 +149,7 @@ def test_lightgbm_merging_joins_a_split_region() -> None:
 
 def test_merge_classifiers_train_after_a_network_without_hanging(tiny_phantom: Path, tmp_path: Path) -> None:
     """A network trained in this process (torch's OpenMP pool ran) must not hang LightGBM's training after it,
-    in forked workers (fold mergers) or here (the hybrid's single classifier)."""
+    in forked workers (fold mergers) or here (a single classifier, as the hybrid trains its own)."""
     (tmp_path / "tiny.yaml").write_text("name: tiny\n" + TINY_UNET)
     code = (
         "import numpy as np\nfrom pathlib import Path\nfrom comp.config import load_experiment\nfrom comp.cv import run_cv\n"
