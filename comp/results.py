@@ -34,6 +34,7 @@ class Suite:
     singles: list[str] = field(default_factory=lambda: ["unet_cpu"])
     select_steps: int = 8  # greedy ensemble selection: at most this many additions
     select_images: int = 0  # greedy selection scored on this many OOF images (0 = all)
+    regions_from: list[str] | None = None  # instance singles whose OOF regions the tuning may start from (None: all)
 
 
 @dataclass
@@ -53,7 +54,11 @@ def load_suite(path: str) -> Suite:
     p = Path(path)
     if not p.is_file():
         raise UserError(p, "suite file not found")
-    return from_dict(Suite, yaml.safe_load(p.read_text()) or {}, str(p))
+    suite = from_dict(Suite, yaml.safe_load(p.read_text()) or {}, str(p))
+    unknown = sorted(set(suite.regions_from or []) - {*suite.singles, *(load_experiment(n).name for n in suite.singles)})
+    if unknown:
+        raise UserError(p, f"regions_from: '{unknown[0]}' is not one of the singles ({', '.join(suite.singles)})")
+    return suite
 
 
 def held_out_single(short: str, run: Path, data, runs: Path) -> float | None:
@@ -108,7 +113,7 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
         learned = [result[n].run_dir for n in suite.singles if has_maps(result[n].run_dir)]
         ens_name = f"results-{ds}"
         spec, _ = build_ensemble(ens_name, learned, data, runs, max_steps=suite.select_steps, images=suite.select_images, force=True, command=f"python -m comp ensemble {' '.join(short[n] for n in suite.singles)} --name {ens_name}")
-        instance = [n for n in suite.singles if not has_maps(result[n].run_dir)]  # their regions: candidates too
+        instance = [n for n in suite.singles if not has_maps(result[n].run_dir) and _offers_regions(suite, n, short[n])]
         tune(spec, OOF.load([Path(m.run) for m in spec.members], data), runs, trials=suite.trials, region_runs=[result[n].run_dir for n in instance])
         spec = load_ensemble(ens_name, runs)
         regions = f' REGIONS="{" ".join(short[n] for n in instance)}"' if instance else ""
@@ -132,6 +137,11 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
             atomic_write_text(readme, re.sub(f"{re.escape(START)}.*?{re.escape(END)}", lambda _: f"{START}\n{table}{END}", text, flags=re.S))
     print(table)
     return out
+
+
+def _offers_regions(suite: Suite, name: str, short: str) -> bool:
+    """Whether an instance single's OOF regions are a starting point the suite's tuning tries."""
+    return suite.regions_from is None or name in suite.regions_from or short in suite.regions_from
 
 
 def _how(spec) -> str:

@@ -26,3 +26,33 @@ def test_results_fill_the_readme_table(tiny_phantom: Path, tmp_path: Path) -> No
     text = readme.read_text()
     assert "old table" not in text and table in text and text.startswith("# title") and text.endswith("after\n")
     assert len(list((tmp_path / "runs" / "tinyres").glob("*/cv.json"))) == 1  # reused, not rerun
+
+
+def test_results_offer_only_the_listed_singles_regions(tiny_phantom: Path, tmp_path: Path, monkeypatch) -> None:
+    import comp.tune
+
+    seen: list[list[Path]] = []
+    real = comp.tune.tune
+    monkeypatch.setattr(comp.tune, "tune", lambda *a, **k: seen.append(k["region_runs"]) or real(*a, **k))
+    exp = tmp_path / "tinyreg.yaml"
+    exp.write_text("name: tinyreg\n" + TINY_UNET)
+    singles = [str(exp), "baseline_watershed_stretched", "baseline_watershed"]
+    for offered, want in ((None, {"baseline_watershed_stretched", "baseline_watershed"}), (["baseline_watershed"], {"baseline_watershed"})):
+        suite = Suite(folds=2, trials=1, datasets={"tiny": str(tiny_phantom)}, fg_cc=str(exp), singles=singles, regions_from=offered)
+        run_results(suite, tmp_path / "runs", reuse=True, readme=None)
+        assert {p.parent.name for p in seen[-1]} == want
+
+
+def test_a_suite_offering_regions_of_no_single_is_refused(tmp_path: Path) -> None:
+    import pytest
+
+    from comp.errors import UserError
+    from comp.results import load_suite
+
+    path = tmp_path / "suite.yaml"
+    path.write_text("singles: [hybrid, unet_cpu]\nregions_from: [smooth_watershed]\n")
+    with pytest.raises(UserError, match="regions_from: 'smooth_watershed' is not one of the singles") as err:
+        load_suite(str(path))
+    assert err.value.where == str(path)
+    path.write_text("singles: [hybrid, unet_cpu]\nregions_from: [hybrid]\n")
+    assert load_suite(str(path)).regions_from == ["hybrid"]
