@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -98,3 +99,14 @@ def test_unwritable_outputs_fail_before_the_work(tmp_path, tiny_phantom):
     r = run_cli("cv", "baseline_watershed", "--data", str(tiny_phantom), "--runs", str(blocker / "runs"))
     assert r.returncode == 2 and "cannot write the run folders there" in r.stderr
     assert "fold 0" not in r.stdout  # nothing was fitted first
+
+
+def test_every_shipped_student_is_its_teacher_but_for_the_schedule() -> None:
+    """A pseudo-label student's gain is measured against its teacher: the same network, loss, window and folds."""
+    students = [load_experiment(str(p)) for p in sorted((ROOT / "experiments").glob("*_pseudo.yaml"))]
+    assert {s.name for s in students} >= {"unet_cpu_pseudo", "unet_resnet18_cpu_pseudo", "unet_effb0_cpu_pseudo"}
+    for s in students:
+        t = load_experiment(str(ROOT / "experiments" / f"{s.pseudo.teacher}.yaml"))
+        assert s.params.model == t.params.model and s.params.post == t.params.post and s.cv == t.cv, s.name
+        assert s.contrast == t.contrast and s.params.train.loss == t.params.train.loss, s.name
+        assert dataclasses.replace(s.params.train, epochs=t.params.train.epochs) == t.params.train, s.name
