@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Pseudo-labelling ablation (issue 14): unet_cpu without pseudo-labels (its own epochs and the student's) and
-# with them (unet_cpu_pseudo), at 100%
-# and 25% of the annotated training slices (the teacher at the same budget), 3 shared folds, seed 0;
+# with them (unet_cpu_pseudo), at 100% and 25% of the annotated training slices (the teacher at the same
+# budget), 3 shared folds, seed 0;
 # held-out ARI where the data set ships test labels (the phantom). Finished runs are reused: rerun to resume.
 # Usage: scripts/pseudo_ablation.sh   (DATASETS="phantom proxy", BUDGETS="1.0 0.25"); table: runs/pseudo_ablation.md
 set -euo pipefail
@@ -25,11 +25,12 @@ for ds in os.environ["DATASETS"].split():
     for budget in map(float, os.environ["BUDGETS"].split()):
         sets = [] if budget == 1.0 else [f"params.train.budget={budget}"]
         cells = []
-        for name, extra in (("unet_cpu", []), ("unet_cpu", [f"params.train.epochs={epochs}"]),
-                            ("unet_cpu_pseudo", [f"pseudo.teacher_set={sets}"] if sets else [])):
+        # (experiment, tag of its held-out files, extra overrides): one column each
+        for name, tag, extra in (("unet_cpu", "", []), ("unet_cpu", f"-e{epochs}", [f"params.train.epochs={epochs}"]),
+                                 ("unet_cpu_pseudo", "", [f"pseudo.teacher_set={sets}"] if sets else [])):
             exp = load_experiment(name, sets + extra)
             res = finished_run(exp, data, folds, runs) or run_cv(exp, data, folds, runs, command=f"python -m comp cv {name} --folds {folds} " + " ".join(f"--set '{s}'" for s in sets + extra))
-            held = held_out_single(f"{name}-b{budget}" + (f"-e{epochs}" if extra and name == "unet_cpu" else ""), res.run_dir, data, runs)
+            held = held_out_single(f"{name}-b{budget}{tag}", res.run_dir, data, runs)
             cells.append(f"{res.mean:.4f} ± {res.std:.4f}" + (f" (held-out {held:.4f})" if held is not None else ""))
             print(f"[{ds} {budget:.0%}] {name} {' '.join(extra)}: CV {res.mean:.4f} held-out {held} ({res.run_dir})", flush=True)
         rows.append(f"| {ds} | {budget:.0%} | {cells[0]} | {cells[1]} | {cells[2]} |")
