@@ -7,7 +7,7 @@ declare the parameters `comp tune` searches together with the contrast window.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -19,6 +19,7 @@ from comp.metric import image_score
 from comp.parallel import pmap
 from comp.postprocess import adjacent_pairs, merge_pairs, region_means, relabel_uint8, remove_small
 from comp.contrast import Contrast
+from comp.fields import bounded
 from comp.registry import FitContext, FoldData, register_method
 
 
@@ -26,11 +27,11 @@ from comp.registry import FitContext, FoldData, register_method
 class OfficialWatershedParams:
     """Parameters of the organisers' baseline (defaults are theirs)."""
 
-    median_radius: int = 2
-    gradient_radius: int = 5
-    marker_threshold: int = 20
-    compactness: float = 0.0001
-    workers: int = 0  # 0 = all cores
+    median_radius: int = bounded(2, lo=0)
+    gradient_radius: int = bounded(5, lo=1)
+    marker_threshold: int = bounded(20, lo=0, hi=255)
+    compactness: float = bounded(0.0001, lo=0)
+    workers: int = bounded(0, lo=0)  # 0 = all cores
 
 
 def official_watershed(img: np.ndarray, p: OfficialWatershedParams) -> np.ndarray:
@@ -65,17 +66,17 @@ class OfficialWatershed:
 class SmoothWatershedParams:
     """Smoothed-gradient watershed with intensity merging; the grids are searched on each training fold."""
 
-    sigma: float = 1.5
-    marker_threshold: float = 0.02  # on the Sobel gradient of the smoothed image (intensities in 0..1)
-    min_marker: int = 20
-    merge_delta: float = 10.0  # merge adjacent regions whose mean grey levels differ by less
-    merge_edge: float = 0.05  # ... and whose shared border has a mean gradient below this
-    min_size: int = 30
-    background_below: int = 40  # slices' air: pixels darker than this stay 0 (never annotated)
-    fit_marker_thresholds: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.04])
-    fit_merge_deltas: list[float] = field(default_factory=lambda: [0.0, 8.0, 16.0])
-    fit_images: int = 24  # 0 = no search: marker_threshold and merge_delta as given (tuned settings)
-    workers: int = 0
+    sigma: float = bounded(1.5, lo=0)
+    marker_threshold: float = bounded(0.02, lo=0, lo_open=True)  # on the Sobel gradient of the smoothed image (intensities in 0..1)
+    min_marker: int = bounded(20, lo=0)
+    merge_delta: float = bounded(10.0, lo=0)  # merge adjacent regions whose mean grey levels differ by less
+    merge_edge: float = bounded(0.05, lo=0)  # ... and whose shared border has a mean gradient below this
+    min_size: int = bounded(30, lo=0)
+    background_below: int = bounded(40, lo=0, hi=256)  # slices' air: pixels darker than this stay 0 (never annotated)
+    fit_marker_thresholds: list[float] = bounded(factory=lambda: [0.01, 0.02, 0.04], lo=0, lo_open=True, min_len=1)
+    fit_merge_deltas: list[float] = bounded(factory=lambda: [0.0, 8.0, 16.0], lo=0, min_len=1)
+    fit_images: int = bounded(24, lo=0)  # 0 = no search: marker_threshold and merge_delta as given (tuned settings)
+    workers: int = bounded(0, lo=0)
 
 
 def smooth_watershed(img: np.ndarray, p: SmoothWatershedParams) -> np.ndarray:

@@ -351,7 +351,7 @@ def bench_submit_memory(n_test: int, members: int, tmp: Path, res: int = 256, em
     import sys
 
     from comp.ensemble import EnsembleSpec, MemberRef, save_ensemble
-    from comp.io import image_names, write_images, write_label_csv
+    from comp.io import Dataset, image_names, write_images, write_label_csv
     from comp.rundir import RunDir, save_maps, write_maps
 
     xs, ys = _sample_maps(12)
@@ -360,11 +360,12 @@ def bench_submit_memory(n_test: int, members: int, tmp: Path, res: int = 256, em
     write_label_csv(root / "Y_train.csv", ys[:2], image_names(2))
     write_images(root / "X_test", np.stack([xs[i % len(xs)] for i in range(n_test)]))
     maps = synthetic_maps(ys, res, emb)
+    fingerprint = Dataset(root).fingerprint()  # the cached test maps' slices: what `--cached` checks
     runs = tmp / "runs"
     refs = []
     for m in range(members):
         run = RunDir(runs / f"member{m}" / f"20260101-000000-0000000{m}-000000-k3")
-        run.write_config({"name": f"member{m}", "method": "unet", "params": {}, "cv": {"folds": 3}})
+        run.write_config({"name": f"member{m}", "method": "unet", "params": {}, "cv": {"folds": 3}, "data": fingerprint})
         run.write_summary({})
         save_maps(run.oof_maps_file(0), maps[:1])  # marks a map-predicting run
         if m == 0:  # one cached test-map file per fold, shared by every member (disk, not memory, is the limit here)

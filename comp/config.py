@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -16,6 +17,7 @@ import yaml
 
 from comp.contrast import ContrastParams
 from comp.errors import UserError
+from comp.fields import bounded, check_fields
 from comp.pseudo import PseudoParams
 
 EXPERIMENTS = Path("experiments")
@@ -33,8 +35,8 @@ def check_name(name: str, where: str | Path, what: str = "name") -> str:
 class CVConfig:
     """How the annotated images are split into folds."""
 
-    folds: int = 5
-    seed: int = 0
+    folds: int = bounded(5, lo=2)
+    seed: int = bounded(0, lo=0)
 
 
 @dataclass
@@ -96,6 +98,8 @@ def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
     if tp in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and not float(value).is_integer()):
             raise UserError(where, f"'{key}' must be {'an integer' if tp is int else 'a number'}, got {value!r}")
+        if not math.isfinite(value):  # YAML's .nan and .inf: never a meaningful setting (a NaN depth crashed workers)
+            raise UserError(where, f"'{key}' must be a finite number, got {value!r}")
         return tp(value)
     if tp is str:
         if not isinstance(value, str):
@@ -116,7 +120,7 @@ def from_dict(cls: type, data: Any, where: str, prefix: str = "") -> Any:
         dotted = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
         raise UserError(where, f"unknown key '{dotted}' (known: {', '.join(sorted(fields))})")
     kwargs = {k: _coerce(v, hints[k], where, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
-    return cls(**kwargs)
+    return check_fields(cls(**kwargs), where, prefix)  # declared ranges (comp.fields), before any work
 
 
 def experiment_path(name_or_path: str) -> Path:
@@ -172,6 +176,8 @@ def experiment_from_dict(raw: dict, path: Path, overrides: list[str] | None = No
         raise UserError(path, "missing key 'method'")
     spec = get_method(str(raw["method"]), path)
     pseudo = from_dict(PseudoParams, raw.get("pseudo"), str(path), "pseudo")
+    if pseudo.enabled and not (pseudo.teacher.endswith(".yaml") and Path(pseudo.teacher).is_file()):
+        check_name(pseudo.teacher, path, "pseudo.teacher")  # an experiment name, or the path of an existing YAML
     if pseudo.enabled and not spec.pseudo:
         raise UserError(path, f"'pseudo.teacher' is set but method '{spec.name}' does not train on pseudo-labels "
                         f"(those that do: {', '.join(sorted(n for n, m in METHODS.items() if m.pseudo))})")  # fmt: skip

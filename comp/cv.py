@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
+from comp.claims import claim, me, run_lock
 from comp.config import Experiment
 from comp.contrast import resolve
 from comp.errors import UserError
@@ -63,89 +59,6 @@ def run_key(exp: Experiment, data: Dataset, folds: int) -> RunKey:
     return RunKey(exp.digest(), data.fingerprint()["y_train"][:6], folds)
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process of this machine still exists."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-STALE_S = 600.0  # a claim not touched for this long is abandoned (its holder beats every HEARTBEAT_S)
-HEARTBEAT_S = 60.0
-
-
-def _stale(path: Path, holder: str) -> bool:
-    """A claim left by a dead process of this host, or one whose holder (on any host) stopped touching it."""
-    pid, _, host = holder.partition("@")
-    if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-        return True
-    try:
-        return time.time() - path.stat().st_mtime > STALE_S
-    except FileNotFoundError:
-        return True
-
-
-def _take(path: Path) -> str | None:
-    """Create `path` holding pid@host (None), or return its holder's pid@host when someone else holds it."""
-    me = f"{os.getpid()}@{socket.gethostname()}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = path.read_text().strip()
-            except FileNotFoundError:
-                continue  # released meanwhile
-            if not _stale(path, holder):
-                return holder or "?"
-            path.unlink(missing_ok=True)  # left by a process that died (kill -9, a lost machine): take it over
-            continue
-        os.write(fd, me.encode())
-        os.close(fd)
-        return None
-    return "?"
-
-
-@contextlib.contextmanager
-def claim(path: Path, wait_s: float = 0.0) -> Iterator[str | None]:
-    """Hold `path` for the block, touched every minute so other machines see it is alive (works on NFS).
-
-    Yields None when held, else the holder's pid@host (after waiting up to `wait_s` for it to go)."""
-    deadline = time.time() + wait_s
-    while (holder := _take(path)) is not None and time.time() < deadline:
-        time.sleep(0.5)
-    if holder is not None:
-        yield holder
-        return
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(HEARTBEAT_S):
-            with contextlib.suppress(OSError):
-                os.utime(path)
-
-    threading.Thread(target=beat, daemon=True).start()
-    try:
-        yield None
-    finally:
-        stop.set()
-        path.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def run_lock(path: Path):
-    """The run's short critical sections (choosing its folder, summarising): wait a little, then one clear error."""
-    with claim(path, float(os.environ.get("COMP_LOCK_WAIT", "120"))) as holder:
-        if holder is not None:
-            raise UserError(path, f"this run is locked by process {holder}; wait for it (or delete this file if that process is gone)")
-        yield
-
-
 def finished_run(exp: Experiment, data: Dataset, folds: int, runs: Path = RUNS) -> CVResult | None:
     """The newest finished run of this exact config, data and fold count, if any."""
     done = [r for r in RunDir.of_experiment(runs, exp.name, run_key(exp, data, folds)) if r.finished]
@@ -167,6 +80,10 @@ def teacher_run(exp: Experiment, data: Dataset, folds: int, runs: Path = RUNS) -
     while True:
         if any(node.name == e.name and node.digest() == e.digest() for e in chain):
             raise UserError(exp.path, "'pseudo.teacher' leads back to itself: " + " -> ".join(e.name for e in [*chain, node]))
+        # Before any teacher is cross-validated: only a method that predicts maps can label slices with confidence.
+        if not isinstance(get_method(node.method, node.path).build(node.params), MapMethod):
+            raise UserError(chain[-1].path, f"'pseudo.teacher' {node.name} is a '{node.method}' method, which predicts no maps "
+                            "to label slices with: a teacher must be a network experiment (method unet)")  # fmt: skip
         if not node.pseudo.enabled:
             break
         chain, node = [*chain, node], load_experiment(node.pseudo.teacher, node.pseudo.teacher_set)
@@ -186,7 +103,7 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
 
     `only`: just that fold (`--fold K`). The process that lands the last fold summarises the run and gets its
     CVResult; one that leaves folds to others returns None."""
-    k = folds or exp.cv.folds
+    k = exp.cv.folds if folds is None else folds  # `--folds 0` is an error (make_folds), not the default
     if only is not None and not 0 <= only < k:
         raise UserError("--fold", f"fold {only} of a {k}-fold run (folds are 0..{k - 1})")
     spec = get_method(exp.method, exp.path)
@@ -205,7 +122,12 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
     lock = RunDir.lock_file(runs, exp.name, key)
     with run_lock(lock):  # every process of this run agrees on one folder
         run = RunDir.create(runs, exp.name, key)
-        if not run.config_file.is_file():
+        if run.config_file.is_file():  # resuming: its cached test maps must all come from the same test slices
+            began = (run.config().get("data") or {}).get("x_test")
+            if began is not None and began != data.test_digest:
+                raise UserError(run.path, "the test slices changed since this run began (its finished folds cached test maps of "
+                                "the others): restore them, or delete this unfinished run folder to start again")  # fmt: skip
+        else:
             run.write_config({**exp.to_dict(), "cv": {"folds": k, "seed": exp.cv.seed}, "data": data.fingerprint(),
                               "contrast_resolved": contrast.to_dict()})  # fmt: skip
             run.write_folds(names, ann, fold_of)
@@ -249,7 +171,7 @@ def _fit_fold(method, ctx: FitContext, train: FoldData, x_val: np.ndarray, y_val
     pred = _predict_and_cache(method, x_val, x_test, run, ctx.fold)
     scores = image_scores(y_val, pred)
     info = {"fold": ctx.fold, "n": int(len(ids)), "ari": float(scores.mean()), "seconds": round(time.time() - tf, 1),
-            "host": f"{os.getpid()}@{socket.gethostname()}"}  # fmt: skip
+            "host": me()}  # fmt: skip
     fitted = getattr(method, "fitted", None)
     if fitted:
         info["fitted"] = fitted

@@ -17,6 +17,7 @@ import yaml
 
 from comp.config import check_name, from_dict
 from comp.errors import UserError, atomic_write_text
+from comp.fields import bounded
 from comp.io import Dataset
 from comp.merge import Merger
 from comp.metric import image_score
@@ -105,11 +106,20 @@ def finished_runs(runs: Path, data: Dataset, maps: bool = True) -> list[Path]:
 def resolve_run(name: str, runs: Path, data: Dataset, maps: bool = True) -> Path:
     """A run folder, or an experiment name meaning its newest finished run (with maps, if asked) on this data set."""
     if Path(name).is_dir():
+        if not RunDir(Path(name)).config_file.is_file():
+            raise UserError(name, "a folder, but not a CV run folder (no config.yaml)")
         return Path(name)
-    matches = [r for r in finished_runs(runs, data, maps) if r.parent.name == Path(name).stem]
+    if name.endswith(".yaml") and Path(name).is_file():  # an experiment file: its runs lie under its stem
+        stem = Path(name).stem
+    else:
+        stem = check_name(name, name, "experiment name")  # `../x` names no experiment
+    matches = [r for r in finished_runs(runs, data, maps) if r.parent.name == stem]
     if not matches:
+        if maps and any(r.parent.name == stem for r in finished_runs(runs, data, maps=False)):
+            raise UserError(name, f"its finished CV runs cache no maps (a method that predicts regions, not maps): only map-predicting "
+                            f"runs are ensembled; `comp tune {stem}` tunes its own settings, `--regions-from {stem}` merges from its regions")  # fmt: skip
         what = "finished CV run with cached maps" if maps else "finished CV run"
-        raise UserError(name, f"no {what} on data '{data.name}' under {runs}/{Path(name).stem}/ (run `comp cv {name}` first)")
+        raise UserError(name, f"no {what} on data '{data.name}' under {runs}/{stem}/ (run `comp cv {stem}` first)")
     return matches[0]
 
 
@@ -208,13 +218,18 @@ class OOF:
     def run_labels(self, run: str) -> np.ndarray:
         """A CV run's own OOF predictions of these images (loaded once); its folds must be the members'."""
         if run not in self.runs_labels:
-            rd = RunDir(Path(run))
-            rd.summary()  # a clear error for an unfinished run
-            ids, folds = rd.oof_index()  # runs on the same folds list their OOF images alike (as check_aligned asks of members)
-            if not (np.array_equal(ids, self.members[0].ids) and np.array_equal(folds, self.folds)):
-                raise UserError(rd.path, f"its folds differ from {self.members[0].run}: its regions would come from models that saw the images they split")
+            rd = self.check_run(run)
             self.runs_labels[run] = np.concatenate([rd.fold_pack(f)["pred"] for f in range(rd.n_folds)])
         return self.runs_labels[run]
+
+    def check_run(self, run: str | Path) -> RunDir:
+        """A finished CV run whose OOF images and folds are the members' (cheap: its fold index only), else a clear error."""
+        rd = RunDir(Path(run))
+        rd.summary()  # a clear error for an unfinished run
+        ids, folds = rd.oof_index()  # runs on the same folds list their OOF images alike (as check_aligned asks of members)
+        if not (np.array_equal(ids, self.members[0].ids) and np.array_equal(folds, self.folds)):
+            raise UserError(rd.path, f"its folds differ from {self.members[0].run}: its regions would come from models that saw the images they split")
+        return rd
 
     def given(self, i: int, regions: Regions | None) -> np.ndarray | None:
         """The regions a merger starts from on OOF image i when they are a run's predictions (None: superpixels or maps)."""
@@ -263,7 +278,7 @@ class MemberRef:
     """One ensemble member: a CV run folder and its weight."""
 
     run: str = ""
-    weight: float = 1.0
+    weight: float = bounded(1.0, lo=0)
 
 
 @dataclass
@@ -271,7 +286,7 @@ class MergeSpec:
     """Learned region merging: on or off, and the probability threshold."""
 
     enabled: bool = False
-    threshold: float = 0.5
+    threshold: float = bounded(0.5, lo=0, hi=1)
 
 
 @dataclass
@@ -290,7 +305,13 @@ class EnsembleSpec:
     nested_ari: float | None = None  # honest: each fold scored with what a search found on the other folds
     data: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
-    command: str = ""
+    command: str = ""  # what selected it (or, for a tuned experiment, the tune that made it)
+    tune_command: str = ""  # the tune call whose settings are stored, when another command made the file
+
+    @property
+    def commands(self) -> str:
+        """The commands that reproduce the stored settings (selection, then tuning)."""
+        return " && ".join(c for c in (self.command, self.tune_command) if c)
     overrides: dict = field(default_factory=dict)  # a non-learned member's tuned settings (dotted config keys)
 
 
@@ -323,7 +344,12 @@ def load_ensemble(name: str, runs: Path) -> EnsembleSpec:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError:
         raise UserError(path, "invalid YAML") from None
-    return from_dict(EnsembleSpec, raw, str(path))
+    if not isinstance(raw, dict):
+        raise UserError(path, "empty, or not a mapping: not an ensemble file (make one with `comp ensemble` or `comp tune`)")
+    spec = from_dict(EnsembleSpec, raw, str(path))
+    if not spec.members:
+        raise UserError(path, "names no member run ('members' is empty): not an ensemble to use")
+    return spec
 
 
 def save_ensemble(spec: EnsembleSpec, runs: Path) -> Path:

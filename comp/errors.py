@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -35,6 +36,44 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | os.PathLike, force: bool = False, replaces: str = "") -> Iterator[Path]:
+    """Yield a hidden folder beside `out` to write a whole data set into; it becomes `out` only if the block succeeds.
+
+    A non-empty `out` is refused unless `force`, or unless it holds the marker file `replaces` (an earlier output
+    of the same builder): old files never mix with new ones, and the challenge's own data is never overwritten."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(out, "exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force and not (replaces and (out / replaces).is_file()):
+        raise UserError(out, "is not empty (a data set is there?): choose an empty or new --out, or add --force to replace it whole")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    try:
+        yield stage
+        old = out.with_name(f".{out.name}.old-{stage.name.rsplit('-', 1)[-1]}")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(stage, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def remove_stale_temps(path: str | os.PathLike) -> int:
+    """Delete temp files that `atomic_path` left beside `path` when a kill -9 stopped it (its `finally` never ran).
+
+    Only for a writer that holds the file alone (a claimed fold's checkpoints): another writer's temp would go too."""
+    path = Path(path)
+    n = 0
+    for tmp in path.parent.glob(f".{path.name}.*"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            n += 1
+    return n
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from comp.contrast import Contrast
+from comp.fields import bounded
 from comp.metric import image_scores
 from comp.merge import Merger, agglomeration_rows, model_text, save_merger, train_classifier
 from comp.parallel import pmap
@@ -25,16 +26,16 @@ class HybridParams:
     """Superpixels, the merge classifier's training and its use."""
 
     superpixels: SuperpixelParams = field(default_factory=SuperpixelParams)
-    threshold: float = 0.5  # merge a pair when the classifier's probability reaches this
+    threshold: float = bounded(0.5, lo=0, hi=1)  # merge a pair when the classifier's probability reaches this
     # Chosen on each training fold: superpixel depth h x threshold, scored on `fit_images` training slices
     # (whole CT volumes when the data set has groups) that the classifier of that choice did not train on.
-    fit_h: list[float] = field(default_factory=lambda: [0.005, 0.0075, 0.01])
-    fit_thresholds: list[float] = field(default_factory=lambda: [0.2, 0.35, 0.5, 0.65])
-    fit_images: int = 16  # 0 = no selection: superpixels.h and threshold as given
-    max_rounds: int = 16  # merge rounds at prediction (each merges a matching of pairs, then re-scores)
-    train_rounds: int = 8  # agglomeration stages whose pairs train the classifier
-    train_pairs: int = 1500  # pairs drawn per slice and stage (bounds the training set)
-    workers: int = 0
+    fit_h: list[float] = bounded(factory=lambda: [0.005, 0.0075, 0.01], lo=0, lo_open=True, min_len=1)
+    fit_thresholds: list[float] = bounded(factory=lambda: [0.2, 0.35, 0.5, 0.65], lo=0, hi=1, min_len=1)
+    fit_images: int = bounded(16, lo=0)  # 0 = no selection: superpixels.h and threshold as given
+    max_rounds: int = bounded(16, lo=0)  # merge rounds at prediction (each merges a matching of pairs, then re-scores)
+    train_rounds: int = bounded(8, lo=1)  # agglomeration stages whose pairs train the classifier
+    train_pairs: int = bounded(1500, lo=1)  # pairs drawn per slice and stage (bounds the training set)
+    workers: int = bounded(0, lo=0)
 
 
 def _rows(item: tuple, p: HybridParams) -> tuple[np.ndarray, np.ndarray]:

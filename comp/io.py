@@ -166,10 +166,44 @@ class LabelTable:
     maps: np.ndarray
     columns: list[str]
     row_labels: list[str] | None = None  # None means the default 'Pixel i' labels
+    file_columns: list[str] | None = None  # the columns in the file's order (None: already 0.png, 1.png, ...)
 
     def labels(self) -> list[str]:
         """The row labels, materialised."""
         return self.row_labels if self.row_labels is not None else default_row_labels(self.maps[0].size)
+
+
+def scored_maps(table: LabelTable, path: Path, columns: list[str], row_labels: list[str] | None = None) -> tuple[np.ndarray, bool]:
+    """A submission's maps as the official scorer reads them, or one clear error: images paired by column *position*
+    (so the columns must be exactly `columns`, in order) and pixel rows matched by *label* (reordered to
+    `row_labels`). Returns the maps and whether the rows had to be reordered. validate-submission and score share it."""
+    if table.columns != columns:
+        have, want = set(table.columns), set(columns)
+        if want - have:
+            first = sorted(want - have, key=lambda c: int(c[:-4]))[0]
+            raise UserError(path, f"missing column '{first}' ({len(table.columns)} columns, expected {len(columns)})")
+        extra = sorted(have - want, key=lambda c: int(c[:-4]))[0]
+        raise UserError(path, f"unexpected column '{extra}' ({len(table.columns)} columns, expected {len(columns)})")
+    if table.file_columns is not None:
+        pos = next(i for i, c in enumerate(table.file_columns) if c != columns[i])
+        raise UserError(path, f"column {pos + 1} is '{table.file_columns[pos]}', not '{columns[pos]}': the official scorer pairs "
+                        "images by column position, so the columns must run 0.png, 1.png, ... in order")  # fmt: skip
+    want = row_labels if row_labels is not None else default_row_labels(table.maps[0].size)
+    got = table.labels()
+    if got == want:
+        return table.maps, False
+    row_of = {lab: r for r, lab in enumerate(got)}
+    if len(row_of) != len(got):
+        seen: set[str] = set()
+        dup = next(lab for lab in got if lab in seen or seen.add(lab))
+        raise UserError(path, f"row label '{dup}' appears twice")
+    missing = next((lab for lab in want if lab not in row_of), None)
+    if missing is not None:
+        first = next(r for r in range(len(want)) if got[r] != want[r])
+        raise UserError(path, f"no row labelled '{missing}' (row {first + 1} is '{got[first]}'): pixel rows are matched "
+                        "by their label, as the official scorer does")  # fmt: skip
+    order = np.fromiter((row_of[lab] for lab in want), np.int64, len(want))
+    return table.maps.reshape(len(table.maps), -1)[:, order].reshape(table.maps.shape), True
 
 
 def _header(line: bytes, path: Path) -> list[str]:
@@ -192,8 +226,9 @@ def _header(line: bytes, path: Path) -> list[str]:
     numbers = sorted(int(c[:-4]) for c in cols)
     if numbers != list(range(len(cols))):
         missing = sorted(set(range(len(cols))) - set(numbers))
-        first = missing[0] if missing else numbers[-1]
-        raise UserError(path, f"missing column '{first}.png' (columns must be 0.png ... {len(cols) - 1}.png)")
+        beyond = [n for n in numbers if n >= len(cols)]
+        raise UserError(path, f"missing column '{missing[0]}.png', and column '{beyond[0]}.png' is out of sequence: "
+                        f"{len(cols)} columns must be 0.png ... {len(cols) - 1}.png")  # fmt: skip
     return cols
 
 
@@ -217,12 +252,12 @@ class _SlowPath(Exception):
 class _BlockError(Exception):
     """A problem at a row of a block, before the block's first row number is known."""
 
-    def __init__(self, row: int, fmt: str) -> None:
-        self.row, self.fmt = row, fmt
+    def __init__(self, row: int, fmt: str, col: int = 0) -> None:
+        self.row, self.fmt, self.col = row, fmt, col
 
-    def at(self, row0: int) -> str:
-        """The message with the file's 1-based row number."""
-        return self.fmt.format(row=row0 + self.row + 1)
+    def at(self, row0: int, columns: list[str]) -> str:
+        """The message with the file's 1-based row number and the column's name."""
+        return self.fmt.format(row=row0 + self.row + 1, column=columns[self.col] if self.col < len(columns) else self.col)
 
 
 @dataclass
@@ -275,7 +310,7 @@ def _parse_block(buf: bytes, ncols: int) -> _Block:
         vals.ravel()[multi] += extra
     if vals.max() > 255:
         r, c = np.argwhere(vals > 255)[0]
-        raise _BlockError(int(r), f"value {vals[r, c]} out of range 0..255 at row {{row}}, column {c + 1}")
+        raise _BlockError(int(r), f"value {vals[r, c]} out of range 0..255 at row {{row}}, column '{{column}}'", int(c))
     line_start = np.concatenate([[0], nl[:-1] + 1])
     return _Block(vals.astype(np.uint8), b, line_start)
 
@@ -306,8 +341,12 @@ def _read_csv_slow(path: Path) -> tuple[np.ndarray, list[str]]:
         df = pd.read_csv(path, index_col=0)
     except Exception as exc:
         raise UserError(path, f"not a readable CSV ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
+    empty = df.isna().to_numpy()
+    if empty.any():
+        r, c = np.argwhere(empty)[0]
+        raise UserError(path, f"empty value at row {r + 1}, column '{df.columns[c]}' (every pixel needs an id, 0 = not annotated)")
     num = df.apply(pd.to_numeric, errors="coerce")
-    bad = (num.isna() & df.notna() | df.isna()).to_numpy()
+    bad = (num.isna() & df.notna()).to_numpy()
     if bad.any():
         r, c = np.argwhere(bad)[0]
         raise UserError(path, f"non-integer value '{df.iat[r, c]}' at row {r + 1}, column '{df.columns[c]}'")
@@ -349,9 +388,9 @@ def _wrong_rows(path: Path, n: int) -> UserError:
 class _Assembler:
     """Places parsed blocks in file order into a (ncols, pixels) array and checks their row labels."""
 
-    def __init__(self, ncols: int, path: Path) -> None:
-        self.out = np.zeros((ncols, N_PIXELS), np.uint8)
-        self.path = path
+    def __init__(self, columns: list[str], path: Path) -> None:
+        self.out = np.zeros((len(columns), N_PIXELS), np.uint8)
+        self.columns, self.path = columns, path
         self.row0 = 0
         self.labels: list[str] | None = None  # None while every label so far is the default one
 
@@ -360,7 +399,7 @@ class _Assembler:
         try:
             blk: _Block = fut.result()
         except _BlockError as e:
-            raise UserError(self.path, e.at(self.row0)) from None
+            raise UserError(self.path, e.at(self.row0, self.columns)) from None
         rows = len(blk.vals)
         r1 = self.row0 + rows
         if r1 > N_PIXELS:
@@ -383,7 +422,7 @@ def read_label_csv(path: str | os.PathLike, block_bytes: int = 8 << 20, threads:
         raise UserError(path, "file not found")
     with open(path, "rb") as f:
         cols = _header(f.readline(), path)
-        asm = _Assembler(len(cols), path)
+        asm = _Assembler(cols, path)
         try:
             # Blocks parse in parallel (numpy releases the GIL) and are placed in file order.
             with ThreadPoolExecutor(threads) as ex:
@@ -402,9 +441,10 @@ def read_label_csv(path: str | os.PathLike, block_bytes: int = 8 << 20, threads:
     if rows != N_PIXELS:
         raise _wrong_rows(path, rows)
     order = np.argsort([int(c[:-4]) for c in cols], kind="stable")
-    if (order != np.arange(len(cols))).any():
+    shuffled = bool((order != np.arange(len(cols))).any())
+    if shuffled:
         out = out[order]
-    return LabelTable(out.reshape(len(cols), SIZE, SIZE), [cols[i] for i in order], labels)
+    return LabelTable(out.reshape(len(cols), SIZE, SIZE), [cols[i] for i in order], labels, cols if shuffled else None)
 
 
 def _token_table(last: bool) -> np.ndarray:
@@ -501,7 +541,9 @@ class Dataset:
 
         maps = cached_array(path, cache_dir(self.root), stem, load)
         if len(maps) != n_images:
-            raise UserError(path, f"{len(maps)} image columns but {n_images} images in {stem.replace('Y_', 'X_')}")
+            split = stem.replace("Y_", "X_")
+            which = f"column '{n_images}.png' and after have no image" if len(maps) > n_images else f"no column for {len(maps)}.png and after"
+            raise UserError(path, f"{len(maps)} image columns but {n_images} images in {split}: {which}")
         return maps
 
     @cached_property
@@ -569,6 +611,14 @@ class Dataset:
             raise UserError(path, f"no group for image '{missing[0]}'")
         return np.array([g[n] for n in names])
 
+    @cached_property
+    def test_digest(self) -> str:
+        """Hash of the test slices' pixels in order ("" without X_test): test predictions and cached test maps are keyed
+        on it, so slices that change, are added or are swapped never meet predictions made for others."""
+        if not self.has_test_images:
+            return ""
+        return hashlib.sha1(np.ascontiguousarray(self.x_test).data).hexdigest()[:16]
+
     def fingerprint(self) -> dict:
         """What identifies this data set in a run record."""
         return {
@@ -578,4 +628,5 @@ class Dataset:
             "n_annotated": int(len(self.annotated)),
             "n_test": int(len(self.x_test)) if _source(self.root, "X_test") else 0,
             "y_train": _fingerprint(self.root / "Y_train.csv"),
+            "x_test": self.test_digest,
         }

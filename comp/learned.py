@@ -12,6 +12,7 @@ import numpy as np
 from comp.contrast import Contrast
 from comp.data.targets import resize_labels
 from comp.errors import UserError, atomic_write_text
+from comp.fields import bounded
 from comp.metric import image_scores
 from comp.models import ModelConfig, build_model
 from comp.parallel import pmap
@@ -31,8 +32,8 @@ class LearnedParams:
     tta: bool = False
     # An inner validation split of this many of the fold's *training* images picks the best epoch (never the
     # scored fold's images); 0 = a fixed schedule: train on every training image and keep the last epoch.
-    val_images: int = 0
-    workers: int = 0  # processes for post-processing (0 = all cores)
+    val_images: int = bounded(0, lo=0)
+    workers: int = bounded(0, lo=0)  # processes for post-processing (0 = all cores)
 
 
 @register_method("unet", LearnedParams, pseudo=True)

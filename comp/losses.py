@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from comp.errors import UserError
+from comp.fields import bounded
 from comp.models import BOUNDARY, DIST, EMB0, FG
 
 
@@ -15,16 +16,16 @@ from comp.models import BOUNDARY, DIST, EMB0, FG
 class LossConfig:
     """Weights of each head's loss (0 switches a head off) and the embedding margins."""
 
-    fg: float = 1.0
-    boundary: float = 1.0
-    boundary_pos_weight: float = 3.0  # boundary pixels are rare; too much weight makes the map fire everywhere
-    touch_weight: float = 4.0  # extra weight on borders where two structures touch
-    dist: float = 0.5
-    emb: float = 0.5
-    delta_pull: float = 0.5
-    delta_push: float = 1.5
+    fg: float = bounded(1.0, lo=0)
+    boundary: float = bounded(1.0, lo=0)
+    boundary_pos_weight: float = bounded(3.0, lo=0, lo_open=True)  # boundary pixels are rare; too much weight makes the map fire everywhere
+    touch_weight: float = bounded(4.0, lo=0)  # extra weight on borders where two structures touch
+    dist: float = bounded(0.5, lo=0)
+    emb: float = bounded(0.5, lo=0)
+    delta_pull: float = bounded(0.5, lo=0)
+    delta_push: float = bounded(1.5, lo=0)
     dice: str = "soft"  # overlap term of the fg and boundary heads: soft (Dice) | tvmf (adaptive t-vMF Dice)
-    tvmf_kappa: float = 32.0  # t-vMF: kappa = this x the batch's (detached) soft Dice, so easy heads get compact
+    tvmf_kappa: float = bounded(32.0, lo=0, lo_open=True)  # t-vMF: kappa = this x the batch's (detached) soft Dice, so easy heads get compact
 
     def __post_init__(self) -> None:
         if self.dice not in DICE_TERMS:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from comp.errors import UserError
+from comp.fields import bounded
 
 # Output channels, in order: foreground logit, boundary logit, distance/centre logit, then embedding.
 FG, BOUNDARY, DIST, EMB0 = 0, 1, 2, 3
@@ -21,8 +22,8 @@ class ModelConfig:
     arch: str = "Unet"  # any smp architecture class with encoder_name/in_channels/classes
     encoder: str = "resnet18"
     encoder_weights: str = "none"  # none | imagenet (downloads: only when asked and online) | a checkpoint path
-    embedding_dim: int = 8
-    decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 16])
+    embedding_dim: int = bounded(8, lo=0)
+    decoder_channels: list[int] = bounded(factory=lambda: [256, 128, 64, 32, 16], lo=1, min_len=1)
 
 
 class WindowStem(nn.Module):

@@ -12,6 +12,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from comp.contrast import Contrast
+from comp.fields import bounded
 
 if TYPE_CHECKING:  # the merger applies to what this module segments; merge.py imports this module
     from comp.merge import Merger
@@ -114,9 +115,9 @@ def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
 class SuperpixelParams:
     """An over-segmentation of a (contrast-stretched) slice: watershed of its smoothed gradient from h-minima."""
 
-    sigma: float = 1.0  # Gaussian smoothing before the gradient (pixels at 512)
-    h: float = 0.005  # depth a gradient minimum needs to seed a superpixel (gradient of 0..1 intensities)
-    compactness: float = 0.0
+    sigma: float = bounded(1.0, lo=0)  # Gaussian smoothing before the gradient (pixels at 512)
+    h: float = bounded(0.005, lo=0, lo_open=True)  # depth a gradient minimum needs to seed a superpixel (gradient of 0..1 intensities)
+    compactness: float = bounded(0.0, lo=0)
 
 
 def gradient(image: np.ndarray, sigma: float) -> np.ndarray:
@@ -142,7 +143,7 @@ class Regions:
     annotated slice on the test set)."""
 
     superpixels: SuperpixelParams = field(default_factory=SuperpixelParams)
-    window: list[float] = field(default_factory=lambda: [0.0, 255.0])  # grey levels stretched to 0..255 first
+    window: list[float] = bounded(factory=lambda: [0.0, 255.0], min_len=2, max_len=2)  # grey levels stretched to 0..255 first
     run: str = ""  # the run whose predictions are the regions ("" = superpixels)
 
     def stretch(self, image: np.ndarray) -> np.ndarray:
@@ -163,15 +164,15 @@ class PostParams:
     """Every threshold of the map post-processor, with defaults (`comp tune` searches them)."""
 
     mode: str = "watershed"  # watershed | cc (connected components of the foreground only)
-    fg_threshold: float = 0.5  # pixels above it are plausible structure and get a region
-    seed_threshold: float = 0.5  # seeds: fg * (1 - boundary_weight * boundary) above this ...
-    seed_dist: float = 0.3  # ... and distance-to-border map above this
-    boundary_weight: float = 1.0  # how much the boundary map lowers seed evidence
-    min_seed: int = 8  # pixels (at 512) a seed needs
-    min_size: int = 30  # regions below this join the neighbour they share the longest border with (or vanish if isolated)
-    smooth: float = 0.0  # Gaussian sigma applied to the maps before thresholding (pixels at 512)
-    merge_embedding: float = 0.0  # merge adjacent regions whose mean embeddings are closer (0 = off)
-    compactness: float = 0.0
+    fg_threshold: float = bounded(0.5, lo=0, hi=1)  # pixels above it are plausible structure and get a region
+    seed_threshold: float = bounded(0.5, lo=0, hi=1)  # seeds: fg * (1 - boundary_weight * boundary) above this ...
+    seed_dist: float = bounded(0.3, lo=0, hi=1)  # ... and distance-to-border map above this
+    boundary_weight: float = bounded(1.0, lo=0)  # how much the boundary map lowers seed evidence
+    min_seed: int = bounded(8, lo=0)  # pixels (at 512) a seed needs
+    min_size: int = bounded(30, lo=0)  # regions below this join the neighbour they share the longest border with (or vanish if isolated)
+    smooth: float = bounded(0.0, lo=0)  # Gaussian sigma applied to the maps before thresholding (pixels at 512)
+    merge_embedding: float = bounded(0.0, lo=0)  # merge adjacent regions whose mean embeddings are closer (0 = off)
+    compactness: float = bounded(0.0, lo=0)
 
 
 def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

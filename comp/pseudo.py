@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from comp.errors import UserError, atomic_path
+from comp.fields import bounded
 from comp.registry import FoldData
 from comp.rundir import RunDir
 
@@ -28,9 +29,9 @@ class PseudoParams:
 
     teacher: str = ""  # experiment (name or path) whose CV run labels the unlabelled slices; "" = no pseudo-labels
     teacher_set: list[str] = field(default_factory=list)  # --set overrides of the teacher (e.g. the same budget)
-    images: int = 200  # keep the this many most confident unlabelled slices (0 = every one)
-    min_confidence: float = 0.0  # and only those at least this confident (0..1)
-    chunk: int = 32  # unlabelled slices predicted at a time (bounds memory)
+    images: int = bounded(200, lo=0)  # keep the this many most confident unlabelled slices (0 = every one)
+    min_confidence: float = bounded(0.0, lo=0, hi=1)  # and only those at least this confident (0..1)
+    chunk: int = bounded(32, lo=1)  # unlabelled slices predicted at a time (bounds memory)
 
     @property
     def enabled(self) -> bool:

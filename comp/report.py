@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import html
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import yaml
 
 from comp.errors import UserError, atomic_write_text
-from comp.rundir import SUMMARY, RunDir
+from comp.rundir import RunDir
 
 LEADERBOARD = "leaderboard.md"
 
@@ -68,24 +68,28 @@ def leaderboard_rows(runs: Path) -> list[dict]:
                 "command": _run_command(run.path, s),
             }
         )
-    from comp.ensemble import ENSEMBLES
+    from comp.ensemble import ENSEMBLES, load_ensemble
 
     for path in sorted((runs / ENSEMBLES).glob("*.yaml")):
-        e = yaml.safe_load(path.read_text())
-        if e.get("oof_ari") is None:
+        try:
+            e = load_ensemble(str(path), runs)
+        except UserError as err:  # a broken file is named and left out, never the whole leaderboard
+            print(f"skipped {err}", file=sys.stderr, flush=True)
+            continue
+        if e.oof_ari is None:
             continue
         rows.append(
             {
                 "kind": "ensemble",
-                "name": e["name"],
-                "data": e.get("data", {}).get("name", "?"),
+                "name": e.name,
+                "data": e.data.get("name", "?"),
                 "folds": "",
                 "images": "",
-                "oof_ari": e["oof_ari"],
-                "honest": e.get("nested_ari"),  # None: tuned or selected before nested estimates existed
-                "std": e.get("oof_std") or 0.0,
+                "oof_ari": e.oof_ari,
+                "honest": e.nested_ari,  # None: tuned or selected before nested estimates existed
+                "std": e.oof_std or 0.0,
                 "path": str(path),
-                "command": e.get("command", ""),
+                "command": e.commands,  # selection, then the tune call whose settings are stored
             }
         )
     return sorted(rows, key=lambda r: (r["data"], r["honest"] is None, -(r["honest"] if r["honest"] is not None else r["oof_ari"])))
@@ -318,8 +322,10 @@ def _find_run(target: str | None, runs: Path) -> Path:
     """A run folder, or the newest finished run of an experiment (of any experiment when None)."""
     if target and Path(target).is_dir() and RunDir(Path(target)).finished:
         return Path(target)
-    pattern = f"{target}/*/{SUMMARY}" if target else f"*/*/{SUMMARY}"
-    found = sorted(runs.glob(pattern), key=lambda p: p.stat().st_mtime)
+    found = sorted((r.summary_file for r in RunDir.finished_under(runs) if target is None or r.experiment == target),
+                   key=lambda p: p.stat().st_mtime)  # fmt: skip
     if not found:
-        raise UserError(target or runs, "no finished CV run or ensemble of that name to report")
+        if target is None:
+            raise UserError(runs, "nothing to report yet: no ensemble 'default' and no finished CV run (run `comp cv` first)")
+        raise UserError(target, f"no finished CV run or ensemble of that name under {runs}/ to report")
     return found[-1].parent

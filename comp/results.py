@@ -16,6 +16,7 @@ import yaml
 
 from comp.config import from_dict, load_experiment
 from comp.errors import UserError, atomic_write_text
+from comp.fields import bounded
 from comp.rundir import RunDir
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -25,15 +26,15 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 class Suite:
     """What `make results` runs (experiments/suites/*.yaml)."""
 
-    folds: int = 3
-    trials: int = 40
+    folds: int = bounded(3, lo=2)
+    trials: int = bounded(40, lo=1)
     datasets: dict = field(default_factory=lambda: {"phantom": ""})
     baseline: str = "baseline_watershed"
     stretched: str = "baseline_watershed_stretched"  # the same recipe behind the contrast step
     fg_cc: str = "unet_fg_cc_cpu"
     singles: list[str] = field(default_factory=lambda: ["unet_cpu"])
-    select_steps: int = 8  # greedy ensemble selection: at most this many additions
-    select_images: int = 0  # greedy selection scored on this many OOF images (0 = all)
+    select_steps: int = bounded(8, lo=1)  # greedy ensemble selection: at most this many additions
+    select_images: int = bounded(0, lo=0)  # greedy selection scored on this many OOF images (0 = all)
     regions_from: list[str] | None = None  # instance singles whose OOF regions the tuning may start from (None: all)
 
 
@@ -114,7 +115,9 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
         ens_name = f"results-{ds}"
         spec, _ = build_ensemble(ens_name, learned, data, runs, max_steps=suite.select_steps, images=suite.select_images, force=True, command=f"python -m comp ensemble {' '.join(short[n] for n in suite.singles)} --name {ens_name}")
         instance = [n for n in suite.singles if not has_maps(result[n].run_dir) and _offers_regions(suite, n, short[n])]
-        tune(spec, OOF.load([Path(m.run) for m in spec.members], data), runs, trials=suite.trials, region_runs=[result[n].run_dir for n in instance])
+        tuned_by = f"python -m comp tune {ens_name} --trials {suite.trials}" + (" --regions-from " + " ".join(str(result[n].run_dir) for n in instance) if instance else "")
+        tune(spec, OOF.load([Path(m.run) for m in spec.members], data), runs, trials=suite.trials, region_runs=[result[n].run_dir for n in instance],
+             command=tuned_by)  # fmt: skip
         spec = load_ensemble(ens_name, runs)
         regions = f' REGIONS="{" ".join(short[n] for n in instance)}"' if instance else ""
         r = rows.setdefault("best ensemble (tuned)", Row("best ensemble (tuned)", command=f"make ensemble tune ENS=results-DATA TRIALS={suite.trials}{regions}"))

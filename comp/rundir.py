@@ -17,6 +17,7 @@ values. Files written before that (plain float16) still load.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -170,9 +171,15 @@ class RunDir:
 
     @classmethod
     def finished_under(cls, runs: Path) -> Iterator["RunDir"]:
-        """Every finished run folder under a runs folder."""
-        for summary in Path(runs).glob(f"*/*/{SUMMARY}"):
-            yield cls(summary.parent)
+        """Every finished run folder under a runs folder; one whose summary cannot be read is named and skipped."""
+        for summary in sorted(Path(runs).glob(f"*/*/{SUMMARY}")):
+            run = cls(summary.parent)
+            try:
+                run.summary()
+            except UserError as e:  # a truncated cv.json must not take every table and selection down with it
+                print(f"skipped {e}", file=sys.stderr, flush=True)
+                continue
+            yield run
 
     @staticmethod
     def lock_file(runs: Path, experiment: str, key: RunKey) -> Path:
@@ -252,7 +259,14 @@ class RunDir:
         """cv.json; an unfinished run is a clear error."""
         if not self.finished:
             raise UserError(self.path, f"not a finished CV run (no {SUMMARY})")
-        return json.loads(self.summary_file.read_text())
+        try:
+            summary = json.loads(self.summary_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            summary = None
+        if not isinstance(summary, dict):
+            raise UserError(self.summary_file, "not a readable run summary (truncated by a crash or a full disk?): delete it "
+                            "and rerun `comp cv` with the same settings to summarise the finished folds again")  # fmt: skip
+        return summary
 
     @property
     def n_folds(self) -> int:

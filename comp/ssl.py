@@ -25,7 +25,8 @@ from torch import nn
 from comp.config import experiment_path, from_dict
 from comp.contrast import Contrast, ContrastParams, resolve
 from comp.data.targets import AugConfig, augment, resize_image
-from comp.errors import UserError, atomic_write_text
+from comp.errors import UserError, atomic_write_text, remove_stale_temps
+from comp.fields import bounded
 from comp.models import InstanceNet, ModelConfig, build_model
 from comp.runtime import Amp, describe, device, seed_everything
 from comp.train import EpochSampler, lr_factor, run_epoch, save_checkpoint
@@ -39,21 +40,21 @@ class SSLConfig:
     description: str = ""
     method: str = "mim"  # mim | vicregl
     model: ModelConfig = field(default_factory=ModelConfig)
-    resolution: int = 256
-    crop: int = 128
-    epochs: int = 20
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    mask_ratio: float = 0.6
-    patch: int = 16  # masking patch size at working resolution
-    local_weight: float = 0.75  # vicregl: share of the dense (local) term
+    resolution: int = bounded(256, lo=32, hi=512)
+    crop: int = bounded(128, lo=32)
+    epochs: int = bounded(20, lo=1)
+    batch_size: int = bounded(16, lo=1)
+    lr: float = bounded(1e-3, lo=0, lo_open=True)
+    weight_decay: float = bounded(0.05, lo=0)
+    warmup_epochs: float = bounded(1.0, lo=0)
+    mask_ratio: float = bounded(0.6, lo=0, hi=1, lo_open=True, hi_open=True)
+    patch: int = bounded(16, lo=1)  # masking patch size at working resolution
+    local_weight: float = bounded(0.75, lo=0, hi=1)  # vicregl: share of the dense (local) term
     amp: bool = True
-    num_workers: int = 0  # DataLoader worker processes (augmentation off the training loop)
+    num_workers: int = bounded(0, lo=0)  # DataLoader worker processes (augmentation off the training loop)
     aug: AugConfig = field(default_factory=lambda: AugConfig(rotate_deg=10.0, scale=0.1))
-    max_images: int = 0  # 0 = every slice
-    seed: int = 0
+    max_images: int = bounded(0, lo=0)  # 0 = every slice
+    seed: int = bounded(0, lo=0)
     contrast: ContrastParams = field(default_factory=ContrastParams)  # same as the segmentation experiments it feeds
 
 
@@ -218,6 +219,8 @@ def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path, contrast: Contrast = 
     per_epoch, total = len(loader), cfg.epochs * len(loader)
     warm = int(cfg.warmup_epochs * per_epoch)
     last = out_dir / "last.pt"
+    for ck_path in (last, out_dir / "encoder.pt"):  # a killed pretraining's temps (one process per pretraining folder)
+        remove_stale_temps(ck_path)
     start, history = 0, []
     if last.exists():
         ck = torch.load(last, map_location="cpu", weights_only=True)  # CPU RNG states; no pickle from a checkpoint

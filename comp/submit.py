@@ -9,7 +9,7 @@ import numpy as np
 from comp.config import Experiment
 from comp.contrast import resolve
 from comp.errors import UserError, atomic_path
-from comp.io import N_PIXELS, SIZE, Dataset, count_images, image_names, read_label_csv, write_label_csv
+from comp.io import SIZE, Dataset, count_images, image_names, read_label_csv, scored_maps, write_label_csv
 from comp.metric import image_scores
 from comp.registry import FitContext, FoldData, get_method
 from comp.rundir import RunDir, load_maps
@@ -22,22 +22,11 @@ def validate_submission(path: str | Path, data_root: str | Path, row_labels: lis
         raise UserError(path, "file not found")
     n_test = count_images(data_root, "X_test")
     table = read_label_csv(path)
-    expected = image_names(n_test)
-    if table.columns != expected:
-        have, want = set(table.columns), set(expected)
-        if want - have:
-            first = sorted(want - have, key=lambda c: int(c[:-4]))[0]
-            raise UserError(path, f"missing column '{first}' ({len(table.columns)} columns, expected {n_test})")
-        extra = sorted(have - want, key=lambda c: int(c[:-4]))[0]
-        raise UserError(path, f"unexpected column '{extra}' ({len(table.columns)} columns, expected {n_test})")
     if row_labels is None and (data_root / "Y_train.csv").is_file():
         row_labels = Dataset(data_root).row_labels()
-    if row_labels is not None and table.labels() != row_labels:
-        got = table.labels()
-        r = next(i for i in range(N_PIXELS) if got[i] != row_labels[i])
-        raise UserError(path, f"row label '{got[r]}' at row {r + 1} does not match '{row_labels[r]}' of Y_train.csv")
-    regions = [len(np.unique(m)) - (1 if (m == 0).any() else 0) for m in table.maps]
-    return {"images": n_test, "mean_regions": float(np.mean(regions))}
+    maps, reordered = scored_maps(table, path, image_names(n_test), row_labels)
+    regions = [len(np.unique(m)) - (1 if (m == 0).any() else 0) for m in maps]
+    return {"images": n_test, "mean_regions": float(np.mean(regions)), "rows_reordered": reordered}
 
 
 def submit(exp: Experiment, data: Dataset, out: str | Path, seed: int = 0, runs: Path = Path("runs")) -> dict:
@@ -47,7 +36,7 @@ def submit(exp: Experiment, data: Dataset, out: str | Path, seed: int = 0, runs:
 
 def predict_test(exp: Experiment, data: Dataset, seed: int = 0, runs: Path = Path("runs")) -> np.ndarray:
     """The method fitted on every annotated slice, its X_test instance maps (kept beside the fit, reused while the
-    config, the labels and the number of test slices are the same)."""
+    config, the labels and the test slices themselves, by a hash of their pixels, are the same)."""
     if not data.has_test_images:
         raise UserError(data.root, "no X_test/ folder or X_test.zip: nothing to predict")
     # Keyed like CV runs (config and data): a model fitted on other data is never resumed or shipped.
@@ -55,12 +44,13 @@ def predict_test(exp: Experiment, data: Dataset, seed: int = 0, runs: Path = Pat
     kept = RunDir.submit_predictions(workdir)
     if kept.is_file():
         with np.load(kept) as z:
-            if len(z["pred"]) == len(data.x_test):
+            if "x_test" in z.files and str(z["x_test"]) == data.test_digest and len(z["pred"]) == len(data.x_test):
                 print(f"{exp.name}: test predictions of its fit on every annotated slice, kept in {kept}", flush=True)
                 return z["pred"]
+        print(f"{exp.name}: the test slices differ from those of the predictions kept in {kept}: fitting and predicting anew", flush=True)
     pred = _fit_predict(exp, data, seed, runs, workdir)
     with atomic_path(kept, suffix=".npz") as tmp, open(tmp, "wb") as fh:
-        np.savez_compressed(fh, pred=pred)
+        np.savez_compressed(fh, pred=pred, x_test=np.array(data.test_digest))
     return pred
 
 
@@ -101,11 +91,15 @@ class MemberMaps:
         rd = RunDir(Path(run))
         cfg = rd.config()
         self.x, self.tta, self.sources = data.x_test, tta, []
+        if cached:
+            _check_test_slices(rd, cfg.get("data") or {}, data)
         for f in range(int(cfg["cv"]["folds"])):
             if cached:
                 path = rd.test_maps_file(f)
                 if not path.is_file():
-                    raise UserError(path, "no cached test maps (the CV run had no X_test); drop --cached")
+                    had = (cfg.get("data") or {}).get("n_test", 0)
+                    why = "missing (deleted?)" if had else "not there: the CV run's data had no X_test"
+                    raise UserError(path, f"cached test maps {why}; drop --cached to predict with the fold models")
                 n = len(rd.test_maps(f))
                 if n != len(self.x):
                     raise UserError(path, f"{n} cached test maps but {len(self.x)} test images: drop --cached")
@@ -121,6 +115,16 @@ class MemberMaps:
             maps = load_maps(src)[sl] if isinstance(src, Path) else src.predict_maps(self.x[sl], tta=self.tta)
             acc = maps.astype(np.float32) if acc is None else acc + maps
         return (acc / len(self.sources)).astype(np.float16)
+
+
+def _check_test_slices(rd: RunDir, recorded: dict, data: Dataset) -> None:
+    """Cached test maps are used only for the very test slices they were predicted from (a hash of their pixels)."""
+    if not recorded.get("x_test"):
+        raise UserError(rd.path, "its cached test maps record no hash of the test slices they came from (a run older than "
+                        "that check): drop --cached to predict with the fold models")  # fmt: skip
+    if recorded["x_test"] != data.test_digest:
+        raise UserError(rd.path, f"its cached test maps were predicted from other test slices than those in {data.root} "
+                        "(changed, added or reordered since the CV run): drop --cached to predict with the fold models")  # fmt: skip
 
 
 def member_test_maps(run: Path, data: Dataset, cached: bool = False, tta: bool = True) -> np.ndarray:

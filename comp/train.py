@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from comp.data.targets import AugConfig, augment, make_targets, resize_image, resize_labels
-from comp.errors import UserError, atomic_path
+from comp.errors import UserError, atomic_path, remove_stale_temps
+from comp.fields import bounded
 from comp.losses import LossConfig, instance_loss
 from comp.models import InstanceNet
 from comp.runtime import Amp, describe, device, seed_everything
@@ -23,20 +24,20 @@ from comp.runtime import Amp, describe, device, seed_everything
 class TrainConfig:
     """Optimisation settings of one fold's training."""
 
-    epochs: int = 40
-    batch_size: int = 8
-    resolution: int = 256  # working resolution; maps are resized back to 512 for post-processing
-    crop: int = 0  # train on random crops of this size at working resolution (0 = whole slices)
+    epochs: int = bounded(40, lo=1)
+    batch_size: int = bounded(8, lo=1)
+    resolution: int = bounded(256, lo=32, hi=512)  # working resolution; maps are resized back to 512 for post-processing
+    crop: int = bounded(0, lo=0)  # train on random crops of this size at working resolution (0 = whole slices)
     optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
+    lr: float = bounded(1e-3, lo=0, lo_open=True)
+    weight_decay: float = bounded(1e-4, lo=0)
     schedule: str = "cosine"  # cosine | constant
-    warmup_epochs: float = 1.0
-    val_every: int = 1
+    warmup_epochs: float = bounded(1.0, lo=0)
+    val_every: int = bounded(1, lo=1)
     amp: bool = True  # only on CUDA
     channels_last: bool = True  # only on CUDA
-    num_workers: int = 0
-    budget: float = 1.0  # fraction of the fold's annotated training images used (few-shot ablations)
+    num_workers: int = bounded(0, lo=0)
+    budget: float = bounded(1.0, lo=0, hi=1, lo_open=True)  # fraction of the fold's annotated training images used (few-shot ablations)
     deterministic: bool = False  # CUDA: deterministic kernels (slower); the CPU path is deterministic anyway
     loss: LossConfig = field(default_factory=LossConfig)
     aug: AugConfig = field(default_factory=AugConfig)
@@ -226,6 +227,8 @@ def train_fold(
     total = cfg.epochs * per_epoch
     warm = int(cfg.warmup_epochs * per_epoch)
     last, best_path = workdir / "last.pt", workdir / "best.pt"
+    for ck_path in (last, best_path):  # the fold is claimed: temps beside its checkpoints are a killed run's leftovers
+        remove_stale_temps(ck_path)
     start, best, history = 0, -math.inf, []
     if last.exists():
         # On the CPU and weights-only: RNG states must stay CPU tensors, and no pickle runs from a checkpoint.

@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 
+from comp.claims import dead_here, me
 from comp.contrast import Contrast
 from comp.ensemble import OOF, EnsembleSpec, merger_path, nested_scores, oof_index, random_subset, save_ensemble
 from comp.errors import UserError
@@ -48,6 +49,7 @@ SUPERPIXEL_SCAN_IMAGES = 40
 # Another method's own OOF predictions (e.g. the hybrid's) as the regions, merged further with the maps as
 # features, or kept as they are (None): tens of regions an image, as cheap to score as the maps' watershed.
 RUN_THRESHOLDS = (None, 0.35, 0.5, 0.65, 0.8)
+WORKER = "worker"  # user attribute of a running trial: the pid@host of the process scoring it
 
 
 @dataclass
@@ -62,8 +64,9 @@ class TuneResult:
     trials_complete: int
     trials_per_minute: float
     nested_ari: float  # honest: each fold scored with a search on the other folds
-    baseline_ari: float  # what the search had to beat: the stored settings, or the run's own CV score
+    baseline_ari: float  # the stored settings' score on these OOF images (a non-learned run: its own CV score)
     regions: str = ""  # what merging starts from when not the maps' watershed (superpixels, or a run's regions)
+    bar: float | None = None  # what the nested estimate had to beat to be stored (None: nothing was stored yet)
 
 
 def storage_url(storage: str | None, name: str, runs: Path) -> str:
@@ -100,8 +103,33 @@ def open_study(url: str, name: str, seed: int):
             raise UserError(url.split("@")[-1], f"cannot open the study storage ({exc.__class__.__name__}: {str(exc)[:160]})") from None
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, multivariate=True)
     study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler, load_if_exists=True)
+    fail_dead_trials(study)
     print(f"watch it live (any machine that reaches the storage): {dashboard_command(url)}", flush=True)
     return study
+
+
+def hold_trial(trial) -> None:
+    """Record this process (pid@host) on a running trial, so a later call can tell it was killed."""
+    trial.set_user_attr(WORKER, me())
+
+
+def fail_dead_trials(study) -> int:
+    """Fail the RUNNING trials of a killed tune: of a process of this host that is gone, or past the heartbeat's grace
+    period on any host (a kill -9 leaves its trial RUNNING for ever in the study, and on the dashboard)."""
+    import warnings
+
+    import optuna
+    from optuna.trial import TrialState
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    dead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if dead_here(str(t.user_attrs.get(WORKER, "")))]
+    for t in dead:
+        study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+    if dead:
+        print(f"study {study.study_name}: {len(dead)} trial(s) of a killed tune marked failed", flush=True)
+    return len(dead)
 
 
 def dashboard_command(url: str) -> str:
@@ -167,6 +195,7 @@ def tune(
     params: list[str] | None = None,
     superpixels: bool = True,
     region_runs: list[Path] | None = None,
+    command: str = "",
 ) -> TuneResult:
     """Search post-processing and weights on OOF maps, estimate it nested across folds, add merging, store if honestly better.
 
@@ -183,6 +212,9 @@ def tune(
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for r in region_runs or []:  # before any search: a run on other folds would be refused after minutes of work
+        oof.check_run(r)
+    bar = spec.nested_ari  # what a result must beat to be stored (None: nothing stored yet)
     has_emb = all(m.channels > 3 for m in oof.members)
     space = _restrict(SPACE, params)
     idx = oof.subset(images, seed)
@@ -192,6 +224,7 @@ def tune(
 
     def objective_on(sub: np.ndarray) -> Callable:
         def objective(trial) -> float:
+            hold_trial(trial)
             post, weights = suggest(trial, spec.post, len(oof.members), has_emb, space)
             return float(oof.scores(weights, post, idx=sub, workers=workers).mean())
 
@@ -262,8 +295,9 @@ def tune(
         if c_nested.mean() > final_nested.mean():
             final, final_nested, threshold, merger, regions = c_full, c_nested, c_t, c_merger, cand
     new_ari, new_nested = float(final.mean()), float(final_nested.mean())
-    stored = spec.nested_ari is None or new_nested > spec.nested_ari + 1e-9
+    stored = bar is None or new_nested > bar + 1e-9
     if stored:
+        _record_command(spec, command)
         total = sum(weights)
         for m, w in zip(spec.members, weights):
             m.weight = round(w / total, 6)
@@ -277,7 +311,13 @@ def tune(
             merger.threshold = threshold
             save_merger(merger, merger_path(spec.name, runs))
         save_ensemble(spec, runs)
-    return TuneResult(float(best.value), new_ari, no_merge, threshold, stored, done, rate, new_nested, float(defaults.mean()), _describe(regions) if regions is not None else "")
+    return TuneResult(float(best.value), new_ari, no_merge, threshold, stored, done, rate, new_nested, float(defaults.mean()),
+                      _describe(regions) if regions is not None else "", bar)  # fmt: skip
+
+
+def _record_command(spec: EnsembleSpec, command: str) -> None:
+    """The tune call that produced the stored settings, beside the command that made the file (the leaderboard shows both)."""
+    spec.tune_command = "" if command == spec.command else command
 
 
 def region_candidate(oof: OOF, weights: list[float], choices: list[Regions], thresholds: tuple, scan_n: int, seed: int = 0,
@@ -373,7 +413,7 @@ def method_scores(exp, contrast: Contrast, x: np.ndarray, y: np.ndarray, spec: M
 
 
 def tune_method(spec_file: EnsembleSpec, data, runs: Path, trials: int = 40, storage: str | None = None, images: int = 0,
-                seed: int = 0, params: list[str] | None = None) -> TuneResult:  # fmt: skip
+                seed: int = 0, params: list[str] | None = None, command: str = "") -> TuneResult:  # fmt: skip
     """Optuna over a non-learned run's declared parameters and its contrast window on the run's OOF images, nested too.
 
     The bar is the run's own CV ARI (its folds fitted on their training images only); the tuned settings are
@@ -401,14 +441,20 @@ def tune_method(spec_file: EnsembleSpec, data, runs: Path, trials: int = 40, sto
     for start in starts:
         study.enqueue_trial(start, skip_if_exists=True)
     cv_ari = float(RunDir(run).summary()["mean_ari"])
-    print(f"to beat: the run's own CV ARI {cv_ari:.4f}", flush=True)
+    bar = cv_ari if spec_file.nested_ari is None else spec_file.nested_ari
+    what = "the run's own CV ARI" if spec_file.nested_ari is None else "the stored nested estimate"
+    print(f"to beat: {what} {bar:.4f}", flush=True)
 
     def scores_of(trial, sub: np.ndarray) -> np.ndarray:  # a live trial, or a FixedTrial replaying found parameters
         params_, c = _method_trial(trial, spec, exp.params, contrast)
         return method_scores(dataclasses.replace(exp, params=params_), c, x[sub], y[sub], spec)
 
     def objective_on(sub: np.ndarray) -> Callable:
-        return lambda trial: float(scores_of(trial, sub).mean())
+        def objective(trial) -> float:
+            hold_trial(trial)
+            return float(scores_of(trial, sub).mean())
+
+        return objective
 
     def replay(p: dict, sub: np.ndarray) -> np.ndarray:
         return scores_of(optuna.trial.FixedTrial(p), sub)
@@ -427,7 +473,6 @@ def tune_method(spec_file: EnsembleSpec, data, runs: Path, trials: int = 40, sto
     print(f"nested estimate: {len(np.unique(folds))} searches of {trials} trials, each on the other folds' images", flush=True)
     nested = nested_scores(folds, every, lambda inner: inner_study(objective_on(inner), starts, trials, seed), replay)
     print(f"tuned: in-sample {scores.mean():.4f}, nested {nested.mean():.4f} (the run's CV ARI {cv_ari:.4f})", flush=True)
-    bar = cv_ari if spec_file.nested_ari is None else spec_file.nested_ari
     stored = nested.mean() > bar + 1e-9
     if stored:
         params_, c = _method_trial(optuna.trial.FixedTrial(best.params), spec, exp.params, contrast)
@@ -436,8 +481,10 @@ def tune_method(spec_file: EnsembleSpec, data, runs: Path, trials: int = 40, sto
         spec_file.oof_ari = spec_file.oof_ari_no_merge = float(scores.mean())
         spec_file.oof_std = float(scores.std())
         spec_file.nested_ari = float(nested.mean())
+        _record_command(spec_file, command)
         save_ensemble(spec_file, runs)
-    return TuneResult(float(best.value), float(scores.mean()), float(scores.mean()), None, stored, done, rate, float(nested.mean()), bar)
+    return TuneResult(float(best.value), float(scores.mean()), float(scores.mean()), None, stored, done, rate, float(nested.mean()), cv_ari,
+                      bar=bar)  # fmt: skip
 
 
 def _complete(study) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -110,3 +111,42 @@ def test_every_shipped_student_is_its_teacher_but_for_the_schedule() -> None:
         assert s.params.model == t.params.model and s.params.post == t.params.post and s.cv == t.cv, s.name
         assert s.contrast == t.contrast and s.params.train.loss == t.params.train.loss, s.name
         assert dataclasses.replace(s.params.train, epochs=t.params.train.epochs) == t.params.train, s.name
+
+
+@pytest.mark.parametrize("name, override, message", [
+    ("unet_cpu", "params.train.epochs=0", "'params.train.epochs' must be at least 1, got 0"),
+    ("unet_cpu", "params.train.epochs=-1", "'params.train.epochs' must be at least 1, got -1"),
+    ("smooth_watershed", "params.sigma=-1", "'params.sigma' must be at least 0, got -1.0"),
+    ("unet_cpu_pseudo", "pseudo.images=-5", "'pseudo.images' must be at least 0, got -5"),
+    ("hybrid", "params.fit_h=[.nan]", "'params.fit_h[0]' must be a finite number"),
+    ("hybrid", "params.fit_h=[-0.01]", "'params.fit_h' must be above 0, got -0.01"),
+    ("hybrid", "params.fit_thresholds=[]", "'params.fit_thresholds' needs at least 1 value, got []"),
+    ("hybrid", "params.superpixels.h=0", "'params.superpixels.h' must be above 0, got 0.0"),
+    ("smooth_watershed", "cv.folds=1", "'cv.folds' must be at least 2, got 1"),
+    ("unet_cpu", "params.train.budget=1.5", "'params.train.budget' must be above 0 and at most 1, got 1.5"),
+])  # fmt: skip
+def test_values_out_of_their_declared_range_are_refused(name: str, override: str, message: str) -> None:
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_experiment(name, [override])
+
+
+def test_a_bad_value_stops_cv_before_any_run_folder(tmp_path: Path, tiny_phantom: Path) -> None:
+    """A NaN superpixel depth once hung the hybrid's workers; now it is one line before any work."""
+    r = run_cli("cv", "hybrid", "--set", "params.fit_h=[.nan]", "--data", str(tiny_phantom), "--runs", str(tmp_path / "runs"))
+    assert r.returncode == 2 and "finite number" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "runs" / "hybrid").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["cv", "smooth_watershed", "--folds", "0"], "--folds: must be at least 2, got '0'"),
+    (["data", "stats", "{data}", "--images", "-3"], "--images: must be at least 0, got '-3'"),
+    (["data", "stats", "{data}", "--superpixels", "nan"], "--superpixels: expected a finite number, got 'nan'"),
+    (["data", "stats", "{data}", "--superpixels", "0"], "--superpixels: must be above 0, got '0'"),
+    (["data", "stats", "{data}", "--superpixels", "-0.01"], "--superpixels: must be above 0, got '-0.01'"),
+    (["tune", "smooth_watershed", "--trials", "0"], "--trials: must be at least 1, got '0'"),
+    (["tune", "smooth_watershed", "--runs", "{file}"], "is a file, not a runs folder"),
+])  # fmt: skip
+def test_bad_numbers_on_the_command_line_are_one_line_exit_2(tmp_path: Path, tiny_phantom: Path, args: list[str], message: str) -> None:
+    (tmp_path / "f.txt").write_text("x")
+    r = run_cli(*[a.format(data=tiny_phantom, file=tmp_path / "f.txt") for a in args], cwd=tmp_path)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

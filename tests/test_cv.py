@@ -141,3 +141,15 @@ def test_inner_split_holds_out_whole_groups() -> None:
     assert sorted(np.concatenate([fit, val])) == list(range(len(groups)))
     fit, val = inner_split(len(groups), 10, seed=3)
     assert len(val) == 10 and set(groups[fit]) & set(groups[val])  # without groups: images at random
+
+
+def test_an_empty_claim_does_not_block_its_fold(tmp_path, tiny_phantom):
+    """A claim is written whole (temp file, hard link): an empty one is junk, taken over at once, not after 10 minutes."""
+    from comp.claims import claim
+
+    path = tmp_path / "fold0" / ".claim"
+    path.parent.mkdir()
+    path.write_text("")
+    with claim(path) as holder:
+        assert holder is None and path.read_text().count("@") == 1
+    assert not path.exists() and not list(path.parent.iterdir())  # no temp left beside it

@@ -102,6 +102,9 @@ def _bad_csv(tmp_path: Path, mutate) -> Path:
         (lambda df: df.rename(columns={"1.png": "0.png"}), "duplicate column '0.png'"),
         (lambda df: df.rename(columns={"1.png": "2.png"}), "missing column '1.png'"),
         (lambda df: df.rename(columns={"1.png": "b.jpg"}), "bad column name 'b.jpg'"),
+        (lambda df: df.rename(columns={"1.png": "2.png"}), "column '2.png' is out of sequence"),
+        (lambda df: df.assign(**{"1.png": df["1.png"].where(df.index != "Pixel 7", None)}), "empty value at row 8, column '1.png'"),
+        (lambda df: df.assign(**{"1.png": df["1.png"].where(df.index != "Pixel 3", 256)}), "out of range 0..255 at row 4, column '1.png'"),
     ],
 )
 def test_bad_csv_gives_one_clear_error(tmp_path: Path, mutate, message: str) -> None:
@@ -208,7 +211,10 @@ def test_dataset_errors(tmp_path: Path, tiny_phantom: Path) -> None:
     root = tmp_path / "mismatch"
     shutil.copytree(tiny_phantom / "X_train", root / "X_train")
     write_label_csv(root / "Y_train.csv", np.zeros((5, 512, 512), np.uint8))
-    with pytest.raises(UserError, match="5 image columns but 12 images"):
+    with pytest.raises(UserError, match="5 image columns but 12 images in X_train: no column for 5.png and after"):
+        Dataset(root).y_train
+    write_label_csv(root / "Y_train.csv", np.zeros((13, 512, 512), np.uint8))
+    with pytest.raises(UserError, match="13 image columns but 12 images in X_train: column '12.png' and after have no image"):
         Dataset(root).y_train
 
 

@@ -334,3 +334,19 @@ def test_resume_loads_the_checkpoint_onto_the_cpu_weights_only(tmp_path: Path, m
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or real(*a, **k))
     train_fold(build_model(cfg), xs, ys, train, tmp_path, 0)  # finished: resumes past the last epoch
     assert calls and all(k.get("map_location") == "cpu" and k.get("weights_only") is True for k in calls)
+
+
+def test_a_killed_runs_checkpoint_temps_are_cleared_on_resume(tmp_path: Path) -> None:
+    """kill -9 during torch.save leaves fold0/.last.pt.<random>.pt (atomic_path's cleanup never ran): the next start clears it."""
+    from comp.train import TrainConfig, train_fold
+
+    xs = np.random.default_rng(0).integers(0, 255, (2, 512, 512)).astype(np.uint8)
+    ys = np.zeros((2, 512, 512), np.uint8)
+    ys[:, 100:200, 100:200] = 1
+    left = [tmp_path / ".last.pt.k9x2a.pt", tmp_path / ".best.pt.q1w2e.pt"]
+    for p in left:
+        p.write_bytes(b"half a checkpoint")
+    cfg = ModelConfig(encoder="tu-mobilenetv3_small_100", decoder_channels=(16, 8, 8, 8, 8), embedding_dim=4)
+    train_fold(build_model(cfg), xs, ys, TrainConfig(epochs=1, batch_size=2, resolution=32), tmp_path, 0)
+    assert not any(p.exists() for p in left) and (tmp_path / "last.pt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]

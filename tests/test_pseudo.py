@@ -105,3 +105,19 @@ def test_a_teacher_chain_that_loops_back_is_one_clear_error(tmp_path: Path, tiny
     with pytest.raises(UserError, match="leads back to itself: a -> b -> a"):
         run_cv(load_experiment(str(tmp_path / "a.yaml")), Dataset(tiny_phantom), runs=tmp_path / "runs")
     assert not (tmp_path / "runs").exists()  # nothing trained, no folder made
+
+
+def test_a_teacher_that_predicts_no_maps_is_refused_before_its_cv(tmp_path: Path, tiny_phantom: Path) -> None:
+    """A non-learned teacher was refused only after its whole CV had run; now before anything runs. `../` is no name."""
+    from comp.config import load_experiment
+    from comp.cv import run_cv
+    from comp.io import Dataset
+    from tests.conftest import TINY_UNET
+
+    raw = yaml.safe_load(TINY_UNET)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({**raw, "name": "s", "pseudo": {"teacher": "smooth_watershed"}}))
+    with pytest.raises(UserError, match="predicts no maps"):
+        run_cv(load_experiment(str(tmp_path / "s.yaml")), Dataset(tiny_phantom), runs=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(UserError, match="pseudo.teacher '../unet_cpu' may only use letters"):
+        load_experiment(str(tmp_path / "s.yaml"), ["pseudo.teacher=../unet_cpu"])

@@ -69,3 +69,21 @@ def test_report_renders_in_headless_chromium(tiny_phantom: Path, tmp_path: Path)
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
     assert pixels.std() > 20, "the screenshot is blank"
     assert (pixels < 50).mean() > 0.01  # dark image panels rendered, not just text on white
+
+
+def test_a_truncated_cv_json_is_named_and_skipped_not_a_crash(tiny_phantom: Path, tmp_path: Path) -> None:
+    """A crash or a full disk can leave half a cv.json: leaderboard, report and ensemble name it and go on."""
+    good = fake_run(tmp_path, tiny_phantom, "good")
+    bad = fake_run(tmp_path, tiny_phantom, "bad")
+    (bad / "cv.json").write_text('{"experiment": "bad", "mean_a')
+    for cmd in (["leaderboard"], ["report"], ["ensemble", "--name", "e"]):
+        r = run_cli(*cmd, "--runs", str(tmp_path), *([] if cmd == ["leaderboard"] else ["--data", str(tiny_phantom)]))
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (cmd, r.stderr)
+        assert f"skipped {bad / 'cv.json'}: not a readable run summary" in r.stderr, (cmd, r.stderr)
+    board = (tmp_path / "leaderboard.md").read_text()
+    assert "| good |" in board and "| bad |" not in board and str(good) in board
+
+
+def test_report_with_nothing_to_report_says_so(tiny_phantom: Path, tmp_path: Path) -> None:
+    r = run_cli("report", "--data", str(tiny_phantom), "--runs", str(tmp_path))
+    assert r.returncode == 2 and "nothing to report yet" in r.stderr and "of that name" not in r.stderr

@@ -45,7 +45,7 @@ def test_validate_catches_layout_errors(tiny_phantom: Path, tmp_path: Path) -> N
         validate_submission(many, tiny_phantom)
     relabelled = tmp_path / "labels.csv"
     write_label_csv(relabelled, np.zeros((4, 512, 512), np.uint8), row_labels=[f"p{i}" for i in range(512 * 512)])
-    with pytest.raises(UserError, match="row label 'p0' at row 1 does not match 'Pixel 0'"):
+    with pytest.raises(UserError, match=r"no row labelled 'Pixel 0' \(row 1 is 'p0'\)"):
         validate_submission(relabelled, tiny_phantom)
 
 
@@ -94,3 +94,84 @@ def test_submit_on_other_data_never_resumes_the_first_datas_model(tmp_path):
         outs.append(r.stdout + r.stderr)
     assert "resuming" not in outs[1]
     assert len(list((tmp_path / "runs" / "tinysub").glob("submit-*"))) == 2
+
+
+def _swap_test_slices(root: Path) -> None:
+    """Swap X_test/0.png and X_test/1.png, as an update of the test set could."""
+    a, b, tmp = root / "X_test" / "0.png", root / "X_test" / "1.png", root / "X_test" / "swap.tmp"
+    a.rename(tmp), b.rename(a), tmp.rename(b)
+
+
+def test_kept_test_predictions_follow_the_test_slices(tiny_phantom: Path, tmp_path: Path) -> None:
+    """Test predictions kept beside a fit are keyed on the test slices' pixels: swapped slices are predicted anew."""
+    from comp.submit import predict_test
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_phantom, root)
+    exp = Experiment("sw", "smooth_watershed", SmoothWatershedParams(fit_images=0, workers=1), CVConfig())
+    first = predict_test(exp, Dataset(root), runs=tmp_path / "runs")
+    _swap_test_slices(root)
+    again = predict_test(exp, Dataset(root), runs=tmp_path / "runs")
+    assert not np.array_equal(first[0], first[1])
+    assert np.array_equal(again[0], first[1]) and np.array_equal(again[1], first[0])  # not the stale, misaligned ones
+
+
+def test_cached_test_maps_of_other_test_slices_are_refused(tiny_phantom: Path, tmp_path: Path) -> None:
+    """`--cached` test maps predicted from other test slices (changed after CV) are refused, never blended in."""
+    from comp.cv import run_cv
+    from comp.config import load_experiment
+    from comp.ensemble import EnsembleSpec, MemberRef, save_ensemble
+    from comp.rundir import RunDir, save_maps
+    from comp.submit import submit_ensemble
+    from tests.conftest import fake_run
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_phantom, root)
+    run = fake_run(tmp_path / "runs", root, "m")
+    for f in range(2):
+        save_maps(RunDir(run).test_maps_file(f), np.zeros((4, 7, 64, 64), np.float32))
+    save_ensemble(EnsembleSpec(name="e", members=[MemberRef(str(run), 1.0)], data=Dataset(root).fingerprint()), tmp_path / "runs")
+    assert submit_ensemble("e", Dataset(root), tmp_path / "ok.csv", tmp_path / "runs", cached=True, workers=1)["images"] == 4
+    kept = RunDir(run).test_maps_file(1).read_bytes()
+    RunDir(run).test_maps_file(1).unlink()  # a user cleaning up disk: not "the CV run had no X_test"
+    with pytest.raises(UserError, match="cached test maps missing \\(deleted\\?\\); drop --cached"):
+        submit_ensemble("e", Dataset(root), tmp_path / "gone.csv", tmp_path / "runs", cached=True, workers=1)
+    RunDir(run).test_maps_file(1).write_bytes(kept)
+    _swap_test_slices(root)
+    with pytest.raises(UserError, match="predicted from other test slices"):
+        submit_ensemble("e", Dataset(root), tmp_path / "stale.csv", tmp_path / "runs", cached=True, workers=1)
+    assert not (tmp_path / "stale.csv").exists()
+    # A CV run resumed after the test slices changed would cache two test sets' maps: refused too.
+    exp = load_experiment("baseline_watershed_stretched")
+    unfinished = RunDir(run_cv(exp, Dataset(root), 2, tmp_path / "r2").run_dir)
+    unfinished.summary_file.unlink()
+    (unfinished.path / "oof" / "fold1.npz").unlink()  # fold 1 still to do
+    _swap_test_slices(root)
+    with pytest.raises(UserError, match="test slices changed since this run began"):
+        run_cv(exp, Dataset(root), 2, tmp_path / "r2")
+
+
+def test_score_and_validate_align_rows_by_label_and_pair_images_by_position(tiny_phantom: Path, tmp_path: Path) -> None:
+    """As the official scorer: pixel rows matched by label (reordered rows score the same), images by column position."""
+    truth = read_label_csv(tiny_phantom / "Y_test.csv")
+    rows = tmp_path / "reversed.csv"
+    labels = [f"Pixel {i}" for i in range(512 * 512)][::-1]
+    write_label_csv(rows, truth.maps.reshape(4, -1)[:, ::-1].reshape(4, 512, 512), truth.columns, labels)
+    r = run_cli("score", str(tiny_phantom / "Y_test.csv"), str(rows))
+    assert r.returncode == 0 and "score (mean over 4 images): 1.00000" in r.stdout, r.stdout + r.stderr
+    r = run_cli("validate-submission", str(rows), "--data", str(tiny_phantom))
+    assert r.returncode == 0 and "matched by label" in r.stdout
+    shuffled = tmp_path / "shuffled.csv"
+    pd.read_csv(tiny_phantom / "Y_test.csv", index_col=0)[["1.png", "0.png", "2.png", "3.png"]].to_csv(shuffled)
+    for cmd in (("score", str(tiny_phantom / "Y_test.csv"), str(shuffled)), ("validate-submission", str(shuffled), "--data", str(tiny_phantom))):
+        r = run_cli(*cmd)
+        assert r.returncode == 2 and "column 1 is '1.png', not '0.png'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_empty_ensemble_file_is_one_clear_error(tiny_phantom: Path, tmp_path: Path) -> None:
+    (tmp_path / "ensembles").mkdir()
+    (tmp_path / "ensembles" / "e.yaml").write_text("")
+    (tmp_path / "ensembles" / "m.yaml").write_text("name: m\nmembers: []\n")
+    for name, message in (("e", "empty, or not a mapping"), ("m", "names no member run")):
+        r = run_cli("submit", "--ensemble", name, "--data", str(tiny_phantom), "--runs", str(tmp_path), "--out", str(tmp_path / "s.csv"))
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from conftest import ROOT, TINY_UNET, fake_run, run_cli
 
+from comp.errors import UserError
 from comp.ensemble import OOF, EnsembleSpec, MemberRef, build_ensemble, load_ensemble, save_ensemble
 from comp.io import Dataset
 from comp.merge import fit_fold_mergers, load_merger, pair_features, pair_targets, save_merger
@@ -382,3 +383,69 @@ def test_merging_can_start_from_another_runs_regions_and_submit_reproduces_it(ti
     other = run_cv(load_experiment("baseline_watershed_stretched"), data, 3, tmp_path)
     with pytest.raises(UserError, match="folds differ"):
         OOF.load([blind], data).run_labels(str(other.run_dir))
+
+
+def test_a_killed_tunes_running_trial_is_failed_when_the_study_reopens(tmp_path: Path) -> None:
+    """kill -9 leaves its trial RUNNING in the study for ever (dashboard, counts); reopening fails it. A live
+    worker's trial (another process on a shared storage) is left alone."""
+    import socket
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from comp.tune import WORKER, open_study
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = open_study(url, "s", 0)
+    dead, live = study.ask(), study.ask()
+    dead.set_user_attr(WORKER, f"{2**22 + 4321}@{socket.gethostname()}")  # no such process
+    live.set_user_attr(WORKER, f"{os.getpid()}@{socket.gethostname()}")
+    open_study(url, "s", 0)
+    states = {t.number: t.state for t in optuna.load_study(study_name="s", storage=url).trials}
+    assert states == {dead.number: TrialState.FAIL, live.number: TrialState.RUNNING}
+
+
+def test_regions_from_a_run_on_other_folds_is_refused_before_any_search(tiny_phantom: Path, tmp_path: Path) -> None:
+    run = fake_run(tmp_path, tiny_phantom, "maps")
+    other = fake_run(tmp_path, tiny_phantom, "regions3", folds=3)
+    with pytest.raises(UserError, match="folds differ"):
+        tune(_spec(run, tiny_phantom, "early"), OOF.load([run], Dataset(tiny_phantom)), tmp_path, trials=2, workers=1, region_runs=[other])
+    assert not (tmp_path / "tune" / "early.db").exists() and not (tmp_path / "tune").exists()
+
+
+def test_the_leaderboard_shows_the_commands_that_reproduce_a_tuned_ensemble(tiny_phantom: Path, tmp_path: Path) -> None:
+    """Selection, then the tune call whose settings are stored: the selection alone scores something else."""
+    from comp.report import leaderboard_rows
+
+    run = fake_run(tmp_path, tiny_phantom, "lb", noise=0.05)
+    spec = _spec(run, tiny_phantom, "e1")
+    spec.command = "python -m comp ensemble lb --name e1"
+    save_ensemble(spec, tmp_path)
+    r = tune(spec, OOF.load([run], Dataset(tiny_phantom)), tmp_path, trials=2, workers=1, merge=False, command="python -m comp tune e1 --trials 2")
+    assert r.stored and r.bar is None
+    row = next(x for x in leaderboard_rows(tmp_path) if x["name"] == "e1")
+    assert row["command"] == "python -m comp ensemble lb --name e1 && python -m comp tune e1 --trials 2"
+
+
+def test_ensembling_a_method_without_maps_says_so(tiny_phantom: Path, tmp_path: Path) -> None:
+    from comp.config import load_experiment
+    from comp.cv import run_cv
+
+    run_cv(load_experiment("baseline_watershed_stretched"), Dataset(tiny_phantom), 2, tmp_path)
+    r = run_cli("ensemble", "baseline_watershed_stretched", "--data", str(tiny_phantom), "--runs", str(tmp_path))
+    assert r.returncode == 2 and "cache no maps" in r.stderr and "comp tune baseline_watershed_stretched" in r.stderr, r.stderr
+    maps = fake_run(tmp_path, tiny_phantom, "maps")
+    r = run_cli("tune", str(maps), "--regions-from", "../baseline_watershed_stretched", "--data", str(tiny_phantom), "--runs", str(tmp_path))
+    assert r.returncode == 2 and "may only use letters" in r.stderr, r.stderr
+
+
+def test_tune_says_what_a_result_had_to_beat_to_be_stored(tiny_phantom: Path, tmp_path: Path) -> None:
+    """The bar printed is the one applied (the stored nested estimate), not the stored settings' in-sample score."""
+    run = fake_run(tmp_path, tiny_phantom, "bar", noise=0.05)
+    save_ensemble(_spec(run, tiny_phantom, "bar"), tmp_path)
+    args = ("tune", "bar", "--data", str(tiny_phantom), "--runs", str(tmp_path), "--workers", "1", "--no-merge", "--trials", "2")
+    r = run_cli(*args)
+    assert r.returncode == 0 and "nothing was stored yet" in r.stdout and "to beat:" not in r.stdout, r.stdout + r.stderr
+    stored = load_ensemble("bar", tmp_path).nested_ari
+    r = run_cli(*args[:-1], "3")
+    assert r.returncode == 0 and f"to be stored it had to beat {stored:.4f}" in r.stdout, r.stdout + r.stderr

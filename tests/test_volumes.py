@@ -177,3 +177,66 @@ def test_default_window_is_the_challenges(tmp_path: Path) -> None:
     x = Dataset(tmp_path / "out").x_train[0]
     assert set(np.unique(x)) >= {0, 255} and (np.isin(x, (127, 128))).sum() > 10_000
     assert x[0, 0] == 0 and np.isin(x, (0, 127, 128, 255)).mean() > 0.9  # only the resampled edges lie between
+
+
+def test_import_over_a_data_set_is_refused_unless_forced_and_never_mixes(tmp_path: Path) -> None:
+    """A non-empty --out (say the challenge's data/raw) is refused; --force replaces it whole, no old slice left."""
+    ct, lab = _volume()
+    img, seg = _nifti(tmp_path, ct, lab)
+    out = tmp_path / "raw"
+    import shutil
+
+    shutil.copy(img, tmp_path / "ct2.nii.gz")
+    import_volumes([img, tmp_path / "ct2.nii.gz"], [seg, seg], out, ImportConfig(min_px=5))
+    assert len(list((out / "X_train").glob("*.png"))) == 12
+    before = (out / "Y_train.csv").read_bytes()
+    r = run_cli("data", "import-volumes", "--images", str(tmp_path / "ct2.nii.gz"), "--labels", str(seg), "--out", str(out))
+    assert r.returncode == 2 and "is not empty" in r.stderr and "--force" in r.stderr
+    assert (out / "Y_train.csv").read_bytes() == before  # untouched
+    r = run_cli("data", "import-volumes", "--images", str(tmp_path / "ct2.nii.gz"), "--labels", str(seg), "--out", str(out), "--force")
+    assert r.returncode == 0, r.stderr
+    d = Dataset(out)
+    assert len(d.x_train) == len(d.y_train) == 6 and len(list((out / "X_train").glob("*.png"))) == 6
+    assert not list(tmp_path.glob(".raw.*"))  # no staging or old folder left beside it
+
+
+def test_volumes_with_the_same_file_name_get_their_own_groups(tmp_path: Path) -> None:
+    """TotalSegmentator names every subject's CT ct.nii.gz: two patients must never share CV groups."""
+    ct, lab = _volume()
+    paths = []
+    for subject in ("s01", "s02"):
+        (tmp_path / subject).mkdir()
+        paths.append(_nifti(tmp_path / subject, ct, lab))
+    out = import_volumes([p[0] for p in paths], [p[1] for p in paths], tmp_path / "o", ImportConfig(min_px=5))
+    groups = pd.read_csv(out / "groups.csv")
+    assert groups["volume"].nunique() == 2 and groups["group"].nunique() == 10
+
+
+@pytest.mark.parametrize("case, message", [
+    ("nan", "voxels are NaN or infinite"),
+    ("float_labels", "not integer labels"),
+    ("no_slices", "no axial slice"),
+])  # fmt: skip
+def test_volumes_that_are_no_ct_or_labels_are_refused(tmp_path: Path, case: str, message: str) -> None:
+    ct, lab = _volume()
+    if case == "nan":
+        ct[3, 3, 2] = np.nan
+    if case == "float_labels":
+        lab = lab.astype(np.float32) + 0.5 * (lab > 0)
+    if case == "no_slices":
+        ct, lab = ct[:, :, :0], lab[:, :, :0]
+    img, seg = _nifti(tmp_path, ct, lab)
+    r = run_cli("data", "import-volumes", "--images", str(img), "--labels", str(seg), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--window", "1000", "-1000"], "must run from low to high HU"),
+    (["--window", "nan", "1000"], "expected a finite number"),
+    (["--every", "0"], "--every: must be at least 1"),
+])  # fmt: skip
+def test_import_settings_out_of_range_are_refused(tmp_path: Path, args: list[str], message: str) -> None:
+    img, seg = _nifti(tmp_path, *_volume())
+    r = run_cli("data", "import-volumes", "--images", str(img), "--labels", str(seg), "--out", str(tmp_path / "o"), *args)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

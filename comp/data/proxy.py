@@ -17,6 +17,7 @@ SHA256 = "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03"
 REF = "totalsegmentator-2.18.0/tests/reference_files/"
 LABELLED = (REF + "example_ct.nii.gz", REF + "example_seg_fast_force_split.nii.gz")
 UNLABELLED = (REF + "aorta_report/example_ct.nii.gz",)
+MARKER = "PROXY.txt"  # what an earlier proxy leaves in its folder (a later build may replace it)
 
 
 def _sha256(path: Path) -> str:
@@ -70,15 +71,17 @@ def _ct_files(folder: Path) -> list[Path]:
     return files + dicom_dirs
 
 
-def build_proxy(out: Path, cache: Path, extra: Path | None = None, cfg: ImportConfig | None = None) -> Path:
-    """Build the proxy data set: the labelled abdomen-pelvis CT, plus unlabelled CTs, in the challenge layout."""
+def build_proxy(out: Path, cache: Path, extra: Path | None = None, cfg: ImportConfig | None = None, force: bool = False) -> Path:
+    """Build the proxy data set: the labelled abdomen-pelvis CT, plus unlabelled CTs, in the challenge layout.
+
+    An earlier proxy in `out` (its PROXY.txt) is replaced whole; any other non-empty `out` only with `force`."""
     cfg = cfg or ImportConfig()
     archive = fetch_archive(cache)
     files = extract(archive, LABELLED + UNLABELLED, cache / "totalsegmentator")
     unlabelled = files[2:] + (_ct_files(extra) if extra else [])
-    import_volumes([files[0]], [files[1]], out, cfg, unlabelled)
+    import_volumes([files[0]], [files[1]], out, cfg, unlabelled, force, replaces=MARKER)
     atomic_write_text(
-        out / "PROXY.txt",
+        out / MARKER,
         f"comp real-CT proxy from {ARCHIVE} (sha256 {SHA256}); labelled: {LABELLED[0]}; "
         f"unlabelled: {len(unlabelled)} volume(s); HU window {cfg.window_lo:g}..{cfg.window_hi:g}\n",
     )

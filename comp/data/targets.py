@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from comp.fields import bounded
+
 
 def resize_image(img: np.ndarray, size: int) -> np.ndarray:
     """Area-average a (H, W) uint8 slice to (size, size) float32 in [0, 1]."""
@@ -73,13 +75,13 @@ class AugConfig:
 
     rot90: bool = True
     flip: bool = True
-    rotate_deg: float = 20.0
-    scale: float = 0.15  # zoom in [1 - scale, 1 + scale]
-    contrast: float = 0.2
-    brightness: float = 0.08
-    gamma: float = 0.25
-    noise: float = 0.03
-    p: float = 1.0  # probability of augmenting a sample at all
+    rotate_deg: float = bounded(20.0, lo=0, hi=180)
+    scale: float = bounded(0.15, lo=0, hi=1, hi_open=True)  # zoom in [1 - scale, 1 + scale]
+    contrast: float = bounded(0.2, lo=0, hi=1, hi_open=True)
+    brightness: float = bounded(0.08, lo=0)
+    gamma: float = bounded(0.25, lo=0, hi=1, hi_open=True)
+    noise: float = bounded(0.03, lo=0)
+    p: float = bounded(1.0, lo=0, hi=1)  # probability of augmenting a sample at all
 
 
 def augment(img: np.ndarray, lab: np.ndarray, cfg: AugConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from comp.contrast import HU_WINDOW, hu_to_grey
-from comp.errors import UserError, atomic_write_text
+from comp.errors import UserError, atomic_write_text, staged_folder
+from comp.fields import bounded
 from comp.io import SIZE, image_names, write_images, write_label_csv
 
 AIR_HU = -1024.0
@@ -34,6 +35,8 @@ def _ras_volume(data: np.ndarray, affine: np.ndarray, name: str) -> Volume:
     """Reorder a voxel array with a RAS affine to the closest canonical (RAS+) orientation."""
     import nibabel as nib
 
+    if 0 in np.shape(data):  # checked here: the reorientation of an empty volume fails obscurely
+        raise UserError(name, f"volume of shape {np.shape(data)} has no axial slice to import")
     img = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(data), affine))
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     return Volume(np.asarray(img.dataobj), zooms, name)
@@ -152,22 +155,46 @@ class ImportConfig:
 
     window_lo: float = HU_WINDOW[0]  # the challenge-like wide window
     window_hi: float = HU_WINDOW[1]
-    every: int = 1  # keep every k-th slice
-    min_px: int = 20  # components smaller than this (at 512x512) are dropped
-    blocks: int = 5  # contiguous slice blocks per volume (the CV groups)
-    seed: int = 0
+    every: int = bounded(1, lo=1)  # keep every k-th slice
+    min_px: int = bounded(20, lo=0)  # components smaller than this (at 512x512) are dropped
+    blocks: int = bounded(5, lo=1)  # contiguous slice blocks per volume (the CV groups)
+    seed: int = bounded(0, lo=0)
+
+    def violations(self) -> dict[str, str]:
+        """Relations between fields that no single range states."""
+        return {} if self.window_lo < self.window_hi else {"window": f"must run from low to high HU, got {self.window_lo:g}..{self.window_hi:g}"}
+
+
+def _hu_slices(vol: Volume, path: Path) -> tuple[np.ndarray, tuple[float, float]]:
+    """A CT volume's axial slices, refused when it has none or holds values that are no Hounsfield units (NaN, inf)."""
+    sl, spacing = axial_slices(vol)
+    if len(sl) == 0 or sl[0].size == 0:
+        raise UserError(path, f"volume of shape {vol.data.shape} has no axial slice to import")
+    if np.issubdtype(sl.dtype, np.floating) and not np.isfinite(sl).all():
+        raise UserError(path, f"{int((~np.isfinite(sl)).sum())} voxels are NaN or infinite: not a CT volume in HU")
+    return sl, spacing
+
+
+def _label_slices(label: Path, shape: tuple, image: Path) -> np.ndarray:
+    """A label volume's axial slices as integers, refused unless its shape is the image's and every value is an integer label."""
+    lv = load_volume(label)
+    if lv.data.shape != shape:
+        raise UserError(label, f"label volume shape {lv.data.shape} does not match image volume {shape} ({image})")
+    sl = axial_slices(lv)[0]
+    if np.issubdtype(sl.dtype, np.floating):
+        bad = ~np.isfinite(sl) | (sl != np.round(sl))
+        if bad.any():
+            raise UserError(label, f"{int(bad.sum())} voxels are not integer labels (e.g. {sl[bad].flat[0]!r}): expected a label volume")
+    if sl.size and sl.min() < 0:
+        raise UserError(label, f"negative label {sl.min()}: expected 0 (background) and positive structure labels")
+    return sl.astype(np.int32)
 
 
 def volume_slices(image: Path, label: Path | None, cfg: ImportConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str]:
     """Windowed 512x512 slices of one volume and their instance maps (zeros when unlabelled)."""
     vol = load_volume(image)
-    sl, spacing = axial_slices(vol)
-    lab_sl = None
-    if label is not None:
-        lv = load_volume(label)
-        if lv.data.shape != vol.data.shape:
-            raise UserError(label, f"label volume shape {lv.data.shape} does not match image volume {vol.data.shape} ({image})")
-        lab_sl = axial_slices(lv)[0].astype(np.int32)
+    sl, spacing = _hu_slices(vol, image)
+    lab_sl = None if label is None else _label_slices(label, vol.data.shape, image)
     keep = np.arange(0, len(sl), max(1, cfg.every))
     xs = np.empty((len(keep), SIZE, SIZE), np.uint8)
     ys = np.zeros((len(keep), SIZE, SIZE), np.uint8)
@@ -178,10 +205,23 @@ def volume_slices(image: Path, label: Path | None, cfg: ImportConfig, rng: np.ra
     return xs, ys, vol.name
 
 
-def import_volumes(
-    images: list[Path], labels: list[Path | None], out: Path, cfg: ImportConfig, unlabelled: list[Path] | None = None
-) -> Path:
-    """Write volumes as X_train/, Y_train.csv and groups.csv (image, group, volume, slice) under `out`."""
+def volume_ids(paths: list[Path]) -> list[str]:
+    """A distinct id per volume for groups.csv: its file name, or the path as given where names repeat
+    (TotalSegmentator names every subject's CT `ct.nii.gz`: two patients must never share a CV group)."""
+    names = [Path(p).name for p in paths]
+    ids = [n if names.count(n) == 1 else str(p) for n, p in zip(names, paths)]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise UserError(dup, "given twice: each volume is imported once")
+    return ids
+
+
+def import_volumes(images: list[Path], labels: list[Path | None], out: Path, cfg: ImportConfig, unlabelled: list[Path] | None = None,
+                   force: bool = False, replaces: str = "") -> Path:  # fmt: skip
+    """Write volumes as X_train/, Y_train.csv and groups.csv (image, group, volume, slice) under `out`.
+
+    The data set is written beside `out` and swapped in whole; a non-empty `out` is refused unless `force`
+    (or it holds the marker file `replaces`, an earlier output of the caller)."""
     from tqdm import tqdm
 
     if len(images) != len(labels):
@@ -189,17 +229,21 @@ def import_volumes(
     rng = np.random.default_rng(cfg.seed)
     xs, ys, rows = [], [], []
     jobs = list(zip(images, labels)) + [(u, None) for u in (unlabelled or [])]
-    for image, label in tqdm(jobs, desc="volumes", leave=False):
-        x, y, name = volume_slices(Path(image), None if label is None else Path(label), cfg, rng)
-        block = np.minimum(np.arange(len(x)) * cfg.blocks // max(len(x), 1), cfg.blocks - 1)
-        rows += [(f"{name}:{b}", name, i) for i, b in enumerate(block)]
-        xs.append(x)
-        ys.append(y)
-    x_all, y_all = np.concatenate(xs), np.concatenate(ys)
-    names = image_names(len(x_all))
-    write_images(out / "X_train", x_all)
-    write_label_csv(out / "Y_train.csv", y_all, names)
-    atomic_write_text(
-        out / "groups.csv", "image,group,volume,slice\n" + "".join(f"{n},{g},{v},{s}\n" for n, (g, v, s) in zip(names, rows))
-    )
+    ids = volume_ids([Path(image) for image, _ in jobs])
+    with staged_folder(out, force, replaces) as stage:  # before any volume is read: a refused --out costs nothing
+        for (image, label), vid in zip(tqdm(jobs, desc="volumes", leave=False), ids):
+            x, y, _ = volume_slices(Path(image), None if label is None else Path(label), cfg, rng)
+            block = np.minimum(np.arange(len(x)) * cfg.blocks // max(len(x), 1), cfg.blocks - 1)
+            rows += [(f"{vid}:{b}", vid, i) for i, b in enumerate(block)]
+            xs.append(x)
+            ys.append(y)
+        x_all, y_all = np.concatenate(xs), np.concatenate(ys)
+        names = image_names(len(x_all))
+        write_images(stage / "X_train", x_all)
+        write_label_csv(stage / "Y_train.csv", y_all, names)
+        atomic_write_text(
+            stage / "groups.csv", "image,group,volume,slice\n" + "".join(f"{n},{g},{v},{s}\n" for n, (g, v, s) in zip(names, rows))
+        )
+        if replaces:
+            atomic_write_text(stage / replaces, "")  # the caller's marker, written over by it once the folder is in place
     return out
