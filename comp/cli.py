@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
@@ -23,8 +24,6 @@ def at_least(lo: float, kind: type = int):
     """An argparse type: a finite `kind` number of at least `lo` (a count, a fold index, a depth)."""
 
     def parse(text: str):
-        import math
-
         try:
             v = kind(text)
         except ValueError:

@@ -194,8 +194,7 @@ def scored_maps(table: LabelTable, path: Path, columns: list[str], row_labels: l
         return table.maps, False
     row_of = {lab: r for r, lab in enumerate(got)}
     if len(row_of) != len(got):
-        seen: set[str] = set()
-        dup = next(lab for lab in got if lab in seen or seen.add(lab))
+        dup = next(lab for r, lab in enumerate(got) if row_of[lab] != r)  # its later row: the dict kept the last one
         raise UserError(path, f"row label '{dup}' appears twice")
     missing = next((lab for lab in want if lab not in row_of), None)
     if missing is not None:

@@ -190,7 +190,7 @@ def _label_slices(label: Path, shape: tuple, image: Path) -> np.ndarray:
     return sl.astype(np.int32)
 
 
-def volume_slices(image: Path, label: Path | None, cfg: ImportConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str]:
+def volume_slices(image: Path, label: Path | None, cfg: ImportConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Windowed 512x512 slices of one volume and their instance maps (zeros when unlabelled)."""
     vol = load_volume(image)
     sl, spacing = _hu_slices(vol, image)
@@ -202,7 +202,7 @@ def volume_slices(image: Path, label: Path | None, cfg: ImportConfig, rng: np.ra
         xs[n] = hu_to_grey(to_square(sl[k], spacing, order=1, pad=AIR_HU), cfg.window_lo, cfg.window_hi)
         if lab_sl is not None:
             ys[n] = split_components(to_square(lab_sl[k], spacing, order=0).astype(np.int32), rng, cfg.min_px)
-    return xs, ys, vol.name
+    return xs, ys
 
 
 def volume_ids(paths: list[Path]) -> list[str]:
@@ -232,7 +232,7 @@ def import_volumes(images: list[Path], labels: list[Path | None], out: Path, cfg
     ids = volume_ids([Path(image) for image, _ in jobs])
     with staged_folder(out, force, replaces) as stage:  # before any volume is read: a refused --out costs nothing
         for (image, label), vid in zip(tqdm(jobs, desc="volumes", leave=False), ids):
-            x, y, _ = volume_slices(Path(image), None if label is None else Path(label), cfg, rng)
+            x, y = volume_slices(Path(image), None if label is None else Path(label), cfg, rng)
             block = np.minimum(np.arange(len(x)) * cfg.blocks // max(len(x), 1), cfg.blocks - 1)
             rows += [(f"{vid}:{b}", vid, i) for i, b in enumerate(block)]
             xs.append(x)
