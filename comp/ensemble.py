@@ -146,8 +146,15 @@ def run_experiment(run: Path, overrides: dict | None = None):
     exp = experiment_from_dict(cfg, RunDir(Path(run)).config_file, sets, ignore=("data", "contrast_resolved"))
     resolved = Contrast.from_dict(cfg.get("contrast_resolved"))
     if "contrast.window" in (overrides or {}):  # a tuned window is given in grey levels
-        resolved = Contrast(tuple(float(v) for v in overrides["contrast.window"]), resolved.channels)
+        resolved = resolved.with_window(overrides["contrast.window"])
     return exp, resolved
+
+
+def member_contrast(config: dict):
+    """A run's resolved contrast step, from its config."""
+    from comp.contrast import Contrast
+
+    return Contrast.from_dict(config.get("contrast_resolved"))
 
 
 def check_aligned(members: Sequence[RunMaps]) -> None:
@@ -180,7 +187,9 @@ class OOF:
         members = [load_run_maps(r) for r in runs]
         check_aligned(members)
         ids = members[0].ids
-        return cls(members, data.x_train[ids], data.y_train[ids])
+        # Calibrated per slice, the members read the slices re-rendered through the reference window: so do the
+        # post-processor and the merger, and every window found on them is in those grey levels.
+        return cls(members, member_contrast(members[0].config).canonical(data.x_train[ids]), data.y_train[ids])
 
     @property
     def folds(self) -> np.ndarray:
@@ -236,10 +245,9 @@ class OOF:
         return self.run_labels(regions.run)[i] if regions is not None and regions.run else None
 
     def window(self) -> list[float]:
-        """The members' resolved grey window (the first member's; learned runs on one data set share it)."""
-        from comp.contrast import Contrast
-
-        return list(Contrast.from_dict(self.members[0].config.get("contrast_resolved")).window)
+        """The members' resolved grey window, in the grey levels of `images` (the first member's; learned runs on one data
+        set share it)."""
+        return list(member_contrast(self.members[0].config).window)
 
 
 def nested_scores(folds: np.ndarray, idx: np.ndarray, search: Callable[[np.ndarray], object],

@@ -71,8 +71,8 @@ class Hybrid:
     def fit(self, train: FoldData, ctx: FitContext) -> None:
         """Pick (h, threshold) with classifiers trained without some training slices, then train on them all."""
         self.contrast = ctx.contrast
-        images = self.contrast.stretch(train.x)
-        items = [(im, raw, t, ctx.seed * 100003 + i) for i, (im, raw, t) in enumerate(zip(images, train.x, train.y))]
+        images, raws = self.contrast.stretch(train.x), self.contrast.canonical(train.x)
+        items = [(im, raw, t, ctx.seed * 100003 + i) for i, (im, raw, t) in enumerate(zip(images, raws, train.y))]
         n_val = min(self.p.fit_images, len(items) // 3)
         fit_idx, val_idx = inner_split(len(items), n_val, ctx.seed, "params.fit_images", train.groups)
         grid = [replace(self.p.superpixels, h=h) for h in self.p.fit_h] if len(val_idx) else [self.p.superpixels]
@@ -84,7 +84,7 @@ class Hybrid:
                 inner = Merger({-1: _train(rows_sp, fit_idx)}, self.p.threshold, self.p.max_rounds)
                 for t in self.p.fit_thresholds:
                     inner.threshold = t
-                    pred = np.stack(pmap(_segment, [(images[i], train.x[i]) for i in val_idx], p, inner, workers=self.p.workers))
+                    pred = np.stack(pmap(_segment, [(images[i], raws[i]) for i in val_idx], p, inner, workers=self.p.workers))
                     score = float(image_scores(train.y[val_idx], pred).mean())
                     print(f"hybrid: h {sp.h} threshold {t}: {score:.4f} on {len(val_idx)} held-out training slices", flush=True)
                     if score > best[0]:
@@ -99,5 +99,5 @@ class Hybrid:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Superpixels of every stretched slice, merged by the fitted classifier."""
-        items = list(zip(self.contrast.stretch(x), x))
+        items = list(zip(self.contrast.stretch(x), self.contrast.canonical(x)))
         return np.stack(pmap(_segment, items, self.p, self.merger, workers=self.p.workers, desc="hybrid"))

@@ -20,6 +20,7 @@ from comp.errors import UserError, atomic_path, atomic_save_npy, atomic_write_te
 
 SIZE = 512
 N_PIXELS = SIZE * SIZE
+WINDOWS = "windows.csv"  # a stand-in rendered with a window per slice: each training slice's HU window (image,lo,hi)
 _NAME = re.compile(r"^(\d+)\.png$")
 _COMMA, _NL, _CR = 44, 10, 13
 
@@ -458,6 +459,27 @@ def _token_table(last: bool) -> np.ndarray:
 _TOK, _TOK_LAST = _token_table(False), _token_table(True)
 
 
+def write_windows(path: Path, names: list[str], windows: np.ndarray) -> None:
+    """image,lo,hi: the HU window each slice was rendered through."""
+    atomic_write_text(path, "image,lo,hi\n" + "".join(f"{n},{lo:.3f},{hi:.3f}\n" for n, (lo, hi) in zip(names, windows)))
+
+
+def read_windows(path: Path, names: list[str]) -> np.ndarray | None:
+    """(N, 2) HU windows of the named slices from a windows.csv, or None where there is none."""
+    if not path.is_file():
+        return None
+    import pandas as pd
+
+    df = pd.read_csv(path)
+    if not {"image", "lo", "hi"} <= set(df.columns):
+        raise UserError(path, "needs columns 'image', 'lo' and 'hi'")
+    w = dict(zip(df["image"].astype(str), zip(df["lo"].astype(float), df["hi"].astype(float))))
+    missing = [n for n in names if n not in w]
+    if missing:
+        raise UserError(path, f"no window for image '{missing[0]}'")
+    return np.array([w[n] for n in names])
+
+
 def write_label_csv(
     path: str | os.PathLike,
     maps: np.ndarray,
@@ -593,22 +615,32 @@ class Dataset:
             return json.loads(custom.read_text())
         return default_row_labels()
 
-    def groups(self) -> np.ndarray | None:
-        """Per-slice group ids (e.g. source volume) from groups.csv, if present."""
-        path = self.root / "groups.csv"
+    @property
+    def groups_file(self) -> Path:
+        """groups.csv: each training slice's CV group (image, group[, volume, slice])."""
+        return self.root / "groups.csv"
+
+    def groups_table(self):
+        """groups.csv's rows for X_train's slices, in their order (a DataFrame), or None without the file."""
+        path = self.groups_file
         if not path.is_file():
             return None
         import pandas as pd
 
-        df = pd.read_csv(path)
+        df = pd.read_csv(path, dtype=str)
         if not {"image", "group"} <= set(df.columns):
             raise UserError(path, "needs columns 'image' and 'group'")
-        g = dict(zip(df["image"].astype(str), df["group"].astype(str)))
+        df = df.drop_duplicates("image").set_index("image")
         names = image_names(len(self.x_train))
-        missing = [n for n in names if n not in g]
+        missing = [n for n in names if n not in df.index]
         if missing:
             raise UserError(path, f"no group for image '{missing[0]}'")
-        return np.array([g[n] for n in names])
+        return df.loc[names].reset_index()
+
+    def groups(self) -> np.ndarray | None:
+        """Per-slice group ids (e.g. source volume) from groups.csv, if present."""
+        df = self.groups_table()
+        return None if df is None else df["group"].to_numpy(str)
 
     @cached_property
     def test_digest(self) -> str:

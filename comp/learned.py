@@ -52,12 +52,13 @@ class LearnedInstances:
         seed_everything(ctx.seed)  # before the build: a fold's initial weights depend on its seed only
         self.model = build_model(self.p.model, self.contrast.stem_windows())
         fit_idx, val_idx = inner_split(len(train.x), self.p.val_images, ctx.seed, groups=train.groups)
+        x = self.contrast.canonical(train.x)  # every slice in the same HU units, whatever its own window
         validate = None
         if len(val_idx):
             vx, vy = train.x[val_idx], train.y[val_idx]
             validate = lambda model: self._quick_score(vx, vy)  # noqa: E731
-        extra = None if train.pseudo is None else (train.pseudo.x, train.pseudo.y)
-        info = train_fold(self.model, train.x[fit_idx], train.y[fit_idx], self.p.train, ctx.workdir, ctx.seed, validate,
+        extra = None if train.pseudo is None else (self.contrast.canonical(train.pseudo.x), train.pseudo.y)
+        info = train_fold(self.model, x[fit_idx], train.y[fit_idx], self.p.train, ctx.workdir, ctx.seed, validate,
                           self.contrast.unit_affine(), ctx.folds_left, extra)  # fmt: skip
         atomic_write_text(ctx.workdir / "history.json", json.dumps(info["history"], indent=1))
         self.fitted = {"best_val_ari": info["best_val_ari"], "epochs": len(info["history"]), "val_ids": train.ids[val_idx].tolist()}
@@ -86,7 +87,7 @@ class LearnedInstances:
         from comp.infer import predict_maps
 
         tta = self.p.tta if tta is None else tta
-        return predict_maps(self.model, x, self.p.train.resolution, tta=tta, affine=self.contrast.unit_affine(), amp=self.p.train.amp)
+        return predict_maps(self.model, self.contrast.canonical(x), self.p.train.resolution, tta=tta, affine=self.contrast.unit_affine(), amp=self.p.train.amp)
 
     def postprocess_maps(self, maps: np.ndarray) -> np.ndarray:
         """(N, C, r, r) maps -> (N, 512, 512) uint8 instance maps."""

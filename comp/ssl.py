@@ -207,7 +207,7 @@ def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path, contrast: Contrast = 
         x = x[np.random.default_rng(cfg.seed).permutation(len(x))[: cfg.max_images]]
     model = build_model(cfg.model, contrast.stem_windows())
     task = PRETEXTS[cfg.method](model, cfg).to(dev)
-    data = CropSet(x, cfg, contrast.unit_affine())
+    data = CropSet(contrast.canonical(x), cfg, contrast.unit_affine())
     gen = torch.Generator().manual_seed(cfg.seed)
     sampler = EpochSampler(len(data), gen)
     loader = torch.utils.data.DataLoader(data, batch_size=min(cfg.batch_size, len(data)), sampler=sampler, drop_last=True,

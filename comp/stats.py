@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from comp.contrast import histogram, landmarks
-from comp.io import N_PIXELS, Dataset
+from comp.io import N_PIXELS, WINDOWS, Dataset, image_names, read_windows
 from comp.metric import image_scores
 from comp.parallel import pmap
 from comp.postprocess import relabel_uint8
@@ -25,6 +25,7 @@ CHALLENGE = {
     "train slices": 2000, "annotated slices": 400, "test slices": 500, "regions per slice": "18 ± 7",
     "annotated share": "19%", "mean region size": "~1%", "touching share": "most separated",
     "official baseline ARI": "0.14",
+    "windowed": "per slice (2025 PNGs)", "HU per grey level 5/50/95%": "4..32 (2025 PNGs)",
 }  # fmt: skip
 
 
@@ -51,6 +52,8 @@ class Stats:
     baseline_ari: float
     oracle_ari: float
     superpixels: dict = field(default_factory=dict)  # h -> [superpixels per slice, ceiling ARI] (asked with --superpixels)
+    windows: dict = field(default_factory=dict)  # the slices' own calibrations: spread, per-slice verdict, fallbacks, accuracy
+    correlation_px: float = float("nan")  # effective resolution: noise correlation length in pixels (median over slices)
 
 
 def touching(lab: np.ndarray) -> tuple[int, int]:
@@ -99,6 +102,46 @@ def superpixel_ceilings(x: np.ndarray, y: np.ndarray, x_all: np.ndarray, hs: lis
     return out
 
 
+def window_spread(x: np.ndarray, truth: np.ndarray | None = None) -> dict:
+    """The HU windows the slices' own landmarks imply: their spread, whether the data looks windowed per slice, how many
+    slices lack landmarks, and (with each slice's true window, a stand-in's windows.csv) how many are recovered within
+    5% and 2% of their width."""
+    from comp.contrast import survey
+
+    sv = survey(x, max_images=len(x))
+    ok = np.isfinite(sv.windows[:, 0])
+    lo, hi = sv.windows[ok, 0], sv.windows[ok, 1]
+    q = lambda v: [round(float(t)) for t in np.quantile(v, [0.05, 0.5, 0.95])] if len(v) else []  # noqa: E731
+    out = {"per_slice": bool(sv.per_slice), "slices": len(x), "lacking_landmarks": sv.failed, "low_end_hu_5_50_95": q(lo),
+           "high_end_hu_5_50_95": q(hi), "hu_per_grey_5_50_95": [round(v, 1) for v in np.quantile((hi - lo) / 255, [0.05, 0.5, 0.95])] if ok.any() else [],
+           "air_grey_iqr": round(sv.air_iqr, 1), "width_iqr": round(sv.width_iqr, 3)}  # fmt: skip
+    if truth is not None:
+        err = np.max(np.abs(sv.windows - truth), axis=1) / (truth[:, 1] - truth[:, 0])
+        out["within_5%"] = float(np.mean(np.nan_to_num(err, nan=1.0) < 0.05))
+        out["within_2%"] = float(np.mean(np.nan_to_num(err, nan=1.0) < 0.02))
+    return out
+
+
+def correlation_length(img: np.ndarray) -> float:
+    """Pixels over which a slice's fine texture (noise) stays correlated: the lag where the autocorrelation of its
+    high-pass residual inside the body falls to one half (~1-2 px on a native slice, ~4-6 on 3 mm voxels stretched 4x)."""
+    f = img.astype(np.float32)
+    r = f - ndi.uniform_filter(f, 15)
+    body = ndi.binary_erosion(f > np.quantile(f, 0.5), iterations=8)
+    flat = body & (ndi.gaussian_gradient_magnitude(f, 2.0) < np.quantile(ndi.gaussian_gradient_magnitude(f, 2.0)[body], 0.5)) if body.any() else body
+    if flat.sum() < 500:
+        return float("nan")
+    prev = 1.0
+    for lag in range(1, 16):
+        m = flat[:, :-lag] & flat[:, lag:]
+        a, b = r[:, :-lag][m], r[:, lag:][m]
+        rho = float(np.corrcoef(a, b)[0, 1]) if len(a) > 50 else float("nan")
+        if not rho > 0.5:
+            return lag - 1 + (prev - 0.5) / max(prev - rho, 1e-6) if np.isfinite(rho) else float("nan")
+        prev = rho
+    return 15.0
+
+
 def data_stats(data: Dataset, images: int = 0, workers: int = 0, superpixel_h: list[float] | None = None) -> Stats:
     """Profile a data set; the reference scores use up to `images` evenly spaced annotated slices (0 = all)."""
     ann = data.annotated
@@ -138,6 +181,8 @@ def data_stats(data: Dataset, images: int = 0, workers: int = 0, superpixel_h: l
         baseline_ari=float(image_scores(y[pick], base).mean()) if len(pick) else float("nan"),
         oracle_ari=float(image_scores(y[pick], oracle).mean()) if len(pick) else float("nan"),
         superpixels=superpixel_ceilings(data.x_train[ann[pick]], y[pick], data.x_train, superpixel_h, workers) if superpixel_h and len(pick) else {},
+        windows=window_spread(data.x_train, read_windows(data.root / WINDOWS, image_names(len(data.x_train)))),
+        correlation_px=float(np.nanmedian([correlation_length(s) for s in data.x_train[:: max(1, len(data.x_train) // 50)]])),
     )
 
 
@@ -160,7 +205,22 @@ def rows(s: Stats) -> dict[str, str]:
         "oracle fg + CC ARI": f"{s.oracle_ari:.3f}",
         "scored slices": str(s.scored_slices),
         **{f"superpixels h={h}: per slice / ceiling ARI": f"{n:.0f} / {c:.3f}" for h, (n, c) in s.superpixels.items()},
+        **_window_rows(s.windows),
+        "noise correlation length": f"{s.correlation_px:.1f} px",
     }
+
+
+def _window_rows(w: dict) -> dict[str, str]:
+    """The per-slice window survey as cells."""
+    if not w:
+        return {}
+    span = lambda v: f"{v[0]} / {v[1]} / {v[2]}" if v else "—"  # noqa: E731
+    out = {"windowed": "per slice" if w["per_slice"] else "one window", "slices' window low end HU 5/50/95%": span(w["low_end_hu_5_50_95"]),
+           "slices' window high end HU 5/50/95%": span(w["high_end_hu_5_50_95"]), "HU per grey level 5/50/95%": span(w["hu_per_grey_5_50_95"]),
+           "slices lacking landmarks (take the data set's calibration)": f"{w['lacking_landmarks']} of {w['slices']}"}  # fmt: skip
+    if "within_5%" in w:
+        out["windows recovered within 5% / 2% (windows.csv)"] = f"{100 * w['within_5%']:.1f}% / {100 * w['within_2%']:.1f}%"
+    return out
 
 
 def render_text(s: Stats) -> str:

@@ -8,6 +8,7 @@ import numpy as np
 
 from comp.config import Experiment
 from comp.contrast import resolve
+from comp.data.groups import fold_groups
 from comp.errors import UserError, atomic_path
 from comp.io import SIZE, Dataset, count_images, image_names, read_label_csv, scored_maps, write_label_csv
 from comp.metric import image_scores
@@ -64,7 +65,7 @@ def _fit_predict(exp: Experiment, data: Dataset, seed: int, runs: Path, workdir:
     workdir.mkdir(parents=True, exist_ok=True)
     contrast = resolve(exp.contrast, data.x_train, exp.path)  # as in CV: the training slices' histogram
     ctx = FitContext(workdir=workdir, fold=-1, seed=seed, contrast=contrast)
-    groups = data.groups()
+    groups = fold_groups(exp.cv.groups, data)
     pseudo = None
     if exp.pseudo.enabled:  # every fold model of the teacher labels: this fit holds nothing out
         from comp.cv import teacher_run
@@ -147,7 +148,7 @@ def submit_ensemble(name: str, data: Dataset, out: str | Path, runs: Path = Path
 
     from tqdm import tqdm
 
-    from comp.ensemble import has_maps, load_ensemble, merger_path, run_experiment
+    from comp.ensemble import has_maps, load_ensemble, member_contrast, merger_path, run_experiment
     from comp.merge import load_merger
     from comp.parallel import pmap
 
@@ -173,11 +174,13 @@ def submit_ensemble(name: str, data: Dataset, out: str | Path, runs: Path = Path
         given = predict_test(run_experiment(Path(spec.regions.run))[0], data, runs=runs)
     n = len(data.x_test)
     pred = np.empty((n, SIZE, SIZE), np.uint8)
+    contrast = member_contrast(RunDir(Path(spec.members[0].run)).config())  # the slices as the members (and the tuning) read them
     # A chunk of slices at a time: peak memory does not grow with the number of test slices.
     for c0 in tqdm(range(0, n, chunk), desc="test chunks", disable=n <= chunk):
         sl = slice(c0, min(n, c0 + chunk))
         maps = [mm.chunk(sl) for mm in members]
-        items = [(tuple(mm[i] for mm in maps), data.x_test[c0 + i], None if given is None else given[c0 + i]) for i in range(sl.stop - c0)]
+        images = contrast.canonical(data.x_test[sl])
+        items = [(tuple(mm[i] for mm in maps), images[i], None if given is None else given[c0 + i]) for i in range(sl.stop - c0)]
         pred[sl] = np.stack(pmap(_segment_test, items, weights, spec.post, merger, spec.regions, workers=workers))
     seconds = time.time() - t0
     return {**_write_validate_score(out, pred, data), "seconds_per_slice": seconds / len(pred)}

@@ -390,7 +390,7 @@ def _method_trial(trial, spec: MethodSpec, params, contrast: Contrast) -> tuple[
     values = suggest_space(trial, spec.space, type(params))
     lo = trial.suggest_float("window_lo", WINDOW_LO[0], WINDOW_LO[1])
     width = trial.suggest_float("window_width", WINDOW_WIDTH[0], WINDOW_WIDTH[1], log=True)
-    return dataclasses.replace(params, **values, **spec.fixed), Contrast((round(lo, 2), round(lo + width, 2)), contrast.channels)
+    return dataclasses.replace(params, **values, **spec.fixed), contrast.with_window((round(lo, 2), round(lo + width, 2)))
 
 
 def _method_start(spec: MethodSpec, params, contrast: Contrast) -> dict:

@@ -2,7 +2,8 @@
 
 Each slice is drawn in Hounsfield units and rendered through the challenge-like window
 (comp.contrast.hu_to_grey, -1000..1000 HU), so soft tissues sit a few grey levels apart as in the
-challenge. Each slice is drawn analytically from an anatomy that varies with a random level (upper abdomen to
+challenge; or through a window drawn per slice (`window_per_slice`), and at a coarser effective
+resolution (`coarse`: voxels that many pixels wide, stretched back to 512x512). Each slice is drawn analytically from an anatomy that varies with a random level (upper abdomen to
 pelvis): body outline with fat and muscle wall, spine and ribs, organs, vessels, bowel loops and
 lesions. Structures touch without background gaps (liver/kidney, psoas/vertebra, paired muscles),
 some visible structures are never annotated (fat, abdominal wall, table, stomach, gallbladder), and
@@ -19,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from comp.contrast import HU_WINDOW, hu_to_grey
-from comp.errors import atomic_write_text
-from comp.io import SIZE, image_names, write_images, write_label_csv
+from comp.contrast import HU_WINDOW, draw_windows, hu_to_grey, window_ranges_problem
+from comp.errors import UserError, atomic_write_text
+from comp.io import SIZE, WINDOWS, image_names, write_images, write_label_csv, write_windows
 
 # Tissues in HU, weakly enhanced (organs and vessels a few dozen HU above muscle), as in the proxy's CT.
 AIR, FAT, MUSCLE, SOFT, LIVER, KIDNEY, VESSEL, BONE, MARROW, FLUID = -1000, -100, 45, 35, 60, 60, 90, 800, 250, 8
@@ -263,8 +264,9 @@ def _random_frame(rng: np.random.Generator) -> Frame:
     return Frame(rot, rng.normal(0, 10, 2), float(rng.uniform(1.2, 1.4)))
 
 
-def render_slice(seed: int, novel: bool = False, window: tuple[float, float] = HU_WINDOW) -> tuple[np.ndarray, np.ndarray]:
-    """Render one (image, instance map) pair, deterministic in `seed`, through the HU `window`."""
+def render_slice(seed: int, novel: bool = False, window: tuple[float, float] = HU_WINDOW, coarse: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Render one (image, instance map) pair, deterministic in `seed`, through the HU `window`; `coarse` > 1 renders
+    the image as if scanned with voxels that many pixels wide and stretched back to 512x512 (as the proxy's 3 mm)."""
     rng = np.random.default_rng(seed)
     frame = _random_frame(rng)
     parts = Anatomy(rng, float(rng.uniform(0, 1)), novel).build()
@@ -293,8 +295,18 @@ def render_slice(seed: int, novel: bool = False, window: tuple[float, float] = H
     # Touching annotated structures sometimes show a faint fat plane, sometimes nothing at all.
     edge = _interfaces(labels)
     img[edge] -= rng.uniform(0, 80)
-    img = ndi.gaussian_filter(img, 1.0) + rng.normal(0, rng.uniform(10, 25), img.shape)  # quantum noise, HU
+    if coarse > 1:
+        img = _coarse(img, coarse, float(rng.uniform(10, 25)), rng)
+    else:
+        img = ndi.gaussian_filter(img, 1.0) + rng.normal(0, rng.uniform(10, 25), img.shape)  # quantum noise, HU
     return hu_to_grey(img, *window), labels
+
+
+def _coarse(img: np.ndarray, f: float, noise: float, rng: np.random.Generator) -> np.ndarray:
+    """The slice averaged into voxels f pixels wide, with its noise at that scale, stretched back (linear) to full size."""
+    small = ndi.zoom(ndi.gaussian_filter(img, f / 2), 1 / f, order=1, grid_mode=True, mode="nearest")
+    small += rng.normal(0, noise, small.shape)
+    return ndi.zoom(small, (img.shape[0] / small.shape[0], img.shape[1] / small.shape[1]), order=1, grid_mode=True, mode="nearest")
 
 
 def _connected_instances(
@@ -332,12 +344,19 @@ def _interfaces(labels: np.ndarray) -> np.ndarray:
     return edge
 
 
-def stamp(**settings: int) -> str:
+def _rendering(window_per_slice: tuple, coarse: float, test_coarse: float | None) -> dict:
+    """The stamp's entries for a rendering other than the default (none for the default, so its stamp stays)."""
+    out = {"window_per_slice": ":".join(f"{v:g}" for v in window_per_slice)} if len(window_per_slice) else {}
+    out |= {"coarse": f"{coarse:g}"} if coarse != 1 else {}
+    return out | ({"test_coarse": f"{test_coarse:g}"} if test_coarse is not None else {})
+
+
+def stamp(**settings) -> str:
     """The PHANTOM.txt line of a phantom made with these settings by this version of the generator."""
     return "comp phantom: " + " ".join(f"{k}={v}" for k, v in settings.items()) + f" version={VERSION}\n"
 
 
-def _render_job(job: tuple[int, bool]) -> tuple[np.ndarray, np.ndarray]:
+def _render_job(job: tuple) -> tuple[np.ndarray, np.ndarray]:
     """Pool entry point for render_slice."""
     return render_slice(*job)
 
@@ -349,8 +368,14 @@ def generate(
     n_test: int = 500,
     seed: int = 0,
     workers: int | None = None,
+    window_per_slice: tuple[float, ...] = (),
+    coarse: float = 1.0,
+    test_coarse: float | None = None,
 ) -> Path:
-    """Write a phantom data set in the challenge layout (plus Y_test.csv) and return its folder."""
+    """Write a phantom data set in the challenge layout (plus Y_test.csv) and return its folder.
+
+    `window_per_slice` [lo_from, lo_to, hi_from, hi_to]: each slice through its own window (seeded); `coarse`: the
+    effective voxel width in pixels (`test_coarse`: the test split's, if different)."""
     from multiprocessing import Pool
 
     from tqdm import tqdm
@@ -358,11 +383,17 @@ def generate(
     out = Path(out)
     if not 0 <= n_labelled <= n_train:
         raise ValueError(f"n_labelled={n_labelled} must lie in 0..n_train={n_train}")
+    problem = window_ranges_problem(window_per_slice) if len(window_per_slice) else None
+    if problem:
+        raise UserError("--window-per-slice", problem)
+    coarseness = {"train": coarse, "test": coarse if test_coarse is None else test_coarse}
     splits = {"train": (n_train, False, seed * 1_000_003), "test": (n_test, True, seed * 1_000_003 + 500_000)}
     for split, (n, novel, base) in splits.items():
         xs = np.empty((n, SIZE, SIZE), np.uint8)
         ys = np.zeros((n, SIZE, SIZE), np.uint8)
-        jobs = [(base + i, novel) for i in range(n)]
+        rng = np.random.default_rng([seed, int(novel)])
+        windows = draw_windows(window_per_slice, n, rng) if len(window_per_slice) else np.tile(HU_WINDOW, (n, 1))
+        jobs = [(base + i, novel, tuple(windows[i]), coarseness[split]) for i in range(n)]
         with Pool(workers or os.cpu_count() or 1) as pool:
             it = pool.imap(_render_job, jobs, chunksize=8)
             for i, (x, y) in enumerate(tqdm(it, total=n, desc=f"phantom {split}", leave=False)):
@@ -371,8 +402,10 @@ def generate(
                     ys[i] = y
         write_images(out / f"X_{split}", xs)
         write_label_csv(out / f"Y_{split}.csv", ys, image_names(n))
+        if len(window_per_slice):  # the truth a calibration is checked against (`comp data stats`); no method reads it
+            write_windows(out / (WINDOWS if split == "train" else f"{split}_{WINDOWS}"), image_names(n), windows)
     atomic_write_text(
         out / "PHANTOM.txt",
-        stamp(n_train=n_train, n_labelled=n_labelled, n_test=n_test, seed=seed),
+        stamp(n_train=n_train, n_labelled=n_labelled, n_test=n_test, seed=seed, **_rendering(window_per_slice, coarse, test_coarse)),
     )
     return out

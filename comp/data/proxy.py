@@ -83,6 +83,8 @@ def build_proxy(out: Path, cache: Path, extra: Path | None = None, cfg: ImportCo
     atomic_write_text(
         out / MARKER,
         f"comp real-CT proxy from {ARCHIVE} (sha256 {SHA256}); labelled: {LABELLED[0]}; "
-        f"unlabelled: {len(unlabelled)} volume(s); HU window {cfg.window_lo:g}..{cfg.window_hi:g}\n",
+        f"unlabelled: {len(unlabelled)} volume(s); HU window "
+        + (f"per slice, ends in {cfg.window_per_slice[0]:g}..{cfg.window_per_slice[1]:g} and {cfg.window_per_slice[2]:g}..{cfg.window_per_slice[3]:g}"
+           if cfg.window_per_slice else f"{cfg.window_lo:g}..{cfg.window_hi:g}") + "\n",
     )
     return out

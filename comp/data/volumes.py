@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from comp.contrast import HU_WINDOW, hu_to_grey
+from comp.contrast import HU_WINDOW, draw_windows, hu_to_grey, window_ranges_problem
 from comp.errors import UserError, atomic_write_text, staged_folder
 from comp.fields import bounded
-from comp.io import SIZE, image_names, write_images, write_label_csv
+from comp.io import SIZE, WINDOWS, image_names, write_images, write_label_csv, write_windows
 
 AIR_HU = -1024.0
 
@@ -159,10 +159,19 @@ class ImportConfig:
     min_px: int = bounded(20, lo=0)  # components smaller than this (at 512x512) are dropped
     blocks: int = bounded(5, lo=1)  # contiguous slice blocks per volume (the CV groups)
     seed: int = bounded(0, lo=0)
+    window_per_slice: list[float] = bounded(factory=list, max_len=4)  # [lo_from, lo_to, hi_from, hi_to]: a window drawn per slice
 
     def violations(self) -> dict[str, str]:
         """Relations between fields that no single range states."""
-        return {} if self.window_lo < self.window_hi else {"window": f"must run from low to high HU, got {self.window_lo:g}..{self.window_hi:g}"}
+        out = {} if self.window_lo < self.window_hi else {"window": f"must run from low to high HU, got {self.window_lo:g}..{self.window_hi:g}"}
+        problem = window_ranges_problem(self.window_per_slice) if self.window_per_slice else None
+        return out | ({"window_per_slice": problem} if problem else {})
+
+    def windows(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """(n, 2) HU windows of n slices: the one window, or one drawn per slice."""
+        if not self.window_per_slice:
+            return np.tile([self.window_lo, self.window_hi], (n, 1))
+        return draw_windows(self.window_per_slice, n, rng)
 
 
 def _hu_slices(vol: Volume, path: Path) -> tuple[np.ndarray, tuple[float, float]]:
@@ -190,16 +199,21 @@ def _label_slices(label: Path, shape: tuple, image: Path) -> np.ndarray:
     return sl.astype(np.int32)
 
 
-def volume_slices(image: Path, label: Path | None, cfg: ImportConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Windowed 512x512 slices of one volume and their instance maps (zeros when unlabelled)."""
+def volume_slices(image: Path, label: Path | None, cfg: ImportConfig, rng: np.random.Generator,
+                  window_rng: np.random.Generator | None = None, out_windows: list | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Windowed 512x512 slices of one volume and their instance maps (zeros when unlabelled); each slice's HU window is
+    appended to `out_windows`."""
+    out_windows = [] if out_windows is None else out_windows
     vol = load_volume(image)
     sl, spacing = _hu_slices(vol, image)
     lab_sl = None if label is None else _label_slices(label, vol.data.shape, image)
     keep = np.arange(0, len(sl), max(1, cfg.every))
     xs = np.empty((len(keep), SIZE, SIZE), np.uint8)
     ys = np.zeros((len(keep), SIZE, SIZE), np.uint8)
+    windows = cfg.windows(len(keep), window_rng or np.random.default_rng(cfg.seed))
+    out_windows.append(windows)
     for n, k in enumerate(keep):
-        xs[n] = hu_to_grey(to_square(sl[k], spacing, order=1, pad=AIR_HU), cfg.window_lo, cfg.window_hi)
+        xs[n] = hu_to_grey(to_square(sl[k], spacing, order=1, pad=AIR_HU), *windows[n])
         if lab_sl is not None:
             ys[n] = split_components(to_square(lab_sl[k], spacing, order=0).astype(np.int32), rng, cfg.min_px)
     return xs, ys
@@ -227,12 +241,13 @@ def import_volumes(images: list[Path], labels: list[Path | None], out: Path, cfg
     if len(images) != len(labels):
         raise UserError("--labels", f"{len(labels)} label volumes for {len(images)} image volumes")
     rng = np.random.default_rng(cfg.seed)
-    xs, ys, rows = [], [], []
+    window_rng = np.random.default_rng([cfg.seed, 1])  # its own stream: the one-window import's label ids stay as they were
+    xs, ys, rows, windows = [], [], [], []
     jobs = list(zip(images, labels)) + [(u, None) for u in (unlabelled or [])]
     ids = volume_ids([Path(image) for image, _ in jobs])
     with staged_folder(out, force, replaces) as stage:  # before any volume is read: a refused --out costs nothing
         for (image, label), vid in zip(tqdm(jobs, desc="volumes", leave=False), ids):
-            x, y = volume_slices(Path(image), None if label is None else Path(label), cfg, rng)
+            x, y = volume_slices(Path(image), None if label is None else Path(label), cfg, rng, window_rng, windows)
             block = np.minimum(np.arange(len(x)) * cfg.blocks // max(len(x), 1), cfg.blocks - 1)
             rows += [(f"{vid}:{b}", vid, i) for i, b in enumerate(block)]
             xs.append(x)
@@ -244,6 +259,8 @@ def import_volumes(images: list[Path], labels: list[Path | None], out: Path, cfg
         atomic_write_text(
             stage / "groups.csv", "image,group,volume,slice\n" + "".join(f"{n},{g},{v},{s}\n" for n, (g, v, s) in zip(names, rows))
         )
+        if cfg.window_per_slice:  # the truth a calibration is checked against (`comp data stats`); no method reads it
+            write_windows(stage / WINDOWS, names, np.concatenate(windows))
         if replaces:
             atomic_write_text(stage / replaces, "")  # the caller's marker, written over by it once the folder is in place
     return out
