@@ -136,6 +136,9 @@ def fold_groups(mode: str, data: Dataset, say=print) -> np.ndarray | None:
         say("groups: none (random folds: neighbouring slices of one scan can land in training and in the scored fold)")
         return None
     scans = infer_scans(data.x_train)
+    if max(scans.sizes()) == 1:  # no two slices alike: random folds are as honest, and stay those of earlier runs
+        say(f"groups: none found in the slices ({len(scans.scan)} stand alone): random folds")
+        return None
     say(f"groups: inferred from the slices ({len(scans.sizes())} scans, largest {scans.sizes()[:5]}); "
         f"`comp data groups {data.root} --write` keeps them in groups.csv")  # fmt: skip
     return scans.groups()
