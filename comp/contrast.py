@@ -60,16 +60,12 @@ def hu_to_grey(hu: np.ndarray, lo: float = HU_WINDOW[0], hi: float = HU_WINDOW[1
     return np.clip(np.rint((np.asarray(hu, np.float64) - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
 
 
-@dataclass
-class Landmarks:
-    """Peaks of a data set's grey-level histogram and the linear grey = offset + scale * HU they imply."""
+@dataclass(frozen=True)
+class Calibration:
+    """A linear grey = offset + scale * HU."""
 
-    air: float | None  # grey level of the air peak (None when air is clipped to 0)
-    fat: float
-    soft: float
-    bone: float  # the bone tail (BONE_QUANTILE of body pixels)
-    scale: float  # grey levels per HU
     offset: float  # grey level of 0 HU
+    scale: float  # grey levels per HU
 
     def grey(self, hu: float) -> float:
         """Grey level of a Hounsfield value."""
@@ -80,8 +76,18 @@ class Landmarks:
         return (grey - self.offset) / self.scale
 
     def window(self) -> tuple[float, float]:
-        """The HU window the data set was rendered with (HU of grey 0 and 255)."""
+        """The HU window of grey 0 and 255 (the one the slices were rendered with)."""
         return self.hu(0.0), self.hu(255.0)
+
+
+@dataclass(frozen=True)
+class Landmarks(Calibration):
+    """Peaks of a data set's grey-level histogram, and the calibration they imply."""
+
+    air: float | None = None  # grey level of the air peak (None when air is clipped to 0)
+    fat: float = 0.0
+    soft: float = 0.0
+    bone: float = 255.0  # the bone tail (BONE_QUANTILE of body pixels)
 
 
 def _otsu(hist: np.ndarray) -> int:
@@ -103,11 +109,15 @@ def _peaks(h: np.ndarray, lo: int, min_sep: int) -> list[int]:
     return kept
 
 
+def evenly_spaced(x: np.ndarray, n: int) -> np.ndarray:
+    """Up to n evenly spaced items of x (all of them when n >= len(x))."""
+    return x[:: max(1, len(x) // max(n, 1))][:n]
+
+
 def histogram(x: np.ndarray, max_images: int = 200) -> np.ndarray:
     """256-bin grey-level histogram of up to max_images evenly spaced slices."""
-    step = max(1, len(x) // max(max_images, 1))
     hist = np.zeros(256, np.int64)
-    for s in x[::step][:max_images]:
+    for s in evenly_spaced(x, max_images):
         hist += np.bincount(s.ravel(), minlength=256)
     return hist
 
@@ -131,7 +141,7 @@ def landmarks(hist: np.ndarray, where: str = "data") -> Landmarks:
     air = next((float(p) for p in _peaks(smooth, 1, 4) if 2 < p < body), None)
     cum = np.cumsum(h[body:])
     bone = float(body + np.searchsorted(cum, cum[-1] * BONE_QUANTILE / 100)) if cum[-1] else 255.0
-    return Landmarks(air, float(fat), float(soft), bone, float(scale), float(offset))
+    return Landmarks(float(offset), float(scale), air, float(fat), float(soft), bone)
 
 
 def _refine(h: np.ndarray, i: int) -> float:
@@ -139,18 +149,6 @@ def _refine(h: np.ndarray, i: int) -> float:
     a, b, c = h[i - 1], h[i], h[i + 1]
     den = a - 2 * b + c
     return float(i + (0.5 * (a - c) / den if den < 0 else 0.0))
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """A linear grey = offset + scale * HU."""
-
-    offset: float
-    scale: float
-
-    def window(self) -> tuple[float, float]:
-        """The HU of grey 0 and 255."""
-        return -self.offset / self.scale, (255.0 - self.offset) / self.scale
 
 
 CANONICAL = Calibration(-HU_WINDOW[0] * 255.0 / (HU_WINDOW[1] - HU_WINDOW[0]), 255.0 / (HU_WINDOW[1] - HU_WINDOW[0]))
@@ -180,8 +178,8 @@ def _tissue_pair(body: np.ndarray, sigma: float, lo: int, hi: int, sep: int) -> 
     return fat, soft
 
 
-def slice_calibration(img: np.ndarray) -> Calibration | None:
-    """One slice's HU calibration from its own pixels, or None where it lacks the landmarks.
+def _slice_landmarks(img: np.ndarray) -> tuple[float | None, Calibration | None]:
+    """One slice's air peak (None where clipped) and its HU calibration (None where it lacks the landmarks).
 
     With the air visible (a wide window), a coarse scale from the air and the body's mode places the fat and
     soft-tissue peaks, and a line through air, fat and soft tissue (air-to-tissue, ~1,000 HU apart, sets the
@@ -197,21 +195,23 @@ def slice_calibration(img: np.ndarray) -> Calibration | None:
         mode = int(np.argmax(body))
         s0 = (mode - air) / ((FAT_HU + SOFT_HU) / 2 - AIR_HU)  # the mode lies between fat and soft tissue
         if not SCALES[0] <= s0 <= SCALES[1]:
-            return None
+            return air, None
         pair = _tissue_pair(body, max(0.6, 10 * s0), int(air + s0 * (-250 - AIR_HU)), int(air + s0 * (200 - AIR_HU)), int(70 * s0))
         if pair is None:
-            return None
-        g, hu = np.array([air, *pair]), np.array([AIR_HU, FAT_HU, SOFT_HU])
-        scale, offset = np.polyfit(hu, g, 1)
+            return air, None
+        scale, offset = np.polyfit([AIR_HU, FAT_HU, SOFT_HU], [air, *pair], 1)
     else:
         pair = _tissue_pair(body, 1.0, max(body_from, TISSUE_FROM), 254, 4)
         if pair is None:
-            return None
+            return air, None
         scale = (pair[1] - pair[0]) / (SOFT_HU - FAT_HU)
         offset = pair[0] - scale * FAT_HU
-    if not SCALES[0] <= scale <= SCALES[1]:
-        return None
-    return Calibration(float(offset), float(scale))
+    return air, Calibration(float(offset), float(scale)) if SCALES[0] <= scale <= SCALES[1] else None
+
+
+def slice_calibration(img: np.ndarray) -> Calibration | None:
+    """One slice's HU calibration from its own pixels, or None where it lacks the landmarks."""
+    return _slice_landmarks(img)[1]
 
 
 @dataclass
@@ -241,17 +241,11 @@ AIR_IQR, WIDTH_IQR = 4.0, 0.25  # set on the stand-ins rendered both ways (one w
 
 def survey(x: np.ndarray, max_images: int = 400) -> Survey:
     """Calibrate up to max_images evenly spaced slices on their own (label-free)."""
-    step = max(1, len(x) // max(max_images, 1))
-    pick = x[::step][:max_images]
-    cals = [slice_calibration(s) for s in pick]
+    pick = evenly_spaced(x, max_images)
+    found = [_slice_landmarks(s) for s in pick]
+    cals = [c for _, c in found]
     windows = np.array([c.window() if c else (np.nan, np.nan) for c in cals]).reshape(-1, 2)
-    airs = []
-    for s in pick:
-        h = np.bincount(s.ravel(), minlength=256).astype(np.float64)
-        h[255] = 0
-        a = _air_peak(h, _otsu(h))
-        if a is not None:
-            airs.append(a)
+    airs = [a for a, _ in found if a is not None]
     ok = [c for c in cals if c]
     widths = windows[:, 1] - windows[:, 0]
     widths = widths[np.isfinite(widths)]
@@ -287,32 +281,25 @@ class Contrast:
     channels: tuple[tuple[float, float], ...] = ()
     per_slice: Calibration | None = None  # set: slices are calibrated one by one; this is the data set's, for slices without landmarks
 
-    def _curves(self, x: np.ndarray) -> list[np.ndarray]:
-        """Per slice, the float grey level of each input grey level in the reference rendering (HU_WINDOW)."""
+    def _per_slice(self, x: np.ndarray, out_grey) -> np.ndarray:
+        """Each slice through its own lookup table: out_grey of its grey levels' float reference-rendering levels
+        (HU_WINDOW), rounded once."""
         g = np.arange(256, dtype=np.float64)
-        out = []
-        for s in x:
+        out = np.empty_like(x)
+        for i, s in enumerate(x):
             c = slice_calibration(s) or self.per_slice
-            out.append(CANONICAL.offset + CANONICAL.scale * (g - c.offset) / c.scale)
+            out[i] = np.clip(np.rint(out_grey(CANONICAL.grey(c.hu(g)))), 0, 255).astype(np.uint8)[s]
         return out
 
     def canonical(self, x: np.ndarray) -> np.ndarray:
         """The slices every method reads: per slice, re-rendered through HU_WINDOW by its own calibration; else as given."""
-        if self.per_slice is None:
-            return x
-        out = np.empty_like(x)
-        for i, (s, curve) in enumerate(zip(x, self._curves(x))):
-            out[i] = np.clip(np.rint(curve), 0, 255).astype(np.uint8)[s]
-        return out
+        return x if self.per_slice is None else self._per_slice(x, lambda v: v)
 
     def stretch(self, x: np.ndarray) -> np.ndarray:
         """uint8 slices with the window stretched to 0..255 (a lookup table per slice, or one; identity for none)."""
         lo, hi = self.window
-        if self.per_slice is not None:  # one rounding: slice grey -> reference grey -> window, in floats
-            out = np.empty_like(x)
-            for i, (s, curve) in enumerate(zip(x, self._curves(x))):
-                out[i] = np.clip(np.rint((curve - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)[s]
-            return out
+        if self.per_slice is not None:
+            return self._per_slice(x, lambda v: (v - lo) / (hi - lo) * 255.0)
         if self.window == (0.0, 255.0):
             return x
         lut = np.clip(np.rint((np.arange(256) - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
@@ -356,6 +343,17 @@ def _window(value: Any, where: str, key: str) -> tuple[float, float]:
     return float(value[0]), float(value[1])
 
 
+def calibration(x: np.ndarray, per_slice: Any = "auto", where: str = "contrast", say=print) -> tuple[Calibration | None, Calibration]:
+    """How a data set's slices are read: (the data set's calibration where each slice is calibrated on its own, else
+    None; the calibration of the slices as the methods then read them: the reference rendering's, or the data set's)."""
+    sv = survey(x)
+    if per_slice is True or (per_slice == "auto" and sv.per_slice):
+        say(f"contrast: slices calibrated one by one (air grey IQR {sv.air_iqr:.1f}, window width IQR {100 * sv.width_iqr:.0f}%); "
+            f"{sv.failed} of {len(sv.windows)} surveyed slices lack landmarks and take the data set's calibration")  # fmt: skip
+        return sv.fallback, CANONICAL
+    return None, landmarks(histogram(x), where)
+
+
 def resolve(p: ContrastParams, x: np.ndarray, where: str = "contrast", say=print) -> Contrast:
     """Resolve the contrast section on a data set's slices (`auto` and HU channels read its pixels, never labels).
 
@@ -363,20 +361,12 @@ def resolve(p: ContrastParams, x: np.ndarray, where: str = "contrast", say=print
     calibrated on its own and the windows are given in the reference rendering's grey levels."""
     needs_calibration = p.window == "auto" or bool(p.channels)
     hu_lo, hu_hi = _window(p.hu, where, "contrast.hu")
-    per_slice, grey = None, None
-    if needs_calibration:
-        sv = survey(x)
-        if p.per_slice is True or (p.per_slice == "auto" and sv.per_slice):
-            per_slice, grey = sv.fallback, lambda hu: CANONICAL.offset + CANONICAL.scale * hu  # noqa: E731
-            say(f"contrast: slices calibrated one by one (air grey IQR {sv.air_iqr:.1f}, window width IQR {100 * sv.width_iqr:.0f}%); "
-                f"{sv.failed} of {len(sv.windows)} surveyed slices lack landmarks and take the data set's calibration")  # fmt: skip
-        else:
-            grey = landmarks(histogram(x), where).grey
+    per_slice, cal = calibration(x, p.per_slice, where, say) if needs_calibration else (None, None)
     if p.window in ("none", None):
         window = (0.0, 255.0)
     elif p.window == "auto":
-        window = (grey(hu_lo), grey(hu_hi))
+        window = (cal.grey(hu_lo), cal.grey(hu_hi))
     else:
         window = _window(p.window, where, "contrast.window")
-    channels = tuple((grey(a), grey(b)) for a, b in (_window(c, where, "contrast.channels") for c in p.channels))
+    channels = tuple((cal.grey(a), cal.grey(b)) for a, b in (_window(c, where, "contrast.channels") for c in p.channels))
     return Contrast((round(window[0], 4), round(window[1], 4)), tuple((round(a, 4), round(b, 4)) for a, b in channels), per_slice)

@@ -139,22 +139,14 @@ def random_subset(n_total: int, n: int, seed: int = 0) -> np.ndarray:
 def run_experiment(run: Path, overrides: dict | None = None):
     """A finished run's experiment with tuned `overrides` (dotted keys) applied, and its resolved contrast."""
     from comp.config import experiment_from_dict
-    from comp.contrast import Contrast
 
     cfg = _run_config(run)
     sets = [f"{k}={json.dumps(v)}" for k, v in (overrides or {}).items()]
     exp = experiment_from_dict(cfg, RunDir(Path(run)).config_file, sets, ignore=("data", "contrast_resolved"))
-    resolved = Contrast.from_dict(cfg.get("contrast_resolved"))
+    resolved = RunDir.contrast_of(cfg)
     if "contrast.window" in (overrides or {}):  # a tuned window is given in grey levels
         resolved = resolved.with_window(overrides["contrast.window"])
     return exp, resolved
-
-
-def member_contrast(config: dict):
-    """A run's resolved contrast step, from its config."""
-    from comp.contrast import Contrast
-
-    return Contrast.from_dict(config.get("contrast_resolved"))
 
 
 def check_aligned(members: Sequence[RunMaps]) -> None:
@@ -189,7 +181,7 @@ class OOF:
         ids = members[0].ids
         # Calibrated per slice, the members read the slices re-rendered through the reference window: so do the
         # post-processor and the merger, and every window found on them is in those grey levels.
-        return cls(members, member_contrast(members[0].config).canonical(data.x_train[ids]), data.y_train[ids])
+        return cls(members, RunDir.contrast_of(members[0].config).canonical(data.x_train[ids]), data.y_train[ids])
 
     @property
     def folds(self) -> np.ndarray:
@@ -247,7 +239,7 @@ class OOF:
     def window(self) -> list[float]:
         """The members' resolved grey window, in the grey levels of `images` (the first member's; learned runs on one data
         set share it)."""
-        return list(member_contrast(self.members[0].config).window)
+        return list(RunDir.contrast_of(self.members[0].config).window)
 
 
 def nested_scores(folds: np.ndarray, idx: np.ndarray, search: Callable[[np.ndarray], object],

@@ -20,7 +20,8 @@ from comp.errors import UserError, atomic_path, atomic_save_npy, atomic_write_te
 
 SIZE = 512
 N_PIXELS = SIZE * SIZE
-WINDOWS = "windows.csv"  # a stand-in rendered with a window per slice: each training slice's HU window (image,lo,hi)
+WINDOWS_CSV = "windows.csv"  # a stand-in rendered with a window per slice: each training slice's HU window (image,lo,hi)
+GROUPS_CSV = "groups.csv"  # each training slice's CV group (image,group[,volume,slice]): the importer's, or inferred
 _NAME = re.compile(r"^(\d+)\.png$")
 _COMMA, _NL, _CR = 44, 10, 13
 
@@ -466,18 +467,30 @@ def write_windows(path: Path, names: list[str], windows: np.ndarray) -> None:
 
 def read_windows(path: Path, names: list[str]) -> np.ndarray | None:
     """(N, 2) HU windows of the named slices from a windows.csv, or None where there is none."""
+    df = per_image_table(path, ("lo", "hi"), names, "window")
+    return None if df is None else df[["lo", "hi"]].to_numpy(np.float64)
+
+
+def write_groups_csv(path: Path, names: list[str], rows: list[tuple]) -> None:
+    """groups.csv: per image, its (group, volume, slice)."""
+    atomic_write_text(path, "image,group,volume,slice\n" + "".join(f"{n},{g},{v},{s}\n" for n, (g, v, s) in zip(names, rows)))
+
+
+def per_image_table(path: Path, columns: tuple[str, ...], names: list[str], what: str):
+    """A CSV with one row per image (column 'image' and `columns`) as a string DataFrame in the order of `names`,
+    or None where the file is absent; a missing column or image is a clear error naming the file."""
     if not path.is_file():
         return None
     import pandas as pd
 
-    df = pd.read_csv(path)
-    if not {"image", "lo", "hi"} <= set(df.columns):
-        raise UserError(path, "needs columns 'image', 'lo' and 'hi'")
-    w = dict(zip(df["image"].astype(str), zip(df["lo"].astype(float), df["hi"].astype(float))))
-    missing = [n for n in names if n not in w]
+    df = pd.read_csv(path, dtype=str)
+    if not {"image", *columns} <= set(df.columns):
+        raise UserError(path, "needs columns " + ", ".join(f"'{c}'" for c in ("image", *columns)))
+    df = df.drop_duplicates("image").set_index("image")
+    missing = [n for n in names if n not in df.index]
     if missing:
-        raise UserError(path, f"no window for image '{missing[0]}'")
-    return np.array([w[n] for n in names])
+        raise UserError(path, f"no {what} for image '{missing[0]}'")
+    return df.loc[names].reset_index()
 
 
 def write_label_csv(
@@ -618,24 +631,11 @@ class Dataset:
     @property
     def groups_file(self) -> Path:
         """groups.csv: each training slice's CV group (image, group[, volume, slice])."""
-        return self.root / "groups.csv"
+        return self.root / GROUPS_CSV
 
     def groups_table(self):
         """groups.csv's rows for X_train's slices, in their order (a DataFrame), or None without the file."""
-        path = self.groups_file
-        if not path.is_file():
-            return None
-        import pandas as pd
-
-        df = pd.read_csv(path, dtype=str)
-        if not {"image", "group"} <= set(df.columns):
-            raise UserError(path, "needs columns 'image' and 'group'")
-        df = df.drop_duplicates("image").set_index("image")
-        names = image_names(len(self.x_train))
-        missing = [n for n in names if n not in df.index]
-        if missing:
-            raise UserError(path, f"no group for image '{missing[0]}'")
-        return df.loc[names].reset_index()
+        return per_image_table(self.groups_file, ("group",), image_names(len(self.x_train)), "group")
 
     def groups(self) -> np.ndarray | None:
         """Per-slice group ids (e.g. source volume) from groups.csv, if present."""

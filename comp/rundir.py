@@ -312,10 +312,16 @@ class RunDir:
         rows = np.loadtxt(self.folds_file, delimiter=",", skiprows=1, usecols=(1, 2), dtype=np.int64, ndmin=2)
         return rows[:, 0], rows[:, 1]
 
+    @staticmethod
+    def contrast_of(config: dict):
+        """The contrast step a run resolved on its data set, from its config (as cv writes it)."""
+        from comp.contrast import Contrast
+
+        return Contrast.from_dict(config.get("contrast_resolved"))
+
     def fold_model(self, fold: int):
         """The trained model of one fold, rebuilt from config.yaml behind the run's resolved contrast."""
         from comp.config import from_dict
-        from comp.contrast import Contrast
         from comp.registry import get_method
 
         cfg = self.config()
@@ -323,7 +329,7 @@ class RunDir:
         method = spec.build(from_dict(spec.params, cfg["params"], str(self.config_file), "params"))
         if not hasattr(method, "load"):
             raise UserError(self.path, f"method '{cfg['method']}' keeps no fold models to load")
-        method.load(self.fold_dir(fold), Contrast.from_dict(cfg.get("contrast_resolved")))
+        method.load(self.fold_dir(fold), self.contrast_of(cfg))
         return method
 
     def oof_maps(self, fold: int) -> MapArray:

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from comp.contrast import histogram, landmarks
-from comp.io import N_PIXELS, WINDOWS, Dataset, image_names, read_windows
+from comp.contrast import evenly_spaced, histogram, landmarks
+from comp.io import N_PIXELS, WINDOWS_CSV, Dataset, image_names, read_windows
 from comp.metric import image_scores
 from comp.parallel import pmap
 from comp.postprocess import relabel_uint8
@@ -181,8 +181,8 @@ def data_stats(data: Dataset, images: int = 0, workers: int = 0, superpixel_h: l
         baseline_ari=float(image_scores(y[pick], base).mean()) if len(pick) else float("nan"),
         oracle_ari=float(image_scores(y[pick], oracle).mean()) if len(pick) else float("nan"),
         superpixels=superpixel_ceilings(data.x_train[ann[pick]], y[pick], data.x_train, superpixel_h, workers) if superpixel_h and len(pick) else {},
-        windows=window_spread(data.x_train, read_windows(data.root / WINDOWS, image_names(len(data.x_train)))),
-        correlation_px=float(np.nanmedian([correlation_length(s) for s in data.x_train[:: max(1, len(data.x_train) // 50)]])),
+        windows=window_spread(data.x_train, read_windows(data.root / WINDOWS_CSV, image_names(len(data.x_train)))),
+        correlation_px=float(np.nanmedian([correlation_length(s) for s in evenly_spaced(data.x_train, 50)])),
     )
 
 

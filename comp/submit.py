@@ -148,7 +148,7 @@ def submit_ensemble(name: str, data: Dataset, out: str | Path, runs: Path = Path
 
     from tqdm import tqdm
 
-    from comp.ensemble import has_maps, load_ensemble, member_contrast, merger_path, run_experiment
+    from comp.ensemble import has_maps, load_ensemble, merger_path, run_experiment
     from comp.merge import load_merger
     from comp.parallel import pmap
 
@@ -174,7 +174,7 @@ def submit_ensemble(name: str, data: Dataset, out: str | Path, runs: Path = Path
         given = predict_test(run_experiment(Path(spec.regions.run))[0], data, runs=runs)
     n = len(data.x_test)
     pred = np.empty((n, SIZE, SIZE), np.uint8)
-    contrast = member_contrast(RunDir(Path(spec.members[0].run)).config())  # the slices as the members (and the tuning) read them
+    contrast = RunDir.contrast_of(RunDir(Path(spec.members[0].run)).config())  # the slices as the members (and the tuning) read them
     # A chunk of slices at a time: peak memory does not grow with the number of test slices.
     for c0 in tqdm(range(0, n, chunk), desc="test chunks", disable=n <= chunk):
         sl = slice(c0, min(n, c0 + chunk))

@@ -12,17 +12,17 @@ from comp.errors import UserError
 from comp.io import Dataset, write_images, write_label_csv, image_names
 from tests.conftest import run_cli
 
-WINDOWS = draw_windows(PER_SLICE_EXAMPLE, 6, np.random.default_rng(11))
+DRAWN = draw_windows(PER_SLICE_EXAMPLE, 6, np.random.default_rng(11))
 
 
 @pytest.fixture(scope="module")
 def per_slice() -> np.ndarray:
     """Six phantom slices, each through its own window drawn from the documented ranges."""
-    return np.stack([render_slice(40 + i, window=tuple(w))[0] for i, w in enumerate(WINDOWS)])
+    return np.stack([render_slice(40 + i, window=tuple(w))[0] for i, w in enumerate(DRAWN)])
 
 
 def test_a_per_slice_windowed_phantom_is_calibrated_per_slice_within_2_percent(per_slice):
-    for img, (lo, hi) in zip(per_slice, WINDOWS):
+    for img, (lo, hi) in zip(per_slice, DRAWN):
         cal = slice_calibration(img)
         assert cal is not None
         got = np.array(cal.window())
@@ -142,9 +142,9 @@ def test_coarse_rendering_shows_in_the_measured_resolution():
 
 def test_a_phantom_windowed_per_slice_records_its_windows(tmp_path):
     from comp.data.phantom import generate
-    from comp.io import WINDOWS, read_windows
+    from comp.io import WINDOWS_CSV, read_windows
 
     root = generate(tmp_path / "p", n_train=3, n_labelled=2, n_test=1, seed=1, workers=1, window_per_slice=PER_SLICE_EXAMPLE)
-    w = read_windows(Path(root) / WINDOWS, image_names(3))
+    w = read_windows(Path(root) / WINDOWS_CSV, image_names(3))
     assert w.shape == (3, 2) and (w[:, 0] >= -3100).all() and (w[:, 0] <= -1000).all() and (w[:, 1] >= 1000).all()
     assert "window_per_slice=" in (Path(root) / "PHANTOM.txt").read_text()

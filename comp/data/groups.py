@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from comp.contrast import CANONICAL, Calibration, Contrast, histogram, landmarks, survey
+from comp.contrast import Contrast, calibration
 from comp.errors import UserError
-from comp.io import SIZE, Dataset
+from comp.io import SIZE, Dataset, image_names, write_groups_csv
 
 POOL = 16  # descriptors are 32x32 means of 16x16 pixel cells
 # Distances between body outlines: the root of the summed squared differences of the cells' body fractions (1.0:
@@ -27,6 +27,11 @@ LINK = 1.0  # outlines closer than this are one scan
 FOV_LINK = 6.0  # ... or closer than this with the same field-of-view padding
 # The two links were set on the proxy's two scans mixed with phantom slices, the data the README measures
 # them on; a data set of another make may need others (`comp data groups --link`).
+
+
+def contiguous_blocks(position: np.ndarray, n: int, blocks: int) -> np.ndarray:
+    """Block (0..blocks-1) of each slice at `position` along a scan of n slices: contiguous runs of equal size."""
+    return np.minimum(np.asarray(position) * blocks // max(n, 1), blocks - 1)
 
 
 @dataclass
@@ -41,8 +46,7 @@ class Scans:
         out = np.empty(len(self.scan), object)
         for s in np.unique(self.scan):
             m = self.scan == s
-            n = int(m.sum())
-            out[m] = [f"s{s}:{min(p * blocks // n, blocks - 1)}" for p in self.position[m]]
+            out[m] = [f"s{s}:{b}" for b in contiguous_blocks(self.position[m], int(m.sum()), blocks)]
         return out.astype(str)
 
     def sizes(self) -> list[int]:
@@ -65,7 +69,7 @@ def _body(s: np.ndarray, threshold: float) -> np.ndarray:
 def _pool(a: np.ndarray) -> np.ndarray:
     """Mean of POOL x POOL cells, flattened."""
     k = SIZE // POOL
-    return a.reshape(POOL, k, POOL, k).mean(axis=(1, 3)).ravel() if a.shape == (SIZE, SIZE) else a.ravel()
+    return a.reshape(POOL, k, POOL, k).mean(axis=(1, 3)).ravel()
 
 
 def _fov(s: np.ndarray) -> tuple[int, int, int, int]:
@@ -101,14 +105,9 @@ def infer_scans(x: np.ndarray, link: float = LINK, fov_link: float = FOV_LINK) -
     from tqdm import tqdm
 
     fov = np.array([_fov(s) for s in x])  # on the slices as given: re-rendering would flatten clipped air too
-    sv = survey(x)
-    if sv.per_slice:  # the body threshold and the image descriptor need one rendering
-        x = Contrast(per_slice=sv.fallback).canonical(x)
-        cal = CANONICAL
-    else:
-        m = landmarks(histogram(x), "groups")
-        cal = Calibration(m.offset, m.scale)
-    threshold = cal.offset + cal.scale * BODY_HU
+    per_slice, cal = calibration(x, where="groups", say=lambda _: None)
+    x = Contrast(per_slice=per_slice).canonical(x)  # the body threshold and the image descriptor need one rendering
+    threshold = cal.grey(BODY_HU)
     body = np.stack([_pool(_body(s, threshold).astype(np.float32)) for s in tqdm(x, desc="scans: outlines", leave=False)])
     image = np.stack([_pool(s.astype(np.float32) / 255.0) for s in x])
     d = _distances(body)
@@ -171,13 +170,8 @@ def describe(data: Dataset, scans: Scans, n_train: int) -> str:
 
 def write_groups(data: Dataset, scans: Scans, blocks: int, force: bool = False) -> None:
     """groups.csv (image, group, volume, slice) of the training slices from inferred scans; an existing file only with force."""
-    from comp.errors import atomic_write_text
-    from comp.io import image_names
-
     if data.groups_file.is_file() and not force:
         raise UserError(data.groups_file, "exists (the data's own groups?): pass --force to replace it with inferred ones")
     n = len(data.x_train)
     part = Scans(scans.scan[:n], scans.position[:n])
-    groups = part.groups(blocks)
-    rows = "".join(f"{name},{g},s{s},{p}\n" for name, g, s, p in zip(image_names(n), groups, part.scan, part.position))
-    atomic_write_text(data.groups_file, "image,group,volume,slice\n" + rows)
+    write_groups_csv(data.groups_file, image_names(n), list(zip(part.groups(blocks), [f"s{s}" for s in part.scan], part.position)))

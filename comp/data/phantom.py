@@ -22,7 +22,7 @@ from scipy import ndimage as ndi
 
 from comp.contrast import HU_WINDOW, draw_windows, hu_to_grey, window_ranges_problem
 from comp.errors import UserError, atomic_write_text
-from comp.io import SIZE, WINDOWS, image_names, write_images, write_label_csv, write_windows
+from comp.io import SIZE, WINDOWS_CSV, image_names, write_images, write_label_csv, write_windows
 
 # Tissues in HU, weakly enhanced (organs and vessels a few dozen HU above muscle), as in the proxy's CT.
 AIR, FAT, MUSCLE, SOFT, LIVER, KIDNEY, VESSEL, BONE, MARROW, FLUID = -1000, -100, 45, 35, 60, 60, 90, 800, 250, 8
@@ -403,7 +403,7 @@ def generate(
         write_images(out / f"X_{split}", xs)
         write_label_csv(out / f"Y_{split}.csv", ys, image_names(n))
         if len(window_per_slice):  # the truth a calibration is checked against (`comp data stats`); no method reads it
-            write_windows(out / (WINDOWS if split == "train" else f"{split}_{WINDOWS}"), image_names(n), windows)
+            write_windows(out / (WINDOWS_CSV if split == "train" else f"{split}_{WINDOWS_CSV}"), image_names(n), windows)
     atomic_write_text(
         out / "PHANTOM.txt",
         stamp(n_train=n_train, n_labelled=n_labelled, n_test=n_test, seed=seed, **_rendering(window_per_slice, coarse, test_coarse)),

@@ -17,7 +17,8 @@ from scipy import ndimage as ndi
 from comp.contrast import HU_WINDOW, draw_windows, hu_to_grey, window_ranges_problem
 from comp.errors import UserError, atomic_write_text, staged_folder
 from comp.fields import bounded
-from comp.io import SIZE, WINDOWS, image_names, write_images, write_label_csv, write_windows
+from comp.data.groups import contiguous_blocks
+from comp.io import GROUPS_CSV, SIZE, WINDOWS_CSV, image_names, write_groups_csv, write_images, write_label_csv, write_windows
 
 AIR_HU = -1024.0
 
@@ -200,23 +201,20 @@ def _label_slices(label: Path, shape: tuple, image: Path) -> np.ndarray:
 
 
 def volume_slices(image: Path, label: Path | None, cfg: ImportConfig, rng: np.random.Generator,
-                  window_rng: np.random.Generator | None = None, out_windows: list | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Windowed 512x512 slices of one volume and their instance maps (zeros when unlabelled); each slice's HU window is
-    appended to `out_windows`."""
-    out_windows = [] if out_windows is None else out_windows
+                  window_rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Windowed 512x512 slices of one volume, their instance maps (zeros when unlabelled) and each slice's HU window."""
     vol = load_volume(image)
     sl, spacing = _hu_slices(vol, image)
     lab_sl = None if label is None else _label_slices(label, vol.data.shape, image)
     keep = np.arange(0, len(sl), max(1, cfg.every))
     xs = np.empty((len(keep), SIZE, SIZE), np.uint8)
     ys = np.zeros((len(keep), SIZE, SIZE), np.uint8)
-    windows = cfg.windows(len(keep), window_rng or np.random.default_rng(cfg.seed))
-    out_windows.append(windows)
+    windows = cfg.windows(len(keep), window_rng)
     for n, k in enumerate(keep):
         xs[n] = hu_to_grey(to_square(sl[k], spacing, order=1, pad=AIR_HU), *windows[n])
         if lab_sl is not None:
             ys[n] = split_components(to_square(lab_sl[k], spacing, order=0).astype(np.int32), rng, cfg.min_px)
-    return xs, ys
+    return xs, ys, windows
 
 
 def volume_ids(paths: list[Path]) -> list[str]:
@@ -247,20 +245,18 @@ def import_volumes(images: list[Path], labels: list[Path | None], out: Path, cfg
     ids = volume_ids([Path(image) for image, _ in jobs])
     with staged_folder(out, force, replaces) as stage:  # before any volume is read: a refused --out costs nothing
         for (image, label), vid in zip(tqdm(jobs, desc="volumes", leave=False), ids):
-            x, y = volume_slices(Path(image), None if label is None else Path(label), cfg, rng, window_rng, windows)
-            block = np.minimum(np.arange(len(x)) * cfg.blocks // max(len(x), 1), cfg.blocks - 1)
-            rows += [(f"{vid}:{b}", vid, i) for i, b in enumerate(block)]
+            x, y, w = volume_slices(Path(image), None if label is None else Path(label), cfg, rng, window_rng)
+            rows += [(f"{vid}:{b}", vid, i) for i, b in enumerate(contiguous_blocks(np.arange(len(x)), len(x), cfg.blocks))]
             xs.append(x)
             ys.append(y)
+            windows.append(w)
         x_all, y_all = np.concatenate(xs), np.concatenate(ys)
         names = image_names(len(x_all))
         write_images(stage / "X_train", x_all)
         write_label_csv(stage / "Y_train.csv", y_all, names)
-        atomic_write_text(
-            stage / "groups.csv", "image,group,volume,slice\n" + "".join(f"{n},{g},{v},{s}\n" for n, (g, v, s) in zip(names, rows))
-        )
+        write_groups_csv(stage / GROUPS_CSV, names, rows)
         if cfg.window_per_slice:  # the truth a calibration is checked against (`comp data stats`); no method reads it
-            write_windows(stage / WINDOWS, names, np.concatenate(windows))
+            write_windows(stage / WINDOWS_CSV, names, np.concatenate(windows))
         if replaces:
             atomic_write_text(stage / replaces, "")  # the caller's marker, written over by it once the folder is in place
     return out
