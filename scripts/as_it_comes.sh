@@ -2,7 +2,7 @@
 # The challenge data as it comes (issue 23): CV of the results suite's methods on stand-ins rendered with a window
 # per slice, and on the proxy with random, inferred and true scan groups (the leak table). Each row is one
 # `comp cv` run with the suite's 3 folds and seed 0; the one-window rows are the results table's (`make results`).
-# Usage: scripts/as_it_comes.sh [per-slice|leak|all] (default all); METHODS="..." to narrow. Data: `make proxy`, then
+# Usage: scripts/as_it_comes.sh [per-slice|leak|diagnose|all] (default all); METHODS="..." to narrow. Data: `make proxy`, then
 #   python -m comp data proxy --out data/proxy_ps --window-per-slice -3100:-1000 1000:3100
 #   python -m comp data phantom --out data/phantom_ps --n-train 1000 --n-labelled 200 --n-test 100 --window-per-slice -3100:-1000 1000:3100
 # Rows go to runs/as_it_comes.tsv (done rows are kept: rerun to resume).
@@ -14,12 +14,12 @@ METHODS=${METHODS:-baseline_watershed_stretched smooth_watershed hybrid unet_cpu
 OUT=runs/as_it_comes.tsv
 mkdir -p runs
 [ -f $OUT ] || printf 'table\texperiment\tdata\tgroups\tmean_ari\timage_std\tminutes\trun\n' > $OUT
-row() {  # table data groups experiment
-  local table=$1 data=$2 groups=$3 exp=$4 name
+row() {  # table data groups experiment [one more --set]
+  local table=$1 data=$2 groups=$3 exp=$4 extra=${5:-} name
   name=$(basename "$data")
   grep -qP "^$table\t$exp\t$name\t$groups\t" $OUT && return 0
   local t0=$(date +%s)
-  $PY -m comp cv "$exp" --data "$data" --folds "$FOLDS" --set "cv.groups=$groups" > /tmp/as_it_comes.log
+  $PY -m comp cv "$exp" --data "$data" --folds "$FOLDS" --set "cv.groups=$groups" ${extra:+--set "$extra"} > /tmp/as_it_comes.log
   local run=$(grep -oP '^\S+ on \S+ \(\K[^)]+' /tmp/as_it_comes.log | tail -1)
   $PY -c "import json, sys; s = json.load(open(sys.argv[1] + '/cv.json')); print(f\"$table\t$exp\t$name\t$groups\t{s['mean_ari']:.4f}\t{s['std_ari']:.4f}\t$(( ($(date +%s) - t0) / 60 ))\t{sys.argv[1]}\")" "$run" >> $OUT
   tail -1 $OUT
@@ -30,4 +30,7 @@ case "$WHAT" in per-slice|all) for exp in $METHODS; do row per-slice data/proxy_
 case "$WHAT" in leak|all) for exp in $METHODS; do row leak data/proxy inferred "$exp"; done;; esac
 case "$WHAT" in per-slice|all) for exp in $METHODS; do row per-slice data/phantom_ps auto "$exp"; done;; esac
 case "$WHAT" in leak|all) for exp in $METHODS; do row leak data/proxy none "$exp"; done;; esac
+# Where the hybrid's per-slice loss comes from: the per-slice step on one-window slices (its calibration and
+# re-rendering alone, the slices' own precision kept).
+case "$WHAT" in diagnose|all) row per-slice-step data/proxy file hybrid contrast.per_slice=true;; esac
 column -t -s $'\t' $OUT
