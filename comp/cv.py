@@ -128,6 +128,10 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
             if began is not None and began != data.test_digest:
                 raise UserError(run.path, "the test slices changed since this run began (its finished folds cached test maps of "
                                 "the others): restore them, or delete this unfinished run folder to start again")  # fmt: skip
+            ids, fixed = run.folds()
+            if not (np.array_equal(ids, ann) and np.array_equal(fixed, fold_of)):  # folds of two splits would overlap
+                raise UserError(run.path, "its folds (folds.csv) are not the ones the data's groups give now (groups.csv changed, "
+                                "or inferred groups moved with the slices): restore them, or delete this run folder to start again")  # fmt: skip
         else:
             run.write_config({**exp.to_dict(), "cv": {"folds": k, "seed": exp.cv.seed, "groups": exp.cv.groups}, "data": data.fingerprint(),
                               "contrast_resolved": contrast.to_dict()})  # fmt: skip

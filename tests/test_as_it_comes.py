@@ -148,3 +148,25 @@ def test_a_phantom_windowed_per_slice_records_its_windows(tmp_path):
     w = read_windows(Path(root) / WINDOWS_CSV, image_names(3))
     assert w.shape == (3, 2) and (w[:, 0] >= -3100).all() and (w[:, 0] <= -1000).all() and (w[:, 1] >= 1000).all()
     assert "window_per_slice=" in (Path(root) / "PHANTOM.txt").read_text()
+
+
+def test_a_run_whose_folds_moved_with_its_groups_is_refused_on_resume(tmp_path, tiny_phantom):
+    import shutil
+
+    from comp.config import load_experiment
+    from comp.cv import run_cv
+    from comp.rundir import RunDir
+
+    data_root = tmp_path / "data"
+    shutil.copytree(tiny_phantom, data_root)
+    exp = load_experiment("baseline_watershed_stretched")
+    assert run_cv(exp, Dataset(data_root), 2, tmp_path / "runs", only=0) is None  # fold 1 left for later
+    (folder,) = (tmp_path / "runs" / exp.name).iterdir()
+    run = RunDir(folder)
+    ids, folds = run.folds()
+    together = {int(ids[folds == 0][0]), int(ids[folds == 1][0])}  # apart in the run, one group now: they must share a fold
+    names = image_names(12)
+    (data_root / "groups.csv").write_text("image,group\n" + "".join(f"{n},{'a' if i in together else 'b'}\n" for i, n in enumerate(names)))
+    with pytest.raises(UserError, match="folds.csv"):
+        run_cv(exp, Dataset(data_root), 2, tmp_path / "runs", only=1)
+    assert not run.fold_done(1)

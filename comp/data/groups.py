@@ -135,8 +135,9 @@ def fold_groups(mode: str, data: Dataset, say=print) -> np.ndarray | None:
         say("groups: none (random folds: neighbouring slices of one scan can land in training and in the scored fold)")
         return None
     scans = infer_scans(data.x_train)
-    if max(scans.sizes()) == 1:  # no two slices alike: random folds are as honest, and stay those of earlier runs
-        say(f"groups: none found in the slices ({len(scans.scan)} stand alone): random folds")
+    alone = sum(s for s in scans.sizes() if s == 1)
+    if alone > len(scans.scan) / 2:  # most slices have no scan mate (the phantom): random folds, as before groups existed
+        say(f"groups: none inferred ({alone} of {len(scans.scan)} slices stand alone): random folds")
         return None
     say(f"groups: inferred from the slices ({len(scans.sizes())} scans, largest {scans.sizes()[:5]}); "
         f"`comp data groups {data.root} --write` keeps them in groups.csv")  # fmt: skip
