@@ -237,6 +237,21 @@ def cmd_submit(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_transfer(a: argparse.Namespace) -> int:
+    """Fit an experiment on every annotated slice of one data set, score it on others' annotated slices."""
+    from comp.config import load_experiment
+    from comp.transfer import table, transfer
+
+    exp = load_experiment(a.experiment, a.set)
+    writable_dir(a.runs, "run folders")
+    fit = resolve_data(a.fit)
+    scores = [resolve_data(d) for d in a.score]
+    if any(d.root.resolve() == fit.root.resolve() for d in scores):
+        raise UserError("--score", f"{fit.root} is the data it is fitted on: a transfer scores other data (use `comp cv` for it)")
+    print(table(transfer(exp, fit, scores, runs=Path(a.runs), command=a.command_line)), end="")
+    return 0
+
+
 def cmd_ensemble(a: argparse.Namespace) -> int:
     """Greedy forward selection of an ensemble over finished CV runs' OOF maps."""
     from comp.config import check_name
@@ -468,6 +483,14 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--chunk", type=at_least(1), default=32, help="ensemble: test slices predicted and post-processed at a time (bounds memory)")
     sm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     sm.set_defaults(fn=cmd_submit)
+
+    tr = sub.add_parser("transfer", help="fit an experiment on every annotated slice of one data set, score it on others'")
+    tr.add_argument("experiment", help="experiments/NAME.yaml or NAME")
+    tr.add_argument("--fit", required=True, metavar="DIR", help="the data set it is fitted on (every annotated slice)")
+    tr.add_argument("--score", required=True, nargs="+", metavar="DIR", help="data sets whose annotated slices it is scored on")
+    tr.add_argument("--runs", default="runs", type=runs_folder)
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    tr.set_defaults(fn=cmd_transfer)
 
     en = sub.add_parser("ensemble", help="greedy forward selection over CV runs' OOF maps -> runs/ensembles/NAME.yaml")
     en.add_argument("members", nargs="*", help="experiment names or run folders (default: every finished map run on the data)")

@@ -351,7 +351,34 @@ def calibration(x: np.ndarray, per_slice: Any = "auto", where: str = "contrast",
         say(f"contrast: slices calibrated one by one (air grey IQR {sv.air_iqr:.1f}, window width IQR {100 * sv.width_iqr:.0f}%); "
             f"{sv.failed} of {len(sv.windows)} surveyed slices lack landmarks and take the data set's calibration")  # fmt: skip
         return sv.fallback, CANONICAL
-    return None, landmarks(histogram(x), where)
+    return None, _one_window(x, sv, where, say)
+
+
+def _one_window(x: np.ndarray, sv: Survey, where: str, say=print) -> Calibration:
+    """One window for every slice: the data set's histogram landmarks, unless most slices' own (far-apart) landmarks
+    imply a scale off by more than AGREE from theirs (a wide window puts the air where the histogram's tissue search
+    starts); then the median of the slices' calibrations."""
+    try:
+        hist = landmarks(histogram(x), where)
+    except UserError:
+        hist = None
+    if sv.failed > len(sv.windows) / 2:  # too few slices calibrated to second-guess the histogram
+        if hist is None:
+            raise UserError(where, "cannot find fat and soft-tissue peaks in the grey-level histogram; give contrast.window as [lo, hi]")
+        return hist
+    if hist is not None and abs(hist.scale / sv.fallback.scale - 1) <= AGREE:
+        return hist
+    say(f"contrast: the histogram's landmarks imply {_per_grey(hist)} HU per grey level, the slices' own "
+        f"{1 / sv.fallback.scale:.1f}: using the slices' (median of {len(sv.windows) - sv.failed})")  # fmt: skip
+    return sv.fallback
+
+
+def _per_grey(c: Calibration | None) -> str:
+    """HU per grey level of a calibration, or 'no'."""
+    return "no" if c is None else f"{1 / c.scale:.1f}"
+
+
+AGREE = 0.25  # one window: histogram and slice calibrations agree within 2% on the one-window stand-ins
 
 
 def resolve(p: ContrastParams, x: np.ndarray, where: str = "contrast", say=print) -> Contrast:

@@ -8,6 +8,8 @@
         test/fold<k>_maps.npy (+ _maps_scale.npy)  the test slices' maps of fold k's model
         pseudo/fold<k>-<tag>.npz   unlabelled training slices labelled by fold k's model (as a teacher;
                                    fold "all": every fold's model, for a fit on every annotated slice)
+    runs/<experiment>/submit-<config digest>-<labels fingerprint>/   the fit on every annotated slice
+    runs/<experiment>/transfer-<config digest>-<fit labels>-to-<scored labels>.json   a transfer's scores
 
 Cached maps are stored as uint8 with a float32 offset and step per image and channel: a quarter of
 float32 and half of float16, within half a step (<= 0.2% of a channel's range in that image) of the
@@ -345,3 +347,24 @@ class RunDir:
     def histories(self) -> dict[str, list[dict]]:
         """Training histories of the folds that kept one, by fold folder name."""
         return {p.parent.name: json.loads(p.read_text()) for p in sorted(self.path.glob("fold*/history.json"))}
+
+
+@dataclass(frozen=True)
+class TransferRecord:
+    """One transfer's record (an experiment fitted on one data set, scored on another): a single JSON file."""
+
+    path: Path
+
+    @classmethod
+    def of(cls, runs: Path, experiment: str, digest: str, fit_labels: str, score_labels: str) -> "TransferRecord":
+        """The record of this config fitted on `fit_labels`' data and scored on `score_labels`'."""
+        return cls(Path(runs) / experiment / f"transfer-{digest}-{fit_labels}-to-{score_labels}.json")
+
+    def read(self) -> dict | None:
+        """The record, or None when there is none."""
+        return json.loads(self.path.read_text()) if self.path.is_file() else None
+
+    def write(self, record: dict) -> None:
+        """Write it atomically."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps(record, indent=1))

@@ -57,11 +57,18 @@ def predict_test(exp: Experiment, data: Dataset, seed: int = 0, runs: Path = Pat
 
 def _fit_predict(exp: Experiment, data: Dataset, seed: int, runs: Path, workdir: Path) -> np.ndarray:
     """Fit on every annotated slice in `workdir` and predict X_test."""
+    return fit_every_annotated(exp, data, seed, runs, workdir).predict(data.x_test)
+
+
+def fit_every_annotated(exp: Experiment, data: Dataset, seed: int = 0, runs: Path = Path("runs"), workdir: Path | None = None):
+    """The experiment's method fitted on every annotated slice of `data` (in the submit folder of this config and data,
+    so a later `submit` or transfer resumes its checkpoints), behind the contrast step resolved on its slices."""
     spec = get_method(exp.method, exp.path)
     method = spec.build(exp.params)
     ann = data.annotated
     if len(ann) == 0:
         raise UserError(data.root / "Y_train.csv", "no annotated image to fit on")
+    workdir = workdir or RunDir.submit_workdir(runs, exp.name, exp.digest(), data.fingerprint()["y_train"][:6])
     workdir.mkdir(parents=True, exist_ok=True)
     contrast = resolve(exp.contrast, data.x_train, exp.path)  # as in CV: the training slices' histogram
     ctx = FitContext(workdir=workdir, fold=-1, seed=seed, contrast=contrast)
@@ -73,7 +80,7 @@ def _fit_predict(exp: Experiment, data: Dataset, seed: int, runs: Path, workdir:
 
         pseudo = pseudo_labels(teacher_run(exp, data, exp.cv.folds, runs), None, data.x_train, data.unlabelled, exp.pseudo)
     method.fit(FoldData(data.x_train[ann], data.y_train[ann], ann, None if groups is None else groups[ann], pseudo), ctx)
-    return method.predict(data.x_test)
+    return method
 
 
 def _write_validate_score(out: Path, pred: np.ndarray, data: Dataset) -> dict:

@@ -2,10 +2,16 @@
 # The challenge data as it comes (issue 23): CV of the results suite's methods on stand-ins rendered with a window
 # per slice, and on the proxy with random, inferred and true scan groups (the leak table). Each row is one
 # `comp cv` run with the suite's 3 folds and seed 0; the one-window rows are the results table's (`make results`).
-# Usage: scripts/as_it_comes.sh [per-slice|leak|diagnose|all] (default all); METHODS="..." to narrow. Data: `make proxy`, then
-#   python -m comp data proxy --out data/proxy_ps --window-per-slice -3100:-1000 1000:3100
+# `resolution`: each method fitted on every annotated slice of one data set and scored on another's (`comp transfer`):
+# native <-> coarse phantoms, and the proxy onto both.
+# Usage: scripts/as_it_comes.sh [per-slice|leak|diagnose|resolution|all] (default all); METHODS="..." to narrow. Data:
+# `make proxy`, then
+#   python -m comp data proxy --out data/proxy_ps   --window-per-slice -3100:-1000 1000:3100
 #   python -m comp data phantom --out data/phantom_ps --n-train 1000 --n-labelled 200 --n-test 100 --window-per-slice -3100:-1000 1000:3100
-# Rows go to runs/as_it_comes.tsv (done rows are kept: rerun to resume).
+#   python -m comp data phantom --out data/phantom_s1        --n-train 300 --n-labelled 100 --n-test 10 --seed 1
+#   python -m comp data phantom --out data/phantom_s1_coarse --n-train 300 --n-labelled 100 --n-test 10 --seed 1 --coarse 4
+# (data/phantom, the embedded phantom, is made by any command run without --data.)
+# Rows go to runs/as_it_comes.tsv and runs/as_it_comes_transfer.tsv (done rows are kept: rerun to resume).
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 FOLDS=${FOLDS:-3}
@@ -33,4 +39,22 @@ case "$WHAT" in leak|all) for exp in $METHODS; do row leak data/proxy none "$exp
 # Where the hybrid's per-slice loss comes from: the per-slice step on one-window slices (its calibration and
 # re-rendering alone, the slices' own precision kept).
 case "$WHAT" in diagnose|all) row per-slice-step data/proxy file hybrid contrast.per_slice=true;; esac
+# Resolution: the same slices of seed 1 rendered sharp and coarse (voxels 4 px wide), fitted on and scored from the
+# embedded phantom (seed 0, native), and the proxy (3 mm voxels stretched ~4x) onto both.
+TR=runs/as_it_comes_transfer.tsv
+[ -f $TR ] || printf 'experiment\tfitted_on\tscored_on\tmean_ari\timage_std\tslices\tregions\n' > $TR
+transfer_row() {  # experiment fit-dir score-dir...
+  local exp=$1 fit=$2 todo=() d
+  shift 2
+  for d in "$@"; do grep -qP "^$exp\t$(basename "$fit")\t$(basename "$d")\t" $TR || todo+=("$d"); done
+  [ ${#todo[@]} -eq 0 ] && return 0
+  $PY -m comp transfer "$exp" --fit "$fit" --score "${todo[@]}" > /tmp/as_it_comes.log
+  grep -P '^\| `' /tmp/as_it_comes.log | sed -e 's/^| //' -e 's/ |$//' -e 's/`//g' -e 's/ | /\t/g' | tee -a $TR
+}
+case "$WHAT" in resolution|all) for exp in $METHODS; do
+  transfer_row "$exp" data/phantom data/phantom_s1 data/phantom_s1_coarse
+  transfer_row "$exp" data/phantom_s1 data/phantom
+  transfer_row "$exp" data/phantom_s1_coarse data/phantom
+  transfer_row "$exp" data/proxy data/phantom data/phantom_s1_coarse
+done; column -t -s $'\t' $TR;; esac
 column -t -s $'\t' $OUT

@@ -1,0 +1,71 @@
+"""Transfer: fitted on every annotated slice of one data set, scored on another's, each behind its own contrast step."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """The same 6 annotated slices rendered at -1000..1000 HU and at -2000..2000 HU, and an unrelated fitting set."""
+    from comp.data.phantom import generate
+
+    root = tmp_path_factory.mktemp("transfer")
+    fit = generate(root / "fit", n_train=8, n_labelled=6, n_test=1, seed=5, workers=2)
+    same = generate(root / "same", n_train=6, n_labelled=6, n_test=1, seed=6, workers=2)
+    wide = generate(root / "wide", n_train=6, n_labelled=6, n_test=1, seed=6, workers=2, window_per_slice=(-2000, -2000, 2000, 2000))
+    return fit, same, wide, root / "runs"
+
+
+def test_the_scored_data_is_read_through_its_own_contrast_step(pair):
+    """A window 2x wider on the scored slices: re-resolved there, the stretched baseline scores as on the usual rendering;
+    with the fitting data's grey window it would not."""
+    from comp.config import load_experiment
+    from comp.io import Dataset
+    from comp.metric import image_scores
+    from comp.submit import fit_every_annotated
+    from comp.transfer import transfer
+
+    fit, same, wide, runs = pair
+    exp = load_experiment("baseline_watershed_stretched")
+    r_same, r_wide = transfer(exp, Dataset(fit), [Dataset(same), Dataset(wide)], runs=runs)
+    assert r_same.n_images == r_wide.n_images == 6
+    assert abs(r_wide.mean_ari - r_same.mean_ari) < 0.05, (r_same, r_wide)
+    stale = fit_every_annotated(exp, Dataset(fit), runs=runs)  # the fitting data's grey window, applied as it is
+    w = Dataset(wide)
+    stale_ari = image_scores(w.y_train[w.annotated], stale.predict(w.x_train[w.annotated])).mean()
+    assert r_wide.mean_ari > stale_ari + 0.05, (r_wide.mean_ari, stale_ari)
+
+
+def test_a_kept_record_is_reused_only_for_the_same_scored_pixels(pair, capsys):
+    """Run twice: the second reads the record; scored slices changed in place: scored again."""
+    from comp.config import load_experiment
+    from comp.io import Dataset
+    from comp.transfer import transfer
+
+    fit, same, _, runs = pair
+    exp = load_experiment("smooth_watershed")
+    first = transfer(exp, Dataset(fit), [Dataset(same)], runs=runs)[0]
+    record = json.loads(open(first.path).read())
+    assert len(record["images"]) == 6 and record["score_data"]["name"] == "same"
+    capsys.readouterr()
+    again = transfer(exp, Dataset(fit), [Dataset(same)], runs=runs)[0]
+    assert "kept in" in capsys.readouterr().out and again == first
+    d = Dataset(same)
+    x = d.x_train.copy()
+    x[d.annotated[0]] = np.roll(x[d.annotated[0]], 40, axis=1)
+    d.__dict__["x_train"] = x  # the same labels file, other pixels
+    transfer(exp, Dataset(fit), [d], runs=runs)
+    assert "fitting on every annotated slice" in capsys.readouterr().out
+
+
+def test_transfer_cli_refuses_scoring_the_fitting_data(pair):
+    """`--score` naming the `--fit` folder is one clear line and exit 2."""
+    fit, _, _, runs = pair
+    r = run_cli("transfer", "smooth_watershed", "--fit", str(fit), "--score", str(fit), "--runs", str(runs))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "the data it is fitted on" in r.stderr, r.stderr
