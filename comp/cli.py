@@ -347,10 +347,12 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_results(a: argparse.Namespace) -> int:
-    """Regenerate the README's quality table."""
-    from comp.results import load_suite, run_results
+    """Regenerate the README's quality table (the default suite's; another suite's table goes to runs/ only)."""
+    from comp.results import load_suite, results_file, run_results
 
-    run_results(load_suite(a.suite), Path(a.runs), a.reuse, None if a.no_readme else Path("README.md"))
+    out = results_file(Path(a.runs), a.suite)
+    readme = None if a.no_readme or out.name != "results.md" else Path("README.md")
+    run_results(load_suite(a.suite), Path(a.runs), a.reuse, readme, out)
     return 0
 
 

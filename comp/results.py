@@ -53,13 +53,33 @@ class Row:
 def load_suite(path: str) -> Suite:
     """Parse a suite YAML."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(p, "suite file not found")
-    suite = from_dict(Suite, yaml.safe_load(p.read_text()) or {}, str(p))
+    suite = from_dict(Suite, _suite_dict(p), str(p))
     unknown = sorted(set(suite.regions_from or []) - {*suite.singles, *(load_experiment(n).name for n in suite.singles)})
     if unknown:
         raise UserError(p, f"regions_from: '{unknown[0]}' is not one of the singles ({', '.join(suite.singles)})")
     return suite
+
+
+def _suite_dict(p: Path, seen: tuple = ()) -> dict:
+    """A suite file's keys, over those of the suite it names as `base` (a file beside it): variants as deltas."""
+    if not p.is_file():
+        raise UserError(p, "suite file not found")
+    d = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(d, dict):
+        raise UserError(p, "a suite file is a mapping of keys")
+    base = d.pop("base", None)
+    if base is None:
+        return d
+    parent = p.parent / f"{base}.yaml"
+    if parent.resolve() in seen:
+        raise UserError(p, f"'base: {base}' leads back to itself")
+    return {**_suite_dict(parent, (*seen, p.resolve())), **d}
+
+
+def results_file(runs: Path, suite_path: str) -> Path:
+    """Where a suite's table goes: runs/results.md for the default suite, runs/results-<suite>.md for the others."""
+    stem = Path(suite_path).stem
+    return Path(runs) / ("results.md" if stem == "results_cpu" else f"results-{stem}.md")
 
 
 def held_out_single(short: str, run: Path, data, runs: Path) -> float | None:
@@ -79,8 +99,9 @@ def held_out_single(short: str, run: Path, data, runs: Path) -> float | None:
     return submit(run_experiment(run)[0], data, out, runs=runs)["test_ari"]
 
 
-def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | None = Path("README.md")) -> Path:
-    """Run the suite on every data set, write runs/results.md, and refresh the README's table."""
+def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | None = Path("README.md"),
+                out: Path | None = None) -> Path:  # fmt: skip
+    """Run the suite on every data set, write `out` (default runs/results.md), and refresh the README's table."""
     from comp.data.sets import resolve_data
     from comp.cv import finished_run, run_cv
     from comp.ensemble import OOF, build_ensemble, has_maps, load_ensemble
@@ -132,7 +153,7 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
     if reused_s:  # a fresh suite also trains what was reused: their own recorded times
         table += f"; it reused finished CV runs whose recorded times add {reused_s / 60:.0f} min (a fresh run: about {minutes + reused_s / 60:.0f} min)"
     table += ".\n"
-    out = runs / "results.md"
+    out = out or runs / "results.md"
     atomic_write_text(out, table)
     if readme is not None and readme.is_file():
         text = readme.read_text()

@@ -56,3 +56,21 @@ def test_a_suite_offering_regions_of_no_single_is_refused(tmp_path: Path) -> Non
     assert err.value.where == str(path)
     path.write_text("singles: [hybrid, unet_cpu]\nregions_from: [hybrid]\n")
     assert load_suite(str(path)).regions_from == ["hybrid"]
+
+
+def test_a_suite_is_a_delta_of_its_base(tmp_path: Path) -> None:
+    """`base: NAME` reads the suite beside it first; the file's own keys win; a loop is one clear error."""
+    import pytest
+
+    from comp.errors import UserError
+    from comp.results import load_suite, results_file
+
+    (tmp_path / "main.yaml").write_text("folds: 4\nsingles: [hybrid]\ndatasets: {phantom: ''}\n")
+    (tmp_path / "variant.yaml").write_text("base: main\ndatasets: {proxy_ps: data/proxy_ps}\n")
+    suite = load_suite(str(tmp_path / "variant.yaml"))
+    assert (suite.folds, suite.singles, suite.datasets) == (4, ["hybrid"], {"proxy_ps": "data/proxy_ps"})
+    assert results_file(tmp_path, str(tmp_path / "variant.yaml")).name == "results-variant.md"
+    assert results_file(tmp_path, "experiments/suites/results_cpu.yaml").name == "results.md"
+    (tmp_path / "main.yaml").write_text("base: variant\n")
+    with pytest.raises(UserError, match="leads back to itself"):
+        load_suite(str(tmp_path / "variant.yaml"))
