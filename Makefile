@@ -9,6 +9,7 @@ FOLDS  ?=
 DATA_ARG  := $(if $(DATA),--data $(DATA))
 FOLDS_ARG := $(if $(FOLDS),--folds $(FOLDS))
 SET_ARG   := $(foreach s,$(SET),--set $(s))
+EXTRA_ARG := $(if $(EXTRA_TRAIN),--extra $(EXTRA_TRAIN))
 ENS    ?= default
 TRIALS ?= 40
 STORAGE ?=
@@ -32,15 +33,15 @@ venv: $(VENV)/.installed
 FOLD_ARG := $(if $(FOLD),--fold $(FOLD))
 # GPUS="0 1 2 3": one process per GPU on the same run, each taking the next unclaimed fold; the last
 # to land a fold summarises the run. The same command on other machines sharing runs/ joins in.
-cv: venv  ## cross-validate experiments/$(EXP).yaml (default data: data/raw, else the embedded phantom); FOLD=k, GPUS="0 1"
+cv: venv  ## cross-validate experiments/$(EXP).yaml (default data: data/raw, else the embedded phantom); FOLD=k, GPUS="0 1", EXTRA_TRAIN="dir..."
 ifneq ($(strip $(GPUS)),)
 	@mkdir -p runs; pids=""; for g in $(GPUS); do \
-	  CUDA_VISIBLE_DEVICES=$$g $(PY) -m comp cv experiments/$(EXP).yaml $(DATA_ARG) $(FOLDS_ARG) $(FOLD_ARG) $(SET_ARG) \
+	  CUDA_VISIBLE_DEVICES=$$g $(PY) -m comp cv experiments/$(EXP).yaml $(DATA_ARG) $(FOLDS_ARG) $(FOLD_ARG) $(SET_ARG) $(EXTRA_ARG) \
 	    > runs/cv-$(EXP)-gpu$$g.log 2>&1 & pids="$$pids $$!"; echo "GPU $$g: pid $$! (log runs/cv-$(EXP)-gpu$$g.log)"; \
 	done; status=0; for p in $$pids; do wait $$p || status=1; done; \
 	tail -n 12 runs/cv-$(EXP)-gpu*.log; exit $$status
 else
-	$(PY) -m comp cv experiments/$(EXP).yaml $(DATA_ARG) $(FOLDS_ARG) $(FOLD_ARG) $(SET_ARG)
+	$(PY) -m comp cv experiments/$(EXP).yaml $(DATA_ARG) $(FOLDS_ARG) $(FOLD_ARG) $(SET_ARG) $(EXTRA_ARG)
 endif
 
 test: venv  ## the whole test suite

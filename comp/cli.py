@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shlex
@@ -204,7 +205,7 @@ def cmd_cv(a: argparse.Namespace) -> int:
 
     from comp.report import write_leaderboard
 
-    exp = load_experiment(a.experiment, a.set)
+    exp = load_experiment(a.experiment, a.set + ([f"cv.extra={json.dumps(a.extra)}"] if a.extra else []))
     writable_dir(a.runs, "run folders")
     if run_cv(exp, resolve_data(a.data), a.folds, Path(a.runs), command=a.command_line, only=a.fold) is not None:
         print(f"leaderboard: {write_leaderboard(Path(a.runs))}")
@@ -242,12 +243,10 @@ def cmd_transfer(a: argparse.Namespace) -> int:
     from comp.config import load_experiment
     from comp.transfer import table, transfer
 
-    exp = load_experiment(a.experiment, a.set)
+    exp = load_experiment(a.experiment, a.set + ([f"cv.extra={json.dumps(a.extra)}"] if a.extra else []))
     writable_dir(a.runs, "run folders")
     fit = resolve_data(a.fit)
     scores = [resolve_data(d) for d in a.score]
-    if any(d.root.resolve() == fit.root.resolve() for d in scores):
-        raise UserError("--score", f"{fit.root} is the data it is fitted on: a transfer scores other data (use `comp cv` for it)")
     print(table(transfer(exp, fit, scores, runs=Path(a.runs), command=a.command_line)), end="")
     return 0
 
@@ -471,6 +470,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--fold", type=at_least(0), default=None, metavar="K", help="only fold K of the run (others: other processes or later calls)")
     c.add_argument("--runs", default="runs", type=runs_folder)
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. params.train.budget=0.25")
+    c.add_argument("--extra", nargs="+", default=[], metavar="DIR",
+                   help="data sets whose annotated slices join every fold's training part and are never scored (sets cv.extra)")
     c.set_defaults(fn=cmd_cv)
 
     sm = sub.add_parser("submit", help="predict X_test and write a validated submission")
@@ -490,6 +491,7 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("experiment", help="experiments/NAME.yaml or NAME")
     tr.add_argument("--fit", required=True, metavar="DIR", help="the data set it is fitted on (every annotated slice)")
     tr.add_argument("--score", required=True, nargs="+", metavar="DIR", help="data sets whose annotated slices it is scored on")
+    tr.add_argument("--extra", nargs="+", default=[], metavar="DIR", help="more fitting data: their annotated slices too (sets cv.extra)")
     tr.add_argument("--runs", default="runs", type=runs_folder)
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     tr.set_defaults(fn=cmd_transfer)

@@ -38,6 +38,7 @@ class CVConfig:
     folds: int = bounded(5, lo=2)
     seed: int = bounded(0, lo=0)
     groups: str = "auto"  # auto (groups.csv if the data has one, else scans inferred from the images) | file | inferred | none (random folds)
+    extra: list[str] = field(default_factory=list)  # data folders whose annotated slices join every training part, never scored
 
     def violations(self) -> dict[str, str]:
         """The choices no range states."""
@@ -67,7 +68,7 @@ class Experiment:
             "method": self.method,
             "description": self.description,
             "params": dataclasses.asdict(self.params),
-            "cv": dataclasses.asdict(self.cv),
+            "cv": {k: v for k, v in dataclasses.asdict(self.cv).items() if k != "extra" or v},  # no extra: digests as before
             "contrast": dataclasses.asdict(self.contrast),
         }
         if self.pseudo.enabled:  # only then: configs without pseudo-labels keep their digests (and finished runs)

@@ -381,6 +381,15 @@ def _per_grey(c: Calibration | None) -> str:
 AGREE = 0.25  # one window: histogram and slice calibrations agree within 2% on the one-window stand-ins
 
 
+def rendered_as(x: np.ndarray, per_slice: Calibration | None, cal: Calibration, to: Calibration) -> np.ndarray:
+    """Another data set's slices (read through `calibration(x)` = (per_slice, cal)) in the grey levels of the
+    calibration `to` (a data set's `calibration(...)[1]`): extra training slices in the units its methods read."""
+    g = np.arange(256, dtype=np.float64)
+    if per_slice is not None:
+        return Contrast(per_slice=per_slice)._per_slice(x, lambda v: to.grey(CANONICAL.hu(v)))
+    return np.clip(np.rint(to.grey(cal.hu(g))), 0, 255).astype(np.uint8)[x]
+
+
 def resolve(p: ContrastParams, x: np.ndarray, where: str = "contrast", say=print) -> Contrast:
     """Resolve the contrast section on a data set's slices (`auto` and HU channels read its pixels, never labels).
 

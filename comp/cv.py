@@ -12,6 +12,7 @@ from comp.claims import claim, me, run_lock
 from comp.config import Experiment
 from comp.contrast import resolve
 from comp.data.groups import fold_groups
+from comp.data.sets import extra_data, labels_key
 from comp.errors import UserError
 from comp.io import Dataset, image_names
 from comp.metric import image_scores
@@ -56,8 +57,8 @@ class CVResult:
 
 
 def run_key(exp: Experiment, data: Dataset, folds: int) -> RunKey:
-    """What identifies a run: config digest, labels fingerprint, fold count."""
-    return RunKey(exp.digest(), data.fingerprint()["y_train"][:6], folds)
+    """What identifies a run: config digest, labels fingerprint (the extra training data's folded in), fold count."""
+    return RunKey(exp.digest(), labels_key(data, exp.cv.extra), folds)
 
 
 def finished_run(exp: Experiment, data: Dataset, folds: int, runs: Path = RUNS) -> CVResult | None:
@@ -111,6 +112,7 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
     ann = data.annotated
     if len(ann) == 0:
         raise UserError(data.root / "Y_train.csv", "no annotated image: cross-validation needs annotations")
+    extra = extra_data(exp.cv.extra, data, exp.contrast.per_slice)  # checked before any run folder is written
     groups = fold_groups(exp.cv.groups, data)
     fold_of = make_folds(len(ann), k, exp.cv.seed, None if groups is None else groups[ann])
     contrast = resolve(exp.contrast, data.x_train, exp.path)  # label-free: the slices' histogram only
@@ -133,8 +135,9 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
                 raise UserError(run.path, "its folds (folds.csv) are not the ones the data's groups give now (groups.csv changed, "
                                 "or inferred groups moved with the slices): restore them, or delete this run folder to start again")  # fmt: skip
         else:
-            run.write_config({**exp.to_dict(), "cv": {"folds": k, "seed": exp.cv.seed, "groups": exp.cv.groups}, "data": data.fingerprint(),
-                              "contrast_resolved": contrast.to_dict()})  # fmt: skip
+            cv = {"folds": k, "seed": exp.cv.seed, "groups": exp.cv.groups, **({"extra": exp.cv.extra} if extra else {})}
+            fp = {**data.fingerprint(), **({"extra": extra.sources} if extra else {})}
+            run.write_config({**exp.to_dict(), "cv": cv, "data": fp, "contrast_resolved": contrast.to_dict()})
             run.write_folds(names, ann, fold_of)
     x_test = data.x_test if data.has_test_images else None
     t0 = time.time()
@@ -153,7 +156,7 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
             left = sum(not run.fold_done(g) for g in todo[n + 1 :])
             pseudo = None if teacher is None else pseudo_labels(teacher, f, data.x_train, data.unlabelled, exp.pseudo)
             _fit_fold(spec.build(exp.params), FitContext(run.fold_dir(f), f, exp.cv.seed + f, contrast, left),
-                      FoldData(data.x_train[tr], data.y_train[tr], tr, None if groups is None else groups[tr], pseudo),
+                      FoldData(data.x_train[tr], data.y_train[tr], tr, None if groups is None else groups[tr], pseudo).with_extra(extra),
                       data.x_train[va], data.y_train[va], va, x_test, run)  # fmt: skip
     missing = [f for f in range(k) if not run.fold_done(f)]
     if missing:

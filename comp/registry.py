@@ -27,6 +27,15 @@ class FoldData:
     # Unlabelled training slices pseudo-labelled by a teacher that never saw the scored fold's annotations.
     pseudo: "FoldData | None" = None
 
+    def with_extra(self, extra) -> "FoldData":
+        """These slices and the extra data's (`comp.data.sets.Extra`, None: as they are): extra slices get ids -1, -2,
+        ... (they are in no X_train) and, where ours have groups, groups of their own (`extra<k>:...`)."""
+        if extra is None:
+            return self
+        ids = np.concatenate([self.ids, -1 - np.arange(len(extra.x))])
+        groups = None if self.groups is None else np.concatenate([self.groups.astype(str), extra.groups])
+        return FoldData(np.concatenate([self.x, extra.x]), np.concatenate([self.y, extra.y]), ids, groups, self.pseudo)
+
 
 @dataclass
 class FitContext:

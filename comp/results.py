@@ -7,6 +7,7 @@ tuning with learned merging, and held-out ARI on the test split where the data s
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ class Suite:
     select_steps: int = bounded(8, lo=1)  # greedy ensemble selection: at most this many additions
     select_images: int = bounded(0, lo=0)  # greedy selection scored on this many OOF images (0 = all)
     regions_from: list[str] | None = None  # instance singles whose OOF regions the tuning may start from (None: all)
+    extra: dict = field(default_factory=dict)  # data name -> data folders whose annotated slices join every training part (cv.extra)
 
 
 @dataclass
@@ -57,6 +59,9 @@ def load_suite(path: str) -> Suite:
     unknown = sorted(set(suite.regions_from or []) - {*suite.singles, *(load_experiment(n).name for n in suite.singles)})
     if unknown:
         raise UserError(p, f"regions_from: '{unknown[0]}' is not one of the singles ({', '.join(suite.singles)})")
+    stray = sorted(set(suite.extra) - set(suite.datasets))
+    if stray:
+        raise UserError(p, f"extra: '{stray[0]}' is not one of the data sets ({', '.join(suite.datasets)})")
     return suite
 
 
@@ -115,12 +120,14 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
     for ds, root in suite.datasets.items():
         data = resolve_data(root or None)
         result = {}
+        extra = [f"cv.extra={json.dumps(list(suite.extra[ds]))}"] if suite.extra.get(ds) else []
+        extra_arg = " --extra " + " ".join(suite.extra[ds]) if extra else ""
         for name in names:
-            exp = load_experiment(name)
+            exp = load_experiment(name, extra)
             res = finished_run(exp, data, suite.folds, runs) if reuse else None
             if res is not None:
                 reused_s += float(RunDir(res.run_dir).summary().get("seconds", 0.0))
-            res = res or run_cv(exp, data, suite.folds, runs, command=f"python -m comp cv {name} --folds {suite.folds}")
+            res = res or run_cv(exp, data, suite.folds, runs, command=f"python -m comp cv {name} --folds {suite.folds}" + extra_arg)
             if res is None:
                 raise UserError(runs / exp.name, "folds of this run are in progress in another process: run `make results` when it is done")
             result[name] = res

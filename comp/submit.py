@@ -9,6 +9,7 @@ import numpy as np
 from comp.config import Experiment
 from comp.contrast import resolve
 from comp.data.groups import fold_groups
+from comp.data.sets import extra_data, labels_key
 from comp.errors import UserError, atomic_path
 from comp.io import SIZE, Dataset, count_images, image_names, read_label_csv, scored_maps, write_label_csv
 from comp.metric import image_scores
@@ -41,7 +42,7 @@ def predict_test(exp: Experiment, data: Dataset, seed: int = 0, runs: Path = Pat
     if not data.has_test_images:
         raise UserError(data.root, "no X_test/ folder or X_test.zip: nothing to predict")
     # Keyed like CV runs (config and data): a model fitted on other data is never resumed or shipped.
-    workdir = RunDir.submit_workdir(runs, exp.name, exp.digest(), data.fingerprint()["y_train"][:6])
+    workdir = RunDir.submit_workdir(runs, exp.name, exp.digest(), labels_key(data, exp.cv.extra))
     kept = RunDir.submit_predictions(workdir)
     if kept.is_file():
         with np.load(kept) as z:
@@ -68,7 +69,7 @@ def fit_every_annotated(exp: Experiment, data: Dataset, seed: int = 0, runs: Pat
     ann = data.annotated
     if len(ann) == 0:
         raise UserError(data.root / "Y_train.csv", "no annotated image to fit on")
-    workdir = workdir or RunDir.submit_workdir(runs, exp.name, exp.digest(), data.fingerprint()["y_train"][:6])
+    workdir = workdir or RunDir.submit_workdir(runs, exp.name, exp.digest(), labels_key(data, exp.cv.extra))
     workdir.mkdir(parents=True, exist_ok=True)
     contrast = resolve(exp.contrast, data.x_train, exp.path)  # as in CV: the training slices' histogram
     ctx = FitContext(workdir=workdir, fold=-1, seed=seed, contrast=contrast)
@@ -79,7 +80,8 @@ def fit_every_annotated(exp: Experiment, data: Dataset, seed: int = 0, runs: Pat
         from comp.pseudo import pseudo_labels
 
         pseudo = pseudo_labels(teacher_run(exp, data, exp.cv.folds, runs), None, data.x_train, data.unlabelled, exp.pseudo)
-    method.fit(FoldData(data.x_train[ann], data.y_train[ann], ann, None if groups is None else groups[ann], pseudo), ctx)
+    extra = extra_data(exp.cv.extra, data, exp.contrast.per_slice)  # as in every CV fold's training part
+    method.fit(FoldData(data.x_train[ann], data.y_train[ann], ann, None if groups is None else groups[ann], pseudo).with_extra(extra), ctx)
     return method
 
 

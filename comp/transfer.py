@@ -16,6 +16,7 @@ import numpy as np
 
 from comp.config import Experiment
 from comp.contrast import resolve
+from comp.data.sets import labels_key
 from comp.errors import UserError
 from comp.io import Dataset, image_names
 from comp.metric import image_scores
@@ -43,7 +44,7 @@ def _pixels_digest(x: np.ndarray) -> str:
 
 def _record(exp: Experiment, fit: Dataset, score: Dataset, runs: Path) -> TransferRecord:
     """Where the (experiment, fit data, score data) record lives."""
-    return TransferRecord.of(runs, exp.name, exp.digest(), fit.fingerprint()["y_train"][:6], score.fingerprint()["y_train"][:6])
+    return TransferRecord.of(runs, exp.name, exp.digest(), labels_key(fit, exp.cv.extra), score.fingerprint()["y_train"][:6])
 
 
 def _kept(rec: TransferRecord, digest: str) -> TransferResult | None:
@@ -57,7 +58,11 @@ def _kept(rec: TransferRecord, digest: str) -> TransferResult | None:
 def transfer(exp: Experiment, fit: Dataset, scores: list[Dataset], seed: int = 0, runs: Path = RUNS,
              command: str = "") -> list[TransferResult]:  # fmt: skip
     """Fit `exp` on every annotated slice of `fit` (once), score it on every annotated slice of each of `scores`."""
+    fitted = {fit.root.resolve(), *(Path(e).resolve() for e in exp.cv.extra)}
     for d in scores:
+        if d.root.resolve() in fitted:
+            raise UserError("--score", f"{d.root} is data the experiment is fitted on (--fit or cv.extra): a transfer "
+                            "scores other data (`comp cv` scores held-out folds of one data set)")  # fmt: skip
         if len(d.annotated) == 0:
             raise UserError(d.root / "Y_train.csv", "no annotated slice to score a transfer on")
     todo = [(d, _record(exp, fit, d, runs), _pixels_digest(d.x_train[d.annotated])) for d in scores]
@@ -78,7 +83,7 @@ def transfer(exp: Experiment, fit: Dataset, scores: list[Dataset], seed: int = 0
 
 def _score(exp: Experiment, method, fit: Dataset, data: Dataset, rec: TransferRecord, digest: str, command: str) -> TransferResult:
     """Predict `data`'s annotated slices behind the contrast step resolved on its own slices; write the record."""
-    ann = data.annotated
+    ann = data.annotated  # which slices are scored; their labels are read only once they are predicted
     # Every method reads its slices through `contrast`: the fit's windows, given in HU, re-resolved on this data.
     method.contrast = resolve(exp.contrast, data.x_train, str(data.root))
     pred = method.predict(data.x_train[ann])

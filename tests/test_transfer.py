@@ -68,4 +68,38 @@ def test_transfer_cli_refuses_scoring_the_fitting_data(pair):
     """`--score` naming the `--fit` folder is one clear line and exit 2."""
     fit, _, _, runs = pair
     r = run_cli("transfer", "smooth_watershed", "--fit", str(fit), "--score", str(fit), "--runs", str(runs))
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "the data it is fitted on" in r.stderr, r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "data the experiment is fitted on" in r.stderr, r.stderr
+
+
+def test_transfer_reads_no_label_of_the_scored_data_before_it_has_predicted_it(pair, tmp_path):
+    """The scored data's labels are read only after its slices were predicted (which slices are scored aside)."""
+    from comp.config import load_experiment
+    from comp.io import Dataset
+    from comp.submit import fit_every_annotated
+    from comp.transfer import transfer
+
+    fit, same, _, _ = pair
+    exp = load_experiment("smooth_watershed")
+    real = Dataset(same)
+    events = []
+
+    class Guarded(Dataset):
+        annotated = real.annotated
+
+        @property
+        def y_train(self):
+            events.append("labels")
+            return real.y_train
+
+    method = fit_every_annotated(exp, Dataset(fit), runs=tmp_path)
+    predict = method.predict
+    method.predict = lambda x: (events.append("predict"), predict(x))[1]
+    import comp.submit
+
+    orig, comp.submit.fit_every_annotated = comp.submit.fit_every_annotated, lambda *a, **k: method
+    try:
+        r = transfer(exp, Dataset(fit), [Guarded(same)], runs=tmp_path)[0]
+    finally:
+        comp.submit.fit_every_annotated = orig
+    assert events[0] == "predict" and "labels" in events, events
+    assert r.n_images == len(real.annotated)
