@@ -61,13 +61,26 @@ def run_key(exp: Experiment, data: Dataset, folds: int) -> RunKey:
     return RunKey(exp.digest(), labels_key(data, exp.cv.extra), folds)
 
 
+def split(exp: Experiment, data: Dataset, k: int, say=print) -> tuple[np.ndarray | None, np.ndarray]:
+    """The run's split: every training slice's group (None: random folds) and each annotated slice's fold."""
+    groups = fold_groups(exp.cv.groups, data, say)
+    return groups, make_folds(len(data.annotated), k, exp.cv.seed, None if groups is None else groups[data.annotated])
+
+
 def finished_run(exp: Experiment, data: Dataset, folds: int, runs: Path = RUNS) -> CVResult | None:
-    """The newest finished run of this exact config, data and fold count, if any."""
+    """The newest finished run of this exact config, data and fold count whose folds are the ones the data's groups
+    give now (groups.csv, or scans inferred from the slices, may have moved since), if any."""
     done = [r for r in RunDir.of_experiment(runs, exp.name, run_key(exp, data, folds)) if r.finished]
     if not done:
         return None
-    s = done[0].summary()
-    return CVResult(done[0].path, s["mean_ari"], s["std_ari"], [f["ari"] for f in s["folds"]])
+    fold_of = split(exp, data, folds, lambda *_: None)[1]
+    for r in done:
+        ids, fixed = r.folds()
+        if np.array_equal(ids, data.annotated) and np.array_equal(fixed, fold_of):
+            s = r.summary()
+            return CVResult(r.path, s["mean_ari"], s["std_ari"], [f["ari"] for f in s["folds"]])
+        print(f"{r.path}: finished on other folds than the data's groups give now: not reused", flush=True)
+    return None
 
 
 def teacher_run(exp: Experiment, data: Dataset, folds: int, runs: Path = RUNS) -> RunDir | None:
@@ -113,8 +126,7 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
     if len(ann) == 0:
         raise UserError(data.root / "Y_train.csv", "no annotated image: cross-validation needs annotations")
     extra = extra_data(exp.cv.extra, data, exp.contrast.per_slice)  # checked before any run folder is written
-    groups = fold_groups(exp.cv.groups, data)
-    fold_of = make_folds(len(ann), k, exp.cv.seed, None if groups is None else groups[ann])
+    groups, fold_of = split(exp, data, k)
     contrast = resolve(exp.contrast, data.x_train, exp.path)  # label-free: the slices' histogram only
     print(f"contrast: {exp.contrast.window} -> grey window {contrast.window}" + (f", channels {contrast.channels}" if contrast.channels else ""))
     names = image_names(len(data.x_train))

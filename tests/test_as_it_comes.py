@@ -170,3 +170,20 @@ def test_a_run_whose_folds_moved_with_its_groups_is_refused_on_resume(tmp_path, 
     with pytest.raises(UserError, match="folds.csv"):
         run_cv(exp, Dataset(data_root), 2, tmp_path / "runs", only=1)
     assert not run.fold_done(1)
+
+
+def test_a_finished_run_on_folds_that_moved_is_not_reused(tmp_path, tiny_phantom):
+    """`results --reuse` and pseudo-label teachers take a finished run only while its folds are the data's now."""
+    import shutil
+
+    from comp.config import load_experiment
+    from comp.cv import finished_run, run_cv
+
+    data_root = tmp_path / "data"
+    shutil.copytree(tiny_phantom, data_root)
+    exp = load_experiment("baseline_watershed_stretched")
+    done = run_cv(exp, Dataset(data_root), 2, tmp_path / "runs")
+    assert finished_run(exp, Dataset(data_root), 2, tmp_path / "runs").run_dir == done.run_dir
+    names = image_names(12)
+    (data_root / "groups.csv").write_text("image,group\n" + "".join(f"{n},{'a' if i < 6 else 'b'}\n" for i, n in enumerate(names)))
+    assert finished_run(exp, Dataset(data_root), 2, tmp_path / "runs") is None
