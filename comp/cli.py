@@ -239,15 +239,23 @@ def cmd_submit(a: argparse.Namespace) -> int:
 
 
 def cmd_transfer(a: argparse.Namespace) -> int:
-    """Fit an experiment on every annotated slice of one data set, score it on others' annotated slices."""
+    """Fit an experiment on every annotated slice of one data set (or take an ensemble selected there), score it on others'."""
     from comp.config import load_experiment
-    from comp.transfer import table, transfer
+    from comp.transfer import table, transfer, transfer_ensemble
 
-    exp = load_experiment(a.experiment, a.set + ([f"cv.extra={json.dumps(a.extra)}"] if a.extra else []))
+    if bool(a.experiment) == bool(a.ensemble):
+        raise UserError("transfer", "give an experiment or --ensemble NAME (one of the two)")
+    if a.ensemble and (a.extra or a.set):
+        raise UserError("transfer", "an ensemble transfers as it was selected and tuned: no --set or --extra")
     writable_dir(a.runs, "run folders")
     fit = resolve_data(a.fit)
     scores = [resolve_data(d) for d in a.score]
-    print(table(transfer(exp, fit, scores, runs=Path(a.runs), command=a.command_line)), end="")
+    if a.ensemble:
+        results = transfer_ensemble(a.ensemble, fit, scores, Path(a.runs), command=a.command_line)
+    else:
+        exp = load_experiment(a.experiment, a.set + ([f"cv.extra={json.dumps(a.extra)}"] if a.extra else []))
+        results = transfer(exp, fit, scores, runs=Path(a.runs), command=a.command_line)
+    print(table(results), end="")
     return 0
 
 
@@ -488,7 +496,8 @@ def parser() -> argparse.ArgumentParser:
     sm.set_defaults(fn=cmd_submit)
 
     tr = sub.add_parser("transfer", help="fit an experiment on every annotated slice of one data set, score it on others'")
-    tr.add_argument("experiment", help="experiments/NAME.yaml or NAME")
+    tr.add_argument("experiment", nargs="?", help="experiments/NAME.yaml or NAME: fitted on every annotated slice of --fit")
+    tr.add_argument("--ensemble", default=None, help="or: this ensemble file (runs/ensembles/NAME.yaml), as selected and tuned on --fit")
     tr.add_argument("--fit", required=True, metavar="DIR", help="the data set it is fitted on (every annotated slice)")
     tr.add_argument("--score", required=True, nargs="+", metavar="DIR", help="data sets whose annotated slices it is scored on")
     tr.add_argument("--extra", nargs="+", default=[], metavar="DIR", help="more fitting data: their annotated slices too (sets cv.extra)")

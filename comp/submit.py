@@ -97,10 +97,11 @@ def _write_validate_score(out: Path, pred: np.ndarray, data: Dataset) -> dict:
 class MemberMaps:
     """A member's test maps, a chunk of slices at a time: its fold models loaded once (or its cached maps, memory-mapped)."""
 
-    def __init__(self, run: Path, data: Dataset, cached: bool = False, tta: bool = True) -> None:
+    def __init__(self, run: Path, data: Dataset | None, cached: bool = False, tta: bool = True, x: np.ndarray | None = None) -> None:
+        """`data`'s test slices, or (x given, fold models only) these slices, in the grey levels of the run's data."""
         rd = RunDir(Path(run))
         cfg = rd.config()
-        self.x, self.tta, self.sources = data.x_test, tta, []
+        self.x, self.tta, self.sources = data.x_test if x is None else x, tta, []
         if cached:
             _check_test_slices(rd, cfg.get("data") or {}, data)
         for f in range(int(cfg["cv"]["folds"])):
@@ -155,11 +156,7 @@ def submit_ensemble(name: str, data: Dataset, out: str | Path, runs: Path = Path
     """Predict X_test with an ensemble file's members (fold models, flip TTA), blend, post-process, write, validate."""
     import time
 
-    from tqdm import tqdm
-
-    from comp.ensemble import has_maps, load_ensemble, merger_path, run_experiment
-    from comp.merge import load_merger
-    from comp.parallel import pmap
+    from comp.ensemble import has_maps, load_ensemble, run_experiment
 
     spec = load_ensemble(name, runs)
     out = Path(out)
@@ -176,20 +173,34 @@ def submit_ensemble(name: str, data: Dataset, out: str | Path, runs: Path = Path
     for m in spec.members:
         print(f"member {m.run} (weight {m.weight:.3f}): {'cached test maps' if cached else 'fold models'}", flush=True)
         members.append(MemberMaps(Path(m.run), data, cached, tta))
-    merger = load_merger(merger_path(spec.name, runs)) if spec.merge.enabled else None
-    weights = [m.weight for m in spec.members]
     given = None
     if spec.regions is not None and spec.regions.run:  # the run's method fitted on every annotated slice gives the regions
         given = predict_test(run_experiment(Path(spec.regions.run))[0], data, runs=runs)
-    n = len(data.x_test)
-    pred = np.empty((n, SIZE, SIZE), np.uint8)
-    contrast = RunDir.contrast_of(RunDir(Path(spec.members[0].run)).config())  # the slices as the members (and the tuning) read them
-    # A chunk of slices at a time: peak memory does not grow with the number of test slices.
-    for c0 in tqdm(range(0, n, chunk), desc="test chunks", disable=n <= chunk):
-        sl = slice(c0, min(n, c0 + chunk))
-        maps = [mm.chunk(sl) for mm in members]
-        images = contrast.canonical(data.x_test[sl])
-        items = [(tuple(mm[i] for mm in maps), images[i], None if given is None else given[c0 + i]) for i in range(sl.stop - c0)]
-        pred[sl] = np.stack(pmap(_segment_test, items, weights, spec.post, merger, spec.regions, workers=workers))
+    pred = predict_ensemble(spec, members, data.x_test, given, runs, workers, chunk)
     seconds = time.time() - t0
     return {**_write_validate_score(out, pred, data), "seconds_per_slice": seconds / len(pred)}
+
+
+def predict_ensemble(spec, members: list[MemberMaps], x: np.ndarray, given: np.ndarray | None, runs: Path = Path("runs"),
+                     workers: int = 0, chunk: int = 32) -> np.ndarray:  # fmt: skip
+    """Instance maps of slices `x` (in the grey levels of the members' data): the members' maps blended, post-processed
+    (or superpixels, or the `given` regions), merged as the ensemble file says; a chunk of slices at a time."""
+    from tqdm import tqdm
+
+    from comp.ensemble import merger_path
+    from comp.merge import load_merger
+    from comp.parallel import pmap
+
+    merger = load_merger(merger_path(spec.name, runs)) if spec.merge.enabled else None
+    weights = [m.weight for m in spec.members]
+    n = len(x)
+    pred = np.empty((n, SIZE, SIZE), np.uint8)
+    contrast = RunDir.contrast_of(RunDir(Path(spec.members[0].run)).config())  # the slices as the members (and the tuning) read them
+    # A chunk of slices at a time: peak memory does not grow with the number of slices.
+    for c0 in tqdm(range(0, n, chunk), desc="ensemble chunks", disable=n <= chunk):
+        sl = slice(c0, min(n, c0 + chunk))
+        maps = [mm.chunk(sl) for mm in members]
+        images = contrast.canonical(x[sl])
+        items = [(tuple(mm[i] for mm in maps), images[i], None if given is None else given[c0 + i]) for i in range(sl.stop - c0)]
+        pred[sl] = np.stack(pmap(_segment_test, items, weights, spec.post, merger, spec.regions, workers=workers))
+    return pred

@@ -103,3 +103,35 @@ def test_transfer_reads_no_label_of_the_scored_data_before_it_has_predicted_it(p
         comp.submit.fit_every_annotated = orig
     assert events[0] == "predict" and "labels" in events, events
     assert r.n_images == len(real.annotated)
+
+
+def test_an_ensemble_transfers_as_it_was_selected_on_the_fitting_data(pair, tmp_path, capsys):
+    """A one-member ensemble of a tiny network: scored on the same slices in two renderings alike, its record kept;
+    an ensemble selected on other data, or scored on its own data, is refused."""
+    import yaml
+
+    from comp.config import experiment_from_dict
+    from comp.cv import run_cv
+    from comp.ensemble import save_ensemble, single_member
+    from comp.errors import UserError
+    from comp.io import Dataset
+    from comp.transfer import transfer_ensemble
+    from tests.conftest import TINY_UNET
+
+    fit, same, wide, _ = pair
+    runs = tmp_path / "runs"
+    raw = yaml.safe_load(TINY_UNET)
+    raw["params"]["train"]["epochs"] = 4
+    run = run_cv(experiment_from_dict({**raw, "name": "tinytr"}, tmp_path / "tinytr.yaml"), Dataset(fit), runs=runs).run_dir
+    save_ensemble(single_member("tinyens", run, data=Dataset(fit).fingerprint()), runs)
+    r_same, r_wide = transfer_ensemble("tinyens", Dataset(fit), [Dataset(same), Dataset(wide)], runs)
+    per_image = [[i["ari"] for i in json.loads(open(r.path).read())["images"]] for r in (r_same, r_wide)]
+    assert r_same.n_images == 6 and max(per_image[0]) > 0.05, per_image  # the network predicts something
+    assert np.abs(np.subtract(*per_image)).mean() < 0.05, per_image
+    capsys.readouterr()
+    assert transfer_ensemble("tinyens", Dataset(fit), [Dataset(same)], runs)[0] == r_same
+    assert "kept in" in capsys.readouterr().out
+    with pytest.raises(UserError, match="selected on other data"):
+        transfer_ensemble("tinyens", Dataset(same), [Dataset(wide)], runs)
+    with pytest.raises(UserError, match="fitted on"):
+        transfer_ensemble("tinyens", Dataset(fit), [Dataset(fit)], runs)
