@@ -38,6 +38,7 @@ class Suite:
     select_images: int = bounded(0, lo=0)  # greedy selection scored on this many OOF images (0 = all)
     regions_from: list[str] | None = None  # instance singles whose OOF regions the tuning may start from (None: all)
     extra: dict = field(default_factory=dict)  # data name -> data folders whose annotated slices join every training part (cv.extra)
+    transfer: dict = field(default_factory=dict)  # data name -> a data folder ("" = the embedded phantom) every row fitted there is scored on
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Row:
     cv: dict = field(default_factory=dict)  # data name -> (mean, std)
     held_out: dict = field(default_factory=dict)  # data name -> ARI
     in_sample: dict = field(default_factory=dict)  # data name -> the tuned score on the images it was tuned on
+    transfer: dict = field(default_factory=dict)  # data name -> ARI on the suite's transfer data for it (fitted on that data set only)
     command: str = ""
 
 
@@ -59,9 +61,9 @@ def load_suite(path: str) -> Suite:
     unknown = sorted(set(suite.regions_from or []) - {*suite.singles, *(load_experiment(n).name for n in suite.singles)})
     if unknown:
         raise UserError(p, f"regions_from: '{unknown[0]}' is not one of the singles ({', '.join(suite.singles)})")
-    stray = sorted(set(suite.extra) - set(suite.datasets))
+    stray = sorted((set(suite.extra) | set(suite.transfer)) - set(suite.datasets))
     if stray:
-        raise UserError(p, f"extra: '{stray[0]}' is not one of the data sets ({', '.join(suite.datasets)})")
+        raise UserError(p, f"extra/transfer: '{stray[0]}' is not one of the data sets ({', '.join(suite.datasets)})")
     return suite
 
 
@@ -104,6 +106,19 @@ def held_out_single(short: str, run: Path, data, runs: Path) -> float | None:
     return submit(run_experiment(run)[0], data, out, runs=runs)["test_ari"]
 
 
+def transfer_single(short: str, run: Path, data, other, runs: Path) -> float:
+    """ARI on `other`'s annotated slices of one CV run's method fitted on `data`: a learned one's fold models averaged
+    (as its held-out column), a non-learned one fitted on every annotated slice (its run's own config)."""
+    from comp.ensemble import has_maps, run_experiment, save_ensemble, single_member
+    from comp.transfer import transfer, transfer_ensemble
+
+    if has_maps(run):
+        spec = single_member(f"results-{data.name}-{short}", run, data=data.fingerprint())
+        save_ensemble(spec, runs)
+        return transfer_ensemble(spec.name, data, [other], runs)[0].mean_ari
+    return transfer(run_experiment(run)[0], data, [other], runs=runs)[0].mean_ari
+
+
 def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | None = Path("README.md"),
                 out: Path | None = None) -> Path:  # fmt: skip
     """Run the suite on every data set, write `out` (default runs/results.md), and refresh the README's table."""
@@ -111,6 +126,7 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
     from comp.cv import finished_run, run_cv
     from comp.ensemble import OOF, build_ensemble, has_maps, load_ensemble
     from comp.submit import submit_ensemble
+    from comp.transfer import transfer_ensemble
     from comp.tune import tune
 
     t0, reused_s = time.time(), 0.0
@@ -120,6 +136,7 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
     for ds, root in suite.datasets.items():
         data = resolve_data(root or None)
         result = {}
+        other = resolve_data(suite.transfer[ds] or None) if ds in suite.transfer else None
         extra = [f"cv.extra={json.dumps(list(suite.extra[ds]))}"] if suite.extra.get(ds) else []
         extra_arg = " --extra " + " ".join(suite.extra[ds]) if extra else ""
         for name in names:
@@ -139,6 +156,8 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
             r.names[ds] = f"`{short[name]}`"
             r.cv[ds] = (result[name].mean, _std(result[name].run_dir))
             r.held_out[ds] = held_out_single(short[name], result[name].run_dir, data, runs)
+            if other is not None:
+                r.transfer[ds] = transfer_single(short[name], result[name].run_dir, data, other, runs)
         learned = [result[n].run_dir for n in suite.singles if has_maps(result[n].run_dir)]
         ens_name = f"results-{ds}"
         spec, _ = build_ensemble(ens_name, learned, data, runs, max_steps=suite.select_steps, images=suite.select_images, force=True, command=f"python -m comp ensemble {' '.join(short[n] for n in suite.singles)} --name {ens_name}")
@@ -152,6 +171,8 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
         r.cv[ds] = (spec.nested_ari if spec.nested_ari is not None else spec.oof_ari, spec.oof_std)
         r.in_sample[ds] = spec.oof_ari
         r.held_out[ds] = submit_ensemble(ens_name, data, runs / "results" / f"{ds}-ensemble.csv", runs, cached=True)["test_ari"] if data.has_test_labels else None
+        if other is not None:
+            r.transfer[ds] = transfer_ensemble(ens_name, data, [other], runs)[0].mean_ari
         how = _how(spec)
         r.names[ds] = ", ".join(f"`{Path(m.run).parent.name}` x{m.weight:.2f}" for m in spec.members) + how
     minutes = (time.time() - t0) / 60
@@ -183,6 +204,11 @@ def _how(spec) -> str:
     return f" + {start} merged by LightGBM" if spec.merge.enabled else f" + {start} as they are"
 
 
+def _transfer_name(root: str) -> str:
+    """How a transfer column names its data: the folder's name (the embedded phantom: phantom)."""
+    return Path(root).name if root else "phantom"
+
+
 def _std(run: Path) -> float:
     """Image std of a run's OOF ARI."""
     return RunDir(run).summary()["std_ari"]
@@ -190,8 +216,9 @@ def _std(run: Path) -> float:
 
 def _table(rows: list[Row], datasets: list[str], suite: Suite) -> str:
     """Markdown table: CV ARI (mean ± image std) per data set, held-out ARI where the test labels exist."""
-    head = "| | what |" + "".join(f" {d} CV ARI | {d} held-out ARI |" for d in datasets) + " command |\n"
-    head += "|---|---|" + "---|---|" * len(datasets) + "---|\n"
+    to = {d: _transfer_name(suite.transfer[d]) for d in datasets if d in suite.transfer}
+    head = "| | what |" + "".join(f" {d} CV ARI | {d} held-out ARI |" + (f" {d} -> {to[d]} ARI |" if d in to else "") for d in datasets)
+    head += " command |\n|---|---|" + "".join("---|---|" + ("---|" if d in to else "") for d in datasets) + "---|\n"
     body = ""
     for r in rows:
         cells = ""
@@ -201,6 +228,9 @@ def _table(rows: list[Row], datasets: list[str], suite: Suite) -> str:
             extra = f" (in-sample {r.in_sample[d]:.4f})" if d in r.in_sample else ""
             cells += f" {m[0]:.4f} ± {m[1]:.4f}{extra} |" if m else " — |"
             cells += f" {h:.4f} |" if h is not None else " — |"
+            if d in to:
+                t = r.transfer.get(d)
+                cells += f" {t:.4f} |" if t is not None else " — |"
         what = set(r.names.values())
         name = what.pop() if len(what) == 1 else "; ".join(f"{d}: {n}" for d, n in r.names.items())
         body += f"| {r.label} | {name} |{cells} `{r.command}` |\n"
@@ -210,5 +240,9 @@ def _table(rows: list[Row], datasets: list[str], suite: Suite) -> str:
             "stretched slice or the instance-predicting singles' OOF regions, merged by fold classifiers that read the maps or "
             "not, whichever nests better), in-sample beside it; "
             "held-out = the data set's test split (learned methods: the fold models' test maps cached during CV, averaged, "
-            "no TTA; the others: fitted on every annotated slice).\n")  # fmt: skip
-    return head + body + note
+            "no TTA; the others: fitted on every annotated slice)")  # fmt: skip
+    if to:
+        note += ("; A -> B = fitted on A only and scored on every annotated slice of B, each calibrated on its own slices "
+                 "(learned methods: the CV run's fold models averaged, no TTA; the others: fitted on every annotated slice of "
+                 "A; the ensemble as selected and tuned on A)")  # fmt: skip
+    return head + body + note + ".\n"

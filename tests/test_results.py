@@ -15,14 +15,20 @@ def test_results_fill_the_readme_table(tiny_phantom: Path, tmp_path: Path) -> No
     exp.write_text("name: tinyres\n" + TINY_UNET)
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\n{START}\nold table\n{END}\n\nafter\n")
-    suite = Suite(folds=2, trials=2, datasets={"tiny": str(tiny_phantom)}, baseline="baseline_watershed", fg_cc=str(exp), singles=[str(exp)])
+    from comp.data.phantom import generate
+
+    other = generate(tmp_path / "other", n_train=4, n_labelled=4, n_test=1, seed=11, workers=2)
+    suite = Suite(folds=2, trials=2, datasets={"tiny": str(tiny_phantom)}, baseline="baseline_watershed", fg_cc=str(exp), singles=[str(exp)],
+                  transfer={"tiny": str(other)})  # fmt: skip
     out = run_results(suite, tmp_path / "runs", reuse=True, readme=readme)
     table = out.read_text()
+    assert "tiny -> other ARI" in table.splitlines()[0]
     for label in ("official watershed baseline", "official baseline, contrast-stretched (auto)", "fg U-Net + connected components",
                   "single model", "best ensemble (tuned)"):
         line = next(ln for ln in table.splitlines() if ln.startswith(f"| {label} |"))
         cells = [c.strip() for c in line.split("|")]
         assert "±" in cells[3] and float(cells[4]) >= -1, line  # CV ARI and a held-out ARI (the phantom ships Y_test)
+        assert -1 <= float(cells[5]) <= 1, line  # fitted on the tiny phantom, scored on the other one
     text = readme.read_text()
     assert "old table" not in text and table in text and text.startswith("# title") and text.endswith("after\n")
     assert len(list((tmp_path / "runs" / "tinyres").glob("*/cv.json"))) == 1  # reused, not rerun
