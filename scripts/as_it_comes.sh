@@ -3,8 +3,9 @@
 # per slice, and on the proxy with random, inferred and true scan groups (the leak table). Each row is one
 # `comp cv` run with the suite's 3 folds and seed 0; the one-window rows are the results table's (`make results`).
 # `resolution`: each method fitted on every annotated slice of one data set and scored on another's (`comp transfer`):
-# native <-> coarse phantoms, and the proxy onto both.
-# Usage: scripts/as_it_comes.sh [per-slice|leak|diagnose|resolution|all] (default all); METHODS="..." to narrow. Data:
+# native <-> coarse phantoms, the proxy onto both and the phantom onto the proxy. `extra`: CV of the fitted methods with
+# the other stand-in's annotated slices in every training part (`cv --extra`), against the same CV without.
+# Usage: scripts/as_it_comes.sh [per-slice|leak|diagnose|resolution|extra|all] (default all); METHODS="..." to narrow. Data:
 # `make proxy`, then
 #   python -m comp data proxy --out data/proxy_ps   --window-per-slice -3100:-1000 1000:3100
 #   python -m comp data phantom --out data/phantom_ps --n-train 1000 --n-labelled 200 --n-test 100 --window-per-slice -3100:-1000 1000:3100
@@ -52,9 +53,16 @@ transfer_row() {  # experiment fit-dir score-dir...
   grep -P '^\| `' /tmp/as_it_comes.log | sed -e 's/^| //' -e 's/ |$//' -e 's/`//g' -e 's/ | /\t/g' | tee -a $TR
 }
 case "$WHAT" in resolution|all) for exp in $METHODS; do
-  transfer_row "$exp" data/phantom data/phantom_s1 data/phantom_s1_coarse
+  transfer_row "$exp" data/phantom data/phantom_s1 data/phantom_s1_coarse data/proxy
   transfer_row "$exp" data/phantom_s1 data/phantom
   transfer_row "$exp" data/phantom_s1_coarse data/phantom
   transfer_row "$exp" data/proxy data/phantom data/phantom_s1_coarse
 done; column -t -s $'\t' $TR;; esac
+# Extra labelled data: the other stand-in's annotated slices in every training part, never scored.
+case "$WHAT" in extra|all) for exp in ${EXTRA_METHODS:-hybrid unet_cpu}; do
+  row extra-none data/proxy auto "$exp"
+  row extra-phantom_s1 data/proxy auto "$exp" 'cv.extra=["data/phantom_s1"]'
+  row extra-none data/phantom auto "$exp"
+  row extra-proxy data/phantom auto "$exp" 'cv.extra=["data/proxy"]'
+done;; esac
 column -t -s $'\t' $OUT
