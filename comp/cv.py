@@ -179,7 +179,7 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
         if run.finished:  # another process summarised it
             s = run.summary()
             return CVResult(run.path, s["mean_ari"], s["std_ari"], [g["ari"] for g in s["folds"]])
-        return _summarise(exp, run, k, names, time.time() - t0, command)
+        return _summarise(exp, run, k, names, time.time() - t0, command, groups)
 
 
 def _fit_fold(method, ctx: FitContext, train: FoldData, x_val: np.ndarray, y_val: np.ndarray, ids: np.ndarray,
@@ -210,8 +210,20 @@ def _predict_and_cache(method, x_val: np.ndarray, x_test: np.ndarray | None, run
     return method.postprocess_maps(run.oof_maps(fold))
 
 
-def _summarise(exp: Experiment, run: RunDir, k: int, names: list[str], seconds: float, command: str = "") -> CVResult:
-    """Gather the folds' OOF scores into oof_scores.csv and cv.json, and print the table."""
+def group_scores(ids: np.ndarray, scores: np.ndarray, groups: np.ndarray | None, folds: np.ndarray) -> dict:
+    """Mean ARI per CV group (a scan's block; the fold where folds are random), and the standard error of their mean:
+    the spread a choice between two candidates is judged against."""
+    keys = folds.astype(str) if groups is None else np.asarray(groups)[ids].astype(str)
+    uniq = sorted(set(keys))
+    means = np.array([scores[keys == g].mean() for g in uniq])
+    se = float(means.std(ddof=1) / np.sqrt(len(means))) if len(means) > 1 else 0.0
+    return {"by": "fold" if groups is None else "group", "se": se,
+            "groups": [{"group": g, "n": int((keys == g).sum()), "ari": float(m)} for g, m in zip(uniq, means)]}  # fmt: skip
+
+
+def _summarise(exp: Experiment, run: RunDir, k: int, names: list[str], seconds: float, command: str = "",
+               groups: np.ndarray | None = None) -> CVResult:  # fmt: skip
+    """Gather the folds' OOF scores into oof_scores.csv and cv.json (per group too), and print the table."""
     rows, fold_means, fold_n = [], [], []
     for f in range(k):
         z = run.fold_pack(f)
@@ -230,6 +242,7 @@ def _summarise(exp: Experiment, run: RunDir, k: int, names: list[str], seconds: 
         "mean_ari": mean,
         "std_ari": std,
         "fold_std": float(np.std(fold_means)),
+        "per_group": group_scores(np.array([i for i, _, _ in rows]), all_scores, groups, np.array([f for _, f, _ in rows])),
         "n_images": len(rows),
         "seconds": round(seconds, 1),
         "command": command,
@@ -239,5 +252,7 @@ def _summarise(exp: Experiment, run: RunDir, k: int, names: list[str], seconds: 
     print(f"{'fold':>6} {'images':>7} {'ARI':>8}")
     for f, (n, m) in enumerate(zip(fold_n, fold_means)):
         print(f"{f:>6} {n:>7} {m:>8.4f}")
-    print(f"{'mean':>6} {len(rows):>7} {mean:>8.4f}  (image std {std:.4f}, fold std {np.std(fold_means):.4f})")
+    pg = summary["per_group"]
+    print(f"{'mean':>6} {len(rows):>7} {mean:>8.4f}  (image std {std:.4f}, fold std {np.std(fold_means):.4f}, "
+          f"{len(pg['groups'])} {pg['by']}s: min {min(g['ari'] for g in pg['groups']):.4f}, standard error {pg['se']:.4f})")  # fmt: skip
     return CVResult(run.path, mean, std, fold_means)

@@ -49,6 +49,13 @@ def _overrides(name: str, cfg: dict) -> list[tuple[str, object]]:
     return [(k, json.dumps(v) if isinstance(v, list) else v) for k, v in then.items() if k in now and now[k] != v]
 
 
+def _group_cell(pg: dict | None) -> str:
+    """A run's per-group scores as a leaderboard cell: worst group's ARI / standard error (n groups)."""
+    if not pg or not pg.get("groups"):
+        return "—"
+    return f"{min(g['ari'] for g in pg['groups']):.4f} / {pg['se']:.4f} ({len(pg['groups'])} {pg['by']}s)"
+
+
 def leaderboard_rows(runs: Path) -> list[dict]:
     """One row per finished CV run and per ensemble file, best first within each data set."""
     rows = []
@@ -64,6 +71,7 @@ def leaderboard_rows(runs: Path) -> list[dict]:
                 "oof_ari": s["mean_ari"],
                 "honest": s["mean_ari"],  # out-of-fold: each fold fitted without its images
                 "std": s["std_ari"],
+                "groups": _group_cell(s.get("per_group")),
                 "path": str(run.path),
                 "command": _run_command(run.path, s),
             }
@@ -88,6 +96,7 @@ def leaderboard_rows(runs: Path) -> list[dict]:
                 "oof_ari": e.oof_ari,
                 "honest": e.nested_ari,  # None: tuned or selected before nested estimates existed
                 "std": e.oof_std or 0.0,
+                "groups": "",
                 "path": str(path),
                 "command": e.commands,  # selection, then the tune call whose settings are stored
             }
@@ -99,13 +108,13 @@ def write_leaderboard(runs: Path) -> Path:
     """Write runs/leaderboard.md (a table per data set) atomically and return its path."""
     rows = leaderboard_rows(runs)
     lines = ["# Leaderboard (per-image OOF ARI; ensembles and tuned settings ranked by their nested estimate)", ""]
-    head = "| # | kind | name | honest OOF ARI | in-sample OOF ARI ± std | folds | images | command | path |"
+    head = "| # | kind | name | honest OOF ARI | in-sample OOF ARI ± std | per scan block (or fold): worst / SE | folds | images | command | path |"
     for data in sorted({r["data"] for r in rows}):
-        lines += [f"## data: {data}", "", head, "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## data: {data}", "", head, "|---|---|---|---|---|---|---|---|---|---|"]
         for i, r in enumerate(r for r in rows if r["data"] == data):
             honest = f"{r['honest']:.4f}" if r["honest"] is not None else "—"
             lines.append(
-                f"| {i + 1} | {r['kind']} | {r['name']} | {honest} | {r['oof_ari']:.4f} ± {r['std']:.4f} | {r['folds']} | {r['images']} "
+                f"| {i + 1} | {r['kind']} | {r['name']} | {honest} | {r['oof_ari']:.4f} ± {r['std']:.4f} | {r['groups']} | {r['folds']} | {r['images']} "
                 f"| `{r['command']}` | {r['path']} |"
             )
         lines.append("")

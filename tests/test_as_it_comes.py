@@ -187,3 +187,28 @@ def test_a_finished_run_on_folds_that_moved_is_not_reused(tmp_path, tiny_phantom
     names = image_names(12)
     (data_root / "groups.csv").write_text("image,group\n" + "".join(f"{n},{'a' if i < 6 else 'b'}\n" for i, n in enumerate(names)))
     assert finished_run(exp, Dataset(data_root), 2, tmp_path / "runs") is None
+
+
+def test_cv_json_reports_every_groups_score_and_their_standard_error(tmp_path, tiny_phantom):
+    """Per scan block where the data has groups, per fold where folds are random; the leaderboard shows the worst."""
+    import json
+    import shutil
+
+    from comp.config import load_experiment
+    from comp.cv import run_cv
+    from comp.report import write_leaderboard
+
+    data_root = tmp_path / "data"
+    shutil.copytree(tiny_phantom, data_root)
+    exp = load_experiment("baseline_watershed_stretched")
+    plain = json.loads((run_cv(exp, Dataset(data_root), 2, tmp_path / "runs").run_dir / "cv.json").read_text())["per_group"]
+    assert plain["by"] == "fold" and [g["group"] for g in plain["groups"]] == ["0", "1"]
+    names = image_names(12)
+    (data_root / "groups.csv").write_text("image,group\n" + "".join(f"{n},{'abcd'[i % 4]}\n" for i, n in enumerate(names)))
+    s = json.loads((run_cv(exp, Dataset(data_root), 2, tmp_path / "runs2").run_dir / "cv.json").read_text())
+    pg = s["per_group"]
+    means = np.array([g["ari"] for g in pg["groups"]])
+    assert pg["by"] == "group" and len(means) == 4 and sum(g["n"] for g in pg["groups"]) == s["n_images"] == 8
+    assert np.isclose(np.average(means, weights=[g["n"] for g in pg["groups"]]), s["mean_ari"])
+    assert np.isclose(pg["se"], means.std(ddof=1) / 2)
+    assert f"{means.min():.4f} / {pg['se']:.4f} (4 groups)" in write_leaderboard(tmp_path / "runs2").read_text()
