@@ -449,3 +449,34 @@ def test_tune_says_what_a_result_had_to_beat_to_be_stored(tiny_phantom: Path, tm
     stored = load_ensemble("bar", tmp_path).nested_ari
     r = run_cli(*args[:-1], "3")
     assert r.returncode == 0 and f"to be stored it had to beat {stored:.4f}" in r.stdout, r.stdout + r.stderr
+
+
+def test_greedy_selection_keeps_the_simpler_ensemble_when_the_gain_is_within_its_spread() -> None:
+    """Hand-made per-image scores: a second member that gains +0.02 on average, all of it on one fold of three, is
+    refused (gain within its per-fold standard error); the same mean gain spread evenly over the folds is kept."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from comp.ensemble import gain_and_se, greedy_select
+
+    folds = np.repeat([0, 1, 2], 10)
+    base = np.full(30, 0.70)
+    lumpy = base + np.where(folds == 0, 0.08, -0.01)  # +0.02 on average, all from one fold
+    even = base + 0.02
+    for second, kept in ((lumpy, False), (even, True)):
+        table = {(1, 0): base, (0, 1): second - 0.05, (1, 1): second, (2, 0): base, (0, 2): second - 0.05}
+
+        class Stub:
+            members = [SimpleNamespace(label="a"), SimpleNamespace(label="b")]
+
+            def __init__(self) -> None:
+                self.folds = folds
+
+            def scores(self, counts, post, idx=None, workers=0):
+                return table.get(tuple(counts), base - 0.1)
+
+        counts, path = greedy_select(Stub(), None, max_steps=3)
+        assert (counts[1] > 0) == kept, (counts, path)
+    gain, se = gain_and_se(lumpy, base, folds)
+    assert np.isclose(gain, 0.02) and se > gain
