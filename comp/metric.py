@@ -68,3 +68,30 @@ def image_scores(truths: np.ndarray, preds: np.ndarray, workers: int = 1) -> np.
 def score(truths: np.ndarray, preds: np.ndarray) -> float:
     """Challenge score: plain mean of per-image scores."""
     return float(image_scores(truths, preds).mean())
+
+
+SPLIT_SHARE = 0.1  # a predicted region holding at least this share of a structure is one of its pieces
+
+
+def region_counts(truth: np.ndarray, pred: np.ndarray) -> dict[str, int]:
+    """Where an image's ARI goes, on its annotated pixels: true structures, predicted regions, structures split
+    (two or more predicted regions each hold >= SPLIT_SHARE of it) and structures merged (their largest predicted
+    region is another structure's largest too; structures minus distinct largest regions)."""
+    m = truth > 0
+    t, p = truth[m].astype(np.int64), pred[m].astype(np.int64)
+    if len(t) == 0:
+        return {"true": 0, "predicted": 0, "split": 0, "merged": 0}
+    _, ti = np.unique(t, return_inverse=True)
+    _, pi = np.unique(p, return_inverse=True)
+    table = np.zeros((ti.max() + 1, pi.max() + 1), np.int64)
+    np.add.at(table, (ti, pi), 1)
+    share = table / table.sum(1, keepdims=True)
+    largest = table.argmax(1)
+    return {"true": int(table.shape[0]), "predicted": int(table.shape[1]), "split": int(((share >= SPLIT_SHARE).sum(1) >= 2).sum()),
+            "merged": int(table.shape[0] - len(np.unique(largest)))}  # fmt: skip
+
+
+def mean_region_counts(truths: np.ndarray, preds: np.ndarray) -> dict[str, float]:
+    """region_counts averaged over images."""
+    rows = [region_counts(t, p) for t, p in zip(truths, preds)]
+    return {k: float(np.mean([r[k] for r in rows])) for k in ("true", "predicted", "split", "merged")}

@@ -284,10 +284,40 @@ def _html_table(rows: list[dict]) -> str:
     return f"<table>{head}{body}</table>"
 
 
+DIAG_IMAGES = 100  # OOF images (evenly spaced) whose regions are counted: an ensemble re-segments each one
+
+
+def regions_section(target: ReportInput, data, out: Path) -> str:
+    """Predicted against true regions per OOF image, split and merged structures (comp.metric.region_counts): an
+    HTML table and a scatter PNG."""
+    from comp.contrast import evenly_spaced
+    from comp.metric import region_counts
+
+    pick = evenly_spaced(np.arange(len(target.ids)), DIAG_IMAGES)
+    rows = [region_counts(data.y_train[int(target.ids[i])], target.predict(int(i))) for i in pick]
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    fig, ax = _plt().subplots(figsize=(4.2, 4.0))
+    t, p = [r["true"] for r in rows], [r["predicted"] for r in rows]
+    ax.scatter(t, p, s=10, c=target.scores[pick], cmap="viridis", vmin=0, vmax=1)
+    hi = max(max(t), max(p)) + 1
+    ax.plot([0, hi], [0, hi], "k--", lw=0.8)
+    ax.set_xlabel("annotated structures")
+    ax.set_ylabel("predicted regions on them")
+    ax.set_title("regions per OOF image (colour: ARI)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, out / "regions.png")
+    cells = "".join(f"<td>{mean[k]:.1f}</td>" for k in ("true", "predicted", "split", "merged"))
+    return (f"<p>{len(rows)} OOF images: per image, annotated structures, predicted regions on their pixels, structures split "
+            f"(two or more predicted regions each hold 10% of it) and merged (sharing their largest predicted region).</p>"
+            f"<table><tr><th>structures</th><th>predicted regions</th><th>split</th><th>merged</th></tr><tr>{cells}</tr></table>"
+            '<img src="regions.png" alt="regions">')  # fmt: skip
+
+
 def build_report(target: ReportInput, data, runs: Path, out: Path, worst: int = 12) -> Path:
-    """Write out/index.html with its PNGs: leaderboard, ARI histogram, worst OOF images, curves."""
+    """Write out/index.html with its PNGs: leaderboard, ARI histogram, regions, worst OOF images, curves."""
     out.mkdir(parents=True, exist_ok=True)
     histogram_png(target.scores, out / "oof_ari_hist.png", target.title)
+    regions = regions_section(target, data, out)
     order = np.argsort(target.scores, kind="stable")[:worst]
     tiles = []
     for rank, i in enumerate(order):
@@ -304,6 +334,7 @@ td,th{{border:1px solid #bbb;padding:3px 6px;text-align:left}} img{{max-width:10
 <body><h1>{html.escape(target.title)}</h1><p>data: {html.escape(target.data_name)} — {len(target.scores)} OOF images</p>
 <h2>Leaderboard</h2>{_html_table(board)}
 <h2>Per-image OOF ARI</h2>{img("oof_ari_hist.png")}
+<h2>Regions: split and merged structures</h2>{regions}
 <h2>Training and pretraining curves</h2>{"".join(img(n) for n in curves) or "<p>none (a non-learned method)</p>"}
 <h2>The {len(tiles)} worst OOF images</h2>{"".join(img(n) for n in tiles)}
 </body></html>"""

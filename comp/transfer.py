@@ -22,7 +22,7 @@ from comp.contrast import calibration, rendered_as
 from comp.data.sets import labels_key
 from comp.errors import UserError
 from comp.io import Dataset, image_names
-from comp.metric import image_scores
+from comp.metric import image_scores, region_counts
 from comp.rundir import RUNS, TransferRecord
 
 
@@ -36,8 +36,11 @@ class TransferResult:
     mean_ari: float
     std_ari: float
     n_images: int
-    mean_regions: float
+    mean_regions: float  # predicted regions per slice on the annotated pixels
     path: str
+    true_regions: float = float("nan")  # annotated structures per slice
+    split: float = float("nan")  # structures per slice split among predicted regions (comp.metric.region_counts)
+    merged: float = float("nan")  # structures per slice merged with another
 
 
 def _pixels_digest(x: np.ndarray) -> str:
@@ -55,7 +58,7 @@ def _kept(rec: TransferRecord, digest: str) -> TransferResult | None:
     d = rec.read()
     if d is None or d.get("pixels") != digest:
         return None
-    return TransferResult(**{k: d[k] for k in TransferResult.__dataclass_fields__})
+    return TransferResult(**{k: d[k] for k in TransferResult.__dataclass_fields__ if k in d})
 
 
 def _check_scored(fit: Dataset, scores: list[Dataset], extra: list[str]) -> None:
@@ -105,14 +108,18 @@ def _score(exp: Experiment, method, fit: Dataset, data: Dataset, rec: TransferRe
 def _scored(name: str, pred: np.ndarray, fit: Dataset, data: Dataset, rec: TransferRecord, digest: str, command: str) -> TransferResult:
     """Score predictions of `data`'s annotated slices (their labels read only now) and write the record."""
     ann = data.annotated
-    s = image_scores(data.y_train[ann], pred)
-    regions = [len(np.unique(p[t > 0])) for p, t in zip(pred, data.y_train[ann])]
-    res = TransferResult(name, fit.name, data.name, float(s.mean()), float(s.std()), int(len(ann)), float(np.mean(regions)), str(rec.path))
+    truth = data.y_train[ann]
+    s = image_scores(truth, pred)
+    counts = [region_counts(t, p) for t, p in zip(truth, pred)]
+    mean = {k: float(np.mean([c[k] for c in counts])) for k in counts[0]}
+    res = TransferResult(name, fit.name, data.name, float(s.mean()), float(s.std()), int(len(ann)), mean["predicted"], str(rec.path),
+                         mean["true"], mean["split"], mean["merged"])  # fmt: skip
     names = image_names(len(data.x_train))
-    rec.write({**asdict(res), "pixels": digest, "fit_data": fit.fingerprint(), "score_data": data.fingerprint(),
-               "command": command, "images": [{"image": names[i], "ari": float(v)} for i, v in zip(ann, s)]})  # fmt: skip
-    print(f"{name}: {fit.name} -> {data.name}: ARI {res.mean_ari:.4f} ± {res.std_ari:.4f} on {res.n_images} slices "
-          f"({res.mean_regions:.1f} predicted regions per slice on the annotated pixels) -> {rec.path}", flush=True)  # fmt: skip
+    rec.write({**asdict(res), "pixels": digest, "fit_data": fit.fingerprint(), "score_data": data.fingerprint(), "command": command,
+               "images": [{"image": names[i], "ari": float(v), **c} for i, v, c in zip(ann, s, counts)]})  # fmt: skip
+    print(f"{name}: {fit.name} -> {data.name}: ARI {res.mean_ari:.4f} ± {res.std_ari:.4f} on {res.n_images} slices; per slice "
+          f"{res.mean_regions:.1f} predicted regions for {res.true_regions:.1f} structures, {res.split:.1f} split, "
+          f"{res.merged:.1f} merged -> {rec.path}", flush=True)  # fmt: skip
     return res
 
 
@@ -154,9 +161,10 @@ def transfer_ensemble(name: str, fit: Dataset, scores: list[Dataset], runs: Path
 
 def table(results: list[TransferResult]) -> str:
     """Markdown rows of transfer results."""
-    head = "| experiment | fitted on | scored on | ARI | image std | slices | regions |\n|---|---|---|---|---|---|---|\n"
+    head = "| experiment | fitted on | scored on | ARI | image std | slices | regions | structures | split | merged |\n"
+    head += "|---|---|---|---|---|---|---|---|---|---|\n"
     return head + "".join(f"| `{r.experiment}` | {r.fit} | {r.score} | {r.mean_ari:.4f} | {r.std_ari:.4f} | {r.n_images} | "
-                          f"{r.mean_regions:.1f} |\n" for r in results)  # fmt: skip
+                          f"{r.mean_regions:.1f} | {r.true_regions:.1f} | {r.split:.1f} | {r.merged:.1f} |\n" for r in results)  # fmt: skip
 
 
 def as_json(results: list[TransferResult]) -> str:

@@ -43,7 +43,7 @@ case "$WHAT" in diagnose|all) row per-slice-step data/proxy file hybrid contrast
 # Resolution: the same slices of seed 1 rendered sharp and coarse (voxels 4 px wide), fitted on and scored from the
 # embedded phantom (seed 0, native), and the proxy (3 mm voxels stretched ~4x) onto both.
 TR=runs/as_it_comes_transfer.tsv
-[ -f $TR ] || printf 'experiment\tfitted_on\tscored_on\tmean_ari\timage_std\tslices\tregions\n' > $TR
+[ -f $TR ] || printf 'experiment\tfitted_on\tscored_on\tmean_ari\timage_std\tslices\tregions\tstructures\tsplit\tmerged\n' > $TR
 transfer_row() {  # experiment fit-dir score-dir...
   local exp=$1 fit=$2 todo=() d
   shift 2

@@ -85,3 +85,20 @@ def test_stack_scores_and_mean() -> None:
     assert score(t, p) == pytest.approx(s.mean())
     with pytest.raises(ValueError):
         image_score(t[0], p[0, :5])
+
+
+def test_region_counts_name_split_and_merged_structures() -> None:
+    """Three structures: one cut in two halves, two others predicted as one region; unannotated pixels ignored."""
+    import numpy as np
+
+    from comp.metric import region_counts
+
+    t = np.zeros((12, 12), np.uint8)
+    t[:4], t[4:8], t[8:] = 3, 9, 5
+    p = np.full_like(t, 1)
+    p[:4, :6], p[:4, 6:] = 2, 4  # structure 3 split
+    p[4:, :] = 6  # 9 and 5 merged
+    t[:, 11] = 0  # unannotated column: whatever is predicted there does not count
+    p[:, 11] = 8
+    assert region_counts(t, p) == {"true": 3, "predicted": 3, "split": 1, "merged": 1}
+    assert region_counts(t, t) == {"true": 3, "predicted": 3, "split": 0, "merged": 0}

@@ -27,7 +27,8 @@ def test_report_builds_from_a_tiny_run(tiny_phantom: Path, tmp_path: Path) -> No
     page = _report(tiny_phantom, tmp_path)
     text = page.read_text()
     pngs = sorted(p.name for p in page.parent.glob("*.png"))
-    assert "oof_ari_hist.png" in pngs and "train_loss_0.png" in pngs and "val_ari_0.png" in pngs
+    assert "oof_ari_hist.png" in pngs and "train_loss_0.png" in pngs and "val_ari_0.png" in pngs and "regions.png" in pngs
+    assert "<th>split</th><th>merged</th>" in text
     assert len([p for p in pngs if p.startswith("worst_")]) == 8  # every OOF image of the tiny set (fewer than 12)
     for name in pngs:
         assert f'src="{name}"' in text
