@@ -97,8 +97,10 @@ def _write_validate_score(out: Path, pred: np.ndarray, data: Dataset) -> dict:
 class MemberMaps:
     """A member's test maps, a chunk of slices at a time: its fold models loaded once (or its cached maps, memory-mapped)."""
 
-    def __init__(self, run: Path, data: Dataset | None, cached: bool = False, tta: bool = True, x: np.ndarray | None = None) -> None:
-        """`data`'s test slices, or (x given, fold models only) these slices, in the grey levels of the run's data."""
+    def __init__(self, run: Path, data: Dataset | None, cached: bool = False, tta: bool = True, x: np.ndarray | None = None,
+                 contrast=None) -> None:  # fmt: skip
+        """`data`'s test slices, or (x given, fold models only) these slices, read through `contrast` (default: the
+        run's own, resolved on its data set)."""
         rd = RunDir(Path(run))
         cfg = rd.config()
         self.x, self.tta, self.sources = data.x_test if x is None else x, tta, []
@@ -116,7 +118,10 @@ class MemberMaps:
                     raise UserError(path, f"{n} cached test maps but {len(self.x)} test images: drop --cached")
                 self.sources.append(path)
             else:
-                self.sources.append(rd.fold_model(f))
+                model = rd.fold_model(f)
+                if contrast is not None:  # other slices than the run's data set's: their own contrast step
+                    model.contrast = contrast
+                self.sources.append(model)
 
     def chunk(self, sl: slice) -> np.ndarray:
         """(n, C, r, r) float16 maps of test slices `sl`, averaged over the fold models."""
@@ -182,9 +187,10 @@ def submit_ensemble(name: str, data: Dataset, out: str | Path, runs: Path = Path
 
 
 def predict_ensemble(spec, members: list[MemberMaps], x: np.ndarray, given: np.ndarray | None, runs: Path = Path("runs"),
-                     workers: int = 0, chunk: int = 32) -> np.ndarray:  # fmt: skip
-    """Instance maps of slices `x` (in the grey levels of the members' data): the members' maps blended, post-processed
-    (or superpixels, or the `given` regions), merged as the ensemble file says; a chunk of slices at a time."""
+                     workers: int = 0, chunk: int = 32, contrast=None) -> np.ndarray:  # fmt: skip
+    """Instance maps of slices `x`: the members' maps blended, post-processed (or superpixels, or the `given`
+    regions), merged as the ensemble file says; a chunk of slices at a time. `contrast`: how the slices are read
+    (default: as the first member's data set's)."""
     from tqdm import tqdm
 
     from comp.ensemble import merger_path
@@ -195,7 +201,7 @@ def predict_ensemble(spec, members: list[MemberMaps], x: np.ndarray, given: np.n
     weights = [m.weight for m in spec.members]
     n = len(x)
     pred = np.empty((n, SIZE, SIZE), np.uint8)
-    contrast = RunDir.contrast_of(RunDir(Path(spec.members[0].run)).config())  # the slices as the members (and the tuning) read them
+    contrast = contrast or RunDir.contrast_of(RunDir(Path(spec.members[0].run)).config())  # as the members (and the tuning) read them
     # A chunk of slices at a time: peak memory does not grow with the number of slices.
     for c0 in tqdm(range(0, n, chunk), desc="ensemble chunks", disable=n <= chunk):
         sl = slice(c0, min(n, c0 + chunk))

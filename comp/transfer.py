@@ -1,24 +1,25 @@
 """Transfer: an experiment fitted on every annotated slice of one data set, scored on another's annotated slices.
 
 CV on blocks of one labelled scan says how a method does on more of that scan; transfer says how it does on
-data it was never fitted on (another stand-in, another rendering, another resolution). Each data set is
-calibrated on its own slices (never its labels), and the scored slices are re-rendered in the grey levels the
-fitted method reads (`contrast.rendered_as`, as `cv --extra` renders extra training slices): every window, tuned
-or not, and every intensity feature then means the same HU on both. An ensemble transfers as it was selected and
-tuned on the fitting data (`transfer_ensemble`): nothing is chosen on the scored data.
+data it was never fitted on (another stand-in, another rendering, another resolution). The fitted method reads
+the scored slices through its contrast step resolved on their own data set (never its labels), as `cv` and
+`submit` resolve it on theirs: its HU windows land where that data set's calibration puts them (so a fixed
+method transfers exactly as it scores in CV there). An ensemble transfers as it was selected and tuned on the
+fitting data (`transfer_ensemble`), its tuned superpixel window carried over in HU: nothing is chosen on the
+scored data.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from comp.config import Experiment
-from comp.contrast import calibration, rendered_as
+from comp.contrast import Contrast, ContrastParams, calibration, resolve
 from comp.data.sets import labels_key
 from comp.errors import UserError
 from comp.io import Dataset, image_names
@@ -92,17 +93,23 @@ def transfer(exp: Experiment, fit: Dataset, scores: list[Dataset], seed: int = 0
     return out  # type: ignore[return-value]
 
 
-def in_units_of(fit: Dataset, data: Dataset, per_slice="auto") -> np.ndarray:
-    """`data`'s annotated slices, calibrated on its own slices, re-rendered in the grey levels methods fitted on
-    `fit` read (label-free: which slices are annotated aside)."""
-    quiet = lambda *_: None  # noqa: E731
-    to = calibration(fit.x_train, per_slice, str(fit.root), quiet)[1]
-    return rendered_as(data.x_train[data.annotated], *calibration(data.x_train, per_slice, str(data.root), quiet), to)
+def _resolved_on(data: Dataset, p: ContrastParams) -> Contrast:
+    """A contrast section resolved on a data set's own slices (label-free), quietly."""
+    return resolve(p, data.x_train, str(data.root), lambda *_: None)
 
 
 def _score(exp: Experiment, method, fit: Dataset, data: Dataset, rec: TransferRecord, digest: str, command: str) -> TransferResult:
-    """Predict `data`'s annotated slices in the fitting data's grey levels; score them; write the record."""
-    return _scored(exp.name, method.predict(in_units_of(fit, data, exp.contrast.per_slice)), fit, data, rec, digest, command)
+    """Predict `data`'s annotated slices behind the contrast step resolved on its own slices; score; write the record."""
+    method.contrast = _resolved_on(data, exp.contrast)  # every method reads its slices through `contrast`
+    return _scored(exp.name, method.predict(data.x_train[data.annotated]), fit, data, rec, digest, command)
+
+
+def _window_in(window: list[float], fit: Dataset, data: Dataset, per_slice) -> list[float]:
+    """A grey window of the slices as methods read them on `fit`, moved to `data`'s through HU."""
+    quiet = lambda *_: None  # noqa: E731
+    a = calibration(fit.x_train, per_slice, str(fit.root), quiet)[1]
+    b = calibration(data.x_train, per_slice, str(data.root), quiet)[1]
+    return [round(float(b.grey(a.hu(w))), 4) for w in window]
 
 
 def _scored(name: str, pred: np.ndarray, fit: Dataset, data: Dataset, rec: TransferRecord, digest: str, command: str) -> TransferResult:
@@ -150,12 +157,19 @@ def transfer_ensemble(name: str, fit: Dataset, scores: list[Dataset], runs: Path
             print(f"ensemble {spec.name}: {fit.name} -> {d.name} kept in {rec.path}", flush=True)
             out.append(kept)
             continue
-        x = in_units_of(fit, d, exps[0].contrast.per_slice)
-        members = [MemberMaps(Path(m.run), None, False, tta, x=x) for m in spec.members]
+        x = d.x_train[d.annotated]
+        members = [MemberMaps(Path(m.run), None, False, tta, x=x, contrast=_resolved_on(d, e.contrast)) for m, e in zip(spec.members, exps)]
+        here = spec
+        if spec.regions is not None and not spec.regions.run:  # superpixels behind the tuned window, the same HU here
+            here = replace(spec, regions=replace(spec.regions, window=_window_in(spec.regions.window, fit, d, exps[0].contrast.per_slice)))
         given = None
         if spec.regions is not None and spec.regions.run:  # that run's method fitted on every annotated slice of `fit`
-            given = fit_every_annotated(run_experiment(Path(spec.regions.run))[0], fit, runs=runs).predict(x)
-        out.append(_scored(f"ensemble {spec.name}", predict_ensemble(spec, members, x, given, runs, workers), fit, d, rec, dig, command))
+            rexp = run_experiment(Path(spec.regions.run))[0]
+            method = fit_every_annotated(rexp, fit, runs=runs)
+            method.contrast = _resolved_on(d, rexp.contrast)
+            given = method.predict(x)
+        pred = predict_ensemble(here, members, x, given, runs, workers, contrast=_resolved_on(d, exps[0].contrast))
+        out.append(_scored(f"ensemble {spec.name}", pred, fit, d, rec, dig, command))
     return out
 
 
