@@ -161,6 +161,12 @@ def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
 def load_experiment(name_or_path: str, overrides: list[str] | None = None) -> Experiment:
     """Load and validate an experiment YAML by name or path, with optional --set overrides."""
     path = experiment_path(name_or_path)
+    return experiment_from_dict(_raw_experiment(path), path, overrides)
+
+
+def _raw_experiment(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """An experiment file's mapping; with `base: NAME`, that experiment's mapping with this file's keys laid over it
+    (nested mappings merged key by key): a variant is the delta of its base. Its name is its own, never the base's."""
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -169,7 +175,24 @@ def load_experiment(name_or_path: str, overrides: list[str] | None = None) -> Ex
         raise UserError(path, f"invalid YAML{at}") from None
     if not isinstance(raw, dict):
         raise UserError(path, "top level must be a mapping")
-    return experiment_from_dict(raw, path, overrides)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    parent = experiment_path(str(base))
+    if parent.resolve() in seen or parent.resolve() == path.resolve():
+        raise UserError(path, f"'base: {base}' leads back to itself")
+    under = _raw_experiment(parent, (*seen, path.resolve()))
+    under.pop("name", None)
+    under.pop("description", None)
+    return _laid_over(under, raw)
+
+
+def _laid_over(under: dict, over: dict) -> dict:
+    """`over`'s keys over `under`'s, nested mappings merged key by key."""
+    out = dict(under)
+    for k, v in over.items():
+        out[k] = _laid_over(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def experiment_from_dict(raw: dict, path: Path, overrides: list[str] | None = None, ignore: tuple[str, ...] = ()) -> Experiment:

@@ -15,7 +15,7 @@ import numpy as np
 from comp.contrast import Contrast
 from comp.fields import bounded
 from comp.metric import image_scores
-from comp.merge import Merger, agglomeration_rows, model_text, save_merger, train_classifier
+from comp.merge import FEATURES, Merger, agglomeration_rows, model_text, save_merger, train_classifier, unknown_features, without
 from comp.parallel import pmap
 from comp.postprocess import SuperpixelParams, merged_superpixels, superpixels
 from comp.registry import FitContext, FoldData, inner_split, register_method
@@ -35,7 +35,15 @@ class HybridParams:
     max_rounds: int = bounded(16, lo=0)  # merge rounds at prediction (each merges a matching of pairs, then re-scores)
     train_rounds: int = bounded(8, lo=1)  # agglomeration stages whose pairs train the classifier
     train_pairs: int = bounded(1500, lo=1)  # pairs drawn per slice and stage (bounds the training set)
+    # Pair features the classifier may not use (comp.merge.FEATURES), e.g. the position ones, which can learn
+    # where structures sit in the training scan's body rather than what their border looks like.
+    drop_features: list[str] = field(default_factory=list)
     workers: int = bounded(0, lo=0)
+
+    def violations(self) -> dict[str, str]:
+        """Feature names that do not exist."""
+        bad = unknown_features(self.drop_features)
+        return {"drop_features": f"unknown feature '{bad[0]}' (known: {', '.join(FEATURES)})"} if bad else {}
 
 
 def _rows(item: tuple, p: HybridParams) -> tuple[np.ndarray, np.ndarray]:
@@ -50,10 +58,10 @@ def _segment(item: tuple, p: HybridParams, merger: Merger) -> np.ndarray:
     return merged_superpixels(image, raw, p.superpixels, merger)
 
 
-def _train(rows: list[tuple[np.ndarray, np.ndarray]], idx: np.ndarray) -> str:
-    """The pair classifier on the rows of slices `idx`, as text (forked prediction workers build it themselves:
-    no LightGBM/OpenMP state crosses a fork)."""
-    x = np.concatenate([rows[i][0] for i in idx])
+def _train(rows: list[tuple[np.ndarray, np.ndarray]], idx: np.ndarray, drop: list[str] = ()) -> str:
+    """The pair classifier on the rows of slices `idx` (without the `drop`ped features), as text (forked prediction
+    workers build it themselves: no LightGBM/OpenMP state crosses a fork)."""
+    x = without(np.concatenate([rows[i][0] for i in idx]), drop)
     y = np.concatenate([rows[i][1] for i in idx])
     print(f"hybrid: classifier on {len(y)} pairs of {len(idx)} slices, {int(y.sum())} to merge", flush=True)
     return model_text(train_classifier(x, y))
@@ -66,7 +74,7 @@ class Hybrid:
     def __init__(self, params: HybridParams) -> None:
         self.p = params
         self.contrast = Contrast()
-        self.merger = Merger({}, params.threshold, params.max_rounds)
+        self.merger = Merger({}, params.threshold, params.max_rounds, tuple(params.drop_features))
 
     def fit(self, train: FoldData, ctx: FitContext) -> None:
         """Pick (h, threshold) with classifiers trained without some training slices, then train on them all."""
@@ -81,7 +89,7 @@ class Hybrid:
             p = replace(self.p, superpixels=sp)
             rows_sp = pmap(_rows, items, p, workers=self.p.workers, desc=f"hybrid: pair features (h {sp.h})")
             if len(val_idx):
-                inner = Merger({-1: _train(rows_sp, fit_idx)}, self.p.threshold, self.p.max_rounds)
+                inner = Merger({-1: _train(rows_sp, fit_idx, p.drop_features)}, self.p.threshold, self.p.max_rounds, tuple(p.drop_features))
                 for t in self.p.fit_thresholds:
                     inner.threshold = t
                     pred = np.stack(pmap(_segment, [(images[i], raws[i]) for i in val_idx], p, inner, workers=self.p.workers))
@@ -93,7 +101,8 @@ class Hybrid:
                 rows = rows_sp
         _, sp, threshold = best
         self.p = replace(self.p, superpixels=sp, threshold=threshold)
-        self.merger = Merger({-1: _train(rows, np.arange(len(items)))}, threshold, self.p.max_rounds)
+        self.merger = Merger({-1: _train(rows, np.arange(len(items)), self.p.drop_features)}, threshold, self.p.max_rounds,
+                             tuple(self.p.drop_features))  # fmt: skip
         save_merger(self.merger, Path(ctx.workdir) / "merge.txt")
         self.fitted = {"h": sp.h, "threshold": threshold}
 

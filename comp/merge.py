@@ -169,12 +169,14 @@ class Merger:
     models: dict[int, object] = field(default_factory=dict)  # Booster, its model text, or a constant
     threshold: float = 0.5
     max_rounds: int = 4
+    drop: tuple[str, ...] = ()  # FEATURES the classifiers were trained without (missing values to LightGBM)
 
     def probabilities(self, x: np.ndarray, fold: int = -1) -> np.ndarray:
         """Merge probability of each feature row, by the model allowed to see `fold`."""
         model = self.models.get(fold)
         if model is None or len(x) == 0:
             return np.zeros(len(x))
+        x = without(x, self.drop)
         if isinstance(model, str) and model.startswith("constant "):
             model = float(model.split()[1])
         elif isinstance(model, str):  # loaded lazily, in the process that predicts (see load_merger)
@@ -199,6 +201,20 @@ class Merger:
                 break
             lab = merge_pairs(lab, _matching(pairs, above[np.argsort(-p[above], kind="stable")]))
         return relabel_uint8(lab)
+
+
+def without(x: np.ndarray, drop: tuple[str, ...] | list[str]) -> np.ndarray:
+    """Feature rows with the `drop`ped FEATURES set missing (NaN): a classifier then learns nothing from them."""
+    if not drop:
+        return x
+    x = np.array(x, np.float32, copy=True)
+    x[:, [FEATURES.index(f) for f in drop]] = np.nan
+    return x
+
+
+def unknown_features(names: list[str]) -> list[str]:
+    """The names that are not FEATURES."""
+    return [n for n in names if n not in FEATURES]
 
 
 def train_classifier(x: np.ndarray, y: np.ndarray, weight: np.ndarray | None = None):
@@ -238,7 +254,8 @@ def model_text(model) -> str:
 
 def save_merger(merger: Merger, path: Path) -> None:
     """Store every classifier (each fold's and the test set's) and the threshold as text, atomically."""
-    parts = [f"# threshold {merger.threshold} rounds {merger.max_rounds}\n"]
+    drop = f" drop {','.join(merger.drop)}" if merger.drop else ""
+    parts = [f"# threshold {merger.threshold} rounds {merger.max_rounds}{drop}\n"]
     parts += [f"# model {k}\n{model_text(m)}" for k, m in sorted(merger.models.items())]
     atomic_write_text(path, "".join(parts))
 
@@ -256,8 +273,9 @@ def load_merger(path: Path) -> Merger:
     # The boosters are built from their text on first use: parsing them here would start LightGBM's OpenMP
     # threads in the parent, and OpenMP then hangs in the forked post-processing workers.
     models = {int(k): float(body.split()[1]) if body.startswith("constant ") else body for k, body in zip(chunks[1::2], chunks[2::2])}
-    words = head.split()  # "# threshold T" (first format) or "# threshold T rounds R"
-    return Merger(models, float(words[2]), int(words[4]) if len(words) > 4 else 4)
+    words = head.split()  # "# threshold T" (first format) or "# threshold T rounds R [drop f1,f2]"
+    drop = tuple(words[6].split(",")) if len(words) > 6 and words[5] == "drop" else ()
+    return Merger(models, float(words[2]), int(words[4]) if len(words) > 4 else 4, drop)
 
 
 def _pair_rows(i: int, oof, weights: list[float], post: PostParams) -> tuple[np.ndarray, np.ndarray]:

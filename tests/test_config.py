@@ -152,3 +152,43 @@ def test_bad_numbers_on_the_command_line_are_one_line_exit_2(tmp_path: Path, tin
     (tmp_path / "f.txt").write_text("x")
     r = run_cli(*[a.format(data=tiny_phantom, file=tmp_path / "f.txt") for a in args], cwd=tmp_path)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_an_experiment_is_a_delta_of_its_base(tmp_path) -> None:
+    """`base: NAME`: the base's keys with the variant's laid over (nested ones key by key); the name is the variant's;
+    a loop is one clear error."""
+    import pytest
+
+    from comp.config import load_experiment
+    from comp.errors import UserError
+
+    (tmp_path / "a.yaml").write_text("method: hybrid\nname: a\nparams: {fit_images: 8, threshold: 0.4}\ncv: {folds: 4}\n")
+    (tmp_path / "b.yaml").write_text(f"base: {tmp_path / 'a.yaml'}\nparams: {{threshold: 0.6, drop_features: [pos_x]}}\n")
+    b = load_experiment(str(tmp_path / "b.yaml"))
+    assert (b.name, b.params.fit_images, b.params.threshold, b.params.drop_features, b.cv.folds) == ("b", 8, 0.6, ["pos_x"], 4)
+    (tmp_path / "a.yaml").write_text(f"base: {tmp_path / 'b.yaml'}\nmethod: hybrid\n")
+    with pytest.raises(UserError, match="leads back to itself"):
+        load_experiment(str(tmp_path / "b.yaml"))
+
+
+def test_a_merger_trained_without_some_features_ignores_them() -> None:
+    """The hybrid's classifier trained with `drop_features` never splits on them (here the only informative one);
+    the drop survives a save and load."""
+    import tempfile
+    from pathlib import Path
+
+    import lightgbm as lgb
+    import numpy as np
+
+    from comp.hybrid import _train
+    from comp.merge import FEATURES, Merger, load_merger, save_merger
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, len(FEATURES))).astype(np.float32)
+    y = (x[:, FEATURES.index("pos_x")] > 0).astype(np.int8)  # only the position says it
+    rows = [(x[:200], y[:200]), (x[200:], y[200:])]
+    used = lambda text: lgb.Booster(model_str=text).feature_importance()[FEATURES.index("pos_x")]  # noqa: E731
+    assert used(_train(rows, np.arange(2))) > 0 and used(_train(rows, np.arange(2), ["pos_x"])) == 0
+    with tempfile.TemporaryDirectory() as d:
+        save_merger(Merger({-1: _train(rows, np.arange(2), ["pos_x"])}, drop=("pos_x",)), Path(d) / "m.txt")
+        assert load_merger(Path(d) / "m.txt").drop == ("pos_x",)
