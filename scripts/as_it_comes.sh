@@ -5,7 +5,8 @@
 # `resolution`: each method fitted on every annotated slice of one data set and scored on another's (`comp transfer`):
 # native <-> coarse phantoms, the proxy onto both and the phantom onto the proxy. `extra`: CV of the fitted methods with
 # the other stand-in's annotated slices in every training part (`cv --extra`), against the same CV without.
-# Usage: scripts/as_it_comes.sh [per-slice|leak|diagnose|resolution|extra|all] (default all); METHODS="..." to narrow. Data:
+# `features`: the hybrid with and without its merger's position features, CV and transfer between the stand-ins.
+# Usage: scripts/as_it_comes.sh [per-slice|leak|diagnose|resolution|extra|features|all] (default all); METHODS="..." to narrow. Data:
 # `make proxy`, then
 #   python -m comp data proxy --out data/proxy_ps   --window-per-slice -3100:-1000 1000:3100
 #   python -m comp data phantom --out data/phantom_ps --n-train 1000 --n-labelled 200 --n-test 100 --window-per-slice -3100:-1000 1000:3100
@@ -64,5 +65,13 @@ case "$WHAT" in extra|all) for exp in ${EXTRA_METHODS:-hybrid unet_cpu}; do
   row extra-phantom_s1 data/proxy auto "$exp" 'cv.extra=["data/phantom_s1"]'
   row extra-none data/phantom auto "$exp"
   row extra-proxy data/phantom auto "$exp" 'cv.extra=["data/proxy"]'
+done;; esac
+# Which merger features carry to data they were not fitted on: the position features (where a pair sits in the
+# body) dropped, against the hybrid as it is.
+case "$WHAT" in features|all) for exp in hybrid hybrid_nopos; do
+  row features data/proxy auto "$exp"
+  row features data/phantom auto "$exp"
+  transfer_row "$exp" data/proxy data/phantom
+  transfer_row "$exp" data/phantom data/proxy
 done;; esac
 column -t -s $'\t' $OUT
