@@ -18,7 +18,7 @@ import numpy as np
 
 from comp.claims import dead_here, me
 from comp.contrast import Contrast
-from comp.ensemble import OOF, EnsembleSpec, merger_path, nested_scores, oof_index, random_subset, save_ensemble
+from comp.ensemble import OOF, EnsembleSpec, gain_and_se, merger_path, nested_scores, oof_index, random_subset, save_ensemble
 from comp.errors import UserError
 from comp.merge import Merger, fit_merging, fit_region_merging, save_merger
 from comp.metric import image_scores
@@ -281,8 +281,11 @@ def tune(
             gain = nested_scores(oof.folds, every, pick, merged_at) - full
             print(f"merging at {t_best}: in-sample {merged.mean():.4f}, nested {(nested + gain).mean():.4f} "
                   f"(without merging {no_merge:.4f}, nested {nested.mean():.4f})", flush=True)  # fmt: skip
-            if gain.mean() > 1e-6:
+            g, se = gain_and_se(nested + gain, nested, oof.folds)
+            if g > max(se, 1e-6):
                 final, final_nested, threshold = merged, nested + gain, t_best
+            else:
+                print(f"merging gains {g:+.4f} nested, within its per-fold standard error {se:.4f}: left out", flush=True)
     regions, candidates = None, []
     if superpixels and merge:
         candidates.append(([Regions(SuperpixelParams(h=h), oof.window()) for h in SUPERPIXEL_H], SUPERPIXEL_THRESHOLDS, SUPERPIXEL_SCAN_IMAGES))
@@ -292,8 +295,11 @@ def tune(
         c_full, c_nested, cand, c_t, c_merger = region_candidate(oof, weights, choices, thresholds, scan_n, seed, workers)
         print(f"{_describe(cand)} + merging at {c_t}: in-sample {c_full.mean():.4f}, nested {c_nested.mean():.4f} "
               f"(so far: nested {final_nested.mean():.4f})", flush=True)  # fmt: skip
-        if c_nested.mean() > final_nested.mean():
+        g, se = gain_and_se(c_nested, final_nested, oof.folds)  # the fitted start must beat the simpler by more than its spread
+        if g > se:
             final, final_nested, threshold, merger, regions = c_full, c_nested, c_t, c_merger, cand
+        print(f"{_describe(cand)}: gain {g:+.4f} nested against its per-fold standard error {se:.4f}: "
+              f"{'taken' if g > se else 'the simpler one kept'}", flush=True)  # fmt: skip
     new_ari, new_nested = float(final.mean()), float(final_nested.mean())
     stored = bar is None or new_nested > bar + 1e-9
     if stored:
