@@ -15,7 +15,7 @@ import numpy as np
 from comp.contrast import Contrast
 from comp.fields import bounded
 from comp.metric import image_scores
-from comp.merge import FEATURES, Merger, agglomeration_rows, model_text, save_merger, train_classifier, unknown_features, without
+from comp.merge import FEATURES, LINKAGES, Merger, agglomeration_rows, model_text, save_merger, train_classifier, unknown_features, without
 from comp.parallel import pmap
 from comp.postprocess import SuperpixelParams, merged_superpixels, superpixels
 from comp.registry import FitContext, FoldData, inner_split, register_method
@@ -38,12 +38,21 @@ class HybridParams:
     # Pair features the classifier may not use (comp.merge.FEATURES), e.g. the position ones, which can learn
     # where structures sit in the training scan's body rather than what their border looks like.
     drop_features: list[str] = field(default_factory=list)
+    linkage: str = "classifier"  # classifier | average (comp.merge.Merger.linkage)
     workers: int = bounded(0, lo=0)
 
     def violations(self) -> dict[str, str]:
-        """Feature names that do not exist."""
+        """Feature names that do not exist, an unknown linkage."""
         bad = unknown_features(self.drop_features)
-        return {"drop_features": f"unknown feature '{bad[0]}' (known: {', '.join(FEATURES)})"} if bad else {}
+        out = {"drop_features": f"unknown feature '{bad[0]}' (known: {', '.join(FEATURES)})"} if bad else {}
+        if self.linkage not in LINKAGES:
+            out["linkage"] = f"must be one of {', '.join(LINKAGES)}, got {self.linkage!r}"
+        return out
+
+    def merger(self, models: dict, threshold: float | None = None) -> Merger:
+        """A merger of these settings around trained classifiers."""
+        t = self.threshold if threshold is None else threshold
+        return Merger(models, t, self.max_rounds, tuple(self.drop_features), self.linkage)
 
 
 def _rows(item: tuple, p: HybridParams) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +83,7 @@ class Hybrid:
     def __init__(self, params: HybridParams) -> None:
         self.p = params
         self.contrast = Contrast()
-        self.merger = Merger({}, params.threshold, params.max_rounds, tuple(params.drop_features))
+        self.merger = params.merger({})
 
     def fit(self, train: FoldData, ctx: FitContext) -> None:
         """Pick (h, threshold) with classifiers trained without some training slices, then train on them all."""
@@ -89,7 +98,7 @@ class Hybrid:
             p = replace(self.p, superpixels=sp)
             rows_sp = pmap(_rows, items, p, workers=self.p.workers, desc=f"hybrid: pair features (h {sp.h})")
             if len(val_idx):
-                inner = Merger({-1: _train(rows_sp, fit_idx, p.drop_features)}, self.p.threshold, self.p.max_rounds, tuple(p.drop_features))
+                inner = p.merger({-1: _train(rows_sp, fit_idx, p.drop_features)})
                 for t in self.p.fit_thresholds:
                     inner.threshold = t
                     pred = np.stack(pmap(_segment, [(images[i], raws[i]) for i in val_idx], p, inner, workers=self.p.workers))
@@ -101,8 +110,7 @@ class Hybrid:
                 rows = rows_sp
         _, sp, threshold = best
         self.p = replace(self.p, superpixels=sp, threshold=threshold)
-        self.merger = Merger({-1: _train(rows, np.arange(len(items)), self.p.drop_features)}, threshold, self.p.max_rounds,
-                             tuple(self.p.drop_features))  # fmt: skip
+        self.merger = self.p.merger({-1: _train(rows, np.arange(len(items)), self.p.drop_features)}, threshold)
         save_merger(self.merger, Path(ctx.workdir) / "merge.txt")
         self.fitted = {"h": sp.h, "threshold": threshold}
 

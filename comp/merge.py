@@ -170,6 +170,10 @@ class Merger:
     threshold: float = 0.5
     max_rounds: int = 4
     drop: tuple[str, ...] = ()  # FEATURES the classifiers were trained without (missing values to LightGBM)
+    # classifier: every round re-scores the pairs of the merged regions; average: a pair of merged regions scores the
+    # border-length-weighted mean of its first-round (superpixel) pair probabilities (average linkage, as GASP), so a
+    # few weak superpixel borders cannot keep two halves of an organ apart against many strong ones.
+    linkage: str = "classifier"
 
     def probabilities(self, x: np.ndarray, fold: int = -1) -> np.ndarray:
         """Merge probability of each feature row, by the model allowed to see `fold`."""
@@ -193,9 +197,15 @@ class Merger:
         maps512 = upsample_maps(maps, labels.shape[0]) if maps is not None else None
         grad = gradient(image, GRAD_SIGMA)
         lab = labels.astype(np.int64)
+        first = None
         for _ in range(self.max_rounds):
             pairs, x = pair_features(lab, maps512, image, grad, raw)
-            p = self.probabilities(x, fold)
+            if first is not None:  # average linkage: the first round's pair probabilities, pooled
+                p = first.pooled(lab, pairs)
+            else:
+                p = self.probabilities(x, fold)
+                if self.linkage == "average":
+                    first = FirstEdges(lab, pairs, p, np.expm1(x[:, FEATURES.index("log_border")]))
             above = np.flatnonzero(p >= self.threshold)
             if len(above) == 0:
                 break
@@ -215,6 +225,33 @@ def without(x: np.ndarray, drop: tuple[str, ...] | list[str]) -> np.ndarray:
 def unknown_features(names: list[str]) -> list[str]:
     """The names that are not FEATURES."""
     return [n for n in names if n not in FEATURES]
+
+
+class FirstEdges:
+    """The first round's region pairs, their merge probabilities and border lengths, for average linkage."""
+
+    def __init__(self, labels: np.ndarray, pairs: np.ndarray, p: np.ndarray, length: np.ndarray) -> None:
+        ids, at = np.unique(labels.ravel(), return_index=True)
+        self.n = int(labels.max()) + 1
+        self.where = np.zeros(self.n, np.int64)
+        self.where[ids] = at  # one pixel of every first-round region: where to read its current region
+        self.pairs, self.wp, self.w = pairs, p * length, length
+
+    def pooled(self, labels: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+        """Per current pair (a < b): the border-length-weighted mean probability of the first-round pairs between them."""
+        flat = labels.ravel()
+        a, b = flat[self.where[self.pairs[:, 0]]], flat[self.where[self.pairs[:, 1]]]
+        keep = a != b
+        lo, hi = np.minimum(a, b)[keep], np.maximum(a, b)[keep]
+        key = lo * self.n + hi
+        uniq, inv = np.unique(key, return_inverse=True)
+        mean = np.bincount(inv, self.wp[keep]) / np.maximum(np.bincount(inv, self.w[keep]), 1e-9)
+        j = np.searchsorted(uniq, pairs[:, 0] * self.n + pairs[:, 1])
+        found = (j < len(uniq)) & (uniq[np.minimum(j, len(uniq) - 1)] == pairs[:, 0] * self.n + pairs[:, 1])
+        return np.where(found, mean[np.minimum(j, len(uniq) - 1)], 0.0)
+
+
+LINKAGES = ("classifier", "average")
 
 
 def train_classifier(x: np.ndarray, y: np.ndarray, weight: np.ndarray | None = None):
@@ -255,6 +292,7 @@ def model_text(model) -> str:
 def save_merger(merger: Merger, path: Path) -> None:
     """Store every classifier (each fold's and the test set's) and the threshold as text, atomically."""
     drop = f" drop {','.join(merger.drop)}" if merger.drop else ""
+    drop += f" linkage {merger.linkage}" if merger.linkage != "classifier" else ""
     parts = [f"# threshold {merger.threshold} rounds {merger.max_rounds}{drop}\n"]
     parts += [f"# model {k}\n{model_text(m)}" for k, m in sorted(merger.models.items())]
     atomic_write_text(path, "".join(parts))
@@ -273,9 +311,10 @@ def load_merger(path: Path) -> Merger:
     # The boosters are built from their text on first use: parsing them here would start LightGBM's OpenMP
     # threads in the parent, and OpenMP then hangs in the forked post-processing workers.
     models = {int(k): float(body.split()[1]) if body.startswith("constant ") else body for k, body in zip(chunks[1::2], chunks[2::2])}
-    words = head.split()  # "# threshold T" (first format) or "# threshold T rounds R [drop f1,f2]"
-    drop = tuple(words[6].split(",")) if len(words) > 6 and words[5] == "drop" else ()
-    return Merger(models, float(words[2]), int(words[4]) if len(words) > 4 else 4, drop)
+    words = head.split()  # "# threshold T" (first format) or "# threshold T rounds R [drop f1,f2] [linkage L]"
+    extra = dict(zip(words[5::2], words[6::2]))
+    drop = tuple(extra["drop"].split(",")) if "drop" in extra else ()
+    return Merger(models, float(words[2]), int(words[4]) if len(words) > 4 else 4, drop, extra.get("linkage", "classifier"))
 
 
 def _pair_rows(i: int, oof, weights: list[float], post: PostParams) -> tuple[np.ndarray, np.ndarray]:

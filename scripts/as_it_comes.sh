@@ -5,7 +5,7 @@
 # `resolution`: each method fitted on every annotated slice of one data set and scored on another's (`comp transfer`):
 # native <-> coarse phantoms, the proxy onto both and the phantom onto the proxy. `extra`: CV of the fitted methods with
 # the other stand-in's annotated slices in every training part (`cv --extra`), against the same CV without.
-# `features`: the hybrid with and without its merger's position features, CV and transfer between the stand-ins.
+# `features`: the hybrid with and without its merger's position features, and with average linkage, CV and transfer both ways.
 # Usage: scripts/as_it_comes.sh [per-slice|leak|diagnose|resolution|extra|features|all] (default all); METHODS="..." to narrow. Data:
 # `make proxy`, then
 #   python -m comp data proxy --out data/proxy_ps   --window-per-slice -3100:-1000 1000:3100
@@ -68,7 +68,7 @@ case "$WHAT" in extra|all) for exp in ${EXTRA_METHODS:-hybrid unet_cpu}; do
 done;; esac
 # Which merger features carry to data they were not fitted on: the position features (where a pair sits in the
 # body) dropped, against the hybrid as it is.
-case "$WHAT" in features|all) for exp in hybrid hybrid_nopos; do
+case "$WHAT" in features|all) for exp in hybrid hybrid_nopos hybrid_average; do
   row features data/proxy auto "$exp"
   row features data/phantom auto "$exp"
   transfer_row "$exp" data/proxy data/phantom

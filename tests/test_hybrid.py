@@ -54,3 +54,29 @@ def test_agglomeration_rows_cover_later_stages_and_skip_unannotated_pairs() -> N
     x4, y4 = agglomeration_rows(sp, None, img, truth, 4, 10_000, 0)
     assert len(y4) > len(y1) > 0 and y1.sum() > 0 and (y1 == 0).sum() > 0  # both classes; later stages add rows
     assert np.isnan(x1[:, 1]).all()  # no network maps: their columns are missing values, not zeros
+
+
+def test_average_linkage_pools_the_first_rounds_borders_by_length() -> None:
+    """Two merged halves (1+2 above, 3+4 below) meet along a long strong border and a short weak one: the pair scores
+    their length-weighted mean, not the weak one's; the linkage survives a save and load."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from comp.merge import FirstEdges, Merger, load_merger, save_merger
+    from comp.postprocess import merge_pairs
+
+    lab = np.zeros((20, 20), np.int64)
+    lab[:10, :15], lab[:10, 15:], lab[10:, :15], lab[10:, 15:] = 1, 2, 3, 4
+    pairs = np.array([[1, 2], [1, 3], [2, 4], [3, 4]])
+    p = np.array([0.9, 0.9, 0.1, 0.9])
+    length = np.array([10.0, 15.0, 5.0, 10.0])
+    edges = FirstEdges(lab, pairs, p, length)
+    merged = merge_pairs(lab, np.array([[1, 2], [3, 4]]))
+    assert np.allclose(edges.pooled(merged, np.array([[1, 3]])), (0.9 * 15 + 0.1 * 5) / 20)
+    assert np.allclose(edges.pooled(lab, pairs), p)  # before any merge: the pairs' own probabilities
+    with tempfile.TemporaryDirectory() as d:
+        save_merger(Merger({-1: "constant 0.5\n"}, 0.4, 8, ("pos_x",), "average"), Path(d) / "m.txt")
+        m = load_merger(Path(d) / "m.txt")
+        assert (m.linkage, m.drop, m.max_rounds, m.threshold) == ("average", ("pos_x",), 8, 0.4)
