@@ -68,9 +68,9 @@ case "$WHAT" in extra|all) for exp in ${EXTRA_METHODS:-hybrid unet_cpu}; do
 done;; esac
 # Which merger features carry to data they were not fitted on: the position features (where a pair sits in the
 # body) dropped, against the hybrid as it is.
-case "$WHAT" in features|all) for exp in hybrid hybrid_nopos hybrid_average; do
+# The hybrid's own rows: its proxy CV is the results table's, its transfers the resolution rows'.
+case "$WHAT" in features|all) for exp in hybrid_nopos hybrid_average; do
   row features data/proxy auto "$exp"
-  row features data/phantom auto "$exp"
   transfer_row "$exp" data/proxy data/phantom
   transfer_row "$exp" data/phantom data/proxy
 done;; esac
