@@ -118,9 +118,33 @@ def write_leaderboard(runs: Path) -> Path:
                 f"| `{r['command']}` | {r['path']} |"
             )
         lines.append("")
+    lines += transfer_lines(runs)
     path = runs / LEADERBOARD
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def transfer_rows(runs: Path, experiment: str | None = None) -> list[dict]:
+    """Transfer records (fitted on one data set, scored on another), best first per (fitted on, scored on)."""
+    from comp.rundir import TransferRecord
+
+    rows = [r for r in TransferRecord.all_under(runs) if experiment is None or r.get("experiment") == experiment]
+    return sorted(rows, key=lambda r: (r.get("fit", ""), r.get("score", ""), -r.get("mean_ari", 0.0)))
+
+
+def transfer_lines(runs: Path) -> list[str]:
+    """The leaderboard's transfer table (none: no lines)."""
+    rows = transfer_rows(runs)
+    if not rows:
+        return []
+    out = ["## transfer: fitted on one data set, scored on another's annotated slices", "",
+           "| fitted on | scored on | name | ARI ± std | slices | regions / structures | split | merged | path |",
+           "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        out.append(f"| {r['fit']} | {r['score']} | {r['experiment']} | {r['mean_ari']:.4f} ± {r['std_ari']:.4f} | {r['n_images']} | "
+                   f"{r['mean_regions']:.1f} / {r.get('true_regions', float('nan')):.1f} | {r.get('split', float('nan')):.1f} | "
+                   f"{r.get('merged', float('nan')):.1f} | {r['path']} |")  # fmt: skip
+    return out + [""]
 
 
 # ----------------------------------------------------------------------------- HTML report
@@ -205,6 +229,7 @@ class ReportInput:
     scores: np.ndarray
     predict: Callable[[int], np.ndarray]  # OOF position -> predicted instance map
     runs: list[Path]  # CV runs whose training curves are shown
+    experiment: str = ""  # whose transfer records are shown (an experiment's name, or "ensemble NAME")
 
 
 def _from_run(run: Path) -> ReportInput:
@@ -222,7 +247,7 @@ def _from_run(run: Path) -> ReportInput:
 
     scores = np.concatenate([p["scores"] for p in packs])
     title = f"{s['experiment']} — {run.name}: OOF ARI {s['mean_ari']:.4f} ± {s['std_ari']:.4f}"
-    return ReportInput(title, s.get("dataset", {}).get("name", "?"), ids, scores, predict, [run])
+    return ReportInput(title, s.get("dataset", {}).get("name", "?"), ids, scores, predict, [run], s["experiment"])
 
 
 def _from_ensemble(name: str, runs: Path, data) -> ReportInput:
@@ -249,7 +274,7 @@ def _from_ensemble(name: str, runs: Path, data) -> ReportInput:
         return segment(maps, oof.images[i], spec.post, merger, int(oof.folds[i]), spec.regions, oof.given(i, spec.regions))
 
     title = f"ensemble {spec.name}: OOF ARI {scores.mean():.4f} ± {scores.std():.4f} ({len(members)} members)"
-    return ReportInput(title, spec.data.get("name", "?"), oof.members[0].ids, scores, predict, members)
+    return ReportInput(title, spec.data.get("name", "?"), oof.members[0].ids, scores, predict, members, f"ensemble {spec.name}")
 
 
 def _curves(run_dirs: list[Path], out: Path) -> list[str]:
@@ -313,6 +338,17 @@ def regions_section(target: ReportInput, data, out: Path) -> str:
             '<img src="regions.png" alt="regions">')  # fmt: skip
 
 
+def _html_transfers(rows: list[dict]) -> str:
+    """Transfer records as an HTML table (none: a line saying how to make one)."""
+    if not rows:
+        return "<p>none yet: <code>python -m comp transfer EXP --fit A --score B</code></p>"
+    head = "<tr><th>fitted on</th><th>scored on</th><th>ARI</th><th>regions / structures</th><th>split</th><th>merged</th></tr>"
+    body = "".join(f"<tr><td>{html.escape(r['fit'])}</td><td>{html.escape(r['score'])}</td><td>{r['mean_ari']:.4f} ± {r['std_ari']:.4f}</td>"
+                   f"<td>{r['mean_regions']:.1f} / {r.get('true_regions', float('nan')):.1f}</td><td>{r.get('split', float('nan')):.1f}</td>"
+                   f"<td>{r.get('merged', float('nan')):.1f}</td></tr>" for r in rows)  # fmt: skip
+    return f"<table>{head}{body}</table>"
+
+
 def build_report(target: ReportInput, data, runs: Path, out: Path, worst: int = 12) -> Path:
     """Write out/index.html with its PNGs: leaderboard, ARI histogram, regions, worst OOF images, curves."""
     out.mkdir(parents=True, exist_ok=True)
@@ -333,6 +369,7 @@ def build_report(target: ReportInput, data, runs: Path, out: Path, worst: int = 
 td,th{{border:1px solid #bbb;padding:3px 6px;text-align:left}} img{{max-width:100%;margin:4px 0}} code{{font-size:11px}}</style></head>
 <body><h1>{html.escape(target.title)}</h1><p>data: {html.escape(target.data_name)} — {len(target.scores)} OOF images</p>
 <h2>Leaderboard</h2>{_html_table(board)}
+<h2>Transfer (fitted on one data set, scored on another)</h2>{_html_transfers(transfer_rows(runs, target.experiment))}
 <h2>Per-image OOF ARI</h2>{img("oof_ari_hist.png")}
 <h2>Regions: split and merged structures</h2>{regions}
 <h2>Training and pretraining curves</h2>{"".join(img(n) for n in curves) or "<p>none (a non-learned method)</p>"}

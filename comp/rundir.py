@@ -364,6 +364,15 @@ class TransferRecord:
         """The record, or None when there is none."""
         return json.loads(self.path.read_text()) if self.path.is_file() else None
 
+    @classmethod
+    def all_under(cls, runs: Path) -> Iterator[dict]:
+        """Every readable transfer record under `runs` (experiments' and ensembles'); a broken one is named and skipped."""
+        for path in sorted(Path(runs).glob("*/transfer-*.json")):
+            try:
+                yield {**json.loads(path.read_text()), "path": str(path)}
+            except (OSError, ValueError) as e:
+                print(f"skipped {path}: {e}", file=sys.stderr, flush=True)
+
     def write(self, record: dict) -> None:
         """Write it atomically."""
         self.path.parent.mkdir(parents=True, exist_ok=True)

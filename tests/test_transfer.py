@@ -56,6 +56,10 @@ def test_a_kept_record_is_reused_only_for_the_same_scored_pixels(pair, capsys):
     capsys.readouterr()
     again = transfer(exp, Dataset(fit), [Dataset(same)], runs=runs)[0]
     assert "kept in" in capsys.readouterr().out and again == first
+    from comp.report import write_leaderboard
+
+    board = write_leaderboard(runs).read_text()
+    assert "## transfer" in board and f"| fit | same | smooth_watershed | {first.mean_ari:.4f} ± {first.std_ari:.4f} | 6 |" in board
     d = Dataset(same)
     x = d.x_train.copy()
     x[d.annotated[0]] = np.roll(x[d.annotated[0]], 40, axis=1)
