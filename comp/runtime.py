@@ -27,6 +27,13 @@ class Amp:
         self.dtype = torch.bfloat16 if native_bf16 else torch.float16  # emulated bf16 is slow: fp16 + loss scaling
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
 
+    def load_scaler(self, state: dict | None) -> None:
+        """Resume a checkpoint's loss-scaler state. A state saved without fp16 loss scaling (a CPU or bf16 run: empty)
+        leaves this scaler fresh, and a state is ignored where this run scales nothing: checkpoints resume across
+        AMP kinds instead of crashing in GradScaler.load_state_dict."""
+        if state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state)
+
     def autocast(self) -> torch.autocast:
         """The forward pass's autocast context."""
         return torch.autocast(self.dev.type, dtype=self.dtype, enabled=self.enabled)

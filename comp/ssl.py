@@ -226,8 +226,7 @@ def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path, contrast: Contrast = 
         ck = torch.load(last, map_location="cpu", weights_only=True)  # CPU RNG states; no pickle from a checkpoint
         task.load_state_dict(ck["task"])
         opt.load_state_dict(ck["opt"])
-        if "scaler" in ck:
-            amp.scaler.load_state_dict(ck["scaler"])
+        amp.load_scaler(ck.get("scaler"))
         start, history = ck["epoch"] + 1, ck["history"]
         gen.set_state(ck["gen"])
         print(f"resuming from {last} at epoch {start}")

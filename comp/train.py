@@ -237,7 +237,7 @@ def train_fold(
             raise UserError(last, "checkpoint of another training config: delete this folder or use a new run")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
-        amp.scaler.load_state_dict(ck["scaler"])
+        amp.load_scaler(ck.get("scaler"))
         start, best, history = ck["epoch"] + 1, ck["best"], ck["history"]
         torch.set_rng_state(ck["torch_rng"])
         g.set_state(ck["loader_rng"])

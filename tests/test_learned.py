@@ -350,3 +350,21 @@ def test_a_killed_runs_checkpoint_temps_are_cleared_on_resume(tmp_path: Path) ->
     train_fold(build_model(cfg), xs, ys, TrainConfig(epochs=1, batch_size=2, resolution=32), tmp_path, 0)
     assert not any(p.exists() for p in left) and (tmp_path / "last.pt").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_a_scaler_state_resumes_across_amp_kinds() -> None:
+    """An empty state (a CPU or bf16 checkpoint) resumes on a loss-scaling run without the crash GradScaler raises;
+    a real state is taken; a disabled scaler ignores one."""
+    import torch
+
+    from comp.runtime import Amp
+
+    amp = Amp(torch.device("cpu"), False)
+    amp.scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=128.0)  # stands in for a CUDA fp16 scaler
+    with pytest.raises(RuntimeError):
+        torch.amp.GradScaler("cpu", enabled=True).load_state_dict({})  # what resuming used to call
+    amp.load_scaler({})
+    assert amp.scaler.get_scale() == 128.0
+    amp.load_scaler(torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0).state_dict())
+    assert amp.scaler.get_scale() == 1024.0
+    Amp(torch.device("cpu"), True).load_scaler({"scale": 2.0})  # CPU: no scaling, the state is ignored
