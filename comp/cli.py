@@ -404,6 +404,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     p = _Parser(prog="python -m comp", description=__doc__)
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
+                   help="where networks run (default auto: CUDA when usable; a GPU asked for by CUDA_VISIBLE_DEVICES and not found stops the run)")
     sub = p.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="make data sets").add_subparsers(dest="what", required=True)
@@ -575,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(joined_ranges(argv))
     args.command_line = "python -m comp " + shlex.join(argv)
+    if args.device:  # read by comp.runtime.device() wherever a network runs (forked workers inherit it)
+        os.environ["COMP_DEVICE"] = args.device
     try:
         rc = args.fn(args)
         sys.stdout.flush()  # inside the try: a closed pipe is reported here, not at interpreter exit

@@ -122,6 +122,10 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
     if only is not None and not 0 <= only < k:
         raise UserError("--fold", f"fold {only} of a {k}-fold run (folds are 0..{k - 1})")
     spec = get_method(exp.method, exp.path)
+    if isinstance(spec.build(exp.params), MapMethod):  # a network: a GPU asked for and missing stops it before any folder is written
+        from comp.runtime import device
+
+        device()
     ann = data.annotated
     if len(ann) == 0:
         raise UserError(data.root / "Y_train.csv", "no annotated image: cross-validation needs annotations")

@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
 import torch
 
+from comp.errors import UserError
+
+
+DEVICE_ENV = "COMP_DEVICE"  # auto | cuda | cpu; `python -m comp --device …` sets it
+DRIVER_FOR_CUDA = {"13": 580, "12": 525}  # NVIDIA's minimum Linux driver per CUDA major version (its compatibility table)
+
 
 def device() -> torch.device:
-    """CUDA when present, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when present, else the CPU: but a GPU was asked for (--device cuda, or CUDA_VISIBLE_DEVICES naming one) and
+    none is usable, the run stops with one line instead of training on the CPU for days (--device cpu to mean it)."""
+    want = os.environ.get(DEVICE_ENV, "auto")
+    if want not in ("auto", "cuda", "cpu"):
+        raise UserError(DEVICE_ENV, f"must be auto, cuda or cpu, got {want!r}")
+    if want == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if want == "cuda" or (visible is not None and visible.strip() not in ("", "-1")):
+        build = torch.version.cuda
+        need = DRIVER_FOR_CUDA.get(str(build).split(".")[0]) if build else None
+        why = (f"this torch {torch.__version__} is built for CUDA {build}, which needs an NVIDIA driver {need} or newer (`nvidia-smi` "
+               "shows the driver)" if need else f"this torch {torch.__version__} is built without CUDA ({build})")  # fmt: skip
+        asked = "--device cuda" if want == "cuda" else f"CUDA_VISIBLE_DEVICES={visible}"
+        raise UserError("device", f"{asked} asks for a GPU but torch finds none usable: {why}; `--device cpu` runs on the CPU")
+    return torch.device("cpu")
 
 
 def describe(dev: torch.device) -> str:

@@ -368,3 +368,22 @@ def test_a_scaler_state_resumes_across_amp_kinds() -> None:
     amp.load_scaler(torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0).state_dict())
     assert amp.scaler.get_scale() == 1024.0
     Amp(torch.device("cpu"), True).load_scaler({"scale": 2.0})  # CPU: no scaling, the state is ignored
+
+
+def test_a_gpu_asked_for_and_missing_stops_the_run_with_one_line(tiny_phantom, tmp_path) -> None:
+    """CUDA_VISIBLE_DEVICES naming a card torch cannot use: exit 2, one line naming the CUDA build and the driver it
+    needs, no fold trained; `--device cpu` runs on the CPU as asked."""
+    import torch
+
+    from conftest import TINY_UNET, run_cli
+
+    exp = tmp_path / "tinydev.yaml"
+    exp.write_text("name: tinydev\n" + TINY_UNET)
+    args = ["cv", str(exp), "--data", str(tiny_phantom), "--runs", str(tmp_path / "runs")]
+    hide = {"CUDA_VISIBLE_DEVICES": "7"} if not torch.cuda.is_available() else {"CUDA_VISIBLE_DEVICES": "7", "COMP_DEVICE": "cuda"}
+    r = run_cli(*args, env=hide)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "CUDA_VISIBLE_DEVICES=7" in r.stderr and f"CUDA {torch.version.cuda}" in r.stderr and "--device cpu" in r.stderr
+    assert not (tmp_path / "runs" / "tinydev").exists()  # stopped before any run folder
+    ok = run_cli("--device", "cpu", *args, env={"CUDA_VISIBLE_DEVICES": "7"})
+    assert ok.returncode == 0 and "training on cpu" in ok.stdout, ok.stderr[-500:]
