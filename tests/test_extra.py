@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,15 +73,22 @@ def test_extra_slices_train_every_fold_in_the_main_grey_levels_and_are_never_sco
     assert run_cv(plain, Dataset(main), runs=tmp_path / "runs").run_dir != res.run_dir  # extra data is part of the run key
 
 
-@pytest.mark.parametrize("which", ["missing", "main", "unlabelled"])
-def test_a_bad_extra_folder_is_one_clear_error_and_writes_nothing(sets, tmp_path, which):
+def test_a_bad_extra_folder_is_one_clear_error_and_writes_nothing(sets, tmp_path):
+    """A missing folder (the command line: one line, exit 2), the cross-validated data itself, a folder named twice
+    and one without annotations: refused before any run folder is written."""
+    from comp.config import load_experiment
+    from comp.cv import run_cv
     from comp.data.phantom import generate
+    from comp.errors import UserError
+    from comp.io import Dataset
 
-    main, _, _, root = sets
-    bad = {"missing": str(root / "nope"), "main": str(main),
-           "unlabelled": str(generate(tmp_path / "bare", n_train=3, n_labelled=0, n_test=1, seed=9, workers=1))}[which]  # fmt: skip
+    main, wide, _, root = sets
     runs = tmp_path / "runs"
-    r = run_cli("cv", "smooth_watershed", "--data", str(main), "--folds", "2", "--extra", bad, "--runs", str(runs))
-    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-    assert {"missing": "not found", "main": "being cross-validated", "unlabelled": "no annotated slice"}[which] in r.stderr
+    r = run_cli("cv", "smooth_watershed", "--data", str(main), "--folds", "2", "--extra", str(root / "nope"), "--runs", str(runs))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not found" in r.stderr, r.stderr
+    bare = generate(tmp_path / "bare", n_train=3, n_labelled=0, n_test=1, seed=9, workers=1)
+    for extra, why in (([str(main)], "being cross-validated"), ([str(wide), str(wide)], "named twice"), ([str(bare)], "no annotated slice")):
+        exp = load_experiment("smooth_watershed", [f"cv.extra={json.dumps(extra)}"])
+        with pytest.raises(UserError, match=why):
+            run_cv(exp, Dataset(main), 2, runs)
     assert not any(p.is_dir() for p in runs.glob("*/*")), list(runs.rglob("*"))

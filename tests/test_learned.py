@@ -385,5 +385,21 @@ def test_a_gpu_asked_for_and_missing_stops_the_run_with_one_line(tiny_phantom, t
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "CUDA_VISIBLE_DEVICES=7" in r.stderr and f"CUDA {torch.version.cuda}" in r.stderr and "--device cpu" in r.stderr
     assert not (tmp_path / "runs" / "tinydev").exists()  # stopped before any run folder
-    ok = run_cli("--device", "cpu", *args, env={"CUDA_VISIBLE_DEVICES": "7"})
-    assert ok.returncode == 0 and "training on cpu" in ok.stdout, ok.stderr[-500:]
+
+
+def test_device_cpu_is_taken_even_with_a_gpu_named(monkeypatch) -> None:
+    """`python -m comp --device cpu …` (COMP_DEVICE) means the CPU whatever CUDA_VISIBLE_DEVICES says."""
+    import torch
+
+    from comp.cli import main
+    from comp.runtime import device
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+    monkeypatch.delenv("COMP_DEVICE", raising=False)
+    assert main(["--device", "cpu", "score", "no.csv", "no.csv"]) == 2  # the flag is read before the command runs
+    import os
+
+    assert os.environ["COMP_DEVICE"] == "cpu" and device() == torch.device("cpu")
+    monkeypatch.setenv("COMP_DEVICE", "gpu")
+    with pytest.raises(Exception, match="auto, cuda or cpu"):
+        device()
