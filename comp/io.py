@@ -136,6 +136,11 @@ def _fingerprint(src: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def pixels_digest(x: np.ndarray) -> str:
+    """Hash of slices' pixels in order: what was predicted from them is reused only for the very same slices."""
+    return hashlib.sha1(np.ascontiguousarray(x).data).hexdigest()[:16]
+
+
 def cache_dir(data_root: Path) -> Path:
     """Where .npy caches of a data set live: $COMP_CACHE, else <data>/.cache."""
     env = os.environ.get("COMP_CACHE")
@@ -648,7 +653,7 @@ class Dataset:
         on it, so slices that change, are added or are swapped never meet predictions made for others."""
         if not self.has_test_images:
             return ""
-        return hashlib.sha1(np.ascontiguousarray(self.x_test).data).hexdigest()[:16]
+        return pixels_digest(self.x_test)
 
     def fingerprint(self) -> dict:
         """What identifies this data set in a run record."""

@@ -91,7 +91,6 @@ def region_counts(truth: np.ndarray, pred: np.ndarray) -> dict[str, int]:
             "merged": int(table.shape[0] - len(np.unique(largest)))}  # fmt: skip
 
 
-def mean_region_counts(truths: np.ndarray, preds: np.ndarray) -> dict[str, float]:
-    """region_counts averaged over images."""
-    rows = [region_counts(t, p) for t, p in zip(truths, preds)]
+def mean_counts(rows: list[dict[str, int]]) -> dict[str, float]:
+    """region_counts of several images, averaged."""
     return {k: float(np.mean([r[k] for r in rows])) for k in ("true", "predicted", "split", "merged")}

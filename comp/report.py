@@ -316,11 +316,11 @@ def regions_section(target: ReportInput, data, out: Path) -> str:
     """Predicted against true regions per OOF image, split and merged structures (comp.metric.region_counts): an
     HTML table and a scatter PNG."""
     from comp.contrast import evenly_spaced
-    from comp.metric import region_counts
+    from comp.metric import mean_counts, region_counts
 
     pick = evenly_spaced(np.arange(len(target.ids)), DIAG_IMAGES)
     rows = [region_counts(data.y_train[int(target.ids[i])], target.predict(int(i))) for i in pick]
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    mean = mean_counts(rows)
     fig, ax = _plt().subplots(figsize=(4.2, 4.0))
     t, p = [r["true"] for r in rows], [r["predicted"] for r in rows]
     ax.scatter(t, p, s=10, c=target.scores[pick], cmap="viridis", vmin=0, vmax=1)

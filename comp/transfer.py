@@ -12,7 +12,6 @@ scored data.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -22,8 +21,8 @@ from comp.config import Experiment
 from comp.contrast import Contrast, ContrastParams, calibration, resolve
 from comp.data.sets import labels_key
 from comp.errors import UserError
-from comp.io import Dataset, image_names
-from comp.metric import image_scores, region_counts
+from comp.io import Dataset, image_names, pixels_digest
+from comp.metric import image_scores, mean_counts, region_counts
 from comp.rundir import RUNS, TransferRecord
 
 
@@ -42,11 +41,6 @@ class TransferResult:
     true_regions: float = float("nan")  # annotated structures per slice
     split: float = float("nan")  # structures per slice split among predicted regions (comp.metric.region_counts)
     merged: float = float("nan")  # structures per slice merged with another
-
-
-def _pixels_digest(x: np.ndarray) -> str:
-    """Hash of the scored slices' pixels: a kept record is reused only for the very slices it scored."""
-    return hashlib.sha1(np.ascontiguousarray(x).data).hexdigest()[:16]
 
 
 def _record(exp: Experiment, fit: Dataset, score: Dataset, runs: Path) -> TransferRecord:
@@ -77,7 +71,7 @@ def transfer(exp: Experiment, fit: Dataset, scores: list[Dataset], seed: int = 0
              command: str = "") -> list[TransferResult]:  # fmt: skip
     """Fit `exp` on every annotated slice of `fit` (once), score it on every annotated slice of each of `scores`."""
     _check_scored(fit, scores, exp.cv.extra)
-    todo = [(d, _record(exp, fit, d, runs), _pixels_digest(d.x_train[d.annotated])) for d in scores]
+    todo = [(d, _record(exp, fit, d, runs), pixels_digest(d.x_train[d.annotated])) for d in scores]
     out: list[TransferResult | None] = [_kept(rec, dig) for _, rec, dig in todo]
     if all(r is not None for r in out):
         for r in out:
@@ -118,7 +112,7 @@ def _scored(name: str, pred: np.ndarray, fit: Dataset, data: Dataset, rec: Trans
     truth = data.y_train[ann]
     s = image_scores(truth, pred)
     counts = [region_counts(t, p) for t, p in zip(truth, pred)]
-    mean = {k: float(np.mean([c[k] for c in counts])) for k in counts[0]}
+    mean = mean_counts(counts)
     res = TransferResult(name, fit.name, data.name, float(s.mean()), float(s.std()), int(len(ann)), mean["predicted"], str(rec.path),
                          mean["true"], mean["split"], mean["merged"])  # fmt: skip
     names = image_names(len(data.x_train))
@@ -151,7 +145,7 @@ def transfer_ensemble(name: str, fit: Dataset, scores: list[Dataset], runs: Path
     out = []
     for d in scores:
         rec = TransferRecord.of(runs, "ensembles", digest, fit.fingerprint()["y_train"][:6], d.fingerprint()["y_train"][:6])
-        dig = _pixels_digest(d.x_train[d.annotated])
+        dig = pixels_digest(d.x_train[d.annotated])
         kept = _kept(rec, dig)
         if kept is not None:
             print(f"ensemble {spec.name}: {fit.name} -> {d.name} kept in {rec.path}", flush=True)
@@ -179,8 +173,3 @@ def table(results: list[TransferResult]) -> str:
     head += "|---|---|---|---|---|---|---|---|---|---|\n"
     return head + "".join(f"| `{r.experiment}` | {r.fit} | {r.score} | {r.mean_ari:.4f} | {r.std_ari:.4f} | {r.n_images} | "
                           f"{r.mean_regions:.1f} | {r.true_regions:.1f} | {r.split:.1f} | {r.merged:.1f} |\n" for r in results)  # fmt: skip
-
-
-def as_json(results: list[TransferResult]) -> str:
-    """The results as a JSON list (for scripts)."""
-    return json.dumps([asdict(r) for r in results], indent=1)
