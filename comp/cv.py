@@ -15,7 +15,7 @@ from comp.data.groups import fold_groups
 from comp.data.sets import extra_data, labels_key
 from comp.errors import UserError
 from comp.io import Dataset, image_names
-from comp.metric import image_scores
+from comp.metric import group_means, image_scores
 from comp.pseudo import check_folds, pseudo_labels
 from comp.registry import FitContext, FoldData, MapMethod, get_method
 from comp.rundir import RUNS, RunDir, RunKey, save_maps, write_maps
@@ -218,9 +218,7 @@ def group_scores(ids: np.ndarray, scores: np.ndarray, groups: np.ndarray | None,
     """Mean ARI per CV group (a scan's block; the fold where folds are random), and the standard error of their mean:
     the spread a choice between two candidates is judged against."""
     keys = folds.astype(str) if groups is None else np.asarray(groups)[ids].astype(str)
-    uniq = sorted(set(keys))
-    means = np.array([scores[keys == g].mean() for g in uniq])
-    se = float(means.std(ddof=1) / np.sqrt(len(means))) if len(means) > 1 else 0.0
+    uniq, means, se = group_means(scores, keys)
     return {"by": "fold" if groups is None else "group", "se": se,
             "groups": [{"group": g, "n": int((keys == g).sum()), "ari": float(m)} for g, m in zip(uniq, means)]}  # fmt: skip
 

@@ -20,7 +20,7 @@ from comp.errors import UserError, atomic_write_text
 from comp.fields import bounded
 from comp.io import Dataset
 from comp.merge import Merger
-from comp.metric import image_score
+from comp.metric import group_means, image_score
 from comp.parallel import pmap
 from comp.postprocess import PostParams, Regions, blend, segment
 from comp.rundir import MapArray, RunDir
@@ -256,9 +256,7 @@ def gain_and_se(new: np.ndarray, old: np.ndarray, keys: np.ndarray) -> tuple[flo
     """Mean per-image gain of `new` over `old` scores, and the standard error of the per-group (fold or scan) mean
     gains: a more fitted candidate is kept only when its gain exceeds that spread (the one-standard-error rule)."""
     d = np.asarray(new, np.float64) - np.asarray(old, np.float64)
-    groups = [d[keys == g].mean() for g in np.unique(keys)]
-    se = float(np.std(groups, ddof=1) / np.sqrt(len(groups))) if len(groups) > 1 else 0.0
-    return float(d.mean()), se
+    return float(d.mean()), group_means(d, keys)[2]
 
 
 def greedy_select(oof: OOF, post: PostParams, max_steps: int = 8, idx=None, workers: int = 0, verbose: bool = True) -> tuple[list[int], list[dict]]:

@@ -70,6 +70,16 @@ def score(truths: np.ndarray, preds: np.ndarray) -> float:
     return float(image_scores(truths, preds).mean())
 
 
+def group_means(values: np.ndarray, keys: np.ndarray) -> tuple[list, np.ndarray, float]:
+    """Per-image values averaged per group (fold or scan block): the groups in order, their means, and the standard
+    error of those means (0 with one group), the spread a choice between two candidates is judged against."""
+    keys = np.asarray(keys)
+    uniq = sorted(set(keys.tolist()))
+    means = np.array([np.asarray(values, np.float64)[keys == g].mean() for g in uniq])
+    se = float(means.std(ddof=1) / np.sqrt(len(means))) if len(means) > 1 else 0.0
+    return uniq, means, se
+
+
 SPLIT_SHARE = 0.1  # a predicted region holding at least this share of a structure is one of its pieces
 
 
