@@ -353,6 +353,12 @@ def is_ensemble(name: str, runs: Path) -> bool:
         return False
 
 
+def check_selected_on(spec: EnsembleSpec, data: Dataset, where) -> None:
+    """An ensemble is applied only to data with the labels it was selected and tuned on (a user error otherwise)."""
+    if spec.data.get("y_train") and spec.data["y_train"] != data.fingerprint()["y_train"]:
+        raise UserError(where, f"ensemble '{spec.name}' was selected on other data ({spec.data.get('root')}), not on {data.root}")
+
+
 def load_ensemble(name: str, runs: Path) -> EnsembleSpec:
     """Load an ensemble file by name (or path)."""
     path = Path(name) if name.endswith(".yaml") else ensemble_path(name, runs)

@@ -161,14 +161,13 @@ def submit_ensemble(name: str, data: Dataset, out: str | Path, runs: Path = Path
     """Predict X_test with an ensemble file's members (fold models, flip TTA), blend, post-process, write, validate."""
     import time
 
-    from comp.ensemble import has_maps, load_ensemble, run_experiment
+    from comp.ensemble import check_selected_on, has_maps, load_ensemble, run_experiment
 
     spec = load_ensemble(name, runs)
     out = Path(out)
     if not data.has_test_images:
         raise UserError(data.root, "no X_test/ folder or X_test.zip: nothing to predict")
-    if spec.data.get("y_train") and spec.data["y_train"] != data.fingerprint()["y_train"]:
-        raise UserError(data.root, f"ensemble '{spec.name}' was selected on other data ({spec.data.get('root')})")
+    check_selected_on(spec, data, data.root)
     if len(spec.members) == 1 and not has_maps(Path(spec.members[0].run)):
         # A tuned non-learned method: its settings (window included) applied to the fit on every annotated slice.
         exp, _ = run_experiment(Path(spec.members[0].run), spec.overrides)

@@ -129,12 +129,11 @@ def transfer_ensemble(name: str, fit: Dataset, scores: list[Dataset], runs: Path
     """An ensemble file as selected and tuned on `fit` (members' fold models, weights, post-processing, superpixels or
     a run's regions, merger) scored on each of `scores`' annotated slices; a tuned non-learned method: its settings
     applied to its fit on every annotated slice."""
-    from comp.ensemble import ensemble_path, has_maps, load_ensemble, run_experiment
+    from comp.ensemble import check_selected_on, ensemble_path, has_maps, load_ensemble, run_experiment
     from comp.submit import MemberMaps, fit_every_annotated, predict_ensemble
 
     spec = load_ensemble(name, runs)
-    if spec.data.get("y_train") and spec.data["y_train"] != fit.fingerprint()["y_train"]:
-        raise UserError("--fit", f"ensemble '{spec.name}' was selected on other data ({spec.data.get('root')}), not on {fit.root}")
+    check_selected_on(spec, fit, "--fit")
     first = Path(spec.members[0].run)
     if len(spec.members) == 1 and not has_maps(first):
         return transfer(run_experiment(first, spec.overrides)[0], fit, scores, runs=runs, command=command)
@@ -142,6 +141,7 @@ def transfer_ensemble(name: str, fit: Dataset, scores: list[Dataset], runs: Path
     _check_scored(fit, scores, sorted({e for x in exps for e in x.cv.extra}))
     text = Path(name if name.endswith(".yaml") else ensemble_path(name, runs)).read_text()
     digest = f"{spec.name}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+    given_by = None  # the regions run's method, fitted once on every annotated slice of `fit`
     out = []
     for d in scores:
         rec = TransferRecord.of(runs, "ensembles", digest, fit.fingerprint()["y_train"][:6], d.fingerprint()["y_train"][:6])
@@ -152,17 +152,21 @@ def transfer_ensemble(name: str, fit: Dataset, scores: list[Dataset], runs: Path
             out.append(kept)
             continue
         x = d.x_train[d.annotated]
-        members = [MemberMaps(Path(m.run), None, False, tta, x=x, contrast=_resolved_on(d, e.contrast)) for m, e in zip(spec.members, exps)]
-        here = spec
+        resolved: dict[str, Contrast] = {}  # one survey of d per distinct contrast section
+
+        def on_d(p: ContrastParams) -> Contrast:
+            return resolved.setdefault(repr(p), _resolved_on(d, p))
+
+        members = [MemberMaps(Path(m.run), None, False, tta, x=x, contrast=on_d(e.contrast)) for m, e in zip(spec.members, exps)]
+        here, given = spec, None
         if spec.regions is not None and not spec.regions.run:  # superpixels behind the tuned window, the same HU here
             here = replace(spec, regions=replace(spec.regions, window=_window_in(spec.regions.window, fit, d, exps[0].contrast.per_slice)))
-        given = None
-        if spec.regions is not None and spec.regions.run:  # that run's method fitted on every annotated slice of `fit`
+        if spec.regions is not None and spec.regions.run:
             rexp = run_experiment(Path(spec.regions.run))[0]
-            method = fit_every_annotated(rexp, fit, runs=runs)
-            method.contrast = _resolved_on(d, rexp.contrast)
-            given = method.predict(x)
-        pred = predict_ensemble(here, members, x, given, runs, workers, contrast=_resolved_on(d, exps[0].contrast))
+            given_by = given_by or fit_every_annotated(rexp, fit, runs=runs)
+            given_by.contrast = on_d(rexp.contrast)
+            given = given_by.predict(x)
+        pred = predict_ensemble(here, members, x, given, runs, workers, contrast=on_d(exps[0].contrast))
         out.append(_scored(f"ensemble {spec.name}", pred, fit, d, rec, dig, command))
     return out
 
