@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shlex
@@ -200,12 +199,12 @@ def cmd_score(a: argparse.Namespace) -> int:
 
 def cmd_cv(a: argparse.Namespace) -> int:
     """Cross-validate an experiment."""
-    from comp.config import load_experiment
+    from comp.config import extra_override, load_experiment
     from comp.cv import run_cv
 
     from comp.report import write_leaderboard
 
-    exp = load_experiment(a.experiment, a.set + ([f"cv.extra={json.dumps(a.extra)}"] if a.extra else []))
+    exp = load_experiment(a.experiment, a.set + extra_override(a.extra))
     writable_dir(a.runs, "run folders")
     if run_cv(exp, resolve_data(a.data), a.folds, Path(a.runs), command=a.command_line, only=a.fold) is not None:
         print(f"leaderboard: {write_leaderboard(Path(a.runs))}")
@@ -240,7 +239,7 @@ def cmd_submit(a: argparse.Namespace) -> int:
 
 def cmd_transfer(a: argparse.Namespace) -> int:
     """Fit an experiment on every annotated slice of one data set (or take an ensemble selected there), score it on others'."""
-    from comp.config import load_experiment
+    from comp.config import extra_override, load_experiment
     from comp.transfer import table, transfer, transfer_ensemble
 
     if bool(a.experiment) == bool(a.ensemble):
@@ -253,7 +252,7 @@ def cmd_transfer(a: argparse.Namespace) -> int:
     if a.ensemble:
         results = transfer_ensemble(a.ensemble, fit, scores, Path(a.runs), command=a.command_line)
     else:
-        exp = load_experiment(a.experiment, a.set + ([f"cv.extra={json.dumps(a.extra)}"] if a.extra else []))
+        exp = load_experiment(a.experiment, a.set + extra_override(a.extra))
         results = transfer(exp, fit, scores, runs=Path(a.runs), command=a.command_line)
     print(table(results), end="")
     return 0

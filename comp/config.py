@@ -158,6 +158,11 @@ def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
     return raw
 
 
+def extra_override(dirs: list[str]) -> list[str]:
+    """The `--set` override that gives an experiment these extra training data folders (none: no override)."""
+    return [f"cv.extra={json.dumps(list(dirs))}"] if dirs else []
+
+
 def load_experiment(name_or_path: str, overrides: list[str] | None = None) -> Experiment:
     """Load and validate an experiment YAML by name or path, with optional --set overrides."""
     path = experiment_path(name_or_path)

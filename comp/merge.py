@@ -243,12 +243,13 @@ class FirstEdges:
         a, b = flat[self.where[self.pairs[:, 0]]], flat[self.where[self.pairs[:, 1]]]
         keep = a != b
         lo, hi = np.minimum(a, b)[keep], np.maximum(a, b)[keep]
-        key = lo * self.n + hi
-        uniq, inv = np.unique(key, return_inverse=True)
+        uniq, inv = np.unique(lo * self.n + hi, return_inverse=True)
+        if len(uniq) == 0:
+            return np.zeros(len(pairs))
         mean = np.bincount(inv, self.wp[keep]) / np.maximum(np.bincount(inv, self.w[keep]), 1e-9)
-        j = np.searchsorted(uniq, pairs[:, 0] * self.n + pairs[:, 1])
-        found = (j < len(uniq)) & (uniq[np.minimum(j, len(uniq) - 1)] == pairs[:, 0] * self.n + pairs[:, 1])
-        return np.where(found, mean[np.minimum(j, len(uniq) - 1)], 0.0)
+        want = pairs[:, 0] * self.n + pairs[:, 1]
+        j = np.minimum(np.searchsorted(uniq, want), len(uniq) - 1)
+        return np.where(uniq[j] == want, mean[j], 0.0)
 
 
 LINKAGES = ("classifier", "average")
@@ -291,9 +292,9 @@ def model_text(model) -> str:
 
 def save_merger(merger: Merger, path: Path) -> None:
     """Store every classifier (each fold's and the test set's) and the threshold as text, atomically."""
-    drop = f" drop {','.join(merger.drop)}" if merger.drop else ""
-    drop += f" linkage {merger.linkage}" if merger.linkage != "classifier" else ""
-    parts = [f"# threshold {merger.threshold} rounds {merger.max_rounds}{drop}\n"]
+    tail = f" drop {','.join(merger.drop)}" if merger.drop else ""
+    tail += f" linkage {merger.linkage}" if merger.linkage != "classifier" else ""
+    parts = [f"# threshold {merger.threshold} rounds {merger.max_rounds}{tail}\n"]
     parts += [f"# model {k}\n{model_text(m)}" for k, m in sorted(merger.models.items())]
     atomic_write_text(path, "".join(parts))
 

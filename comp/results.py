@@ -7,7 +7,6 @@ tuning with learned merging, and held-out ARI on the test split where the data s
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from comp.config import from_dict, load_experiment
+from comp.config import extra_override, from_dict, load_experiment
 from comp.errors import UserError, atomic_write_text
 from comp.fields import bounded
 from comp.rundir import RunDir
@@ -137,7 +136,7 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
         data = resolve_data(root or None)
         result = {}
         other = resolve_data(suite.transfer[ds] or None) if ds in suite.transfer else None
-        extra = [f"cv.extra={json.dumps(list(suite.extra[ds]))}"] if suite.extra.get(ds) else []
+        extra = extra_override(suite.extra.get(ds, []))
         extra_arg = " --extra " + " ".join(suite.extra[ds]) if extra else ""
         for name in names:
             exp = load_experiment(name, extra)
