@@ -230,7 +230,7 @@ def bench_gpu(dry_run: bool = False, steps: int = 30, out: Path = Path("bench_gp
     results = {"device": describe(dev), "dry_run": dry_run, "steps": steps, "configs": {}}
     for name in gpu_configs():
         exp = load_experiment(name)
-        cfg = replace(exp.params.train, resolution=64, crop=0, batch_size=2, num_workers=0) if dry_run else exp.params.train
+        cfg = replace(exp.params.train, resolution=64, crop=0, batch_size=2, num_workers=0, device="auto") if dry_run else exp.params.train
         model = build_model(replace(exp.params.model, encoder_weights="none"))
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

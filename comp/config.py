@@ -17,7 +17,7 @@ import yaml
 
 from comp.contrast import ContrastParams
 from comp.errors import UserError
-from comp.fields import bounded, check_fields
+from comp.fields import bounded, check_fields, identity
 from comp.pseudo import PseudoParams
 
 EXPERIMENTS = Path("experiments")
@@ -79,6 +79,7 @@ class Experiment:
         """Short hash of the resolved config (the file path and description left out)."""
         d = self.to_dict()
         d.pop("description")
+        d["params"] = identity(self.params)  # execution-only settings (checkpoint cadence) change how, not what
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
 

@@ -125,7 +125,7 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
     if isinstance(spec.build(exp.params), MapMethod):  # a network: a GPU asked for and missing stops it before any folder is written
         from comp.runtime import device
 
-        device()
+        device(getattr(getattr(exp.params, "train", None), "device", "auto"))
     ann = data.annotated
     if len(ann) == 0:
         raise UserError(data.root / "Y_train.csv", "no annotated image: cross-validation needs annotations")

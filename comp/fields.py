@@ -46,12 +46,28 @@ class Range:
 
 
 def bounded(default: Any = _NO_DEFAULT, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-            hi_open: bool = False, min_len: int = 0, max_len: int | None = None, factory: Callable | None = None) -> Any:  # fmt: skip
-    """A dataclass field whose numbers (a list's items too) must lie in [lo, hi] (open ends if asked)."""
-    meta = {"range": Range(lo, hi, lo_open, hi_open, min_len, max_len)}
+            hi_open: bool = False, min_len: int = 0, max_len: int | None = None, factory: Callable | None = None,
+            execution: bool = False) -> Any:  # fmt: skip
+    """A dataclass field whose numbers (a list's items too) must lie in [lo, hi] (open ends if asked).
+
+    `execution`: the field says how a run is carried out, not what it computes (checkpoint cadence): it is left out of
+    the run's identity (`identity`), so changing it neither starts a new run nor refuses a resume."""
+    meta = {"range": Range(lo, hi, lo_open, hi_open, min_len, max_len), "execution": execution}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def setting(default: Any) -> Any:
+    """A non-numeric execution-only field (see `bounded`'s `execution`): how a run is carried out, not its identity."""
+    return dataclasses.field(default=default, metadata={"execution": True})
+
+
+def identity(obj: Any) -> Any:
+    """`dataclasses.asdict` of a config without its execution-only fields (at any depth): what identifies a run."""
+    if not dataclasses.is_dataclass(obj):
+        return obj
+    return {f.name: identity(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.metadata.get("execution")}
 
 
 def _numbers(value: Any) -> list[float]:

@@ -78,29 +78,35 @@ def overlap_loss(logits: torch.Tensor, target: torch.Tensor, cfg: "LossConfig") 
     return _tvmf_dice(p, t, kappa)
 
 
-def discriminative_loss(emb: torch.Tensor, inst: torch.Tensor, d_pull: float, d_push: float) -> torch.Tensor:
-    """De Brabandere et al.: pull pixels to their instance mean, push instance means apart (per image)."""
-    total = emb.new_zeros(())
-    count = 0
-    for e, lab in zip(emb, inst):
-        m = lab > 0
-        if not m.any():
-            continue
-        x = e[:, m].T  # (N, E)
-        ids, inv = torch.unique(lab[m], return_inverse=True)
-        k = len(ids)
-        cnt = torch.bincount(inv, minlength=k).to(x.dtype)
-        mu = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inv, x) / cnt[:, None]
-        pull_px = F.relu((x - mu[inv]).norm(dim=1) - d_pull) ** 2
-        pull = (torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, inv, pull_px) / cnt).mean()
-        push = x.new_zeros(())
-        if k > 1:
-            d = torch.cdist(mu[None], mu[None])[0]
-            off = ~torch.eye(k, dtype=torch.bool, device=x.device)
-            push = (F.relu(2 * d_push - d[off]) ** 2).mean()
-        total = total + pull + push + 0.001 * mu.norm(dim=1).mean()
-        count += 1
-    return total / max(count, 1)
+def discriminative_loss(emb: torch.Tensor, inst: torch.Tensor, d_pull: float, d_push: float, slots: int = 256) -> torch.Tensor:
+    """De Brabandere et al.: pull pixels to their instance mean, push instance means apart (per image, then averaged
+    over the images with an instance).
+
+    The whole batch at once, in fixed shapes: every image has `slots` instance slots (uint8 ids), absent ones masked
+    out. No step reads the device back (a per-image `any()`, boolean mask, `unique` or `bincount` each would)."""
+    b, e = emb.shape[:2]
+    x = emb.flatten(2).transpose(1, 2).reshape(-1, e)  # (B*HW, E)
+    lab = inst.flatten(1).long()
+    key = (lab + slots * torch.arange(b, device=lab.device)[:, None]).reshape(-1)  # (image, id) -> one slot index
+    on = (lab > 0).reshape(-1).to(x.dtype)  # annotated pixels; id 0's slot collects nothing
+    cnt = x.new_zeros(b * slots).index_add_(0, key, on)
+    mu = x.new_zeros(b * slots, e).index_add_(0, key, x * on[:, None]) / cnt.clamp(min=1)[:, None]
+    pull_px = F.relu((x - mu[key]).norm(dim=1) - d_pull) ** 2 * on
+    pull_slot = x.new_zeros(b * slots).index_add_(0, key, pull_px) / cnt.clamp(min=1)
+    present = (cnt > 0).view(b, slots)
+    k = present.sum(1).clamp(min=1).to(x.dtype)
+    pull = (pull_slot.view(b, slots) * present).sum(1) / k
+    mu = mu.view(b, slots, e)
+    # Squared distances with a tiny floor under the root: absent slots sit at distance 0, where a bare norm's
+    # gradient is NaN and a mask cannot cancel it.
+    n2 = (mu * mu).sum(2)
+    sq = (n2[:, :, None] + n2[:, None, :] - 2 * mu @ mu.transpose(1, 2)).clamp(min=0)  # (B, slots, slots), no (.., E) copy
+    pair = present[:, :, None] & present[:, None, :] & ~torch.eye(slots, dtype=torch.bool, device=x.device)
+    hinge = F.relu(2 * d_push - torch.sqrt(sq + 1e-12)) ** 2 * pair
+    push = hinge.sum((1, 2)) / pair.sum((1, 2)).clamp(min=1).to(x.dtype)
+    reg = (mu.norm(dim=2) * present).sum(1) / k
+    has = present.any(1).to(x.dtype)
+    return ((pull + push + 0.001 * reg) * has).sum() / has.sum().clamp(min=1)
 
 
 def instance_loss(out: torch.Tensor, tgt: dict[str, torch.Tensor], cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

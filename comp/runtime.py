@@ -15,25 +15,38 @@ DEVICE_ENV = "COMP_DEVICE"  # auto | cuda | cpu; `python -m comp --device …` s
 DRIVER_FOR_CUDA = {"13": 580, "12": 525}  # NVIDIA's minimum Linux driver per CUDA major version (its compatibility table)
 
 
-def device() -> torch.device:
-    """CUDA when present, else the CPU: but a GPU was asked for (--device cuda, or CUDA_VISIBLE_DEVICES naming one) and
-    none is usable, the run stops with one line instead of training on the CPU for days (--device cpu to mean it)."""
+DEVICE_SETTINGS = ("auto", "cuda")  # a config's `device`: cuda = sized for a GPU, refuses the CPU unless --device cpu
+
+
+def device(config: str = "auto") -> torch.device:
+    """CUDA when present, else the CPU: but where a GPU was asked for (--device cuda, CUDA_VISIBLE_DEVICES naming one, or
+    a GPU-sized config's `device: cuda`) and none is usable, the run stops with one line instead of training on the
+    CPU for days (`--device cpu` to mean it)."""
     want = os.environ.get(DEVICE_ENV, "auto")
     if want not in ("auto", "cuda", "cpu"):
         raise UserError(DEVICE_ENV, f"must be auto, cuda or cpu, got {want!r}")
+    if config not in DEVICE_SETTINGS:
+        raise UserError("device", f"a config's device must be {' or '.join(DEVICE_SETTINGS)}, got {config!r}")
     if want == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available():
         return torch.device("cuda")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if want == "cuda" or (visible is not None and visible.strip() not in ("", "-1")):
-        build = torch.version.cuda
-        need = DRIVER_FOR_CUDA.get(str(build).split(".")[0]) if build else None
-        why = (f"this torch {torch.__version__} is built for CUDA {build}, which needs an NVIDIA driver {need} or newer (`nvidia-smi` "
-               "shows the driver)" if need else f"this torch {torch.__version__} is built without CUDA ({build})")  # fmt: skip
-        asked = "--device cuda" if want == "cuda" else f"CUDA_VISIBLE_DEVICES={visible}"
-        raise UserError("device", f"{asked} asks for a GPU but torch finds none usable: {why}; `--device cpu` runs on the CPU")
+    named = visible is not None and visible.strip() not in ("", "-1")
+    if want == "cuda" or named or config == "cuda":
+        asked = ("--device cuda" if want == "cuda" else f"CUDA_VISIBLE_DEVICES={visible}" if named
+                 else "this config is sized for a GPU (its device: cuda)")  # fmt: skip
+        raise UserError("device", f"{asked} asks for a GPU but torch finds none usable: {_why_no_cuda()}; `--device cpu` runs on the CPU")
     return torch.device("cpu")
+
+
+def _why_no_cuda() -> str:
+    """Why torch sees no GPU, in words: the CUDA build and the NVIDIA driver it needs."""
+    build = torch.version.cuda
+    need = DRIVER_FOR_CUDA.get(str(build).split(".")[0]) if build else None
+    if need:
+        return f"this torch {torch.__version__} is built for CUDA {build}, which needs an NVIDIA driver {need} or newer (`nvidia-smi` shows the driver)"
+    return f"this torch {torch.__version__} is built without CUDA ({build})"
 
 
 def describe(dev: torch.device) -> str:

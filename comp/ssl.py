@@ -26,7 +26,7 @@ from comp.config import experiment_path, from_dict
 from comp.contrast import Contrast, ContrastParams, resolve
 from comp.data.targets import AugConfig, augment, resize_image
 from comp.errors import UserError, atomic_write_text, remove_stale_temps
-from comp.fields import bounded
+from comp.fields import bounded, identity, setting
 from comp.models import InstanceNet, ModelConfig, build_model
 from comp.runtime import Amp, describe, device, seed_everything
 from comp.train import EpochSampler, lr_factor, run_epoch, save_checkpoint
@@ -52,6 +52,7 @@ class SSLConfig:
     local_weight: float = bounded(0.75, lo=0, hi=1)  # vicregl: share of the dense (local) term
     amp: bool = True
     num_workers: int = bounded(0, lo=0)  # DataLoader worker processes (augmentation off the training loop)
+    device: str = setting("auto")  # auto | cuda: a GPU-sized config says cuda and then refuses the CPU unless --device cpu
     aug: AugConfig = field(default_factory=lambda: AugConfig(rotate_deg=10.0, scale=0.1))
     max_images: int = bounded(0, lo=0)  # 0 = every slice
     seed: int = bounded(0, lo=0)
@@ -200,7 +201,7 @@ class CropSet(torch.utils.data.Dataset):
 
 def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path, contrast: Contrast = Contrast()) -> Path:
     """Pretrain the encoder on slices `x` behind the contrast step; resumable from out_dir/last.pt; returns the encoder checkpoint."""
-    dev = device()
+    dev = device(cfg.device)
     seed_everything(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.max_images and len(x) > cfg.max_images:
@@ -258,7 +259,7 @@ def run_pretrain(cfg: SSLConfig, x: np.ndarray, data_key: str, runs: Path = Path
     """Pretrain into runs/pretrain/NAME/<config+data digest>/ and publish runs/pretrain/NAME.pt for YAMLs."""
     import hashlib
 
-    digest = hashlib.sha1(json.dumps([asdict(cfg), data_key], sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha1(json.dumps([identity(cfg), data_key], sort_keys=True).encode()).hexdigest()[:10]
     ck = pretrain(cfg, x, runs / "pretrain" / cfg.name / digest, resolve(cfg.contrast, x, cfg.name))
     public = runs / "pretrain" / f"{cfg.name}.pt"
     from comp.errors import atomic_path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import torch
 
 from comp.data.targets import AugConfig, augment, make_targets, resize_image, resize_labels
 from comp.errors import UserError, atomic_path, remove_stale_temps
-from comp.fields import bounded
+from comp.fields import bounded, identity, setting
 from comp.losses import LossConfig, instance_loss
 from comp.models import InstanceNet
 from comp.runtime import Amp, describe, device, seed_everything
@@ -36,8 +37,12 @@ class TrainConfig:
     val_every: int = bounded(1, lo=1)
     amp: bool = True  # only on CUDA
     channels_last: bool = True  # only on CUDA
-    num_workers: int = bounded(0, lo=0)
+    num_workers: int = bounded(0, lo=0)  # loader processes, capped by this process's share of the CPUs (runtime.cpu_share)
+    # Full checkpoints (model + optimiser, ~300 MB for a ResNet-34 U-Net) every this many epochs and always at the end;
+    # a kill loses at most this many epochs. The best epoch's weights are written with them.
+    checkpoint_every: int = bounded(1, lo=1, execution=True)
     budget: float = bounded(1.0, lo=0, hi=1, lo_open=True)  # fraction of the fold's annotated training images used (few-shot ablations)
+    device: str = setting("auto")  # auto | cuda: a GPU-sized config says cuda and then refuses the CPU unless --device cpu
     deterministic: bool = False  # CUDA: deterministic kernels (slower); the CPU path is deterministic anyway
     loss: LossConfig = field(default_factory=LossConfig)
     aug: AugConfig = field(default_factory=AugConfig)
@@ -146,6 +151,12 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def _identity_json(config: dict | None) -> object:
+    """A stored or live training config as plain JSON data (tuples and lists alike), execution-only keys dropped."""
+    execution = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("execution")}
+    return json.loads(json.dumps({k: v for k, v in (config or {}).items() if k not in execution}))
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """torch.save through a temp file and rename: a kill never leaves a half-written checkpoint."""
     with atomic_path(path, suffix=".pt") as tmp:
@@ -186,6 +197,51 @@ def step_loss(model: InstanceNet, cfg: TrainConfig, amp: Amp, dev: torch.device)
     return loss_of
 
 
+def _training_set(x: np.ndarray, y: np.ndarray, budget: float, seed: int,
+                  extra: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The annotated slices thinned to `budget` (seeded), then the pseudo-labelled ones (`extra`) added."""
+    if budget < 1.0:
+        keep = np.sort(np.random.default_rng(seed).permutation(len(x))[: max(1, round(budget * len(x)))])
+        x, y = x[keep], y[keep]
+    if extra is not None and len(extra[0]):
+        print(f"training on {len(x)} annotated + {len(extra[0])} pseudo-labelled slices", flush=True)
+        x, y = np.concatenate([x, extra[0]]), np.concatenate([y, extra[1]])
+    return x, y
+
+
+def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict copied to the CPU: kept until the next checkpoint while training changes the live one."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def _resume(last: Path, model: InstanceNet, opt: torch.optim.Optimizer, amp: Amp, g: torch.Generator,
+            cfg: TrainConfig) -> tuple[int, float, list[dict]]:  # fmt: skip
+    """Load last.pt into the model, optimiser, scaler and RNGs if it exists: (first epoch to run, best, history)."""
+    if not last.exists():
+        return 0, -math.inf, []
+    # On the CPU and weights-only: RNG states must stay CPU tensors, and no pickle runs from a checkpoint.
+    ck = torch.load(last, map_location="cpu", weights_only=True)
+    if _identity_json(ck.get("config")) != _identity_json(identity(cfg)):
+        raise UserError(last, "checkpoint of another training config: delete this folder or use a new run")
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["opt"])
+    amp.load_scaler(ck.get("scaler"))
+    torch.set_rng_state(ck["torch_rng"])
+    g.set_state(ck["loader_rng"])
+    print(f"resuming from {last} at epoch {ck['epoch'] + 1}")
+    return ck["epoch"] + 1, ck["best"], ck["history"]
+
+
+def _log_epoch(rec: dict, epochs: int, best: float, first: bool, folds_left: int) -> None:
+    """The epoch's line (loss, validation ARI), and after the first epoch run the ETA."""
+    msg = f"epoch {rec['epoch'] + 1}/{epochs} loss {rec['loss']:.4f}"
+    if "val_ari" in rec:
+        msg += f" val ARI {rec['val_ari']:.4f} (best {best:.4f})"
+    print(msg + f" [{rec['seconds']} s]", flush=True)
+    if first and rec["epoch"] + 1 < epochs:
+        print(eta_line(rec["seconds"], epochs - rec["epoch"] - 1, epochs, folds_left), flush=True)
+
+
 def train_fold(
     model: InstanceNet,
     x: np.ndarray,
@@ -203,7 +259,7 @@ def train_fold(
     `extra` (pseudo-labelled slices) joins the training set after `budget` has thinned the annotated ones.
 
     After the first epoch it prints an ETA for this fold and, with `folds_left` more to come, for the run."""
-    dev = device()
+    dev = device(cfg.device)
     cuda = dev.type == "cuda"
     seed_everything(seed)
     if cfg.deterministic:
@@ -212,13 +268,7 @@ def train_fold(
         torch.backends.cudnn.benchmark = False
     amp = Amp(dev, cfg.amp)
     print(f"training on {describe(dev)}" + (f", AMP {str(amp.dtype).split('.')[-1]}" if amp.enabled else ", no AMP"), flush=True)
-    if cfg.budget < 1.0:
-        keep = np.random.default_rng(seed).permutation(len(x))[: max(1, round(cfg.budget * len(x)))]
-        x, y = x[np.sort(keep)], y[np.sort(keep)]
-    if extra is not None and len(extra[0]):
-        print(f"training on {len(x)} annotated + {len(extra[0])} pseudo-labelled slices", flush=True)
-        x, y = np.concatenate([x, extra[0]]), np.concatenate([y, extra[1]])
-    data = SliceSet(x, y, cfg.resolution, cfg.aug, seed, cfg.crop, affine)
+    data = SliceSet(*_training_set(x, y, cfg.budget, seed, extra), cfg.resolution, cfg.aug, seed, cfg.crop, affine)
     g = torch.Generator().manual_seed(seed)
     loader, sampler = make_loader(data, cfg, g, cuda)
     loss_of = step_loss(model, cfg, amp, dev)
@@ -229,20 +279,8 @@ def train_fold(
     last, best_path = workdir / "last.pt", workdir / "best.pt"
     for ck_path in (last, best_path):  # the fold is claimed: temps beside its checkpoints are a killed run's leftovers
         remove_stale_temps(ck_path)
-    start, best, history = 0, -math.inf, []
-    if last.exists():
-        # On the CPU and weights-only: RNG states must stay CPU tensors, and no pickle runs from a checkpoint.
-        ck = torch.load(last, map_location="cpu", weights_only=True)
-        if json.loads(json.dumps(ck.get("config"))) != json.loads(json.dumps(asdict(cfg))):  # tuples and lists alike
-            raise UserError(last, "checkpoint of another training config: delete this folder or use a new run")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        amp.load_scaler(ck.get("scaler"))
-        start, best, history = ck["epoch"] + 1, ck["best"], ck["history"]
-        torch.set_rng_state(ck["torch_rng"])
-        g.set_state(ck["loader_rng"])
-        print(f"resuming from {last} at epoch {start}")
-
+    start, best, history = _resume(last, model, opt, amp, g, cfg)
+    pending = None  # the best epoch's weights (on the CPU) not yet written to best.pt
     for epoch in range(start, cfg.epochs):
         model.train()
         sampler.epoch = epoch
@@ -250,35 +288,24 @@ def train_fold(
         parts = run_epoch(loader, opt, amp, loss_of, lambda step: cfg.lr * lr_factor(step, total, warm, cfg.schedule),
                           epoch * per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")  # fmt: skip
         rec = {"epoch": epoch, "loss": sum(parts.values()), **parts}
-        if validate is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+        end = epoch + 1 == cfg.epochs
+        if validate is not None and ((epoch + 1) % cfg.val_every == 0 or end):
             rec["val_ari"] = float(validate(model))
             if rec["val_ari"] > best:
                 best = rec["val_ari"]
-                save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch, "val_ari": best})
-        elif validate is None:
-            save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch})
+                pending = {"model": _cpu_copy(model.state_dict()), "epoch": epoch, "val_ari": best}
+        elif validate is None and end:
+            pending = {"model": model.state_dict(), "epoch": epoch}  # a fixed schedule keeps its last epoch
         rec["seconds"] = round(time.time() - t0, 1)
         history.append(rec)
-        msg = f"epoch {epoch + 1}/{cfg.epochs} loss {rec['loss']:.4f}"
-        if "val_ari" in rec:
-            msg += f" val ARI {rec['val_ari']:.4f} (best {best:.4f})"
-        print(msg + f" [{rec['seconds']} s]", flush=True)
-        if epoch == start and epoch + 1 < cfg.epochs:
-            print(eta_line(rec["seconds"], cfg.epochs - epoch - 1, cfg.epochs, folds_left), flush=True)
-        save_checkpoint(
-            last,
-            {
-                "model": model.state_dict(),
-                "opt": opt.state_dict(),
-                "scaler": amp.scaler.state_dict(),
-                "epoch": epoch,
-                "best": best,
-                "history": history,
-                "torch_rng": torch.get_rng_state(),
-                "loader_rng": g.get_state(),
-                "config": asdict(cfg),
-            },
-        )
+        _log_epoch(rec, cfg.epochs, best, epoch == start, folds_left)
+        if (epoch + 1) % cfg.checkpoint_every == 0 or end:
+            if pending is not None:  # first: a resume from last.pt then finds the best it records
+                save_checkpoint(best_path, pending)
+                pending = None
+            save_checkpoint(last, {"model": model.state_dict(), "opt": opt.state_dict(), "scaler": amp.scaler.state_dict(),
+                                   "epoch": epoch, "best": best, "history": history, "torch_rng": torch.get_rng_state(),
+                                   "loader_rng": g.get_state(), "config": asdict(cfg)})  # fmt: skip
     if best_path.exists():
         model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
     return {"best_val_ari": best if best > -math.inf else None, "history": history}

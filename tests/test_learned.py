@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -58,6 +59,80 @@ def test_discriminative_loss_zero_on_perfect_embeddings_larger_when_shuffled() -
     g = torch.Generator().manual_seed(0)
     shuffled = emb.flatten(2)[..., torch.randperm(32 * 32, generator=g)].reshape(emb.shape)
     assert float(discriminative_loss(shuffled, lab, 0.5, 1.5)) > 10 * float(perfect) + 0.5
+
+
+def _per_image_discriminative(emb: torch.Tensor, inst: torch.Tensor, d_pull: float, d_push: float) -> torch.Tensor:
+    """The loss as first written, one image and its present ids at a time: the definition the batched one must keep."""
+    import torch.nn.functional as F
+
+    total, count = emb.new_zeros(()), 0
+    for e, lab in zip(emb, inst):
+        m = lab > 0
+        if not m.any():
+            continue
+        x = e[:, m].T
+        _, inv = torch.unique(lab[m], return_inverse=True)
+        k = int(inv.max()) + 1
+        cnt = torch.bincount(inv, minlength=k).to(x.dtype)
+        mu = torch.zeros(k, x.shape[1]).index_add_(0, inv, x) / cnt[:, None]
+        pull = (torch.zeros(k).index_add_(0, inv, F.relu((x - mu[inv]).norm(dim=1) - d_pull) ** 2) / cnt).mean()
+        d = torch.cdist(mu[None], mu[None])[0][~torch.eye(k, dtype=torch.bool)]
+        push = (F.relu(2 * d_push - d) ** 2).mean() if k > 1 else 0.0
+        total, count = total + pull + push + 0.001 * mu.norm(dim=1).mean(), count + 1
+    return total / max(count, 1)
+
+
+def test_batched_discriminative_loss_equals_the_per_image_definition() -> None:
+    """Same value and gradient as the per-image loss, with an image without instances and one with a single one."""
+    g = torch.Generator().manual_seed(0)
+    inst = torch.randint(0, 6, (4, 48, 48), generator=g) * torch.tensor([1, 13, 1, 1])[:, None, None] % 256
+    inst[2], inst[3] = 0, (inst[3] > 0) * 7
+    emb = torch.randn(4, 6, 48, 48, generator=g)
+    a, b = emb.clone().requires_grad_(), emb.clone().requires_grad_()
+    la, lb = discriminative_loss(a, inst, 0.5, 1.5), _per_image_discriminative(b, inst, 0.5, 1.5)
+    (la + lb).backward()
+    assert float(la.detach()) == pytest.approx(float(lb.detach()), rel=1e-5)
+    assert torch.isfinite(a.grad).all() and torch.allclose(a.grad, b.grad, atol=1e-7)
+
+
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that make the host wait for the device: a scalar read, or an output sized by the data."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_consecutive", "masked_select", "bincount", "repeat_interleave"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        bool_index = name in ("index", "index_put", "index_put_") and any(
+            t is not None and t.dtype == torch.bool for t in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else []))
+        if name in self.SYNCING or bool_index:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_with_the_embedding_head_reads_nothing_back() -> None:
+    """Forward, every head's loss and backward on a batch: no op that waits for the device (on CUDA each would stall
+    the step; the per-image embedding loss made ~4 per image)."""
+    from comp.runtime import Amp
+    from comp.train import TrainConfig, step_loss
+
+    model = build_model(ModelConfig(encoder="tu-mobilenetv3_small_100", **TINY))
+    lab = np.zeros((3, 64, 64), np.uint8)
+    lab[0, 10:30, 10:30], lab[0, 10:30, 30:50], lab[2, 5:20, 5:60] = 3, 7, 9  # image 1 has no instance
+    ts = [make_targets(l) for l in lab]
+    batch = {k: torch.from_numpy(np.stack([getattr(t, k) for t in ts])) for k in ("fg", "boundary", "touch", "dist", "instances")}
+    batch["image"] = torch.rand(3, 1, 64, 64)
+    loss_of = step_loss(model, TrainConfig(), Amp(torch.device("cpu"), False), torch.device("cpu"))
+    with HostReads() as reads:
+        loss, parts = loss_of(batch)
+        loss.backward()
+    assert "emb" in parts and reads.ops == []
+    with HostReads() as reads:  # the detector itself: the per-image definition is caught
+        _per_image_discriminative(torch.randn(3, 4, 64, 64), batch["instances"], 0.5, 1.5)
+    assert {"_local_scalar_dense", "_unique2", "bincount"} <= set(reads.ops)
 
 
 def test_targets_mark_touching_border() -> None:
@@ -395,7 +470,8 @@ def test_device_cpu_is_taken_even_with_a_gpu_named(monkeypatch) -> None:
     from comp.runtime import device
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
-    monkeypatch.delenv("COMP_DEVICE", raising=False)
+    monkeypatch.setenv("COMP_DEVICE", "auto")  # recorded, so the value main() sets below is undone after the test
+    monkeypatch.delenv("COMP_DEVICE")
     assert main(["--device", "cpu", "score", "no.csv", "no.csv"]) == 2  # the flag is read before the command runs
     import os
 
@@ -403,3 +479,56 @@ def test_device_cpu_is_taken_even_with_a_gpu_named(monkeypatch) -> None:
     monkeypatch.setenv("COMP_DEVICE", "gpu")
     with pytest.raises(Exception, match="auto, cuda or cpu"):
         device()
+
+
+def test_a_gpu_sized_config_refuses_the_cpu_unless_told(tiny_phantom, tmp_path, monkeypatch) -> None:
+    """`device: cuda` in a config (every GPU-sized one has it) and no usable GPU: one line, exit 2, nothing written;
+    `--device cpu` runs it on the CPU; the setting is not part of the run's identity."""
+    import torch
+
+    from comp.config import EXPERIMENTS, load_experiment
+    from conftest import TINY_UNET, run_cli
+
+    if torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the subprocesses below still see the card
+    for name in ("unet_resnet34", "unet_effb0", "unet_mnv3"):
+        assert load_experiment(name).params.train.device == "cuda", name
+    exp = tmp_path / "tinygpu.yaml"
+    exp.write_text("name: tinygpu\n" + TINY_UNET.replace("lr: 0.003}", "lr: 0.003, device: cuda}"))
+    args = ["cv", str(exp), "--data", str(tiny_phantom), "--runs", str(tmp_path / "runs")]
+    env = {"CUDA_VISIBLE_DEVICES": ""}  # no card for torch, and none named
+    r = run_cli(*args, env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "sized for a GPU" in r.stderr and "--device cpu" in r.stderr, r.stderr
+    assert not (tmp_path / "runs" / "tinygpu").exists()
+    r = run_cli("--device", "cpu", *args, env=env)
+    assert r.returncode == 0 and "training on cpu" in r.stdout, r.stderr[-2000:]
+    plain = load_experiment(str(EXPERIMENTS / "unet_cpu.yaml"))
+    gpu = dataclasses.replace(plain, params=dataclasses.replace(plain.params, train=dataclasses.replace(plain.params.train, device="cuda")))
+    assert gpu.digest() == plain.digest()
+
+
+def test_checkpoints_at_the_configured_cadence_and_always_at_the_end(tmp_path: Path, monkeypatch) -> None:
+    """checkpoint_every=2 over 5 epochs: last.pt after epochs 2, 4 and 5; best.pt with them, never per improvement;
+    the cadence is not part of the run's identity, so a run resumes under another cadence."""
+    import comp.train as train
+    from comp.config import load_experiment
+
+    saved = []
+    real = train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda path, state: saved.append((path.name, state["epoch"] + 1)) or real(path, state))
+    lab = np.zeros((4, 64, 64), np.uint8)
+    lab[:, 10:30, 10:40] = 5
+    x = (np.random.default_rng(0).random((4, 64, 64)) * 255).astype(np.uint8)
+    cfg = train.TrainConfig(epochs=5, batch_size=2, resolution=32, checkpoint_every=2, aug=None)
+    scores = iter([0.1, 0.3, 0.2, 0.4, 0.5])
+    train.train_fold(build_model(ModelConfig(encoder="tu-mobilenetv3_small_100", **TINY)), x, lab, cfg, tmp_path, 0,
+                     validate=lambda m: next(scores))  # fmt: skip
+    assert saved == [("best.pt", 2), ("last.pt", 2), ("best.pt", 4), ("last.pt", 4), ("best.pt", 5), ("last.pt", 5)]
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["val_ari"] == 0.5
+    saved.clear()
+    more = dataclasses.replace(cfg, epochs=5, checkpoint_every=3)
+    train.train_fold(build_model(ModelConfig(encoder="tu-mobilenetv3_small_100", **TINY)), x, lab, more, tmp_path, 0)
+    assert saved == []  # finished at epoch 5 under either cadence: resumed, nothing to train
+    a = load_experiment("unet_cpu")
+    b = dataclasses.replace(a, params=dataclasses.replace(a.params, train=dataclasses.replace(a.params.train, checkpoint_every=7)))
+    assert a.digest() == b.digest()
