@@ -36,7 +36,7 @@ FOLD_ARG := $(if $(FOLD),--fold $(FOLD))
 cv: venv  ## cross-validate experiments/$(EXP).yaml (default data: data/raw, else the embedded phantom); FOLD=k, GPUS="0 1", EXTRA_TRAIN="dir..."
 ifneq ($(strip $(GPUS)),)
 	@mkdir -p runs; pids=""; for g in $(GPUS); do \
-	  CUDA_VISIBLE_DEVICES=$$g $(PY) -m comp cv experiments/$(EXP).yaml $(DATA_ARG) $(FOLDS_ARG) $(FOLD_ARG) $(SET_ARG) $(EXTRA_ARG) \
+	  CUDA_VISIBLE_DEVICES=$$g COMP_GPU_PROCS=$(words $(GPUS)) $(PY) -m comp cv experiments/$(EXP).yaml $(DATA_ARG) $(FOLDS_ARG) $(FOLD_ARG) $(SET_ARG) $(EXTRA_ARG) \
 	    > runs/cv-$(EXP)-gpu$$g.log 2>&1 & pids="$$pids $$!"; echo "GPU $$g: pid $$! (log runs/cv-$(EXP)-gpu$$g.log)"; \
 	done; status=0; for p in $$pids; do wait $$p || status=1; done; \
 	tail -n 12 runs/cv-$(EXP)-gpu*.log; exit $$status

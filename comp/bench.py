@@ -95,8 +95,8 @@ def synthetic_maps(ys: np.ndarray, res: int = 256, emb: int = 8) -> np.ndarray:
     out = np.zeros((len(ys), 3 + emb, res, res), np.float16)
     for i, y in enumerate(ys):
         t = make_targets(resize_labels(y, res))
-        out[i, 0] = ndi.gaussian_filter(t.fg, 1.0)
-        out[i, 1] = ndi.gaussian_filter(t.boundary, 0.7)
+        out[i, 0] = ndi.gaussian_filter(t.fg.astype(np.float32), 1.0)
+        out[i, 1] = ndi.gaussian_filter(t.boundary.astype(np.float32), 0.7)
         out[i, 2] = t.dist
     return out
 

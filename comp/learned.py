@@ -16,7 +16,7 @@ from comp.fields import bounded
 from comp.metric import image_scores
 from comp.models import ModelConfig, build_model
 from comp.parallel import pmap
-from comp.postprocess import PostParams, instances_from_maps
+from comp.postprocess import PostParams, channels_used, instances_from_maps
 from comp.registry import FitContext, FoldData, inner_split, register_method
 from comp.runtime import seed_everything
 from comp.train import TrainConfig, train_fold
@@ -78,6 +78,7 @@ class LearnedInstances:
         """Validation ARI at working resolution (cheap enough to run every epoch)."""
         res = self.p.train.resolution
         maps = self.predict_maps(x, tta=False)
+        maps = maps[:, : channels_used(self.p.post, maps.shape[1])]  # only what crosses to the workers is sent
         pred = np.stack(pmap(instances_from_maps, maps, self.p.post, res, workers=self.p.workers))  # forked workers
         truth = np.stack([resize_labels(t, res) for t in y])
         return float(image_scores(truth, pred).mean())
@@ -91,6 +92,8 @@ class LearnedInstances:
 
     def postprocess_maps(self, maps: np.ndarray) -> np.ndarray:
         """(N, C, r, r) maps -> (N, 512, 512) uint8 instance maps."""
+        keep = channels_used(self.p.post, maps.shape[1])
+        maps = maps.first_channels(keep) if hasattr(maps, "first_channels") else maps[:, :keep]  # cached maps stay lazy
         return np.stack(pmap(instances_from_maps, maps, self.p.post, workers=self.p.workers, desc="post-process"))
 
     def predict(self, x: np.ndarray) -> np.ndarray:

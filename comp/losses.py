@@ -113,12 +113,12 @@ def instance_loss(out: torch.Tensor, tgt: dict[str, torch.Tensor], cfg: LossConf
     """Weighted sum of the heads' losses on a batch; also each part, detached on the device (read it when logging)."""
     out = out.float()
     parts: dict[str, torch.Tensor] = {}
-    fg = tgt["fg"]
+    fg = tgt["fg"].float()  # targets travel as bytes (data.targets.Targets): converted here, on the device
     if cfg.fg > 0:
         parts["fg"] = cfg.fg * (F.binary_cross_entropy_with_logits(out[:, FG], fg) + overlap_loss(out[:, FG], fg, cfg))
     if cfg.boundary > 0:
-        b = tgt["boundary"]
-        w = 1 + (cfg.boundary_pos_weight - 1) * b + cfg.touch_weight * tgt["touch"]
+        b = tgt["boundary"].float()
+        w = 1 + (cfg.boundary_pos_weight - 1) * b + cfg.touch_weight * tgt["touch"].float()
         bce = F.binary_cross_entropy_with_logits(out[:, BOUNDARY], b, weight=w)
         parts["boundary"] = cfg.boundary * (bce + overlap_loss(out[:, BOUNDARY], b, cfg))
     if cfg.dist > 0:

@@ -16,9 +16,37 @@ class WorkerDied(UserError):
         super().__init__("worker", problem)
 
 
+GPU_PROCS_ENV = "COMP_GPU_PROCS"  # processes of one run sharing this machine's CPUs (`make cv GPUS="0 1"` sets it)
+
+
+def cpu_share() -> int:
+    """This process's share of the CPUs: those it may run on (its affinity and its cgroup's quota, which
+    os.cpu_count ignores) divided among the run's processes on this machine (COMP_GPU_PROCS)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpus()
+    if quota is not None:
+        cpus = min(cpus, quota)
+    raw = os.environ.get(GPU_PROCS_ENV, "1") or "1"
+    if not raw.isdigit() or int(raw) < 1:
+        raise UserError(GPU_PROCS_ENV, f"must be a whole number of processes, at least 1, got {raw!r}")
+    return max(1, cpus // int(raw))
+
+
+def cgroup_cpus(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
+    """CPUs a cgroup v2 quota allows (a container's --cpus), rounded up; None without a quota."""
+    try:
+        quota, period = open(path).read().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else max(1, -(-int(quota) // int(period)))
+
+
 def n_workers(workers: int = 0) -> int:
-    """Resolve a worker count: 0 means every core."""
-    return workers if workers > 0 else (os.cpu_count() or 1)
+    """Resolve a worker count: 0 means this process's share of the CPUs."""
+    return workers if workers > 0 else cpu_share()
 
 
 def pmap(fn: Callable, items: Sequence, *args: Any, workers: int = 0, desc: str | None = None) -> list:

@@ -198,6 +198,12 @@ def upsample_maps(maps: np.ndarray, size: int = 512) -> np.ndarray:
     return rows[:, :, lo] * (1 - w) + rows[:, :, hi] * w
 
 
+def channels_used(p: PostParams, n: int) -> int:
+    """How many of n map channels `instances_from_maps` reads under p: fg, boundary and distance, plus the embedding
+    only when it merges by it (so forked workers are sent 3 channels, not 19)."""
+    return n if p.merge_embedding > 0 else min(n, 3)
+
+
 def instances_from_maps(maps: np.ndarray, p: PostParams, size: int = 512) -> np.ndarray:
     """Turn (C, r, r) maps [fg prob, boundary prob, dist, embedding...] into a uint8 instance map."""
     m = upsample_maps(maps[:3], size)

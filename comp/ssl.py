@@ -29,7 +29,7 @@ from comp.errors import UserError, atomic_write_text, remove_stale_temps
 from comp.fields import bounded, identity, setting
 from comp.models import InstanceNet, ModelConfig, build_model
 from comp.runtime import Amp, describe, device, seed_everything
-from comp.train import EpochSampler, lr_factor, run_epoch, save_checkpoint
+from comp.train import EpochSampler, loader_workers, lr_factor, run_epoch, save_checkpoint
 
 
 @dataclass
@@ -212,7 +212,7 @@ def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path, contrast: Contrast = 
     gen = torch.Generator().manual_seed(cfg.seed)
     sampler = EpochSampler(len(data), gen)
     loader = torch.utils.data.DataLoader(data, batch_size=min(cfg.batch_size, len(data)), sampler=sampler, drop_last=True,
-                                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                                         num_workers=loader_workers(cfg.num_workers), persistent_workers=loader_workers(cfg.num_workers) > 0,
                                          pin_memory=dev.type == "cuda")  # fmt: skip
     opt = torch.optim.AdamW(task.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     amp = Amp(dev, cfg.amp)

@@ -18,6 +18,7 @@ from comp.errors import UserError, atomic_path, remove_stale_temps
 from comp.fields import bounded, identity, setting
 from comp.losses import LossConfig, instance_loss
 from comp.models import InstanceNet
+from comp.parallel import cpu_share
 from comp.runtime import Amp, describe, device, seed_everything
 
 
@@ -101,15 +102,12 @@ class SliceSet(torch.utils.data.Dataset):
         if self.crop:
             y0, x0 = rng.integers(0, len(img) - self.crop + 1, 2)
             img, lab = img[y0 : y0 + self.crop, x0 : x0 + self.crop], lab[y0 : y0 + self.crop, x0 : x0 + self.crop]
-        t = make_targets(lab)
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(img))[None],
-            "fg": torch.from_numpy(t.fg),
-            "boundary": torch.from_numpy(t.boundary),
-            "touch": torch.from_numpy(t.touch),
-            "dist": torch.from_numpy(t.dist),
-            "instances": torch.from_numpy(t.instances),
-        }
+        t = make_targets(np.ascontiguousarray(lab))
+        # Bytes for the masks and ids (12 bytes a pixel with the image and distance, against 28 as float32/int64):
+        # what crosses /dev/shm from the workers and the PCIe bus to the GPU; the loss converts them there.
+        return {"image": torch.from_numpy(np.ascontiguousarray(img))[None], "fg": torch.from_numpy(t.fg),
+                "boundary": torch.from_numpy(t.boundary), "touch": torch.from_numpy(t.touch), "dist": torch.from_numpy(t.dist),
+                "instances": torch.from_numpy(t.instances)}  # fmt: skip
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -163,16 +161,23 @@ def save_checkpoint(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
+def loader_workers(asked: int) -> int:
+    """Loader processes: as many as asked, but at most this process's CPU share less one (the training loop's):
+    `make cv GPUS="0 1"` on 16 cores gives each of the two processes 7, not 8 + every core."""
+    return min(asked, max(0, cpu_share() - 1))
+
+
 def make_loader(data: SliceSet, cfg: TrainConfig, generator: torch.Generator, cuda: bool) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
     """The fed loader: shuffled by `generator`, persistent workers, pinned memory on CUDA; and its sampler (set .epoch)."""
     sampler = EpochSampler(len(data), generator)
+    workers = loader_workers(cfg.num_workers)
     loader = torch.utils.data.DataLoader(
         data,
         batch_size=min(cfg.batch_size, len(data)),
         sampler=sampler,
         drop_last=len(data) > cfg.batch_size,
-        num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,  # workers live across epochs (the epoch is in each key)
+        num_workers=workers,
+        persistent_workers=workers > 0,  # workers live across epochs (the epoch is in each key)
         pin_memory=cuda,  # page-locked batches: the non-blocking copies overlap the previous step
     )
     if cuda and not cfg.deterministic:

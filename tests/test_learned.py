@@ -16,7 +16,7 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
-from comp.data.targets import AugConfig, augment, make_targets, resize_labels
+from comp.data.targets import AugConfig, augment, make_targets
 from comp.errors import UserError
 from comp.losses import LossConfig, discriminative_loss, instance_loss
 from comp.models import EMB0, ModelConfig, build_model, load_encoder
@@ -142,6 +142,25 @@ def test_targets_mark_touching_border() -> None:
     assert t.touch[:, 9:11].sum() == 16 and t.touch[:, :9].sum() == 0  # only the shared border
     assert t.boundary[4, 4:16].all() and not t.boundary[7, 6]
     assert t.dist[lab == 5].max() == pytest.approx(1.0) and t.dist[t.boundary > 0].max() == 0
+
+
+def test_targets_are_bytes_and_equal_the_scipy_definition() -> None:
+    """The edt-based targets equal scipy's distance transform bit for bit (phantom slices, cropped and whole), as
+    uint8 masks and ids: what the loader ships."""
+    from scipy import ndimage as ndi
+
+    from comp.bench import _sample_maps
+    from comp.data.targets import resize_labels
+
+    _, ys = _sample_maps(4)
+    for lab in [resize_labels(y, 256) for y in ys] + [ys[0][:300, 40:400]]:
+        t = make_targets(np.ascontiguousarray(lab))
+        assert {a.dtype for a in (t.fg, t.boundary, t.touch, t.instances)} == {np.dtype(np.uint8)} and t.dist.dtype == np.float32
+        d = ndi.distance_transform_edt((t.fg > 0) & (t.boundary == 0)).astype(np.float32)
+        peak = np.zeros(256, np.float32)
+        np.maximum.at(peak, lab.ravel(), d.ravel())
+        peak[peak == 0] = 1
+        assert np.array_equal(t.dist, np.clip(d / peak[lab], 0, 1))
 
 
 def test_augment_keeps_image_and_labels_aligned() -> None:
@@ -532,3 +551,41 @@ def test_checkpoints_at_the_configured_cadence_and_always_at_the_end(tmp_path: P
     a = load_experiment("unet_cpu")
     b = dataclasses.replace(a, params=dataclasses.replace(a.params, train=dataclasses.replace(a.params.train, checkpoint_every=7)))
     assert a.digest() == b.digest()
+
+
+def test_a_loader_with_workers_gives_the_same_training_as_without(tmp_path: Path) -> None:
+    """Worker processes (the GPU configs' path, never run by a test before) build the same seeded batches: the same
+    weights after two epochs as in-process loading; batches carry the masks and ids as bytes."""
+    from comp.train import SliceSet, TrainConfig, loader_workers, make_loader, train_fold
+
+    lab = np.zeros((6, 64, 64), np.uint8)
+    lab[:, 10:30, 10:40], lab[:, 35:60, 5:50] = 5, 9
+    x = (np.random.default_rng(0).random((6, 64, 64)) * 255).astype(np.uint8)
+    cfg = TrainConfig(epochs=2, batch_size=2, resolution=32)
+    assert loader_workers(2) >= 1  # at least one real worker process, even on 2 cores
+    loader, _ = make_loader(SliceSet(x, lab, 32, cfg.aug, 0), dataclasses.replace(cfg, num_workers=2), torch.Generator(), False)
+    batch = next(iter(loader))
+    assert loader.num_workers >= 1 and {batch[k].dtype for k in ("fg", "boundary", "touch", "instances")} == {torch.uint8}
+    weights = []
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(encoder="tu-mobilenetv3_small_100", **TINY))
+        train_fold(model, x, lab, dataclasses.replace(cfg, num_workers=workers), tmp_path / str(workers), 0)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_post_processing_workers_get_only_the_channels_they_read(monkeypatch, tmp_path: Path) -> None:
+    """Cached 12-channel maps, no embedding merge: the workers are sent 3 channels, lazily; with the merge, all 12."""
+    import comp.learned as learned
+    from comp.postprocess import PostParams
+    from comp.rundir import load_maps, save_maps
+
+    save_maps(tmp_path / "m.npy", np.random.default_rng(0).random((3, 12, 16, 16)).astype(np.float32))
+    sent = []
+    monkeypatch.setattr(learned, "pmap", lambda fn, items, *a, **k: [sent.append(items[i].shape) or np.zeros((512, 512), np.uint8) for i in range(len(items))])
+    method = learned.LearnedInstances(learned.LearnedParams(post=PostParams()))
+    method.postprocess_maps(load_maps(tmp_path / "m.npy"))
+    method.p.post.merge_embedding = 0.5
+    method.postprocess_maps(load_maps(tmp_path / "m.npy"))
+    assert sent == [(3, 16, 16)] * 3 + [(12, 16, 16)] * 3

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -39,3 +41,26 @@ def test_a_worker_that_dies_fails_the_call_instead_of_hanging() -> None:
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert "a worker process of crash died" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_cpu_share_follows_affinity_quota_and_the_runs_gpu_processes(monkeypatch, tmp_path) -> None:
+    """16 cores allowed, a 6-CPU container quota, two GPU processes: 3 each; loaders keep one for the training loop."""
+    from comp import parallel
+    from comp.errors import UserError
+    from comp.train import loader_workers
+
+    read_quota = parallel.cgroup_cpus
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(parallel, "cgroup_cpus", lambda: None)
+    monkeypatch.setenv(parallel.GPU_PROCS_ENV, "2")
+    assert parallel.cpu_share() == 8 and loader_workers(8) == 7 and loader_workers(2) == 2
+    monkeypatch.setattr(parallel, "cgroup_cpus", lambda: 6)
+    assert parallel.cpu_share() == 3 and loader_workers(8) == 2 and parallel.n_workers(0) == 3 and parallel.n_workers(5) == 5
+    monkeypatch.setenv(parallel.GPU_PROCS_ENV, "0")
+    with pytest.raises(UserError, match="COMP_GPU_PROCS"):
+        parallel.cpu_share()
+    quota = tmp_path / "cpu.max"
+    quota.write_text("250000 100000\n")
+    assert read_quota(str(quota)) == 3
+    quota.write_text("max 100000\n")
+    assert read_quota(str(quota)) is None and read_quota(str(tmp_path / "none")) is None

@@ -85,3 +85,19 @@ def test_ensemble_candidates_are_the_newest_run_of_each_config_at_the_usual_fold
         ("a", "20260102-000000", "d1", 3), ("a", "20260101-000000", "d1", 3), ("a", "20260101-000000", "d2", 3),
         ("b", "20260101-000000", "d3", 5), ("c", "20260101-000000", "d4", 3)]]  # fmt: skip
     assert _latest_per_config(runs + [Path("runs/x/odd")]) == [runs[0], runs[2], runs[4]]
+
+
+def test_quantise_gives_the_reference_codes_with_nan_and_infinities_and_leaves_its_input() -> None:
+    """The in-place quantiser equals the plain definition (nan_to_num, then per-channel min/max codes) bit for bit,
+    with a NaN pixel, an infinite one and a whole NaN channel, on float16 and float32 maps."""
+    m = _maps().astype(np.float16)
+    m[1, 3, 5, 5], m[2, 4, 0, 0], m[0, 0] = np.nan, np.inf, np.nan
+    for maps in (m, m.astype(np.float32)):
+        before = maps.copy()
+        ref = np.nan_to_num(maps.astype(np.float32))
+        lo, hi = ref.min(axis=(2, 3)), ref.max(axis=(2, 3))
+        step = np.where(hi > lo, (hi - lo) / 255.0, 1.0).astype(np.float32)
+        want = np.clip(np.rint((ref - lo[..., None, None]) / step[..., None, None]), 0, 255).astype(np.uint8)
+        codes, scale = quantise(maps)
+        assert np.array_equal(codes, want) and np.array_equal(scale, np.stack([lo, step], -1))
+        assert np.array_equal(maps, before, equal_nan=True)

@@ -14,7 +14,7 @@ from comp.baselines import SmoothWatershedParams
 from comp.errors import UserError
 from comp.io import Dataset, read_label_csv, write_label_csv
 from comp.submit import submit, validate_submission
-from tests.conftest import ROOT, run_cli
+from tests.conftest import run_cli
 
 
 def test_submit_end_to_end(tiny_phantom: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,6 @@ every slice gets a random rotation and flip. Annotated structures get random uin
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from scipy import ndimage as ndi
 from comp.contrast import HU_WINDOW, draw_windows, hu_to_grey, window_ranges_problem
 from comp.errors import UserError, atomic_write_text
 from comp.io import SIZE, WINDOWS_CSV, image_names, write_images, write_label_csv, write_windows
+from comp.parallel import n_workers
 
 # Tissues in HU, weakly enhanced (organs and vessels a few dozen HU above muscle), as in the proxy's CT.
 AIR, FAT, MUSCLE, SOFT, LIVER, KIDNEY, VESSEL, BONE, MARROW, FLUID = -1000, -100, 45, 35, 60, 60, 90, 800, 250, 8
@@ -394,7 +394,7 @@ def generate(
         rng = np.random.default_rng([seed, int(novel)])
         windows = draw_windows(window_per_slice, n, rng) if len(window_per_slice) else np.tile(HU_WINDOW, (n, 1))
         jobs = [(base + i, novel, tuple(windows[i]), coarseness[split]) for i in range(n)]
-        with Pool(workers or os.cpu_count() or 1) as pool:
+        with Pool(n_workers(workers)) as pool:
             it = pool.imap(_render_job, jobs, chunksize=8)
             for i, (x, y) in enumerate(tqdm(it, total=n, desc=f"phantom {split}", leave=False)):
                 xs[i] = x

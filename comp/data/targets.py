@@ -34,17 +34,20 @@ def resize_labels(lab: np.ndarray, size: int) -> np.ndarray:
 
 @dataclass
 class Targets:
-    """Per-pixel targets at working resolution."""
+    """Per-pixel targets at working resolution, compact: a loader's batches (and /dev/shm under workers) carry bytes;
+    the loss converts them on the device."""
 
-    fg: np.ndarray  # float32 {0, 1}
-    boundary: np.ndarray  # float32 {0, 1}: contours of structures, touching borders included
-    touch: np.ndarray  # float32 {0, 1}: borders where two structures meet with no gap
+    fg: np.ndarray  # uint8 {0, 1}
+    boundary: np.ndarray  # uint8 {0, 1}: contours of structures, touching borders included
+    touch: np.ndarray  # uint8 {0, 1}: borders where two structures meet with no gap
     dist: np.ndarray  # float32 [0, 1]: distance to the structure's border, 1 at its centre
-    instances: np.ndarray  # int64 ids, 0 = not annotated
+    instances: np.ndarray  # the instance map's own ids (uint8), 0 = not annotated
 
 
 def make_targets(lab: np.ndarray, width: int = 1) -> Targets:
     """Foreground, boundary, touching-border and normalised-distance targets of one instance map."""
+    import edt
+
     size = 2 * width + 1
     fg = lab > 0
     hi = ndi.maximum_filter(lab, size=size)
@@ -53,20 +56,15 @@ def make_targets(lab: np.ndarray, width: int = 1) -> Targets:
     boundary = fg & ((hi > lab) | (lo_any < lab))
     touch = fg & ((hi > lab) | (lo_fg < lab))  # a different structure, not background, is adjacent
     interior = fg & ~boundary
-    d = ndi.distance_transform_edt(interior).astype(np.float32)
+    d = edt.edt(interior, black_border=False, parallel=1)  # exact, float32: scipy's values, ~3x faster
     n = int(lab.max())
     if n:
         peak = np.zeros(n + 1, np.float32)
-        np.maximum.at(peak, lab.ravel(), d.ravel())
+        np.maximum.at(peak, lab.ravel(), d.ravel())  # each structure's deepest pixel
         peak[peak == 0] = 1.0
         d = d / peak[lab]
-    return Targets(
-        fg=fg.astype(np.float32),
-        boundary=boundary.astype(np.float32),
-        touch=touch.astype(np.float32),
-        dist=np.clip(d, 0, 1),
-        instances=lab.astype(np.int64),
-    )
+    return Targets(fg=fg.view(np.uint8), boundary=boundary.view(np.uint8), touch=touch.view(np.uint8),
+                   dist=np.clip(d, 0, 1), instances=lab)  # fmt: skip
 
 
 @dataclass
