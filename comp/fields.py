@@ -63,11 +63,19 @@ def setting(default: Any) -> Any:
     return dataclasses.field(default=default, metadata={"execution": True})
 
 
+def added(default: Any) -> Any:
+    """A non-numeric field added after runs were made: left out of a run's identity while at its default, so the
+    runs made before it existed (which had that behaviour) are still found and resumed."""
+    return dataclasses.field(default=default, metadata={"added": True})
+
+
 def identity(obj: Any) -> Any:
-    """`dataclasses.asdict` of a config without its execution-only fields (at any depth): what identifies a run."""
+    """`dataclasses.asdict` of a config without its execution-only fields, nor `added` ones at their default (at any
+    depth): what identifies a run."""
     if not dataclasses.is_dataclass(obj):
         return obj
-    return {f.name: identity(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.metadata.get("execution")}
+    return {f.name: identity(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+            if not f.metadata.get("execution") and not (f.metadata.get("added") and getattr(obj, f.name) == f.default)}  # fmt: skip
 
 
 def _numbers(value: Any) -> list[float]:

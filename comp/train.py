@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from comp.data.targets import AugConfig, augment, make_targets, resize_image, resize_labels
+from comp.data.warp import augment_batch, draw_warp, warp_labels
 from comp.errors import UserError, atomic_path, remove_stale_temps
-from comp.fields import bounded, identity, setting
+from comp.fields import added, bounded, identity, setting
 from comp.losses import LossConfig, instance_loss
 from comp.models import InstanceNet
 from comp.parallel import cpu_share
@@ -45,8 +46,15 @@ class TrainConfig:
     budget: float = bounded(1.0, lo=0, hi=1, lo_open=True)  # fraction of the fold's annotated training images used (few-shot ablations)
     device: str = setting("auto")  # auto | cuda: a GPU-sized config says cuda and then refuses the CPU unless --device cpu
     deterministic: bool = False  # CUDA: deterministic kernels (slower); the CPU path is deterministic anyway
+    # host: augmentation per sample with scipy in the loader (the CPU runs' path); device: geometry drawn and labels
+    # warped on the host, the images warped and toned on the device in batch (data.warp; the GPU configs' path).
+    augment_on: str = added("host")
     loss: LossConfig = field(default_factory=LossConfig)
     aug: AugConfig = field(default_factory=AugConfig)
+
+    def violations(self) -> dict[str, str]:
+        """Relations `bounded` cannot say."""
+        return {} if self.augment_on in ("host", "device") else {"augment_on": f"must be host or device, got {self.augment_on!r}"}
 
 
 LOG_EVERY = 25  # steps between progress-bar loss updates: each one waits for the device
@@ -80,13 +88,14 @@ class SliceSet(torch.utils.data.Dataset):
     """Annotated slices at working resolution with on-the-fly augmentation and targets."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray, res: int, aug: AugConfig | None, seed: int, crop: int = 0,
-                 affine: tuple[float, float] = (1.0, 0.0)) -> None:  # fmt: skip
+                 affine: tuple[float, float] = (1.0, 0.0), on_device: bool = False) -> None:  # fmt: skip
         # `affine` maps 0..1 grey to the contrast window's units (0..1 over the window, unclipped).
         self.x = np.stack([affine[0] * resize_image(i, res) + affine[1] for i in x]).astype(np.float32)
         self.y = np.stack([resize_labels(l, res) for l in y])
         self.aug = aug
         self.seed = seed
         self.crop = crop if 0 < crop < res else 0
+        self.on_device = on_device  # the image is warped and toned by the loss step (data.warp.augment_batch)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -97,17 +106,23 @@ class SliceSet(torch.utils.data.Dataset):
         epoch, i = divmod(int(key), len(self.x))
         img, lab = self.x[i], self.y[i]
         rng = np.random.default_rng((self.seed, epoch, i))
-        if self.aug is not None:
-            img, lab = augment(img, lab, self.aug, rng)
-        if self.crop:
-            y0, x0 = rng.integers(0, len(img) - self.crop + 1, 2)
-            img, lab = img[y0 : y0 + self.crop, x0 : x0 + self.crop], lab[y0 : y0 + self.crop, x0 : x0 + self.crop]
+        extra = {}
+        if self.on_device:
+            warp, tone = draw_warp(self.aug, rng, len(img), self.crop or len(img))
+            lab = warp_labels(lab, warp, self.crop or len(img))
+            extra = {"warp": torch.from_numpy(warp), "tone": torch.from_numpy(tone), "noise_seed": torch.tensor(int(rng.integers(2**62)))}
+        else:
+            if self.aug is not None:
+                img, lab = augment(img, lab, self.aug, rng)
+            if self.crop:
+                y0, x0 = rng.integers(0, len(img) - self.crop + 1, 2)
+                img, lab = img[y0 : y0 + self.crop, x0 : x0 + self.crop], lab[y0 : y0 + self.crop, x0 : x0 + self.crop]
         t = make_targets(np.ascontiguousarray(lab))
         # Bytes for the masks and ids (12 bytes a pixel with the image and distance, against 28 as float32/int64):
         # what crosses /dev/shm from the workers and the PCIe bus to the GPU; the loss converts them there.
         return {"image": torch.from_numpy(np.ascontiguousarray(img))[None], "fg": torch.from_numpy(t.fg),
                 "boundary": torch.from_numpy(t.boundary), "touch": torch.from_numpy(t.touch), "dist": torch.from_numpy(t.dist),
-                "instances": torch.from_numpy(t.instances)}  # fmt: skip
+                "instances": torch.from_numpy(t.instances), **extra}  # fmt: skip
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -193,7 +208,10 @@ def step_loss(model: InstanceNet, cfg: TrainConfig, amp: Amp, dev: torch.device)
         model.to(memory_format=torch.channels_last)
 
     def loss_of(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+        if "warp" in batch:  # augment_on: device
+            batch = augment_batch(batch, dev)
+        else:
+            batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         img = batch["image"].contiguous(memory_format=torch.channels_last) if channels_last else batch["image"]
         with amp.autocast():
             out = model(img)
@@ -273,7 +291,8 @@ def train_fold(
         torch.backends.cudnn.benchmark = False
     amp = Amp(dev, cfg.amp)
     print(f"training on {describe(dev)}" + (f", AMP {str(amp.dtype).split('.')[-1]}" if amp.enabled else ", no AMP"), flush=True)
-    data = SliceSet(*_training_set(x, y, cfg.budget, seed, extra), cfg.resolution, cfg.aug, seed, cfg.crop, affine)
+    data = SliceSet(*_training_set(x, y, cfg.budget, seed, extra), cfg.resolution, cfg.aug, seed, cfg.crop, affine,
+                    cfg.augment_on == "device")  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     loader, sampler = make_loader(data, cfg, g, cuda)
     loss_of = step_loss(model, cfg, amp, dev)

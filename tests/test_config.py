@@ -126,6 +126,8 @@ def test_every_shipped_student_is_its_teacher_but_for_the_schedule() -> None:
     ("unet_cpu", "params.train.budget=1.5", "'params.train.budget' must be above 0 and at most 1, got 1.5"),
     ("smooth_watershed", "cv.groups=scan", "'cv.groups' must be one of auto, file, inferred, none, got 'scan'"),
     ("unet_cpu", "contrast.per_slice=maybe", "'contrast.per_slice' must be auto, true or false, got 'maybe'"),
+    ("unet_cpu", "params.train.augment_on=gpu", "'params.train.augment_on' must be host or device, got 'gpu'"),
+    ("unet_cpu", "params.train.checkpoint_every=0", "'params.train.checkpoint_every' must be at least 1, got 0"),
 ])  # fmt: skip
 def test_values_out_of_their_declared_range_are_refused(name: str, override: str, message: str) -> None:
     with pytest.raises(UserError, match=re.escape(message)):

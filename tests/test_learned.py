@@ -589,3 +589,32 @@ def test_post_processing_workers_get_only_the_channels_they_read(monkeypatch, tm
     method.p.post.merge_embedding = 0.5
     method.postprocess_maps(load_maps(tmp_path / "m.npy"))
     assert sent == [(3, 16, 16)] * 3 + [(12, 16, 16)] * 3
+
+
+def test_device_augmentation_keeps_image_and_labels_aligned_and_is_seeded(tmp_path: Path) -> None:
+    """augment_on: device: the image warped in batch lands on its labels warped on the host (images made of the label
+    ids: equal wherever a pixel's 3x3 neighbourhood has one id), crops have the crop's size, the same keys give the
+    same batch, and a tiny fold trains through it."""
+    from scipy import ndimage as ndi
+
+    from comp.bench import _sample_maps
+    from comp.data.targets import AugConfig
+    from comp.data.warp import augment_batch
+    from comp.train import SliceSet, TrainConfig, train_fold
+
+    _, ys = _sample_maps(4)
+    data = SliceSet(ys, ys, 128, AugConfig(contrast=0, brightness=0, gamma=0, noise=0), 0, 96, on_device=True)
+    data.x = data.y.astype(np.float32)  # the image is its own label map
+    batch = lambda: augment_batch(torch.utils.data.default_collate([data[k] for k in (5, 6, 7, 8)]), torch.device("cpu"))  # noqa: E731
+    out = batch()
+    img, lab = out["image"][:, 0].numpy(), out["instances"].numpy()
+    assert img.shape == lab.shape == (4, 96, 96) and out["fg"].dtype == torch.uint8
+    flat = np.stack([ndi.maximum_filter(l, 3) == ndi.minimum_filter(l, 3) for l in lab])
+    assert (np.abs(img - lab)[flat] > 1e-3).mean() < 1e-3 and (lab > 0).mean() > 0.05
+    assert not np.array_equal(lab, np.stack([data.y[k % 4][:96, :96] for k in (5, 6, 7, 8)]))  # it did warp
+    toned = SliceSet(ys, ys, 128, AugConfig(), 0, 96, on_device=True)
+    twice = [augment_batch(torch.utils.data.default_collate([toned[k] for k in (1, 2)]), torch.device("cpu"))["image"] for _ in range(2)]
+    assert torch.equal(*twice)
+    cfg = TrainConfig(epochs=1, batch_size=2, resolution=64, crop=48, augment_on="device")
+    info = train_fold(build_model(ModelConfig(encoder="tu-mobilenetv3_small_100", **TINY)), ys, ys, cfg, tmp_path, 0)
+    assert len(info["history"]) == 1 and np.isfinite(info["history"][0]["loss"])
