@@ -95,10 +95,10 @@ def _features(encoder: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def patch_mask(b: int, size: int, patch: int, ratio: float, gen: torch.Generator) -> torch.Tensor:
-    """(B, 1, size, size) float mask, 1 on blanked patches."""
+    """(B, 1, size, size) float mask, 1 on blanked patches, drawn on the generator's device (no host copy)."""
     n = size // patch
-    m = (torch.rand(b, 1, n, n, generator=gen) < ratio).float()
-    return m.repeat_interleave(patch, 2).repeat_interleave(patch, 3)
+    m = (torch.rand(b, 1, n, n, generator=gen, device=gen.device) < ratio).float()
+    return F.interpolate(m, scale_factor=patch, mode="nearest")
 
 
 class MaskedModelling(nn.Module):
@@ -112,9 +112,9 @@ class MaskedModelling(nn.Module):
         self.decoder = LightDecoder(chans)
         self.cfg = cfg
 
-    def loss(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Reconstruction MSE of the blanked patches."""
-        m = patch_mask(len(x), x.shape[-1], self.cfg.patch, self.cfg.mask_ratio, gen).to(x.device)
+    def loss(self, x: torch.Tensor, gen: torch.Generator, host: torch.Generator) -> torch.Tensor:
+        """Reconstruction MSE of the blanked patches (drawn from `gen`, on x's device)."""
+        m = patch_mask(len(x), x.shape[-1], self.cfg.patch, self.cfg.mask_ratio, gen)
         fill = x.mean(dim=(2, 3), keepdim=True)
         rec = self.decoder(_features(self.encoder, self.stem(x * (1 - m) + fill * m)), x.shape[-2:])
         target = x.clamp(0, 1)  # the main window, as the stem's first channel shows it
@@ -151,15 +151,16 @@ class DenseVICReg(nn.Module):
         f = _features(self.encoder, self.stem(x))[-2]  # stride 16: fine enough for dense correspondence
         return self.glob(f.mean(dim=(2, 3))), self.local(f)
 
-    def loss(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Views: x and a rot90/flip of x, each with its own noise, contrast and blanked patches."""
-        k = int(torch.randint(4, (1,), generator=gen))
-        flip = bool(torch.randint(2, (1,), generator=gen))
+    def loss(self, x: torch.Tensor, gen: torch.Generator, host: torch.Generator) -> torch.Tensor:
+        """Views: x and a rot90/flip of x, each with its own noise, contrast and blanked patches. The geometry comes
+        from the CPU generator `host` (it picks kernels); masks, gains and noise from `gen`, on x's device."""
+        k = int(torch.randint(4, (1,), generator=host))
+        flip = bool(torch.randint(2, (1,), generator=host))
 
         def perturb(v: torch.Tensor) -> torch.Tensor:
-            m = patch_mask(len(v), v.shape[-1], self.cfg.patch, self.cfg.mask_ratio / 2, gen).to(v.device)
-            gain = 1 + 0.2 * (torch.rand(len(v), 1, 1, 1, generator=gen).to(v.device) - 0.5)
-            noise = 0.03 * torch.randn(v.shape, generator=gen).to(v.device)
+            m = patch_mask(len(v), v.shape[-1], self.cfg.patch, self.cfg.mask_ratio / 2, gen)
+            gain = 1 + 0.2 * (torch.rand(len(v), 1, 1, 1, generator=gen, device=gen.device) - 0.5)
+            noise = 0.03 * torch.randn(v.shape, generator=gen, device=gen.device)
             return (v * gain + noise) * (1 - m) + v.mean() * m
 
         va = perturb(x)
@@ -174,6 +175,9 @@ class DenseVICReg(nn.Module):
 
 
 PRETEXTS = {"mim": MaskedModelling, "vicregl": DenseVICReg}
+# How the pretexts draw their masks and noise, part of a pretraining's identity: checkpoints made with the older draws
+# (from the sampler's CPU generator) are not resumed as if they were these.
+PRETEXT_DRAWS = "device-generator"
 
 
 class CropSet(torch.utils.data.Dataset):
@@ -214,6 +218,13 @@ def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path, contrast: Contrast = 
     loader = torch.utils.data.DataLoader(data, batch_size=min(cfg.batch_size, len(data)), sampler=sampler, drop_last=True,
                                          num_workers=loader_workers(cfg.num_workers), persistent_workers=loader_workers(cfg.num_workers) > 0,
                                          pin_memory=dev.type == "cuda")  # fmt: skip
+    cuda = dev.type == "cuda"
+    if cuda:  # the segmentation training's layout and autotuning (fixed crop size)
+        task.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    # Masks and noise from a generator on the device (no pageable host copy per step), the views' geometry from a CPU
+    # one: neither is the sampler's, so loader workers prefetching permutations cannot shift the draws.
+    gens = {"gen": gen, "host_gen": torch.Generator().manual_seed(cfg.seed + 1), "dev_gen": torch.Generator(device=dev).manual_seed(cfg.seed + 2)}
     opt = torch.optim.AdamW(task.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     amp = Amp(dev, cfg.amp)
     print(f"pretraining on {describe(dev)}", flush=True)
@@ -229,12 +240,14 @@ def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path, contrast: Contrast = 
         opt.load_state_dict(ck["opt"])
         amp.load_scaler(ck.get("scaler"))
         start, history = ck["epoch"] + 1, ck["history"]
-        gen.set_state(ck["gen"])
+        for name, g in gens.items():
+            g.set_state(ck[name])
         print(f"resuming from {last} at epoch {start}")
 
     def loss_of(xb: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        xb = xb.to(dev, non_blocking=True)
         with amp.autocast():
-            loss = task.loss(xb.to(dev, non_blocking=True), gen)
+            loss = task.loss(xb.contiguous(memory_format=torch.channels_last) if cuda else xb, gens["dev_gen"], gens["host_gen"])
         return loss, {"loss": loss.detach()}
 
     for epoch in range(start, cfg.epochs):
@@ -245,7 +258,8 @@ def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path, contrast: Contrast = 
                           epoch * per_epoch, f"pretrain {cfg.method} {epoch + 1}/{cfg.epochs}")  # fmt: skip
         history.append({"epoch": epoch, "loss": parts["loss"], "seconds": round(time.time() - t0, 1)})
         print(f"pretrain {cfg.method} epoch {epoch + 1}/{cfg.epochs} loss {history[-1]['loss']:.4f} [{history[-1]['seconds']} s]", flush=True)
-        save_checkpoint(last, {"task": task.state_dict(), "opt": opt.state_dict(), "scaler": amp.scaler.state_dict(), "epoch": epoch, "history": history, "gen": gen.get_state()})
+        save_checkpoint(last, {"task": task.state_dict(), "opt": opt.state_dict(), "scaler": amp.scaler.state_dict(), "epoch": epoch, "history": history,
+                               **{name: g.get_state() for name, g in gens.items()}})  # fmt: skip
         save_checkpoint(out_dir / "encoder.pt", {"encoder": model.encoder.state_dict(), "config": asdict(cfg), "epoch": epoch})
     atomic_write_text(out_dir / "history.json", json.dumps(history, indent=1))
     from comp.report import plot_curves
@@ -259,7 +273,7 @@ def run_pretrain(cfg: SSLConfig, x: np.ndarray, data_key: str, runs: Path = Path
     """Pretrain into runs/pretrain/NAME/<config+data digest>/ and publish runs/pretrain/NAME.pt for YAMLs."""
     import hashlib
 
-    digest = hashlib.sha1(json.dumps([identity(cfg), data_key], sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha1(json.dumps([identity(cfg), data_key, PRETEXT_DRAWS], sort_keys=True).encode()).hexdigest()[:10]
     ck = pretrain(cfg, x, runs / "pretrain" / cfg.name / digest, resolve(cfg.contrast, x, cfg.name))
     public = runs / "pretrain" / f"{cfg.name}.pt"
     from comp.errors import atomic_path
