@@ -22,9 +22,13 @@ SUBMIT_ENS := $(wildcard runs/ensembles/$(TARGET_ENS).yaml)
 
 .PHONY: venv cv test submit ensemble tune dashboard report results leaderboard phantom proxy bench bench-gpu clean
 
+# TORCH_INDEX=<a PyTorch wheel index URL>: the pinned torch/torchvision built for another CUDA (the default wheels are
+# built for CUDA 13.0 and need NVIDIA driver 580+; on an older driver pick the index of a CUDA it supports).
+TORCH_INDEX ?=
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),$(VENV)/bin/pip install --quiet --index-url $(TORCH_INDEX) $$(grep -E '^(torch|torchvision)==' requirements.txt))
 	$(VENV)/bin/pip install --quiet -r requirements.txt
 	touch $@
 

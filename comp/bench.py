@@ -6,13 +6,14 @@ import json
 import resource
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from comp.errors import UserError, atomic_write_text
+from comp.speed import sample_slices, synthetic_maps
 
 
 def _best_of(fn: Callable[[], object], repeat: int) -> float:
@@ -23,16 +24,6 @@ def _best_of(fn: Callable[[], object], repeat: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t)
     return best
-
-
-def _sample_maps(n: int, distinct: int = 12) -> tuple[np.ndarray, np.ndarray]:
-    """n phantom (image, label) pairs, `distinct` of them rendered and the rest repeated."""
-    from comp.data.phantom import render_slice
-
-    pairs = [render_slice(10_000 + i) for i in range(min(n, distinct))]
-    xs = np.stack([pairs[i % len(pairs)][0] for i in range(n)])
-    ys = np.stack([pairs[i % len(pairs)][1] for i in range(n)])
-    return xs, ys
 
 
 def bench_metric(ys: np.ndarray) -> dict:
@@ -84,21 +75,6 @@ def bench_csv(ys: np.ndarray, n_read: int, n_write: int, tmp: Path) -> dict:
         "write_identical": bool(same_write),
         "write_bytes_identical": ours_path.read_bytes() == pd_path.read_bytes(),
     }
-
-
-def synthetic_maps(ys: np.ndarray, res: int = 256, emb: int = 8) -> np.ndarray:
-    """Map stacks shaped like a trained network's output (blurred truth-derived fg/boundary/dist)."""
-    from scipy import ndimage as ndi
-
-    from comp.data.targets import make_targets, resize_labels
-
-    out = np.zeros((len(ys), 3 + emb, res, res), np.float16)
-    for i, y in enumerate(ys):
-        t = make_targets(resize_labels(y, res))
-        out[i, 0] = ndi.gaussian_filter(t.fg.astype(np.float32), 1.0)
-        out[i, 1] = ndi.gaussian_filter(t.boundary.astype(np.float32), 0.7)
-        out[i, 2] = t.dist
-    return out
 
 
 def bench_postprocess(xs: np.ndarray, ys: np.ndarray) -> dict:
@@ -157,7 +133,6 @@ def bench_tuning(ys: np.ndarray, xs: np.ndarray, trials: int, tmp: Path) -> dict
     return {"images": n, "trials": r.trials_complete, "trials_per_minute": r.trials_per_minute, "wall_minutes_incl_final_scoring": minutes}
 
 
-N_ANNOTATED, N_TEST = 400, 500  # the challenge: what `make cv` projections are for
 
 
 def gpu_configs() -> list[str]:
@@ -168,24 +143,24 @@ def gpu_configs() -> list[str]:
 
 
 def _train_rate(model, cfg, xs: np.ndarray, ys: np.ndarray, steps: int, dev) -> float:
-    """Training images per second over `steps` optimiser steps fed by the real loader (after 2 warm-up steps)."""
+    """Training images per second of the device alone: `steps` optimiser steps cycling over 4 batches staged on it
+    beforehand (after 2 warm-up steps). The loader's cost is measured apart (speed.pipeline_ms): timing steps fed by
+    it measured the workers, not the GPU."""
     import torch
 
     from comp.runtime import Amp
     from comp.train import SliceSet, _optimizer, make_loader, step_loss
 
     amp = Amp(dev, cfg.amp)
-    loader, _ = make_loader(SliceSet(xs, ys, cfg.resolution, cfg.aug, 0, cfg.crop), cfg, torch.Generator().manual_seed(0), dev.type == "cuda")
+    data = SliceSet(xs, ys, cfg.resolution, cfg.aug, 0, cfg.crop, on_device=cfg.augment_on == "device")
+    loader, _ = make_loader(data, replace(cfg, num_workers=0), torch.Generator().manual_seed(0), dev.type == "cuda")
+    staged = [{k: v if k == "noise_seed" else v.to(dev) for k, v in b.items()} for b, _ in zip(loader, range(4))]
     loss_of = step_loss(model, cfg, amp, dev)
     opt = _optimizer(model, cfg)
     model.train()
-    batches, done, t0 = iter(()), 0, 0.0
+    done, t0 = 0, 0.0
     for i in range(steps + 2):
-        try:
-            batch = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            batch = next(batches)
+        batch = dict(staged[i % len(staged)])  # a copy: the device augmentation takes its keys out
         if i == 2:  # warm-up over (allocations, cuDNN autotuning): start the clock
             if dev.type == "cuda":
                 torch.cuda.synchronize()
@@ -195,37 +170,30 @@ def _train_rate(model, cfg, xs: np.ndarray, ys: np.ndarray, steps: int, dev) -> 
         amp.scaler.scale(loss).backward()
         amp.scaler.step(opt)
         amp.scaler.update()
-        done += len(batch["image"]) if i >= 2 else 0
+        done += len(staged[i % len(staged)]["image"]) if i >= 2 else 0
     if dev.type == "cuda":
         torch.cuda.synchronize()
     return done / (time.perf_counter() - t0)
 
 
-def projected_cv_hours(exp, train_ips: float, infer_ips: float, infer_tta_ips: float) -> float:
-    """Hours of `make cv` on one GPU for 400 annotated slices and 500 test slices (training, validation, predictions)."""
-    p, k = exp.params, exp.cv.folds
-    fit = N_ANNOTATED * (k - 1) / k - p.val_images
-    train = fit * p.train.epochs / train_ips
-    val = p.val_images * (p.train.epochs / p.train.val_every) / infer_ips if p.val_images else 0.0
-    pred = (N_ANNOTATED / k + N_TEST) / (infer_tta_ips if p.tta else infer_ips)
-    return k * (train + val + pred) / 3600
-
-
 def bench_gpu(dry_run: bool = False, steps: int = 30, out: Path = Path("bench_gpu.json")) -> dict:
-    """Each GPU config for a fixed number of steps: training and inference images/s, peak GPU memory, `make cv` projection.
+    """Each GPU config: the device's training and inference images/s on staged batches, peak GPU memory; the CPU side
+    per item at the config's sizes (loader sample, quantisation, post-processing); and the `make cv` projection.
 
-    `dry_run`: the same path on whatever device there is, tiny (64 px, batch 2, 2 steps): checks, not figures."""
+    `dry_run`: the device path on whatever device there is, tiny (64 px, batch 2, 2 steps): checks, not figures; the
+    projection then takes the GPU rates from speed.GPU_ESTIMATE (an estimate) beside the CPU terms measured here."""
     import torch
 
     from comp.config import load_experiment
     from comp.infer import predict_maps
     from comp.models import build_model
     from comp.runtime import describe, device
+    from comp.speed import GPU_ESTIMATE, cpu_terms, project
 
     dev = device()
     if dev.type != "cuda" and not dry_run:
         raise UserError("bench --gpu", "no CUDA GPU on this machine: run it on the GPU box (`python -m comp bench --gpu --dry-run` checks the path here)")
-    xs, ys = _sample_maps(8 if dry_run else 64)
+    xs, ys = sample_slices(8 if dry_run else 64)
     steps = 2 if dry_run else steps
     results = {"device": describe(dev), "dry_run": dry_run, "steps": steps, "configs": {}}
     for name in gpu_configs():
@@ -240,18 +208,21 @@ def bench_gpu(dry_run: bool = False, steps: int = 30, out: Path = Path("bench_gp
         plain = n / _best_of(lambda m=model: predict_maps(m, xs[:n], cfg.resolution, cfg.batch_size, amp=cfg.amp), 1)
         tta = n / _best_of(lambda m=model: predict_maps(m, xs[:n], cfg.resolution, cfg.batch_size, tta=True, amp=cfg.amp), 1)
         peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
-        r = {"resolution": cfg.resolution, "crop": cfg.crop, "batch_size": cfg.batch_size, "amp": cfg.amp, "train_images_per_s": train_ips,
-             "infer_images_per_s": plain, "infer_tta_images_per_s": tta, "peak_gpu_gib": peak,
-             "make_cv_hours_400": projected_cv_hours(exp, train_ips, plain, tta)}  # fmt: skip
-        results["configs"][name] = r
-        print(f"{name:<16} {r['resolution']:>4} px  train {train_ips:8.1f} img/s  infer {plain:8.1f} / TTA {tta:7.1f} img/s  "
-              f"peak {'%.1f GiB' % peak if peak is not None else '—':>9}  make cv (400 slices, {exp.cv.folds} folds): "
-              f"{r['make_cv_hours_400']:.1f} h", flush=True)  # fmt: skip
+        cpu = cpu_terms(exp, xs, ys, quick=dry_run)
+        rates = (GPU_ESTIMATE["train_images_per_s"], GPU_ESTIMATE["infer_images_per_s"], GPU_ESTIMATE["infer_images_per_s"] / 3) if dry_run else (train_ips, plain, tta)
+        proj = project(exp, *rates, cpu["sample_ms"], cpu["quantise"]["ours_ms"], cpu["post_ms"], estimate=dry_run)
+        results["configs"][name] = {"resolution": cfg.resolution, "crop": cfg.crop, "batch_size": cfg.batch_size, "amp": cfg.amp,
+                                    "train_images_per_s": train_ips, "infer_images_per_s": plain, "infer_tta_images_per_s": tta,
+                                    "peak_gpu_gib": peak, "cpu": cpu, "projection": {**asdict(proj), "total_s": proj.total_s, "gpu_s": proj.gpu_s}}  # fmt: skip
+        print(f"{name:<16} {cfg.resolution:>4} px  train {train_ips:8.1f} img/s  infer {plain:8.1f} / TTA {tta:7.1f} img/s  "
+              f"peak {'%.1f GiB' % peak if peak is not None else '—':>9}\n  CPU per item: loader sample {cpu['sample_ms']:.1f} ms "
+              f"({exp.params.train.augment_on} augmentation), quantisation {cpu['quantise']['ours_ms']:.1f} ms, post-processing "
+              f"{cpu['post_ms']:.1f} ms\n  make cv ({exp.cv.folds} folds, 400 annotated + 500 test slices, one GPU):\n{proj.describe()}", flush=True)  # fmt: skip
         del model
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     atomic_write_text(out, json.dumps(results, indent=1))
-    print(f"{'DRY RUN (tiny sizes): not figures. ' if dry_run else ''}{results['device']}; written to {out}")
+    print(f"{'DRY RUN (tiny sizes on this device; GPU rates in the projection are estimates). ' if dry_run else ''}{results['device']}; written to {out}")
     return results
 
 
@@ -283,9 +254,19 @@ def bench_quantisation(runs: list[Path], data, workers: int = 0) -> dict:
     return out
 
 
+def bench_gpu_cpu_side(xs: np.ndarray, ys: np.ndarray, quick: bool, name: str = "unet_resnet34") -> dict:
+    """What a GPU config's run costs the CPU per item (speed.cpu_terms), measured here: loader sample (host and device
+    augmentation), quantisation and post-processing per slice."""
+    from comp.config import load_experiment
+    from comp.speed import cpu_terms
+
+    exp = load_experiment(name)
+    return {"config": name, "resolution": exp.params.train.resolution, "crop": exp.params.train.crop, **cpu_terms(exp, xs, ys, quick)}
+
+
 def run_bench(quick: bool = False, out: Path = Path("bench.json")) -> dict:
     """Run every benchmark, print a table and write `out`."""
-    xs, ys = _sample_maps(8 if quick else 48)
+    xs, ys = sample_slices(8 if quick else 48)
     with tempfile.TemporaryDirectory() as d:
         results = {
             "quick": quick,
@@ -295,6 +276,7 @@ def run_bench(quick: bool = False, out: Path = Path("bench.json")) -> dict:
             "inference": bench_inference(xs[:4] if quick else xs[:16], quick),
             "tuning": bench_tuning(ys[:4], xs[:4], 3, Path(d)) if quick else bench_tuning(ys[:40], xs[:40], 12, Path(d)),
             "submit_memory": bench_submit_memory(8 if quick else 500, 3, Path(d), res=64 if quick else 256),
+            "gpu_run_cpu_side": bench_gpu_cpu_side(xs, ys, quick),
         }
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     atomic_write_text(out, json.dumps(results, indent=1))
@@ -319,6 +301,15 @@ def run_bench(quick: bool = False, out: Path = Path("bench.json")) -> dict:
     print(f"{'tuning trials per minute (' + str(tu['images']) + ' images)':<38} {tu['trials_per_minute']:>10.1f}")
     sm = results["submit_memory"]
     print(f"{'submit --ensemble peak memory (MB)':<38} {sm['peak_pss_mb']:>10.0f}  [{sm['test_slices']} slices, {sm['members']} members x 3 folds]")
+    g = results["gpu_run_cpu_side"]
+    print(f"{'loader sample, ' + g['config'] + ' (ms): host / device':<38} {g['pipeline']['host_ms']:>10.1f} {g['pipeline']['device_ms']:>10.1f}"
+          f"  [{g['resolution']} px, crop {g['crop']}; device = the workers' share]")  # fmt: skip
+    t = g["targets"]
+    print(f"{'targets ' + str(t['size']) + ' px crop (ms); EDT edt vs scipy':<38} {t['targets_ms']:>10.1f} {t['edt_ms']:>10.1f} {t['scipy_edt_ms']:>10.1f}")
+    q = g["quantise"]
+    print(f"{'quantise ' + str(q['channels']) + ' ch x ' + str(q['resolution']) + ' px (ms/slice)':<38} {q['ours_ms']:>10.1f} {q['reference_ms']:>10.1f} "
+          f"{q['reference_ms'] / q['ours_ms']:>7.1f}x")  # fmt: skip
+    print(f"{'post-process ' + str(g['resolution']) + ' px maps (ms/slice)':<38} {g['post_ms']:>10.1f}")
     print(f"{'peak memory (MB)':<38} {results['peak_rss_mb']:>10.0f}")
     print(f"written to {out}")
     return results
@@ -354,7 +345,7 @@ def bench_submit_memory(n_test: int, members: int, tmp: Path, res: int = 256, em
     from comp.io import Dataset, image_names, write_images, write_label_csv
     from comp.rundir import RunDir, save_maps, write_maps
 
-    xs, ys = _sample_maps(12)
+    xs, ys = sample_slices(12)
     root = tmp / "submem"
     write_images(root / "X_train", xs[:2])
     write_label_csv(root / "Y_train.csv", ys[:2], image_names(2))

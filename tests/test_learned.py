@@ -149,10 +149,10 @@ def test_targets_are_bytes_and_equal_the_scipy_definition() -> None:
     uint8 masks and ids: what the loader ships."""
     from scipy import ndimage as ndi
 
-    from comp.bench import _sample_maps
+    from comp.speed import sample_slices
     from comp.data.targets import resize_labels
 
-    _, ys = _sample_maps(4)
+    _, ys = sample_slices(4)
     for lab in [resize_labels(y, 256) for y in ys] + [ys[0][:300, 40:400]]:
         t = make_targets(np.ascontiguousarray(lab))
         assert {a.dtype for a in (t.fg, t.boundary, t.touch, t.instances)} == {np.dtype(np.uint8)} and t.dist.dtype == np.float32
@@ -510,7 +510,7 @@ def test_a_gpu_sized_config_refuses_the_cpu_unless_told(tiny_phantom, tmp_path, 
 
     if torch.cuda.is_available():
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the subprocesses below still see the card
-    for name in ("unet_resnet34", "unet_effb0", "unet_mnv3"):
+    for name in ("unet_resnet34", "unet_effb0", "unet_mnv3", "unet_fg_cc"):
         assert load_experiment(name).params.train.device == "cuda", name
     exp = tmp_path / "tinygpu.yaml"
     exp.write_text("name: tinygpu\n" + TINY_UNET.replace("lr: 0.003}", "lr: 0.003, device: cuda}"))
@@ -597,12 +597,12 @@ def test_device_augmentation_keeps_image_and_labels_aligned_and_is_seeded(tmp_pa
     same batch, and a tiny fold trains through it."""
     from scipy import ndimage as ndi
 
-    from comp.bench import _sample_maps
+    from comp.speed import sample_slices
     from comp.data.targets import AugConfig
     from comp.data.warp import augment_batch
     from comp.train import SliceSet, TrainConfig, train_fold
 
-    _, ys = _sample_maps(4)
+    _, ys = sample_slices(4)
     data = SliceSet(ys, ys, 128, AugConfig(contrast=0, brightness=0, gamma=0, noise=0), 0, 96, on_device=True)
     data.x = data.y.astype(np.float32)  # the image is its own label map
     batch = lambda: augment_batch(torch.utils.data.default_collate([data[k] for k in (5, 6, 7, 8)]), torch.device("cpu"))  # noqa: E731
