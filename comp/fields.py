@@ -11,6 +11,7 @@ value out of range is one line naming its key and the range, exit code 2, before
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -76,6 +77,21 @@ def identity(obj: Any) -> Any:
         return obj
     return {f.name: identity(getattr(obj, f.name)) for f in dataclasses.fields(obj)
             if not f.metadata.get("execution") and not (f.metadata.get("added") and getattr(obj, f.name) == f.default)}  # fmt: skip
+
+
+def identity_of(cls: type, stored: dict) -> dict:
+    """`identity` of a config stored as plain data (`asdict` of a `cls`, e.g. in a checkpoint); keys `cls` does not
+    declare are kept, so a stored config from other code never passes for this one."""
+    hints = typing.get_type_hints(cls)
+    declared = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for k, v in stored.items():
+        f = declared.get(k)
+        if f is not None and (f.metadata.get("execution") or (f.metadata.get("added") and v == f.default)):
+            continue
+        nested = f is not None and dataclasses.is_dataclass(hints[k]) and isinstance(v, dict)
+        out[k] = identity_of(hints[k], v) if nested else v
+    return out
 
 
 def _numbers(value: Any) -> list[float]:

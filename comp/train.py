@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
 import json
 import math
 import os
@@ -16,7 +16,7 @@ import torch
 from comp.data.targets import AugConfig, augment, make_targets, resize_image, resize_labels
 from comp.data.warp import augment_batch, draw_warp, warp_labels
 from comp.errors import UserError, atomic_path, remove_stale_temps
-from comp.fields import added, bounded, identity, setting
+from comp.fields import added, bounded, identity, identity_of, setting
 from comp.losses import LossConfig, instance_loss
 from comp.models import InstanceNet
 from comp.parallel import cpu_share
@@ -126,7 +126,7 @@ class SliceSet(torch.utils.data.Dataset):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """A shuffled pass over n items whose keys carry the epoch (epoch * n + index), seeded by `generator`."""
+    """A shuffled pass over n items whose keys carry the epoch (epoch * n + index), seeded by `generator` (pretraining)."""
 
     def __init__(self, n: int, generator: torch.Generator) -> None:
         self.n, self.generator, self.epoch = n, generator, 0
@@ -136,6 +136,47 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         return iter((self.epoch * self.n + torch.randperm(self.n, generator=self.generator)).tolist())
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Batches of keys (epoch * n + index) for every epoch from `start` to `epochs`, each epoch one shuffled pass drawn
+    from `generator` (a short last batch dropped if asked, never one that spans two epochs).
+
+    One iterator for the whole fold: loader workers run on into the next epoch (and through validation) instead of
+    starting cold each epoch. The draws are those of one pass per epoch, and `state_before(e)` is the generator's
+    state before epoch e's pass, which a checkpoint keeps even when the workers have already drawn further."""
+
+    def __init__(self, n: int, batch_size: int, drop_last: bool, generator: torch.Generator, epochs: int, start: int = 0) -> None:
+        self.n, self.batch_size, self.generator, self.epochs, self.start = n, batch_size, generator, epochs, start
+        self.per_epoch = n // batch_size if drop_last else -(-n // batch_size)
+        self._states: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return (self.epochs - self.start) * self.per_epoch
+
+    def __iter__(self):
+        for epoch in range(self.start, self.epochs):
+            self._states[epoch] = self.generator.get_state()
+            keys = (epoch * self.n + torch.randperm(self.n, generator=self.generator)).tolist()
+            for b in range(self.per_epoch):
+                yield keys[b * self.batch_size : (b + 1) * self.batch_size]
+
+    def state_before(self, epoch: int) -> torch.Tensor:
+        """The generator's state before epoch `epoch`'s pass (now, if the pass is not drawn yet)."""
+        return self._states.pop(epoch, None) if epoch in self._states else self.generator.get_state()
+
+
+class _Take:
+    """The next `n` items of an iterator, with a length (an epoch's batches out of the fold's one stream)."""
+
+    def __init__(self, stream, n: int) -> None:
+        self.stream, self.n = stream, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return itertools.islice(self.stream, self.n)
 
 
 def eta_line(epoch_seconds: float, epochs_left: int, epochs: int, folds_left: int) -> str:
@@ -164,10 +205,9 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _identity_json(config: dict | None) -> object:
-    """A stored or live training config as plain JSON data (tuples and lists alike), execution-only keys dropped."""
-    execution = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("execution")}
-    return json.loads(json.dumps({k: v for k, v in (config or {}).items() if k not in execution}))
+def _plain(data: object) -> object:
+    """Plain JSON data (tuples and lists alike), for comparing a stored config with a live one."""
+    return json.loads(json.dumps(data))
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -182,22 +222,20 @@ def loader_workers(asked: int) -> int:
     return min(asked, max(0, cpu_share() - 1))
 
 
-def make_loader(data: SliceSet, cfg: TrainConfig, generator: torch.Generator, cuda: bool) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
-    """The fed loader: shuffled by `generator`, persistent workers, pinned memory on CUDA; and its sampler (set .epoch)."""
-    sampler = EpochSampler(len(data), generator)
+def make_loader(data: SliceSet, cfg: TrainConfig, generator: torch.Generator, cuda: bool, start: int = 0) -> tuple[torch.utils.data.DataLoader, EpochBatches]:
+    """The fed loader of a fold's epochs from `start` on: shuffled by `generator`, workers sized to the CPU share,
+    pinned memory on CUDA; and its batch sampler (state_before for checkpoints)."""
+    batches = EpochBatches(len(data), min(cfg.batch_size, len(data)), len(data) > cfg.batch_size, generator, cfg.epochs, start)
     workers = loader_workers(cfg.num_workers)
     loader = torch.utils.data.DataLoader(
         data,
-        batch_size=min(cfg.batch_size, len(data)),
-        sampler=sampler,
-        drop_last=len(data) > cfg.batch_size,
+        batch_sampler=batches,
         num_workers=workers,
-        persistent_workers=workers > 0,  # workers live across epochs (the epoch is in each key)
         pin_memory=cuda,  # page-locked batches: the non-blocking copies overlap the previous step
     )
     if cuda and not cfg.deterministic:
         torch.backends.cudnn.benchmark = True  # fixed input size: autotuned convolutions pay off after one step
-    return loader, sampler
+    return loader, batches
 
 
 def step_loss(model: InstanceNet, cfg: TrainConfig, amp: Amp, dev: torch.device):
@@ -244,7 +282,7 @@ def _resume(last: Path, model: InstanceNet, opt: torch.optim.Optimizer, amp: Amp
         return 0, -math.inf, []
     # On the CPU and weights-only: RNG states must stay CPU tensors, and no pickle runs from a checkpoint.
     ck = torch.load(last, map_location="cpu", weights_only=True)
-    if _identity_json(ck.get("config")) != _identity_json(identity(cfg)):
+    if _plain(identity_of(TrainConfig, ck.get("config") or {})) != _plain(identity(cfg)):
         raise UserError(last, "checkpoint of another training config: delete this folder or use a new run")
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["opt"])
@@ -294,22 +332,22 @@ def train_fold(
     data = SliceSet(*_training_set(x, y, cfg.budget, seed, extra), cfg.resolution, cfg.aug, seed, cfg.crop, affine,
                     cfg.augment_on == "device")  # fmt: skip
     g = torch.Generator().manual_seed(seed)
-    loader, sampler = make_loader(data, cfg, g, cuda)
     loss_of = step_loss(model, cfg, amp, dev)
     opt = _optimizer(model, cfg)
-    per_epoch = len(loader)
-    total = cfg.epochs * per_epoch
-    warm = int(cfg.warmup_epochs * per_epoch)
     last, best_path = workdir / "last.pt", workdir / "best.pt"
     for ck_path in (last, best_path):  # the fold is claimed: temps beside its checkpoints are a killed run's leftovers
         remove_stale_temps(ck_path)
     start, best, history = _resume(last, model, opt, amp, g, cfg)
+    loader, batches = make_loader(data, cfg, g, cuda, start)
+    per_epoch = batches.per_epoch
+    total = cfg.epochs * per_epoch
+    warm = int(cfg.warmup_epochs * per_epoch)
+    stream = iter(loader) if start < cfg.epochs else iter(())
     pending = None  # the best epoch's weights (on the CPU) not yet written to best.pt
     for epoch in range(start, cfg.epochs):
         model.train()
-        sampler.epoch = epoch
         t0 = time.time()
-        parts = run_epoch(loader, opt, amp, loss_of, lambda step: cfg.lr * lr_factor(step, total, warm, cfg.schedule),
+        parts = run_epoch(_Take(stream, per_epoch), opt, amp, loss_of, lambda step: cfg.lr * lr_factor(step, total, warm, cfg.schedule),
                           epoch * per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")  # fmt: skip
         rec = {"epoch": epoch, "loss": sum(parts.values()), **parts}
         end = epoch + 1 == cfg.epochs
@@ -329,7 +367,7 @@ def train_fold(
                 pending = None
             save_checkpoint(last, {"model": model.state_dict(), "opt": opt.state_dict(), "scaler": amp.scaler.state_dict(),
                                    "epoch": epoch, "best": best, "history": history, "torch_rng": torch.get_rng_state(),
-                                   "loader_rng": g.get_state(), "config": asdict(cfg)})  # fmt: skip
+                                   "loader_rng": batches.state_before(epoch + 1), "config": asdict(cfg)})  # fmt: skip
     if best_path.exists():
         model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
     return {"best_val_ari": best if best > -math.inf else None, "history": history}

@@ -618,3 +618,39 @@ def test_device_augmentation_keeps_image_and_labels_aligned_and_is_seeded(tmp_pa
     cfg = TrainConfig(epochs=1, batch_size=2, resolution=64, crop=48, augment_on="device")
     info = train_fold(build_model(ModelConfig(encoder="tu-mobilenetv3_small_100", **TINY)), ys, ys, cfg, tmp_path, 0)
     assert len(info["history"]) == 1 and np.isfinite(info["history"][0]["loss"])
+
+
+def test_one_loader_stream_spans_the_epochs_and_a_killed_fold_resumes_to_the_same_weights(tmp_path: Path, monkeypatch) -> None:
+    """The fold's batches come from one iterator (workers prefetch into the next epoch); a run stopped after epoch 2
+    of 4 and started again ends with the weights of an uninterrupted run: the checkpoint keeps the shuffle's state
+    before the next epoch, not the state the prefetching has reached."""
+    import comp.train as train
+
+    lab = np.zeros((5, 64, 64), np.uint8)
+    lab[:, 10:30, 10:40], lab[:, 35:60, 5:50] = 5, 9
+    x = (np.random.default_rng(0).random((5, 64, 64)) * 255).astype(np.uint8)
+    cfg = train.TrainConfig(epochs=4, batch_size=2, resolution=32, num_workers=2, checkpoint_every=2)
+    batches = train.EpochBatches(5, 2, True, torch.Generator().manual_seed(0), epochs=3)
+    keys = list(batches)
+    assert len(keys) == len(batches) == 6 and all(len({k // 5 for k in b}) == 1 for b in keys)  # no batch spans epochs
+
+    def fold(workdir: Path) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(encoder="tu-mobilenetv3_small_100", **TINY))
+        train.train_fold(model, x, lab, cfg, workdir, 0)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    whole = fold(tmp_path / "whole")
+    real, calls = train.run_epoch, []
+
+    def stop_after_two(*a, **k):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "run_epoch", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        fold(tmp_path / "killed")
+    monkeypatch.setattr(train, "run_epoch", real)
+    assert torch.equal(fold(tmp_path / "killed"), whole)
