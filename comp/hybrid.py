@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from comp.contrast import Contrast
-from comp.fields import bounded
+from comp.fields import added, bounded
 from comp.metric import image_scores
 from comp.merge import FEATURES, LINKAGES, Merger, agglomeration_rows, model_text, save_merger, train_classifier, unknown_features, without
 from comp.parallel import pmap
@@ -39,6 +39,7 @@ class HybridParams:
     # where structures sit in the training scan's body rather than what their border looks like.
     drop_features: list[str] = field(default_factory=list)
     linkage: str = "classifier"  # classifier | average (comp.merge.Merger.linkage)
+    relative_features: bool = added(False)  # also the borders' gradient and intensity step relative to the slice's (merge.RELATIVE)
     workers: int = bounded(0, lo=0)
 
     def violations(self) -> dict[str, str]:
@@ -52,13 +53,14 @@ class HybridParams:
     def merger(self, models: dict, threshold: float | None = None) -> Merger:
         """A merger of these settings around trained classifiers."""
         t = self.threshold if threshold is None else threshold
-        return Merger(models, t, self.max_rounds, tuple(self.drop_features), self.linkage)
+        return Merger(models, t, self.max_rounds, tuple(self.drop_features), self.linkage, self.relative_features)
 
 
 def _rows(item: tuple, p: HybridParams) -> tuple[np.ndarray, np.ndarray]:
     """Training rows of one slice (stretched, raw, truth, seed; a pool job)."""
     image, raw, truth, seed = item
-    return agglomeration_rows(superpixels(image, p.superpixels), None, image, truth, p.train_rounds, p.train_pairs, seed, raw)
+    return agglomeration_rows(superpixels(image, p.superpixels), None, image, truth, p.train_rounds, p.train_pairs, seed, raw,
+                              p.relative_features)  # fmt: skip
 
 
 def _segment(item: tuple, p: HybridParams, merger: Merger) -> np.ndarray:

@@ -26,7 +26,11 @@ FEATURES = (
     # image-only (added later: a stored model that knows fewer features reads only the first ones)
     "border_grad", "grad_in_max", "int_diff_rel", "border_grad_max", "border_grad_min",
     "pos_y", "pos_x", "pos_dy", "pos_dx", "raw_min", "raw_max",
+    # relative to the slice's own borders (opt-in, `relative`): a border's gradient and intensity step as a share of
+    # the slice's median, and their rank among its borders; blur and contrast move the absolute values, not these
+    "rel_border_grad", "rank_border_grad", "rel_int_diff", "rank_int_diff",
 )  # fmt: skip
+RELATIVE = FEATURES[-4:]
 GRAD_SIGMA = 1.0  # smoothing of the intensity gradient the border features read
 LGB_PARAMS = {
     "objective": "binary", "learning_rate": 0.05, "num_leaves": 15, "min_data_in_leaf": 10,
@@ -58,12 +62,20 @@ def _centroids(labels: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, np.nd
     return (cy - y0) / max(y1 - y0, 1), (cx - x0) / max(x1 - x0, 1)
 
 
+def _relative(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each value as a share of the slice's median and as its rank among the slice's pairs (0..1)."""
+    med = float(np.median(v)) if len(v) else 1.0
+    rank = np.argsort(np.argsort(v, kind="stable"), kind="stable") / max(len(v) - 1, 1)
+    return v / max(med, 1e-6), rank
+
+
 def pair_features(labels: np.ndarray, maps512: np.ndarray | None, image: np.ndarray,
-                  grad: np.ndarray | None = None, raw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+                  grad: np.ndarray | None = None, raw: np.ndarray | None = None, relative: bool = False) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Adjacent region pairs (a < b) of a 512x512 label map and their feature rows (columns = FEATURES).
 
     `maps512` None: no network maps (their columns are NaN, which LightGBM treats as missing); `raw`: the
-    slice before its contrast step, when `image` is stretched (bone and fat, clipped there, stay apart).
+    slice before its contrast step, when `image` is stretched (bone and fat, clipped there, stay apart);
+    `relative` False leaves the RELATIVE columns missing (all-missing columns leave a model exactly as without them).
     """
     grad = gradient(image, GRAD_SIGMA) if grad is None else grad
     pairs, length, gsum, gmax, gmin = border_profile(labels, grad)  # one scan for sum, max and min
@@ -99,6 +111,7 @@ def pair_features(labels: np.ndarray, maps512: np.ndarray | None, image: np.ndar
             emb_dist, diff / 255, (imean[a] + imean[b]) / 510, np.maximum(istd[a], istd[b]) / 255,
             gsum / length, np.maximum(gmean[a], gmean[b]), diff / (np.sqrt(istd[a] ** 2 + istd[b] ** 2) + 1.0), gmax, gmin,
             (cy[a] + cy[b]) / 2, (cx[a] + cx[b]) / 2, np.abs(cy[a] - cy[b]), np.abs(cx[a] - cx[b]), rmin, rmax,
+            *(_relative(gsum / length) if relative else (nan, nan)), *(_relative(diff) if relative else (nan, nan)),
         ],
         1,
     )  # fmt: skip
@@ -135,7 +148,7 @@ def _matching(pairs: np.ndarray, order: np.ndarray) -> np.ndarray:
 
 
 def agglomeration_rows(labels: np.ndarray, maps512: np.ndarray | None, image: np.ndarray, truth: np.ndarray, rounds: int,
-                       max_pairs: int, seed: int, raw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+                       max_pairs: int, seed: int, raw: np.ndarray | None = None, relative: bool = False) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Training rows of one image for every stage of an agglomeration: pairs of the regions as given, then after
     each round of true merges (the regions a merger meets while it works), pairs of two unannotated regions left out.
 
@@ -144,7 +157,7 @@ def agglomeration_rows(labels: np.ndarray, maps512: np.ndarray | None, image: np
     grad = gradient(image, GRAD_SIGMA)
     lab, xs, ys = labels.astype(np.int64), [], []
     for _ in range(rounds):
-        pairs, x = pair_features(lab, maps512, image, grad, raw)
+        pairs, x = pair_features(lab, maps512, image, grad, raw, relative)
         if len(pairs) == 0:
             break
         major, share = majority(lab, truth)
@@ -174,6 +187,7 @@ class Merger:
     # border-length-weighted mean of its first-round (superpixel) pair probabilities (average linkage, as GASP), so a
     # few weak superpixel borders cannot keep two halves of an organ apart against many strong ones.
     linkage: str = "classifier"
+    relative: bool = False  # the classifiers read the RELATIVE features (pair_features' `relative`)
 
     def probabilities(self, x: np.ndarray, fold: int = -1) -> np.ndarray:
         """Merge probability of each feature row, by the model allowed to see `fold`."""
@@ -199,7 +213,7 @@ class Merger:
         lab = labels.astype(np.int64)
         first = None
         for _ in range(self.max_rounds):
-            pairs, x = pair_features(lab, maps512, image, grad, raw)
+            pairs, x = pair_features(lab, maps512, image, grad, raw, self.relative)
             if first is not None:  # average linkage: the first round's pair probabilities, pooled
                 p = first.pooled(lab, pairs)
             else:
@@ -294,6 +308,7 @@ def save_merger(merger: Merger, path: Path) -> None:
     """Store every classifier (each fold's and the test set's) and the threshold as text, atomically."""
     tail = f" drop {','.join(merger.drop)}" if merger.drop else ""
     tail += f" linkage {merger.linkage}" if merger.linkage != "classifier" else ""
+    tail += " relative 1" if merger.relative else ""
     parts = [f"# threshold {merger.threshold} rounds {merger.max_rounds}{tail}\n"]
     parts += [f"# model {k}\n{model_text(m)}" for k, m in sorted(merger.models.items())]
     atomic_write_text(path, "".join(parts))
@@ -315,7 +330,8 @@ def load_merger(path: Path) -> Merger:
     words = head.split()  # "# threshold T" (first format) or "# threshold T rounds R [drop f1,f2] [linkage L]"
     extra = dict(zip(words[5::2], words[6::2]))
     drop = tuple(extra["drop"].split(",")) if "drop" in extra else ()
-    return Merger(models, float(words[2]), int(words[4]) if len(words) > 4 else 4, drop, extra.get("linkage", "classifier"))
+    return Merger(models, float(words[2]), int(words[4]) if len(words) > 4 else 4, drop, extra.get("linkage", "classifier"),
+                  extra.get("relative") == "1")  # fmt: skip
 
 
 def _pair_rows(i: int, oof, weights: list[float], post: PostParams) -> tuple[np.ndarray, np.ndarray]:

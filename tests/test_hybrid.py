@@ -80,3 +80,23 @@ def test_average_linkage_pools_the_first_rounds_borders_by_length() -> None:
         save_merger(Merger({-1: "constant 0.5\n"}, 0.4, 8, ("pos_x",), "average"), Path(d) / "m.txt")
         m = load_merger(Path(d) / "m.txt")
         assert (m.linkage, m.drop, m.max_rounds, m.threshold) == ("average", ("pos_x",), 8, 0.4)
+
+
+def test_relative_features_ignore_the_slices_contrast_and_are_missing_unless_asked(tmp_path: Path) -> None:
+    """A border's gradient and intensity step relative to the slice's own borders: the same at half the contrast;
+    absent (NaN) by default, so models trained before them are unchanged; a merger that reads them says so on disk."""
+    from comp.merge import FEATURES, RELATIVE, Merger, load_merger, pair_features, save_merger
+
+    img, _ = _slice(3, noise=2.0)
+    sp = superpixels(img, SuperpixelParams(h=0.005))
+    cols = [FEATURES.index(f) for f in RELATIVE]
+    pairs, full = pair_features(sp, None, img.astype(np.float32), relative=True)
+    _, half = pair_features(sp, None, img.astype(np.float32) * 0.5 + 40, relative=True)
+    assert len(pairs) > 3 and np.isfinite(full[:, cols]).all()
+    assert np.allclose(full[:, cols], half[:, cols], rtol=1e-4, atol=1e-5)
+    grad = FEATURES.index("border_grad")
+    assert np.allclose(half[:, grad], full[:, grad] / 2, rtol=1e-4)  # the absolute one halves
+    assert np.isnan(pair_features(sp, None, img.astype(np.float32))[1][:, cols]).all()
+    save_merger(Merger({-1: "constant 0.2"}, 0.4, relative=True), tmp_path / "m.txt")
+    assert load_merger(tmp_path / "m.txt").relative and not HybridParams().relative_features
+    assert HybridParams(relative_features=True).merger({-1: "constant 0.1"}).relative
