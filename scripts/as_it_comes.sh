@@ -5,7 +5,7 @@
 # `resolution`: each method fitted on every annotated slice of one data set and scored on another's (`comp transfer`):
 # native <-> coarse phantoms, the proxy onto both and the phantom onto the proxy. `extra`: CV of the fitted methods with
 # the other stand-in's annotated slices in every training part (`cv --extra`), against the same CV without.
-# `features`: the hybrid with and without its merger's position features, and with average linkage, CV and transfer both ways.
+# `features`: the hybrid with and without its merger's position features, with average linkage, and with relative border features (FEATURE_METHODS), CV and transfer both ways.
 # Usage: scripts/as_it_comes.sh [per-slice|leak|diagnose|resolution|extra|features|all] (default all); METHODS="..." to narrow. Data:
 # `make proxy`, then
 #   python -m comp data proxy --out data/proxy_ps   --window-per-slice -3100:-1000 1000:3100
@@ -69,7 +69,7 @@ done;; esac
 # Which merger features carry to data they were not fitted on: the position features (where a pair sits in the
 # body) dropped, against the hybrid as it is.
 # The hybrid's own rows: its proxy CV is the results table's, its transfers the resolution rows'.
-case "$WHAT" in features|all) for exp in hybrid_nopos hybrid_average; do
+case "$WHAT" in features|all) for exp in ${FEATURE_METHODS:-hybrid_nopos hybrid_average hybrid_relative}; do
   row features data/proxy auto "$exp"
   transfer_row "$exp" data/proxy data/phantom
   transfer_row "$exp" data/phantom data/proxy
