@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -14,8 +14,11 @@ from scipy.sparse.csgraph import connected_components
 from comp.contrast import Contrast
 from comp.fields import bounded
 
-if TYPE_CHECKING:  # the merger applies to what this module segments; merge.py imports this module
-    from comp.merge import Merger
+class Merger(Protocol):
+    """What segment() asks of a region merger (comp.merge.Merger, which builds on this module)."""
+
+    def apply(self, labels: np.ndarray, maps: np.ndarray | None, image: np.ndarray, fold: int = -1,
+              raw: np.ndarray | None = None) -> np.ndarray: ...  # fmt: skip
 
 
 def relabel_uint8(labels: np.ndarray, keep_zero: bool = True) -> np.ndarray:

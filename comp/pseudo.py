@@ -9,38 +9,17 @@ The most confident slices are kept: confidence = 1 - (pixels of uncertain foregr
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 
+from comp.config import PseudoParams
 from comp.errors import UserError, atomic_path
-from comp.fields import bounded
 from comp.registry import FoldData
 from comp.rundir import RunDir
 
 FG = 0  # the foreground probability channel of the cached maps (comp.models.FG; models imports torch)
-
-
-@dataclass
-class PseudoParams:
-    """The `pseudo:` section of an experiment: which run teaches and which of its labels are kept."""
-
-    teacher: str = ""  # experiment (name or path) whose CV run labels the unlabelled slices; "" = no pseudo-labels
-    teacher_set: list[str] = field(default_factory=list)  # --set overrides of the teacher (e.g. the same budget)
-    images: int = bounded(200, lo=0)  # keep the this many most confident unlabelled slices (0 = every one)
-    min_confidence: float = bounded(0.0, lo=0, hi=1)  # and only those at least this confident (0..1)
-    chunk: int = bounded(32, lo=1)  # unlabelled slices predicted at a time (bounds memory)
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.teacher)
-
-    def tag(self, n_train: int) -> str:
-        """Names a cache of selected labels: the selection settings and the training set's size."""
-        key = {"images": self.images, "min_confidence": self.min_confidence, "n_train": n_train}
-        return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def confidence(fg: np.ndarray) -> float:

@@ -1,0 +1,53 @@
+"""The package's imports point one way: a walk over every `import comp...` (at the top of a module or inside a
+function: a deferred import is still an arrow) finds no circle."""
+
+from __future__ import annotations
+
+import ast
+
+from tests.conftest import ROOT
+
+
+def _graph() -> dict[str, set[str]]:
+    """Module -> the comp modules it imports (a `from comp.x import name` that names a module counts as that module)."""
+    mods = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p for p in (ROOT / "comp").rglob("*.py")}
+    graph = {}
+    for name, path in mods.items():
+        out = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "comp":
+                out |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in mods else node.module for a in node.names}
+            elif isinstance(node, ast.Import):
+                out |= {a.name for a in node.names if a.name.split(".")[0] == "comp"}
+        graph[name] = {m for m in out if m in mods and m != name}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle (its modules in order), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        path.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return path[path.index(n):] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        state[m] = 2
+        path.pop()
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_no_import_circle_in_the_package() -> None:
+    graph = _graph()
+    assert {"comp.config", "comp.cv", "comp.merge", "comp.postprocess"} <= set(graph) and "comp.postprocess" in graph["comp.merge"]
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]  # the walk finds one
