@@ -25,11 +25,12 @@ SUBMIT_ENS := $(wildcard runs/ensembles/$(TARGET_ENS).yaml)
 # TORCH_INDEX=<a PyTorch wheel index URL>: the pinned torch/torchvision built for another CUDA (the default wheels are
 # built for CUDA 13.0 and need NVIDIA driver 580+; on an older driver pick the index of a CUDA it supports).
 TORCH_INDEX ?=
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(if $(TORCH_INDEX),$(VENV)/bin/pip install --quiet --index-url $(TORCH_INDEX) $$(grep -E '^(torch|torchvision)==' requirements.txt))
 	$(VENV)/bin/pip install --quiet -r requirements.txt
+	$(VENV)/bin/pip install --quiet --no-deps -e .
 	touch $@
 
 venv: $(VENV)/.installed
