@@ -7,10 +7,12 @@ import math
 import os
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from comp.contrast import HU_WINDOW, PER_SLICE_EXAMPLE, window_ranges_problem
 from comp.errors import UserError, writable_dir
+from comp.rundir import RUNS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -400,13 +402,41 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class Shared:
+    """Parent parsers of the options several commands take, declared once: --data, --runs, --set."""
+
+    data: argparse.ArgumentParser
+    runs: argparse.ArgumentParser
+    set: argparse.ArgumentParser
+
+
+def shared_options() -> Shared:
+    """The shared options (argparse parents, so each command lists them as its own)."""
+    data, runs, sets = (argparse.ArgumentParser(add_help=False) for _ in range(3))
+    data.add_argument("--data", default=None, help="data folder in the challenge layout (default: data/raw, else the embedded phantom)")
+    runs.add_argument("--runs", default=str(RUNS), type=runs_folder, help=f"where runs live (default {RUNS}/)")
+    sets.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. params.train.budget=0.25")
+    return Shared(data, runs, sets)
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     p = _Parser(prog="python -m comp", description=__doc__)
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
                    help="where networks run (default auto: CUDA when usable; a GPU asked for by CUDA_VISIBLE_DEVICES and not found stops the run)")
     sub = p.add_subparsers(dest="command", required=True)
+    sh = shared_options()
+    _data_commands(sub)
+    _check_commands(sub)
+    _run_commands(sub, sh)
+    _selection_commands(sub, sh)
+    _output_commands(sub, sh)
+    return p
 
+
+def _data_commands(sub) -> None:
+    """data phantom | import-volumes | proxy | stats | groups."""
     data = sub.add_parser("data", help="make data sets").add_subparsers(dest="what", required=True)
     ph = data.add_parser("phantom", help="write a phantom data set in the challenge layout")
     ph.add_argument("--out", required=True)
@@ -462,6 +492,9 @@ def parser() -> argparse.ArgumentParser:
     gr.add_argument("--fov-link", type=at_least(0, float), default=None, help="... for slices with the same field-of-view padding (default 6.0; 0: ignore it)")
     gr.set_defaults(fn=cmd_groups)
 
+
+def _check_commands(sub) -> None:
+    """validate-submission, score."""
     v = sub.add_parser("validate-submission", help="check a submission CSV against the test layout")
     v.add_argument("file")
     v.add_argument("--data", required=True)
@@ -472,52 +505,49 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("pred")
     s.set_defaults(fn=cmd_score)
 
-    c = sub.add_parser("cv", help="cross-validate an experiment")
+
+def _run_commands(sub, sh: Shared) -> None:
+    """cv, submit, transfer."""
+    c = sub.add_parser("cv", parents=[sh.data, sh.runs, sh.set], help="cross-validate an experiment")
     c.add_argument("experiment", help="experiments/NAME.yaml or NAME")
-    c.add_argument("--data", default=None)
     c.add_argument("--folds", type=at_least(2), default=None)
     c.add_argument("--fold", type=at_least(0), default=None, metavar="K", help="only fold K of the run (others: other processes or later calls)")
-    c.add_argument("--runs", default="runs", type=runs_folder)
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. params.train.budget=0.25")
     c.add_argument("--extra", nargs="+", default=[], metavar="DIR",
                    help="data sets whose annotated slices join every fold's training part and are never scored (sets cv.extra)")
     c.set_defaults(fn=cmd_cv)
 
-    sm = sub.add_parser("submit", help="predict X_test and write a validated submission")
+    sm = sub.add_parser("submit", parents=[sh.data, sh.runs, sh.set], help="predict X_test and write a validated submission")
     sm.add_argument("experiment", nargs="?", help="fit this experiment on every annotated slice")
     sm.add_argument("--ensemble", default=None, help="or: use this ensemble file's members (runs/ensembles/NAME.yaml)")
     sm.add_argument("--cached", action="store_true", help="ensemble: the CV runs' cached test maps instead of fold models + TTA")
     sm.add_argument("--no-tta", action="store_true", help="ensemble: no flip test-time augmentation")
-    sm.add_argument("--data", default=None)
     sm.add_argument("--out", default=None)
-    sm.add_argument("--runs", default="runs", type=runs_folder)
     sm.add_argument("--workers", type=at_least(0), default=0)
     sm.add_argument("--chunk", type=at_least(1), default=32, help="ensemble: test slices predicted and post-processed at a time (bounds memory)")
-    sm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     sm.set_defaults(fn=cmd_submit)
 
-    tr = sub.add_parser("transfer", help="fit an experiment on every annotated slice of one data set, score it on others'")
+    tr = sub.add_parser("transfer", parents=[sh.runs, sh.set], help="fit an experiment on every annotated slice of one data set, score it on others'")
     tr.add_argument("experiment", nargs="?", help="experiments/NAME.yaml or NAME: fitted on every annotated slice of --fit")
     tr.add_argument("--ensemble", default=None, help="or: this ensemble file (runs/ensembles/NAME.yaml), as selected and tuned on --fit")
     tr.add_argument("--fit", required=True, metavar="DIR", help="the data set it is fitted on (every annotated slice)")
     tr.add_argument("--score", required=True, nargs="+", metavar="DIR", help="data sets whose annotated slices it is scored on")
     tr.add_argument("--extra", nargs="+", default=[], metavar="DIR", help="more fitting data: their annotated slices too (sets cv.extra)")
-    tr.add_argument("--runs", default="runs", type=runs_folder)
-    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     tr.set_defaults(fn=cmd_transfer)
 
-    en = sub.add_parser("ensemble", help="greedy forward selection over CV runs' OOF maps -> runs/ensembles/NAME.yaml")
+
+
+def _selection_commands(sub, sh: Shared) -> None:
+    """ensemble, tune."""
+    en = sub.add_parser("ensemble", parents=[sh.data, sh.runs], help="greedy forward selection over CV runs' OOF maps -> runs/ensembles/NAME.yaml")
     en.add_argument("members", nargs="*", help="experiment names or run folders (default: every finished map run on the data)")
     en.add_argument("--name", default="default")
-    en.add_argument("--data", default=None)
-    en.add_argument("--runs", default="runs", type=runs_folder)
     en.add_argument("--max-steps", type=at_least(1), default=8)
     en.add_argument("--images", type=at_least(0), default=0, help="select on this many OOF images (0 = all)")
     en.add_argument("--workers", type=at_least(0), default=0)
     en.add_argument("--force", action="store_true", help="replace a stored ensemble even if it scored better")
     en.set_defaults(fn=cmd_ensemble)
 
-    tu = sub.add_parser("tune", help="Optuna search of post-processing + weights on OOF maps, then LightGBM merging")
+    tu = sub.add_parser("tune", parents=[sh.data, sh.runs], help="Optuna search of post-processing + weights on OOF maps, then LightGBM merging")
     tu.add_argument("name", nargs="?", default="default", help="ensemble name, or an experiment name (its newest run)")
     tu.add_argument("--trials", type=at_least(1), default=40, help="complete trials the study should reach (all workers)")
     tu.add_argument("--storage", default=None, help="study storage URL, e.g. postgresql://user@host/db (default SQLite under runs/tune/)")
@@ -530,35 +560,31 @@ def parser() -> argparse.ArgumentParser:
     tu.add_argument("--params", nargs="+", default=None, metavar="NAME", help="search only these parameters (fewer free parameters: a nested estimate that overfits less)")
     tu.add_argument("--exp", default=None, help="for 'default' when no map-predicting run exists: tune this experiment's newest run")
     tu.add_argument("--seed", type=at_least(0), default=0)
-    tu.add_argument("--data", default=None)
-    tu.add_argument("--runs", default="runs", type=runs_folder)
     tu.add_argument("--workers", type=at_least(0), default=0, help="processes scoring images (0 = all cores)")
     tu.set_defaults(fn=cmd_tune)
 
-    rp = sub.add_parser("report", help="static HTML report (leaderboard, ARI histogram, worst OOF images, curves)")
+
+
+def _output_commands(sub, sh: Shared) -> None:
+    """report, results, leaderboard, pretrain, bench."""
+    rp = sub.add_parser("report", parents=[sh.data, sh.runs], help="static HTML report (leaderboard, ARI histogram, worst OOF images, curves)")
     rp.add_argument("target", nargs="?", default=None, help="ensemble name, run folder or experiment (default: ensemble 'default', else the newest run)")
-    rp.add_argument("--data", default=None)
-    rp.add_argument("--runs", default="runs", type=runs_folder)
     rp.set_defaults(fn=cmd_report)
 
-    rs = sub.add_parser("results", help="regenerate the README's quality table on the phantom and the real-CT proxy")
+    rs = sub.add_parser("results", parents=[sh.runs], help="regenerate the README's quality table on the phantom and the real-CT proxy")
     rs.add_argument("suite", nargs="?", default="experiments/suites/results_cpu.yaml")
     rs.add_argument("--reuse", action="store_true", help="reuse finished CV runs of identical configs instead of rerunning them")
     rs.add_argument("--no-readme", action="store_true", help="write runs/results.md only")
-    rs.add_argument("--runs", default="runs", type=runs_folder)
     rs.set_defaults(fn=cmd_results)
 
-    lb = sub.add_parser("leaderboard", help="rewrite runs/leaderboard.md from every CV run and ensemble")
-    lb.add_argument("--runs", default="runs", type=runs_folder)
+    lb = sub.add_parser("leaderboard", parents=[sh.runs], help="rewrite runs/leaderboard.md from every CV run and ensemble")
     lb.set_defaults(fn=cmd_leaderboard)
 
-    pt = sub.add_parser("pretrain", help="self-supervised pretraining of an encoder (experiments/ssl_*.yaml)")
+    pt = sub.add_parser("pretrain", parents=[sh.data, sh.runs], help="self-supervised pretraining of an encoder (experiments/ssl_*.yaml)")
     pt.add_argument("experiment")
-    pt.add_argument("--data", default=None)
-    pt.add_argument("--runs", default="runs", type=runs_folder)
     pt.set_defaults(fn=cmd_pretrain)
 
-    b = sub.add_parser("bench", help="benchmarks, each against its reference")
+    b = sub.add_parser("bench", parents=[sh.runs], help="benchmarks, each against its reference")
     b.add_argument("--quick", action="store_true")
     b.add_argument("--out", default="bench.json")
     b.add_argument("--gpu", action="store_true", help="instead: each GPU config's training/inference speed, memory, make cv projection")
@@ -566,9 +592,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=at_least(1), default=30, help="with --gpu: timed training steps per config")
     b.add_argument("--quantisation", nargs="+", metavar="RUN", help="instead: ARI of finished runs on their cached maps vs uint8-quantised")
     b.add_argument("--data", default=None, help="with --quantisation: the runs' data set")
-    b.add_argument("--runs", default="runs", type=runs_folder)
     b.set_defaults(fn=cmd_bench)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
