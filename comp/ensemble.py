@@ -23,9 +23,8 @@ from comp.merge import Merger
 from comp.metric import group_means, image_score
 from comp.parallel import pmap
 from comp.postprocess import PostParams, Regions, blend, segment
-from comp.rundir import MapArray, RunDir
+from comp.rundir import MapArray, RunDir, Workspace
 
-ENSEMBLES = Path("ensembles")  # under the runs folder
 
 
 @dataclass
@@ -342,7 +341,7 @@ def single_member(name: str, run: Path, **fields) -> EnsembleSpec:
 
 def ensemble_path(name: str, runs: Path) -> Path:
     """runs/ensembles/NAME.yaml (a NAME that would leave that folder is a user error)."""
-    return runs / ENSEMBLES / f"{check_name(name, '--name', 'ensemble name')}.yaml"
+    return Workspace(runs).ensembles / f"{check_name(name, '--name', 'ensemble name')}.yaml"
 
 
 def is_ensemble(name: str, runs: Path) -> bool:
@@ -363,7 +362,7 @@ def load_ensemble(name: str, runs: Path) -> EnsembleSpec:
     """Load an ensemble file by name (or path)."""
     path = Path(name) if name.endswith(".yaml") else ensemble_path(name, runs)
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in (runs / ENSEMBLES).glob("*.yaml"))) or "none"
+        known = ", ".join(sorted(p.stem for p in Workspace(runs).ensembles.glob("*.yaml"))) or "none"
         raise UserError(path, f"ensemble not found (known: {known}; make one with `comp ensemble`)")
     try:
         raw = yaml.safe_load(path.read_text())
@@ -386,7 +385,7 @@ def save_ensemble(spec: EnsembleSpec, runs: Path) -> Path:
 
 def merger_path(name: str, runs: Path) -> Path:
     """Where an ensemble's test-set merge model lives."""
-    return runs / ENSEMBLES / f"{name}.merge.txt"
+    return Workspace(runs).ensembles / f"{name}.merge.txt"
 
 
 def build_ensemble(

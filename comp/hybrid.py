@@ -19,6 +19,7 @@ from comp.merge import FEATURES, LINKAGES, Merger, agglomeration_rows, model_tex
 from comp.parallel import pmap
 from comp.postprocess import SuperpixelParams, merged_superpixels, superpixels
 from comp.registry import FitContext, FoldData, inner_split, register_method
+from comp.rundir import FoldDir
 
 
 @dataclass
@@ -113,7 +114,7 @@ class Hybrid:
         _, sp, threshold = best
         self.p = replace(self.p, superpixels=sp, threshold=threshold)
         self.merger = self.p.merger({-1: _train(rows, np.arange(len(items)), self.p.drop_features)}, threshold)
-        save_merger(self.merger, Path(ctx.workdir) / "merge.txt")
+        save_merger(self.merger, FoldDir(Path(ctx.workdir)).merger)
         self.fitted = {"h": sp.h, "threshold": threshold}
 
     def predict(self, x: np.ndarray) -> np.ndarray:

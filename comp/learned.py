@@ -18,6 +18,7 @@ from comp.models import ModelConfig, build_model
 from comp.parallel import pmap
 from comp.postprocess import PostParams, channels_used, instances_from_maps
 from comp.registry import FitContext, FoldData, inner_split, register_method
+from comp.rundir import FoldDir
 from comp.runtime import seed_everything
 from comp.train import TrainConfig, train_fold
 
@@ -60,14 +61,14 @@ class LearnedInstances:
         extra = None if train.pseudo is None else (self.contrast.canonical(train.pseudo.x), train.pseudo.y)
         info = train_fold(self.model, x[fit_idx], train.y[fit_idx], self.p.train, ctx.workdir, ctx.seed, validate,
                           self.contrast.unit_affine(), ctx.folds_left, extra)  # fmt: skip
-        atomic_write_text(ctx.workdir / "history.json", json.dumps(info["history"], indent=1))
+        atomic_write_text(FoldDir(ctx.workdir).history, json.dumps(info["history"], indent=1))
         self.fitted = {"best_val_ari": info["best_val_ari"], "epochs": len(info["history"]), "val_ids": train.ids[val_idx].tolist()}
 
     def load(self, workdir: Path, contrast: Contrast = Contrast()) -> None:
         """Load a trained fold (workdir/best.pt) and the run's resolved contrast; no pretraining checkpoint is needed."""
         import torch
 
-        path = Path(workdir) / "best.pt"
+        path = FoldDir(Path(workdir)).best
         if not path.is_file():
             raise UserError(path, "fold checkpoint not found (is the CV run finished?)")
         self.contrast = contrast

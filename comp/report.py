@@ -12,9 +12,8 @@ from typing import Callable
 import numpy as np
 
 from comp.errors import UserError, atomic_write_text
-from comp.rundir import RunDir
+from comp.rundir import FoldDir, RunDir, Workspace
 
-LEADERBOARD = "leaderboard.md"
 
 
 def _run_command(run: Path, summary: dict) -> str:
@@ -76,9 +75,9 @@ def leaderboard_rows(runs: Path) -> list[dict]:
                 "command": _run_command(run.path, s),
             }
         )
-    from comp.ensemble import ENSEMBLES, load_ensemble
+    from comp.ensemble import load_ensemble
 
-    for path in sorted((runs / ENSEMBLES).glob("*.yaml")):
+    for path in sorted(Workspace(runs).ensembles.glob("*.yaml")):
         try:
             e = load_ensemble(str(path), runs)
         except UserError as err:  # a broken file is named and left out, never the whole leaderboard
@@ -119,7 +118,7 @@ def write_leaderboard(runs: Path) -> Path:
             )
         lines.append("")
     lines += transfer_lines(runs)
-    path = runs / LEADERBOARD
+    path = Workspace(runs).leaderboard
     atomic_write_text(path, "\n".join(lines))
     return path
 
@@ -290,7 +289,9 @@ def _curves(run_dirs: list[Path], out: Path) -> list[str]:
         cfg = RunDir(run).config()
         weights = str(cfg.get("params", {}).get("model", {}).get("encoder_weights", "none"))
         if weights.endswith(".pt"):
-            found = sorted(Path(weights[:-3]).glob("*/history.json"), key=lambda p: p.stat().st_mtime)
+            folder = Path(weights[:-3])  # runs/pretrain/NAME.pt -> its pretrainings, one folder per digest
+            kept = [FoldDir(d).history for d in folder.iterdir()] if folder.is_dir() else []
+            found = sorted((h for h in kept if h.is_file()), key=lambda p: p.stat().st_mtime)
             if found:
                 h = json.loads(found[-1].read_text())
                 plot_curves({"pretext": ([e["epoch"] + 1 for e in h], [e["loss"] for e in h])}, out / f"pretrain_{r}.png", f"pretraining — {Path(weights).stem}", "loss")
@@ -392,7 +393,7 @@ def report(target: str | None, data, runs: Path) -> Path:
     else:  # a run, or a tuned non-learned method: its CV run's out-of-fold predictions
         run = members[0] if members else _find_run(target, runs)
         inp, label = _from_run(run), f"{run.parent.name}-{run.name}"
-    return build_report(inp, data, runs, runs / "report" / label)
+    return build_report(inp, data, runs, Workspace(runs).report(label))
 
 
 def _find_run(target: str | None, runs: Path) -> Path:

@@ -17,7 +17,7 @@ import yaml
 from comp.config import extra_override, from_dict, load_experiment
 from comp.errors import UserError, atomic_write_text
 from comp.fields import bounded
-from comp.rundir import RunDir
+from comp.rundir import RunDir, Workspace
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -84,8 +84,7 @@ def _suite_dict(p: Path, seen: tuple = ()) -> dict:
 
 def results_file(runs: Path, suite_path: str) -> Path:
     """Where a suite's table goes: runs/results.md for the default suite, runs/results-<suite>.md for the others."""
-    stem = Path(suite_path).stem
-    return Path(runs) / ("results.md" if stem == "results_cpu" else f"results-{stem}.md")
+    return Workspace(runs).results_table(Path(suite_path).stem)
 
 
 def held_out_single(short: str, run: Path, data, runs: Path) -> float | None:
@@ -95,7 +94,7 @@ def held_out_single(short: str, run: Path, data, runs: Path) -> float | None:
 
     if not data.has_test_labels:
         return None
-    out = runs / "results" / f"{data.name}-{short}.csv"
+    out = Workspace(runs).results / f"{data.name}-{short}.csv"
     if has_maps(run):
         spec = single_member(f"results-{data.name}-{short}", run)
         save_ensemble(spec, runs)
@@ -169,7 +168,7 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
         r = rows.setdefault("best ensemble (tuned)", Row("best ensemble (tuned)", command=f"make ensemble tune ENS=results-DATA TRIALS={suite.trials}{regions}"))
         r.cv[ds] = (spec.nested_ari if spec.nested_ari is not None else spec.oof_ari, spec.oof_std)
         r.in_sample[ds] = spec.oof_ari
-        r.held_out[ds] = submit_ensemble(ens_name, data, runs / "results" / f"{ds}-ensemble.csv", runs, cached=True)["test_ari"] if data.has_test_labels else None
+        r.held_out[ds] = submit_ensemble(ens_name, data, Workspace(runs).results / f"{ds}-ensemble.csv", runs, cached=True)["test_ari"] if data.has_test_labels else None
         if other is not None:
             r.transfer[ds] = transfer_ensemble(ens_name, data, [other], runs)[0].mean_ari
         how = _how(spec)
@@ -180,7 +179,7 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
     if reused_s:  # a fresh suite also trains what was reused: their own recorded times
         table += f"; it reused finished CV runs whose recorded times add {reused_s / 60:.0f} min (a fresh run: about {minutes + reused_s / 60:.0f} min)"
     table += ".\n"
-    out = out or runs / "results.md"
+    out = out or Workspace(runs).results_table("results_cpu")
     atomic_write_text(out, table)
     if readme is not None and readme.is_file():
         text = readme.read_text()

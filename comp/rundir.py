@@ -130,6 +130,77 @@ def load_maps(path: Path) -> MapArray:
 
 
 @dataclass(frozen=True)
+class FoldDir:
+    """A fold's work folder (a CV fold, or a fit on every annotated slice): what a method keeps there."""
+
+    path: Path
+
+    @property
+    def last(self) -> Path:
+        """The full training checkpoint a killed fold resumes from."""
+        return self.path / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        """The selected epoch's weights: what a trained fold predicts with."""
+        return self.path / "best.pt"
+
+    @property
+    def history(self) -> Path:
+        """Per-epoch losses and validation scores (the report's curves)."""
+        return self.path / "history.json"
+
+    @property
+    def merger(self) -> Path:
+        """A hybrid's fitted region merger."""
+        return self.path / "merge.txt"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Everything under a runs folder beside the CV runs: ensembles, tuning studies, pretraining, suites' tables and
+    held-out files, reports, the leaderboard. The one place those paths are spelled."""
+
+    root: Path = RUNS
+
+    @property
+    def ensembles(self) -> Path:
+        """Ensemble files (NAME.yaml) and their test-set mergers (NAME.merge.txt)."""
+        return Path(self.root) / "ensembles"
+
+    @property
+    def tune(self) -> Path:
+        """SQLite tuning studies (NAME.db)."""
+        return Path(self.root) / "tune"
+
+    def pretrain_dir(self, name: str, digest: str) -> Path:
+        """One pretraining's folder (config and data digest)."""
+        return Path(self.root) / "pretrain" / name / digest
+
+    def pretrained(self, name: str) -> Path:
+        """The published encoder checkpoint of a pretraining experiment (what YAMLs point at)."""
+        return Path(self.root) / "pretrain" / f"{name}.pt"
+
+    def report(self, label: str) -> Path:
+        """An HTML report's folder."""
+        return Path(self.root) / "report" / label
+
+    @property
+    def results(self) -> Path:
+        """The results suites' held-out submissions."""
+        return Path(self.root) / "results"
+
+    def results_table(self, suite: str) -> Path:
+        """A suite's table: results.md for the default suite (results_cpu), results-<suite>.md for the others."""
+        return Path(self.root) / ("results.md" if suite == "results_cpu" else f"results-{suite}.md")
+
+    @property
+    def leaderboard(self) -> Path:
+        """Every CV run and ensemble, ranked."""
+        return Path(self.root) / "leaderboard.md"
+
+
+@dataclass(frozen=True)
 class RunKey:
     """What identifies a run of an experiment: config digest, labels fingerprint (6 hex), fold count."""
 
@@ -231,7 +302,7 @@ class RunDir:
         return self.path / "oof_scores.csv"
 
     def fold_dir(self, fold: int) -> Path:
-        """The method's work folder of one fold."""
+        """The method's work folder of one fold (FoldDir names what is kept there)."""
         return self.path / f"fold{fold}"
 
     def claim_file(self, fold: int) -> Path:

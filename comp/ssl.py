@@ -28,6 +28,7 @@ from comp.data.targets import AugConfig, augment, resize_image
 from comp.errors import UserError, atomic_write_text, remove_stale_temps
 from comp.fields import bounded, identity, setting
 from comp.models import InstanceNet, ModelConfig, build_model
+from comp.rundir import RUNS, FoldDir, Workspace
 from comp.runtime import Amp, describe, device, seed_everything
 from comp.train import EpochSampler, loader_workers, lr_factor, run_epoch, save_checkpoint
 
@@ -230,7 +231,7 @@ def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path, contrast: Contrast = 
     print(f"pretraining on {describe(dev)}", flush=True)
     per_epoch, total = len(loader), cfg.epochs * len(loader)
     warm = int(cfg.warmup_epochs * per_epoch)
-    last = out_dir / "last.pt"
+    last = FoldDir(out_dir).last
     for ck_path in (last, out_dir / "encoder.pt"):  # a killed pretraining's temps (one process per pretraining folder)
         remove_stale_temps(ck_path)
     start, history = 0, []
@@ -261,7 +262,7 @@ def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path, contrast: Contrast = 
         save_checkpoint(last, {"task": task.state_dict(), "opt": opt.state_dict(), "scaler": amp.scaler.state_dict(), "epoch": epoch, "history": history,
                                **{name: g.get_state() for name, g in gens.items()}})  # fmt: skip
         save_checkpoint(out_dir / "encoder.pt", {"encoder": model.encoder.state_dict(), "config": asdict(cfg), "epoch": epoch})
-    atomic_write_text(out_dir / "history.json", json.dumps(history, indent=1))
+    atomic_write_text(FoldDir(out_dir).history, json.dumps(history, indent=1))
     from comp.report import plot_curves
 
     curve = ([h["epoch"] + 1 for h in history], [h["loss"] for h in history])
@@ -269,13 +270,13 @@ def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path, contrast: Contrast = 
     return out_dir / "encoder.pt"
 
 
-def run_pretrain(cfg: SSLConfig, x: np.ndarray, data_key: str, runs: Path = Path("runs")) -> Path:
+def run_pretrain(cfg: SSLConfig, x: np.ndarray, data_key: str, runs: Path = RUNS) -> Path:
     """Pretrain into runs/pretrain/NAME/<config+data digest>/ and publish runs/pretrain/NAME.pt for YAMLs."""
     import hashlib
 
     digest = hashlib.sha1(json.dumps([identity(cfg), data_key, PRETEXT_DRAWS], sort_keys=True).encode()).hexdigest()[:10]
-    ck = pretrain(cfg, x, runs / "pretrain" / cfg.name / digest, resolve(cfg.contrast, x, cfg.name))
-    public = runs / "pretrain" / f"{cfg.name}.pt"
+    ck = pretrain(cfg, x, Workspace(runs).pretrain_dir(cfg.name, digest), resolve(cfg.contrast, x, cfg.name))
+    public = Workspace(runs).pretrained(cfg.name)
     from comp.errors import atomic_path
 
     with atomic_path(public, suffix=".pt") as tmp:

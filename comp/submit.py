@@ -14,7 +14,7 @@ from comp.errors import UserError, atomic_path
 from comp.io import SIZE, Dataset, count_images, image_names, read_label_csv, scored_maps, write_label_csv
 from comp.metric import image_scores
 from comp.registry import FitContext, FoldData, get_method
-from comp.rundir import RunDir, load_maps
+from comp.rundir import RUNS, RunDir, load_maps
 
 
 def validate_submission(path: str | Path, data_root: str | Path, row_labels: list[str] | None = None) -> dict:
@@ -31,12 +31,12 @@ def validate_submission(path: str | Path, data_root: str | Path, row_labels: lis
     return {"images": n_test, "mean_regions": float(np.mean(regions)), "rows_reordered": reordered}
 
 
-def submit(exp: Experiment, data: Dataset, out: str | Path, seed: int = 0, runs: Path = Path("runs")) -> dict:
+def submit(exp: Experiment, data: Dataset, out: str | Path, seed: int = 0, runs: Path = RUNS) -> dict:
     """Fit the method on every annotated slice, predict X_test, write and validate `out`."""
     return _write_validate_score(Path(out), predict_test(exp, data, seed, runs), data)
 
 
-def predict_test(exp: Experiment, data: Dataset, seed: int = 0, runs: Path = Path("runs")) -> np.ndarray:
+def predict_test(exp: Experiment, data: Dataset, seed: int = 0, runs: Path = RUNS) -> np.ndarray:
     """The method fitted on every annotated slice, its X_test instance maps (kept beside the fit, reused while the
     config, the labels and the test slices themselves, by a hash of their pixels, are the same)."""
     if not data.has_test_images:
@@ -61,7 +61,7 @@ def _fit_predict(exp: Experiment, data: Dataset, seed: int, runs: Path, workdir:
     return fit_every_annotated(exp, data, seed, runs, workdir).predict(data.x_test)
 
 
-def fit_every_annotated(exp: Experiment, data: Dataset, seed: int = 0, runs: Path = Path("runs"), workdir: Path | None = None):
+def fit_every_annotated(exp: Experiment, data: Dataset, seed: int = 0, runs: Path = RUNS, workdir: Path | None = None):
     """The experiment's method fitted on every annotated slice of `data` (in the submit folder of this config and data,
     so a later `submit` or transfer resumes its checkpoints), behind the contrast step resolved on its slices."""
     spec = get_method(exp.method, exp.path)
@@ -156,7 +156,7 @@ def _segment_test(item: tuple, weights: list[float], post, merger, regions=None)
     return segment(blend(maps, weights), image, post, merger, -1, regions, given)
 
 
-def submit_ensemble(name: str, data: Dataset, out: str | Path, runs: Path = Path("runs"), cached: bool = False,
+def submit_ensemble(name: str, data: Dataset, out: str | Path, runs: Path = RUNS, cached: bool = False,
                     tta: bool = True, workers: int = 0, chunk: int = 32) -> dict:  # fmt: skip
     """Predict X_test with an ensemble file's members (fold models, flip TTA), blend, post-process, write, validate."""
     import time
@@ -185,7 +185,7 @@ def submit_ensemble(name: str, data: Dataset, out: str | Path, runs: Path = Path
     return {**_write_validate_score(out, pred, data), "seconds_per_slice": seconds / len(pred)}
 
 
-def predict_ensemble(spec, members: list[MemberMaps], x: np.ndarray, given: np.ndarray | None, runs: Path = Path("runs"),
+def predict_ensemble(spec, members: list[MemberMaps], x: np.ndarray, given: np.ndarray | None, runs: Path = RUNS,
                      workers: int = 0, chunk: int = 32, contrast=None) -> np.ndarray:  # fmt: skip
     """Instance maps of slices `x`: the members' maps blended, post-processed (or superpixels, or the `given`
     regions), merged as the ensemble file says; a chunk of slices at a time. `contrast`: how the slices are read

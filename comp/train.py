@@ -20,6 +20,7 @@ from comp.fields import added, bounded, identity, identity_of, setting
 from comp.losses import LossConfig, instance_loss
 from comp.models import InstanceNet
 from comp.parallel import cpu_share
+from comp.rundir import FoldDir
 from comp.runtime import Amp, describe, device, seed_everything
 
 
@@ -334,7 +335,7 @@ def train_fold(
     g = torch.Generator().manual_seed(seed)
     loss_of = step_loss(model, cfg, amp, dev)
     opt = _optimizer(model, cfg)
-    last, best_path = workdir / "last.pt", workdir / "best.pt"
+    last, best_path = FoldDir(workdir).last, FoldDir(workdir).best
     for ck_path in (last, best_path):  # the fold is claimed: temps beside its checkpoints are a killed run's leftovers
         remove_stale_temps(ck_path)
     start, best, history = _resume(last, model, opt, amp, g, cfg)

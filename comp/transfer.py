@@ -23,7 +23,7 @@ from comp.data.sets import labels_key
 from comp.errors import UserError
 from comp.io import Dataset, image_names, pixels_digest
 from comp.metric import image_scores, mean_counts, region_counts
-from comp.rundir import RUNS, TransferRecord
+from comp.rundir import RUNS, TransferRecord, Workspace
 
 
 @dataclass
@@ -144,7 +144,7 @@ def transfer_ensemble(name: str, fit: Dataset, scores: list[Dataset], runs: Path
     given_by = None  # the regions run's method, fitted once on every annotated slice of `fit`
     out = []
     for d in scores:
-        rec = TransferRecord.of(runs, "ensembles", digest, fit.fingerprint()["y_train"][:6], d.fingerprint()["y_train"][:6])
+        rec = TransferRecord.of(runs, Workspace(runs).ensembles.name, digest, fit.fingerprint()["y_train"][:6], d.fingerprint()["y_train"][:6])
         dig = pixels_digest(d.x_train[d.annotated])
         kept = _kept(rec, dig)
         if kept is not None:

@@ -24,7 +24,7 @@ from comp.merge import Merger, fit_merging, fit_region_merging, save_merger
 from comp.metric import image_scores
 from comp.postprocess import PostParams, SuperpixelParams, Regions
 from comp.registry import MethodSpec
-from comp.rundir import RunDir
+from comp.rundir import RunDir, Workspace
 
 # name: (low, high, log). Integer fields of PostParams get integer suggestions.
 SPACE: dict[str, tuple[float, float, bool]] = {
@@ -74,8 +74,9 @@ def storage_url(storage: str | None, name: str, runs: Path) -> str:
     if storage:
         # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the pinned driver is psycopg2.
         return "postgresql+psycopg2://" + storage[len("postgresql://") :] if storage.startswith("postgresql://") else storage
-    (runs / "tune").mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(runs / 'tune' / f'{name}.db').resolve()}"
+    studies = Workspace(runs).tune
+    studies.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(studies / f'{name}.db').resolve()}"
 
 
 def study_name(spec: EnsembleSpec, images: int, space: dict | None = None) -> str:

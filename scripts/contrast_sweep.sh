@@ -33,12 +33,10 @@ for exp in ${@:-baseline_watershed_stretched smooth_watershed}; do
     log=$($PY -m comp cv $exp --data "$DATA" --folds $FOLDS "${sets[@]}" | tee /dev/stderr)
     run=$(grep -oP "^$exp on \S+ \(\K[^)]+" <<< "$log")
     $PY - "$exp" "$name" "$w" "$run" <<'PYEOF' >> $OUT
-import json, sys
-from pathlib import Path
+import sys
+from comp.rundir import RunDir
 exp, data, w, run = sys.argv[1:5]
-s = json.loads((Path(run) / "cv.json").read_text())
-import yaml
-grey = yaml.safe_load((Path(run) / "config.yaml").read_text())["contrast_resolved"]["window"]
+s, grey = RunDir(run).summary(), RunDir(run).config()["contrast_resolved"]["window"]
 print(f"{exp}\t{data}\t{w}\t{grey[0]:.1f}..{grey[1]:.1f}\t{s['mean_ari']:.4f}\t{s['std_ari']:.4f}\t{s['fold_std']:.4f}\t{run}")
 PYEOF
   done

@@ -8,15 +8,15 @@ set -euo pipefail
 PY=${PY:-.venv/bin/python}
 DATASETS=${DATASETS:-"phantom proxy"} BUDGETS=${BUDGETS:-"1.0 0.25"} $PY - <<'PYEOF'
 import os
-from pathlib import Path
 
 from comp.config import load_experiment
 from comp.cv import finished_run, run_cv
 from comp.data.sets import resolve_data
 from comp.errors import atomic_write_text
 from comp.results import held_out_single
+from comp.rundir import RUNS
 
-runs, folds, rows = Path("runs"), 3, []
+runs, folds, rows = RUNS, 3, []
 # The student may train fewer epochs than its teacher (it sees more slices an epoch): the teacher's recipe at
 # the student's epochs separates what the pseudo-labels earn from what the shorter schedule does.
 epochs = load_experiment("unet_cpu_pseudo").params.train.epochs
@@ -36,6 +36,6 @@ for ds in os.environ["DATASETS"].split():
         rows.append(f"| {ds} | {budget:.0%} | {cells[0]} | {cells[1]} | {cells[2]} |")
 table = (f"| data | budget | unet_cpu | unet_cpu, {epochs} epochs | unet_cpu_pseudo ({epochs} epochs) |\n|---|---|---|---|---|\n"
          + "\n".join(rows) + "\n")
-atomic_write_text(Path("runs/pseudo_ablation.md"), table)
+atomic_write_text(RUNS / "pseudo_ablation.md", table)
 print(table)
 PYEOF

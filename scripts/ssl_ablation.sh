@@ -13,11 +13,11 @@ mkdir -p runs
 
 row() {  # backbone data init budget -> appends the newest run's numbers
   $PY - "$@" <<'PYEOF' >> runs/ssl_ablation.tsv
-import json, sys
-from pathlib import Path
+import sys
+from comp.rundir import RUNS, RunDir
 bb, data, init, budget, exp = sys.argv[1:6]
-run = max((d for d in Path("runs", exp).iterdir() if (d / "cv.json").exists()), key=lambda d: (d / "cv.json").stat().st_mtime)
-s = json.loads((run / "cv.json").read_text())
+run = max((RunDir(d) for d in (RUNS / exp).iterdir() if RunDir(d).finished), key=lambda r: r.summary_file.stat().st_mtime)
+s = run.summary()
 print(f"{bb}\t{data}\t{init}\t{budget}\t{s['mean_ari']:.4f}\t{s['std_ari']:.4f}\t{s['fold_std']:.4f}\t{run}")
 PYEOF
 }
