@@ -183,6 +183,18 @@ def inner_study(objective: Callable, starts: list[dict], trials: int, seed: int)
     return study.best_params
 
 
+@dataclass
+class _Kept:
+    """What the stages of `tune` keep so far: per-image in-sample and nested scores, the merge threshold (None: no
+    merging), its merger and the regions it starts from (None: the maps' watershed)."""
+
+    full: np.ndarray
+    nested: np.ndarray
+    threshold: float | None = None
+    merger: object = None
+    regions: Regions | None = None
+
+
 def tune(
     spec: EnsembleSpec,
     oof: OOF,
@@ -209,13 +221,41 @@ def tune(
     nested estimate: each fold's images scored with the best of a search on the other folds' images. The
     tuned settings are kept only when their nested estimate beats the stored settings on every OOF image.
     """
+    for r in region_runs or []:  # before any search: a run on other folds would be refused after minutes of work
+        oof.check_run(r)
+    bar = spec.nested_ari  # what a result must beat to be stored (None: nothing stored yet)
+    search = _search(spec, oof, runs, trials, storage, images, workers, seed, params)
+    post, weights, kept, defaults = _post_processing(spec, oof, search, trials, seed, workers)
+    no_merge = float(kept.full.mean())
+    if merge:
+        kept = _merging(oof, weights, post, kept, seed, workers)
+        kept = _region_starts(oof, weights, kept, superpixels, region_runs, seed, workers)
+    new_ari, new_nested = float(kept.full.mean()), float(kept.nested.mean())
+    stored = bar is None or new_nested > bar + 1e-9
+    if stored:
+        _store(spec, runs, command, post, weights, kept, no_merge)
+    return TuneResult(float(search.best.value), new_ari, no_merge, kept.threshold, stored, search.done, search.rate, new_nested,
+                      float(defaults.mean()), _describe(kept.regions) if kept.regions is not None else "", bar)  # fmt: skip
+
+
+@dataclass
+class _Search:
+    """The Optuna search's outcome: its best trial, the trial it started from, the objective, counts and speed."""
+
+    best: object
+    start: dict
+    objective_on: Callable
+    done: int
+    rate: float
+
+
+def _search(spec: EnsembleSpec, oof: OOF, runs: Path, trials: int, storage: str | None, images: int, workers: int,
+            seed: int, params: list[str] | None) -> _Search:  # fmt: skip
+    """Resume or run the study (post-processing and member weights) to `trials` complete trials on the OOF images."""
     import optuna
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    for r in region_runs or []:  # before any search: a run on other folds would be refused after minutes of work
-        oof.check_run(r)
-    bar = spec.nested_ari  # what a result must beat to be stored (None: nothing stored yet)
     has_emb = all(m.channels > 3 for m in oof.members)
     space = _restrict(SPACE, params)
     idx = oof.subset(images, seed)
@@ -238,88 +278,107 @@ def tune(
         stop = optuna.study.MaxTrialsCallback(trials, states=(TrialState.COMPLETE,))
         study.optimize(objective_on(idx), n_trials=left, callbacks=[_report_trial, stop])
     done = _complete(study)
-    rate = (done - before) / max((time.time() - t0) / 60, 1e-9)
-    best = study.best_trial
+    return _Search(study.best_trial, start, objective_on, done, (done - before) / max((time.time() - t0) / 60, 1e-9))
+
+
+def _post_processing(spec: EnsembleSpec, oof: OOF, search: _Search, trials: int, seed: int,
+                     workers: int) -> tuple[PostParams, list[float], _Kept, np.ndarray]:  # fmt: skip
+    """The best trial scored on every OOF image and nested across folds; the stored settings kept unless it beats
+    them nested. Returns the post-processing, the weights, their scores and the stored settings' scores."""
     every = np.arange(len(oof.images))
     defaults = oof.scores([m.weight for m in spec.members], spec.post, workers=workers, desc="score the stored settings")
-    post, weights = _from_params(best.params, spec.post, len(oof.members))
+    post, weights = _from_params(search.best.params, spec.post, len(oof.members))
     full = oof.scores(weights, post, workers=workers, desc="score best on all OOF images")
 
     def replay(p: dict, held: np.ndarray) -> np.ndarray:
         post_k, weights_k = _from_params(p, spec.post, len(oof.members))
         return oof.scores(weights_k, post_k, idx=held, workers=workers)
 
-    if best.params == start:  # nothing beat the stored settings even in-sample: no search to check on held-out folds
+    if search.best.params == search.start:  # nothing beat the stored settings even in-sample: no search to check on held-out folds
         print("no trial beat the stored settings: they are kept (no nested search needed)", flush=True)
         nested = defaults
     else:
         print(f"nested estimate: {len(np.unique(oof.folds))} searches of {trials} trials, each on the other folds' images", flush=True)
-        nested = nested_scores(oof.folds, every, lambda inner: inner_study(objective_on(inner), [start], trials, seed), replay)
+        inner = lambda sub: inner_study(search.objective_on(sub), [search.start], trials, seed)  # noqa: E731
+        nested = nested_scores(oof.folds, every, inner, replay)
     print(f"stored settings {defaults.mean():.4f}; tuned: in-sample {full.mean():.4f}, nested {nested.mean():.4f}", flush=True)
     if nested.mean() <= defaults.mean() + 1e-9:  # the search does not generalise: keep what is stored
         print("the nested estimate does not beat the stored settings: they are kept", flush=True)
-        post, weights, full, nested = spec.post, [m.weight for m in spec.members], defaults, defaults
-    no_merge, final, final_nested, threshold = float(full.mean()), full, nested, None
-    if merge:
-        merger = fit_merging(oof, weights, post, workers)
-        scan = oof.subset(SCAN_IMAGES, seed)  # thresholds compared on a subset, the winner scored on every image
-        per_t = {}
-        for t in MERGE_THRESHOLDS:
-            merger.threshold = t
-            per_t[t] = oof.scores(weights, post, merger, idx=scan, workers=workers) - full[scan]
-            print(f"merge threshold {t}: {per_t[t].mean():+.4f} OOF ARI on {len(scan)} images", flush=True)
-        t_best = max(per_t, key=lambda t: per_t[t].mean())
-        if per_t[t_best].mean() > 0:
-            pick = lambda inner: max(per_t, key=lambda t: per_t[t][np.isin(scan, inner)].mean())  # noqa: E731
+        return spec.post, [m.weight for m in spec.members], _Kept(defaults, defaults), defaults
+    return post, weights, _Kept(full, nested), defaults
 
-            def merged_at(t: float, held: np.ndarray) -> np.ndarray:
-                merger.threshold = t
-                return oof.scores(weights, post, merger, idx=held, workers=workers)
 
-            merged = merged_at(t_best, every)
-            # Merging's gain per image with each fold's threshold chosen on the other folds, added to the nested
-            # estimate of the post-processing (the gain is measured on top of the post-processing found in-sample).
-            gain = nested_scores(oof.folds, every, pick, merged_at) - full
-            print(f"merging at {t_best}: in-sample {merged.mean():.4f}, nested {(nested + gain).mean():.4f} "
-                  f"(without merging {no_merge:.4f}, nested {nested.mean():.4f})", flush=True)  # fmt: skip
-            g, se = gain_and_se(nested + gain, nested, oof.folds)
-            if g > max(se, 1e-6):
-                final, final_nested, threshold = merged, nested + gain, t_best
-            else:
-                print(f"merging gains {g:+.4f} nested, within its per-fold standard error {se:.4f}: left out", flush=True)
-    regions, candidates = None, []
-    if superpixels and merge:
+def _merging(oof: OOF, weights: list[float], post: PostParams, kept: _Kept, seed: int, workers: int) -> _Kept:
+    """LightGBM merging of the post-processed regions: its threshold scanned on a subset, its gain nested across
+    folds; kept only when that gain beats its per-fold standard error."""
+    every, full, nested = np.arange(len(oof.images)), kept.full, kept.nested
+    merger = fit_merging(oof, weights, post, workers)
+    scan = oof.subset(SCAN_IMAGES, seed)  # thresholds compared on a subset, the winner scored on every image
+    per_t = {}
+    for t in MERGE_THRESHOLDS:
+        merger.threshold = t
+        per_t[t] = oof.scores(weights, post, merger, idx=scan, workers=workers) - full[scan]
+        print(f"merge threshold {t}: {per_t[t].mean():+.4f} OOF ARI on {len(scan)} images", flush=True)
+    t_best = max(per_t, key=lambda t: per_t[t].mean())
+    if per_t[t_best].mean() <= 0:
+        return _Kept(full, nested, None, merger)
+    pick = lambda inner: max(per_t, key=lambda t: per_t[t][np.isin(scan, inner)].mean())  # noqa: E731
+
+    def merged_at(t: float, held: np.ndarray) -> np.ndarray:
+        merger.threshold = t
+        return oof.scores(weights, post, merger, idx=held, workers=workers)
+
+    merged = merged_at(t_best, every)
+    # Merging's gain per image with each fold's threshold chosen on the other folds, added to the nested
+    # estimate of the post-processing (the gain is measured on top of the post-processing found in-sample).
+    gain = nested_scores(oof.folds, every, pick, merged_at) - full
+    print(f"merging at {t_best}: in-sample {merged.mean():.4f}, nested {(nested + gain).mean():.4f} "
+          f"(without merging {full.mean():.4f}, nested {nested.mean():.4f})", flush=True)  # fmt: skip
+    g, se = gain_and_se(nested + gain, nested, oof.folds)
+    if g > max(se, 1e-6):
+        return _Kept(merged, nested + gain, t_best, merger)
+    print(f"merging gains {g:+.4f} nested, within its per-fold standard error {se:.4f}: left out", flush=True)
+    return _Kept(full, nested, None, merger)
+
+
+def _region_starts(oof: OOF, weights: list[float], kept: _Kept, superpixels: bool, region_runs: list[Path] | None,
+                   seed: int, workers: int) -> _Kept:  # fmt: skip
+    """Merging from other regions than the maps' watershed: superpixels of the stretched slice, other runs' OOF
+    predictions; each taken when it beats what is kept by more than its per-fold standard error."""
+    candidates = []
+    if superpixels:
         candidates.append(([Regions(SuperpixelParams(h=h), oof.window()) for h in SUPERPIXEL_H], SUPERPIXEL_THRESHOLDS, SUPERPIXEL_SCAN_IMAGES))
-    if region_runs and merge:
+    if region_runs:
         candidates.append(([Regions(window=oof.window(), run=str(r)) for r in region_runs], RUN_THRESHOLDS, SCAN_IMAGES))
     for choices, thresholds, scan_n in candidates:
         c_full, c_nested, cand, c_t, c_merger = region_candidate(oof, weights, choices, thresholds, scan_n, seed, workers)
         print(f"{_describe(cand)} + merging at {c_t}: in-sample {c_full.mean():.4f}, nested {c_nested.mean():.4f} "
-              f"(so far: nested {final_nested.mean():.4f})", flush=True)  # fmt: skip
-        g, se = gain_and_se(c_nested, final_nested, oof.folds)  # the fitted start must beat the simpler by more than its spread
+              f"(so far: nested {kept.nested.mean():.4f})", flush=True)  # fmt: skip
+        g, se = gain_and_se(c_nested, kept.nested, oof.folds)  # the fitted start must beat the simpler by more than its spread
         if g > se:
-            final, final_nested, threshold, merger, regions = c_full, c_nested, c_t, c_merger, cand
+            kept = _Kept(c_full, c_nested, c_t, c_merger, cand)
         print(f"{_describe(cand)}: gain {g:+.4f} nested against its per-fold standard error {se:.4f}: "
               f"{'taken' if g > se else 'the simpler one kept'}", flush=True)  # fmt: skip
-    new_ari, new_nested = float(final.mean()), float(final_nested.mean())
-    stored = bar is None or new_nested > bar + 1e-9
-    if stored:
-        _record_command(spec, command)
-        total = sum(weights)
-        for m, w in zip(spec.members, weights):
-            m.weight = round(w / total, 6)
-        spec.post = post
-        spec.merge.enabled = threshold is not None
-        spec.merge.threshold = threshold if threshold is not None else spec.merge.threshold
-        spec.regions = regions
-        spec.oof_ari, spec.oof_std, spec.oof_ari_no_merge = new_ari, float(final.std()), no_merge
-        spec.nested_ari = new_nested
-        if threshold is not None:
-            merger.threshold = threshold
-            save_merger(merger, merger_path(spec.name, runs))
-        save_ensemble(spec, runs)
-    return TuneResult(float(best.value), new_ari, no_merge, threshold, stored, done, rate, new_nested, float(defaults.mean()),
-                      _describe(regions) if regions is not None else "", bar)  # fmt: skip
+    return kept
+
+
+def _store(spec: EnsembleSpec, runs: Path, command: str, post: PostParams, weights: list[float], kept: _Kept,
+           no_merge: float) -> None:  # fmt: skip
+    """Write the tuned settings (normalised weights, post-processing, merging, regions, scores) into the ensemble file."""
+    _record_command(spec, command)
+    total = sum(weights)
+    for m, w in zip(spec.members, weights):
+        m.weight = round(w / total, 6)
+    spec.post = post
+    spec.merge.enabled = kept.threshold is not None
+    spec.merge.threshold = kept.threshold if kept.threshold is not None else spec.merge.threshold
+    spec.regions = kept.regions
+    spec.oof_ari, spec.oof_std, spec.oof_ari_no_merge = float(kept.full.mean()), float(kept.full.std()), no_merge
+    spec.nested_ari = float(kept.nested.mean())
+    if kept.threshold is not None:
+        kept.merger.threshold = kept.threshold
+        save_merger(kept.merger, merger_path(spec.name, runs))
+    save_ensemble(spec, runs)
 
 
 def _record_command(spec: EnsembleSpec, command: str) -> None:
