@@ -304,6 +304,19 @@ def _log_epoch(rec: dict, epochs: int, best: float, first: bool, folds_left: int
         print(eta_line(rec["seconds"], epochs - rec["epoch"] - 1, epochs, folds_left), flush=True)
 
 
+def _start(cfg: TrainConfig, seed: int) -> tuple[torch.device, Amp]:
+    """The fold's device (refusing the CPU for a GPU-sized config), seeds, determinism and mixed precision, said in one line."""
+    dev = device(cfg.device)
+    seed_everything(seed)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    amp = Amp(dev, cfg.amp)
+    print(f"training on {describe(dev)}" + (f", AMP {str(amp.dtype).split('.')[-1]}" if amp.enabled else ", no AMP"), flush=True)
+    return dev, amp
+
+
 def train_fold(
     model: InstanceNet,
     x: np.ndarray,
@@ -321,15 +334,8 @@ def train_fold(
     `extra` (pseudo-labelled slices) joins the training set after `budget` has thinned the annotated ones.
 
     After the first epoch it prints an ETA for this fold and, with `folds_left` more to come, for the run."""
-    dev = device(cfg.device)
+    dev, amp = _start(cfg, seed)
     cuda = dev.type == "cuda"
-    seed_everything(seed)
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    amp = Amp(dev, cfg.amp)
-    print(f"training on {describe(dev)}" + (f", AMP {str(amp.dtype).split('.')[-1]}" if amp.enabled else ", no AMP"), flush=True)
     data = SliceSet(*_training_set(x, y, cfg.budget, seed, extra), cfg.resolution, cfg.aug, seed, cfg.crop, affine,
                     cfg.augment_on == "device")  # fmt: skip
     g = torch.Generator().manual_seed(seed)
