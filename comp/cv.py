@@ -140,21 +140,7 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
     key = run_key(exp, data, k)
     lock = RunDir.lock_file(runs, exp.name, key)
     with run_lock(lock):  # every process of this run agrees on one folder
-        run = RunDir.create(runs, exp.name, key)
-        if run.config_file.is_file():  # resuming: its cached test maps must all come from the same test slices
-            began = (run.config().get("data") or {}).get("x_test")
-            if began is not None and began != data.test_digest:
-                raise UserError(run.path, "the test slices changed since this run began (its finished folds cached test maps of "
-                                "the others): restore them, or delete this unfinished run folder to start again")  # fmt: skip
-            ids, fixed = run.folds()
-            if not (np.array_equal(ids, ann) and np.array_equal(fixed, fold_of)):  # folds of two splits would overlap
-                raise UserError(run.path, "its folds (folds.csv) are not the ones the data's groups give now (groups.csv changed, "
-                                "or inferred groups moved with the slices): restore them, or delete this run folder to start again")  # fmt: skip
-        else:
-            cv = {"folds": k, "seed": exp.cv.seed, "groups": exp.cv.groups, **({"extra": exp.cv.extra} if extra else {})}
-            fp = {**data.fingerprint(), **({"extra": extra.sources} if extra else {})}
-            run.write_config({**exp.to_dict(), "cv": cv, "data": fp, "contrast_resolved": contrast.to_dict()})
-            run.write_folds(names, ann, fold_of)
+        run = _open_run(RunDir.create(runs, exp.name, key), exp, data, k, fold_of, extra, contrast)
     x_test = data.x_test if data.has_test_images else None
     t0 = time.time()
     todo = list(range(k)) if only is None else [only]
@@ -184,6 +170,27 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
             s = run.summary()
             return CVResult(run.path, s["mean_ari"], s["std_ari"], [g["ari"] for g in s["folds"]])
         return _summarise(exp, run, k, names, time.time() - t0, command, groups)
+
+
+def _open_run(run: RunDir, exp: Experiment, data: Dataset, k: int, fold_of: np.ndarray, extra, contrast) -> RunDir:
+    """A new run folder gets its config and folds; a resumed one must have the same test slices and folds (under the
+    run's lock)."""
+    ann = data.annotated
+    if run.config_file.is_file():  # resuming: its cached test maps must all come from the same test slices
+        began = (run.config().get("data") or {}).get("x_test")
+        if began is not None and began != data.test_digest:
+            raise UserError(run.path, "the test slices changed since this run began (its finished folds cached test maps of "
+                            "the others): restore them, or delete this unfinished run folder to start again")  # fmt: skip
+        ids, fixed = run.folds()
+        if not (np.array_equal(ids, ann) and np.array_equal(fixed, fold_of)):  # folds of two splits would overlap
+            raise UserError(run.path, "its folds (folds.csv) are not the ones the data's groups give now (groups.csv changed, "
+                            "or inferred groups moved with the slices): restore them, or delete this run folder to start again")  # fmt: skip
+        return run
+    cv = {"folds": k, "seed": exp.cv.seed, "groups": exp.cv.groups, **({"extra": exp.cv.extra} if extra else {})}
+    fp = {**data.fingerprint(), **({"extra": extra.sources} if extra else {})}
+    run.write_config({**exp.to_dict(), "cv": cv, "data": fp, "contrast_resolved": contrast.to_dict()})
+    run.write_folds(image_names(len(data.x_train)), ann, fold_of)
+    return run
 
 
 def _fit_fold(method, ctx: FitContext, train: FoldData, x_val: np.ndarray, y_val: np.ndarray, ids: np.ndarray,
