@@ -204,6 +204,20 @@ class CropSet(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(img))[None]
 
 
+def _resume(last: Path, task: nn.Module, opt: torch.optim.Optimizer, amp: Amp, gens: dict[str, torch.Generator]) -> tuple[int, list[dict]]:
+    """Load last.pt into the pretext model, optimiser, scaler and generators if it exists: (first epoch to run, history)."""
+    if not last.exists():
+        return 0, []
+    ck = torch.load(last, map_location="cpu", weights_only=True)  # CPU RNG states; no pickle from a checkpoint
+    task.load_state_dict(ck["task"])
+    opt.load_state_dict(ck["opt"])
+    amp.load_scaler(ck.get("scaler"))
+    for name, g in gens.items():
+        g.set_state(ck[name])
+    print(f"resuming from {last} at epoch {ck['epoch'] + 1}")
+    return ck["epoch"] + 1, ck["history"]
+
+
 def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path, contrast: Contrast = Contrast()) -> Path:
     """Pretrain the encoder on slices `x` behind the contrast step; resumable from out_dir/last.pt; returns the encoder checkpoint."""
     dev = device(cfg.device)
@@ -216,9 +230,9 @@ def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path, contrast: Contrast = 
     data = CropSet(contrast.canonical(x), cfg, contrast.unit_affine())
     gen = torch.Generator().manual_seed(cfg.seed)
     sampler = EpochSampler(len(data), gen)
-    loader = torch.utils.data.DataLoader(data, batch_size=min(cfg.batch_size, len(data)), sampler=sampler, drop_last=True,
-                                         num_workers=loader_workers(cfg.num_workers), persistent_workers=loader_workers(cfg.num_workers) > 0,
-                                         pin_memory=dev.type == "cuda")  # fmt: skip
+    workers = loader_workers(cfg.num_workers)
+    loader = torch.utils.data.DataLoader(data, batch_size=min(cfg.batch_size, len(data)), sampler=sampler, drop_last=True, num_workers=workers,
+                                         persistent_workers=workers > 0, pin_memory=dev.type == "cuda")  # fmt: skip
     cuda = dev.type == "cuda"
     if cuda:  # the segmentation training's layout and autotuning (fixed crop size)
         task.to(memory_format=torch.channels_last)
@@ -234,16 +248,7 @@ def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path, contrast: Contrast = 
     last = FoldDir(out_dir).last
     for ck_path in (last, out_dir / "encoder.pt"):  # a killed pretraining's temps (one process per pretraining folder)
         remove_stale_temps(ck_path)
-    start, history = 0, []
-    if last.exists():
-        ck = torch.load(last, map_location="cpu", weights_only=True)  # CPU RNG states; no pickle from a checkpoint
-        task.load_state_dict(ck["task"])
-        opt.load_state_dict(ck["opt"])
-        amp.load_scaler(ck.get("scaler"))
-        start, history = ck["epoch"] + 1, ck["history"]
-        for name, g in gens.items():
-            g.set_state(ck[name])
-        print(f"resuming from {last} at epoch {start}")
+    start, history = _resume(last, task, opt, amp, gens)
 
     def loss_of(xb: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         xb = xb.to(dev, non_blocking=True)
