@@ -253,7 +253,6 @@ def _search(spec: EnsembleSpec, oof: OOF, runs: Path, trials: int, storage: str 
             seed: int, params: list[str] | None) -> _Search:  # fmt: skip
     """Resume or run the study (post-processing and member weights) to `trials` complete trials on the OOF images."""
     import optuna
-    from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     has_emb = all(m.channels > 3 for m in oof.members)
@@ -271,14 +270,21 @@ def _search(spec: EnsembleSpec, oof: OOF, runs: Path, trials: int, storage: str 
 
         return objective
 
+    done, rate = _run_study(study, objective_on(idx), trials, f"{len(idx)} OOF images")
+    return _Search(study.best_trial, start, objective_on, done, rate)
+
+
+def _run_study(study, objective: Callable, trials: int, what: str) -> tuple[int, float]:
+    """Run the study until it has `trials` complete trials (all workers sharing it): (complete trials, trials a minute here)."""
+    import optuna
+
     t0, before = time.time(), _complete(study)
-    left = trials - before
-    if left > 0:
-        print(f"study {study.study_name}: {before} complete trials, running {left} more on {len(idx)} OOF images", flush=True)
-        stop = optuna.study.MaxTrialsCallback(trials, states=(TrialState.COMPLETE,))
-        study.optimize(objective_on(idx), n_trials=left, callbacks=[_report_trial, stop])
+    if trials > before:
+        print(f"study {study.study_name}: {before} complete trials, running {trials - before} more on {what}", flush=True)
+        stop = optuna.study.MaxTrialsCallback(trials, states=(optuna.trial.TrialState.COMPLETE,))
+        study.optimize(objective, n_trials=trials - before, callbacks=[_report_trial, stop])
     done = _complete(study)
-    return _Search(study.best_trial, start, objective_on, done, (done - before) / max((time.time() - t0) / 60, 1e-9))
+    return done, (done - before) / max((time.time() - t0) / 60, 1e-9)
 
 
 def _post_processing(spec: EnsembleSpec, oof: OOF, search: _Search, trials: int, seed: int,
@@ -525,14 +531,7 @@ def tune_method(spec_file: EnsembleSpec, data, runs: Path, trials: int = 40, sto
     def replay(p: dict, sub: np.ndarray) -> np.ndarray:
         return scores_of(optuna.trial.FixedTrial(p), sub)
 
-    t0, before = time.time(), _complete(study)
-    if trials > before:
-        print(f"study {study.study_name}: {before} complete trials, running {trials - before} more on {len(idx)} OOF images "
-              f"(method parameters and contrast window)", flush=True)  # fmt: skip
-        stop = optuna.study.MaxTrialsCallback(trials, states=(optuna.trial.TrialState.COMPLETE,))
-        study.optimize(objective_on(idx), n_trials=trials - before, callbacks=[_report_trial, stop])
-    done = _complete(study)
-    rate = (done - before) / max((time.time() - t0) / 60, 1e-9)
+    done, rate = _run_study(study, objective_on(idx), trials, f"{len(idx)} OOF images (method parameters and contrast window)")
     best = study.best_trial
     every = np.arange(len(ids))
     scores = replay(best.params, every)
@@ -542,15 +541,20 @@ def tune_method(spec_file: EnsembleSpec, data, runs: Path, trials: int = 40, sto
     stored = nested.mean() > bar + 1e-9
     if stored:
         params_, c = _method_trial(optuna.trial.FixedTrial(best.params), spec, exp.params, contrast)
-        names = [*spec.space, *spec.fixed]
-        spec_file.overrides = {**{f"params.{k}": getattr(params_, k) for k in names}, "contrast.window": list(c.window)}
-        spec_file.oof_ari = spec_file.oof_ari_no_merge = float(scores.mean())
-        spec_file.oof_std = float(scores.std())
-        spec_file.nested_ari = float(nested.mean())
-        _record_command(spec_file, command)
-        save_ensemble(spec_file, runs)
+        _store_method(spec_file, runs, command, {k: getattr(params_, k) for k in [*spec.space, *spec.fixed]}, c.window, scores, nested)
     return TuneResult(float(best.value), float(scores.mean()), float(scores.mean()), None, stored, done, rate, float(nested.mean()), cv_ari,
                       bar=bar)  # fmt: skip
+
+
+def _store_method(spec_file: EnsembleSpec, runs: Path, command: str, params: dict, window, scores: np.ndarray,
+                  nested: np.ndarray) -> None:  # fmt: skip
+    """Write a tuned non-learned method's parameters and window into its ensemble file as overrides, with their scores."""
+    spec_file.overrides = {**{f"params.{k}": v for k, v in params.items()}, "contrast.window": list(window)}
+    spec_file.oof_ari = spec_file.oof_ari_no_merge = float(scores.mean())
+    spec_file.oof_std = float(scores.std())
+    spec_file.nested_ari = float(nested.mean())
+    _record_command(spec_file, command)
+    save_ensemble(spec_file, runs)
 
 
 def _complete(study) -> int:
