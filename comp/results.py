@@ -121,11 +121,6 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
                 out: Path | None = None) -> Path:  # fmt: skip
     """Run the suite on every data set, write `out` (default runs/results.md), and refresh the README's table."""
     from comp.data.sets import resolve_data
-    from comp.cv import finished_run, run_cv
-    from comp.ensemble import OOF, build_ensemble, has_maps, load_ensemble
-    from comp.submit import submit_ensemble
-    from comp.transfer import transfer_ensemble
-    from comp.tune import tune
 
     t0, reused_s = time.time(), 0.0
     rows: dict[str, Row] = {}
@@ -133,20 +128,9 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
     short = {n: load_experiment(n).name for n in names}  # entries may be paths
     for ds, root in suite.datasets.items():
         data = resolve_data(root or None)
-        result = {}
         other = resolve_data(suite.transfer[ds] or None) if ds in suite.transfer else None
-        extra = extra_override(suite.extra.get(ds, []))
-        extra_arg = " --extra " + " ".join(suite.extra[ds]) if extra else ""
-        for name in names:
-            exp = load_experiment(name, extra)
-            res = finished_run(exp, data, suite.folds, runs) if reuse else None
-            if res is not None:
-                reused_s += float(RunDir(res.run_dir).summary().get("seconds", 0.0))
-            res = res or run_cv(exp, data, suite.folds, runs, command=f"python -m comp cv {name} --folds {suite.folds}" + extra_arg)
-            if res is None:
-                raise UserError(runs / exp.name, "folds of this run are in progress in another process: run `make results` when it is done")
-            result[name] = res
-            print(f"[{ds}] {name}: CV ARI {res.mean:.4f} ({res.run_dir})", flush=True)
+        result, reused = _cv_runs(suite, ds, data, names, runs, reuse)
+        reused_s += reused
         picks = [("official watershed baseline", suite.baseline), ("official baseline, contrast-stretched (auto)", suite.stretched),
                  ("fg U-Net + connected components", suite.fg_cc), *(("single model", n) for n in suite.singles)]  # fmt: skip
         for label, name in picks:
@@ -156,37 +140,69 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
             r.held_out[ds] = held_out_single(short[name], result[name].run_dir, data, runs)
             if other is not None:
                 r.transfer[ds] = transfer_single(short[name], result[name].run_dir, data, other, runs)
-        learned = [result[n].run_dir for n in suite.singles if has_maps(result[n].run_dir)]
-        ens_name = f"results-{ds}"
-        spec, _ = build_ensemble(ens_name, learned, data, runs, max_steps=suite.select_steps, images=suite.select_images, force=True, command=f"python -m comp ensemble {' '.join(short[n] for n in suite.singles)} --name {ens_name}")
-        instance = [n for n in suite.singles if not has_maps(result[n].run_dir) and _offers_regions(suite, n, short[n])]
-        tuned_by = f"python -m comp tune {ens_name} --trials {suite.trials}" + (" --regions-from " + " ".join(str(result[n].run_dir) for n in instance) if instance else "")
-        tune(spec, OOF.load([Path(m.run) for m in spec.members], data), runs, trials=suite.trials, region_runs=[result[n].run_dir for n in instance],
-             command=tuned_by)  # fmt: skip
-        spec = load_ensemble(ens_name, runs)
-        regions = f' REGIONS="{" ".join(short[n] for n in instance)}"' if instance else ""
-        r = rows.setdefault("best ensemble (tuned)", Row("best ensemble (tuned)", command=f"make ensemble tune ENS=results-DATA TRIALS={suite.trials}{regions}"))
-        r.cv[ds] = (spec.nested_ari if spec.nested_ari is not None else spec.oof_ari, spec.oof_std)
-        r.in_sample[ds] = spec.oof_ari
-        r.held_out[ds] = submit_ensemble(ens_name, data, Workspace(runs).results / f"{ds}-ensemble.csv", runs, cached=True)["test_ari"] if data.has_test_labels else None
-        if other is not None:
-            r.transfer[ds] = transfer_ensemble(ens_name, data, [other], runs)[0].mean_ari
-        how = _how(spec)
-        r.names[ds] = ", ".join(f"`{Path(m.run).parent.name}` x{m.weight:.2f}" for m in spec.members) + how
-    minutes = (time.time() - t0) / 60
-    table = _table(list(rows.values()), list(suite.datasets), suite)
+        _ensemble_row(suite, ds, data, other, result, short, runs, rows)
+    _write_table(list(rows.values()), suite, (time.time() - t0) / 60, reused_s, out or Workspace(runs).results_table("results_cpu"), readme)
+    return out or Workspace(runs).results_table("results_cpu")
+
+
+def _cv_runs(suite: Suite, ds: str, data, names: list[str], runs: Path, reuse: bool) -> tuple[dict, float]:
+    """Every experiment's CV run on one data set (a finished one reused if asked): the results and the reused runs' seconds."""
+    from comp.cv import finished_run, run_cv
+
+    extra = extra_override(suite.extra.get(ds, []))
+    extra_arg = " --extra " + " ".join(suite.extra[ds]) if extra else ""
+    result, reused_s = {}, 0.0
+    for name in names:
+        exp = load_experiment(name, extra)
+        res = finished_run(exp, data, suite.folds, runs) if reuse else None
+        if res is not None:
+            reused_s += float(RunDir(res.run_dir).summary().get("seconds", 0.0))
+        res = res or run_cv(exp, data, suite.folds, runs, command=f"python -m comp cv {name} --folds {suite.folds}" + extra_arg)
+        if res is None:
+            raise UserError(runs / exp.name, "folds of this run are in progress in another process: run `make results` when it is done")
+        result[name] = res
+        print(f"[{ds}] {name}: CV ARI {res.mean:.4f} ({res.run_dir})", flush=True)
+    return result, reused_s
+
+
+def _ensemble_row(suite: Suite, ds: str, data, other, result: dict, short: dict, runs: Path, rows: dict[str, Row]) -> None:
+    """Greedy selection over the learned singles, tuning (with the instance singles' regions offered), the row's figures."""
+    from comp.ensemble import OOF, build_ensemble, has_maps, load_ensemble
+    from comp.submit import submit_ensemble
+    from comp.transfer import transfer_ensemble
+    from comp.tune import tune
+
+    learned = [result[n].run_dir for n in suite.singles if has_maps(result[n].run_dir)]
+    ens_name = f"results-{ds}"
+    spec, _ = build_ensemble(ens_name, learned, data, runs, max_steps=suite.select_steps, images=suite.select_images, force=True, command=f"python -m comp ensemble {' '.join(short[n] for n in suite.singles)} --name {ens_name}")
+    instance = [n for n in suite.singles if not has_maps(result[n].run_dir) and _offers_regions(suite, n, short[n])]
+    tuned_by = f"python -m comp tune {ens_name} --trials {suite.trials}" + (" --regions-from " + " ".join(str(result[n].run_dir) for n in instance) if instance else "")
+    tune(spec, OOF.load([Path(m.run) for m in spec.members], data), runs, trials=suite.trials, region_runs=[result[n].run_dir for n in instance],
+         command=tuned_by)  # fmt: skip
+    spec = load_ensemble(ens_name, runs)
+    regions = f' REGIONS="{" ".join(short[n] for n in instance)}"' if instance else ""
+    r = rows.setdefault("best ensemble (tuned)", Row("best ensemble (tuned)", command=f"make ensemble tune ENS=results-DATA TRIALS={suite.trials}{regions}"))
+    r.cv[ds] = (spec.nested_ari if spec.nested_ari is not None else spec.oof_ari, spec.oof_std)
+    r.in_sample[ds] = spec.oof_ari
+    r.held_out[ds] = submit_ensemble(ens_name, data, Workspace(runs).results / f"{ds}-ensemble.csv", runs, cached=True)["test_ari"] if data.has_test_labels else None
+    if other is not None:
+        r.transfer[ds] = transfer_ensemble(ens_name, data, [other], runs)[0].mean_ari
+    r.names[ds] = ", ".join(f"`{Path(m.run).parent.name}` x{m.weight:.2f}" for m in spec.members) + _how(spec)
+
+
+def _write_table(rows: list[Row], suite: Suite, minutes: float, reused_s: float, out: Path, readme: Path | None) -> None:
+    """The table with its timing line to `out`, and between the README's markers when there is a README."""
+    table = _table(rows, list(suite.datasets), suite)
     table += f"\nThis table took {minutes:.0f} min to regenerate on this machine"
     if reused_s:  # a fresh suite also trains what was reused: their own recorded times
         table += f"; it reused finished CV runs whose recorded times add {reused_s / 60:.0f} min (a fresh run: about {minutes + reused_s / 60:.0f} min)"
     table += ".\n"
-    out = out or Workspace(runs).results_table("results_cpu")
     atomic_write_text(out, table)
     if readme is not None and readme.is_file():
         text = readme.read_text()
         if START in text and END in text:
             atomic_write_text(readme, re.sub(f"{re.escape(START)}.*?{re.escape(END)}", lambda _: f"{START}\n{table}{END}", text, flags=re.S))
     print(table)
-    return out
 
 
 def _offers_regions(suite: Suite, name: str, short: str) -> bool:
