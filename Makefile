@@ -50,7 +50,7 @@ else
 endif
 
 test: venv  ## the whole test suite
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 submit: venv  ## the tuned/selected file (EXP= on the command line, else ENS) if it exists, else fit EXP on every annotated slice; validated CSV
 ifneq ($(SUBMIT_ENS),)
