@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
+import edt
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -67,8 +68,6 @@ def pipeline_ms(train, xs: np.ndarray, ys: np.ndarray, n: int = 16) -> dict[str,
 
 def targets_ms(ys: np.ndarray, size: int) -> dict[str, float]:
     """Training targets of one size x size crop (ours), and their distance transform alone: edt (ours) and scipy's."""
-    import edt
-
     crops = [np.ascontiguousarray(resize_labels(y, max(size, 512))[:size, :size]) for y in ys]
     inside = [(t.fg > 0) & (t.boundary == 0) for t in map(make_targets, crops)]
     return {"targets_ms": _per_item_ms(make_targets, crops), "edt_ms": _per_item_ms(lambda m: edt.edt(m, black_border=False, parallel=1), inside),

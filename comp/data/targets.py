@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import edt
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -46,8 +47,6 @@ class Targets:
 
 def make_targets(lab: np.ndarray, width: int = 1) -> Targets:
     """Foreground, boundary, touching-border and normalised-distance targets of one instance map."""
-    import edt
-
     size = 2 * width + 1
     fg = lab > 0
     hi = ndi.maximum_filter(lab, size=size)
