@@ -10,6 +10,7 @@ import pytest
 from comp.bench import run_bench
 
 
+@pytest.mark.slow
 def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     res = run_bench(quick=True, out=out)
@@ -28,6 +29,7 @@ def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
     assert sm["test_slices"] == 8 and sm["members"] == 3 and sm["peak_pss_mb"] > 50  # the whole process tree was seen
 
 
+@pytest.mark.slow
 def test_gpu_bench_dry_run_covers_every_gpu_config_and_a_missing_gpu_is_one_line(tmp_path: Path) -> None:
     import torch
 

@@ -61,6 +61,7 @@ def _official(tmp_path: Path, window) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_window_acts_identically_in_cv_tune_and_submit(tmp_path, tiny_phantom):
     from comp.baselines import OfficialWatershedParams, official_watershed
     from comp.config import load_experiment
@@ -96,6 +97,7 @@ def test_a_window_acts_identically_in_cv_tune_and_submit(tmp_path, tiny_phantom)
     assert not np.array_equal(direct[(100, 160)], direct[(60, 200)])  # the setting matters
 
 
+@pytest.mark.slow
 def test_tuned_window_of_a_non_learned_run_is_what_submit_uses(tmp_path, tiny_phantom):
     from comp.baselines import OfficialWatershedParams, official_watershed
     from comp.ensemble import load_ensemble, single_member
@@ -125,6 +127,7 @@ def test_tuned_window_of_a_non_learned_run_is_what_submit_uses(tmp_path, tiny_ph
     assert np.array_equal(read_label_csv(out).maps, want)
 
 
+@pytest.mark.slow
 def test_networks_get_window_channels_and_reload_them(tmp_path, tiny_phantom):
     """A learned run with `auto` and an extra channel: the fold models reloaded for submit give the cached maps."""
     import torch

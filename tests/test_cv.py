@@ -76,6 +76,7 @@ def test_smooth_watershed_beats_the_official_baseline(tiny_phantom: Path, tmp_pa
     assert smooth.mean > off.mean
 
 
+@pytest.mark.slow
 def test_a_run_in_progress_is_not_run_twice(tmp_path, tiny_phantom):
     """A live holder of the run's lock stops a second process with one clear error; a dead one's lock is taken over."""
     import os
@@ -99,6 +100,7 @@ def test_a_run_in_progress_is_not_run_twice(tmp_path, tiny_phantom):
     assert not lock.exists() and len(list((tmp_path / "runs" / exp.name).glob("*/cv.json"))) == 1
 
 
+@pytest.mark.slow
 def test_folds_claimed_elsewhere_are_skipped_and_the_last_fold_summarises(tmp_path, tiny_phantom):
     """--fold K trains one fold; a fold held by a live process is left to it; a claim nobody touches any more is taken over."""
     import json

@@ -252,6 +252,7 @@ def _cv(exp: Path, data: Path, runs: Path, **popen) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
+@pytest.mark.slow
 def test_tiny_training_end_to_end_caches_maps(tiny_phantom: Path, tmp_path: Path) -> None:
     exp = tmp_path / "tiny.yaml"
     exp.write_text(TINY_EXP.format(epochs=2))
@@ -269,6 +270,7 @@ def test_tiny_training_end_to_end_caches_maps(tiny_phantom: Path, tmp_path: Path
         assert len(json.loads((run / f"fold{k}" / "history.json").read_text())) == 2
 
 
+@pytest.mark.slow
 def test_kill_9_mid_training_resumes_from_checkpoint(tiny_phantom: Path, tmp_path: Path) -> None:
     exp = tmp_path / "resume.yaml"
     exp.write_text(TINY_EXP.format(epochs=30))
@@ -362,6 +364,7 @@ def test_tvmf_loss_decreases_on_a_tiny_fit() -> None:
         LossConfig(dice="focal")
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_run_each_fold_once_same_score(tiny_phantom: Path, tmp_path: Path) -> None:
     """`make cv GPUS="0 1"` in miniature: two processes on one run folder split its folds and match a one-process run."""
     exp = tmp_path / "tiny.yaml"
@@ -500,6 +503,7 @@ def test_device_cpu_is_taken_even_with_a_gpu_named(monkeypatch) -> None:
         device()
 
 
+@pytest.mark.slow
 def test_a_gpu_sized_config_refuses_the_cpu_unless_told(tiny_phantom, tmp_path, monkeypatch) -> None:
     """`device: cuda` in a config (every GPU-sized one has it) and no usable GPU: one line, exit 2, nothing written;
     `--device cpu` runs it on the CPU; the setting is not part of the run's identity."""

@@ -25,7 +25,8 @@ SMALL = {  # each method's parameters cut to test size (the rest are its default
 
 def test_the_contract_covers_every_registered_method() -> None:
     get_method("hybrid")  # imports every provider module
-    assert set(SMALL) == set(METHODS)
+    shipped = {n for n, spec in METHODS.items() if spec.build.__module__.startswith("comp.")}  # tests register their own too
+    assert set(SMALL) == shipped
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))

@@ -11,6 +11,7 @@ import yaml
 from comp.errors import UserError
 
 
+@pytest.mark.slow
 def test_pseudo_labels_of_fold_k_come_only_from_the_teacher_model_blind_to_fold_k(tmp_path: Path, tiny_phantom: Path,
                                                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     from comp.config import experiment_from_dict

@@ -35,6 +35,7 @@ def test_report_builds_from_a_tiny_run(tiny_phantom: Path, tmp_path: Path) -> No
     assert "| cv | rep |" in (tmp_path / "leaderboard.md").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first_format", [False, True])
 def test_report_of_an_ensemble_with_merging(first_format: bool, tiny_phantom: Path, tmp_path: Path) -> None:
     from comp.ensemble import merger_path, save_ensemble, single_member
@@ -72,6 +73,7 @@ def test_report_renders_in_headless_chromium(tiny_phantom: Path, tmp_path: Path)
     assert (pixels < 50).mean() > 0.01  # dark image panels rendered, not just text on white
 
 
+@pytest.mark.slow
 def test_a_truncated_cv_json_is_named_and_skipped_not_a_crash(tiny_phantom: Path, tmp_path: Path) -> None:
     """A crash or a full disk can leave half a cv.json: leaderboard, report and ensemble name it and go on."""
     good = fake_run(tmp_path, tiny_phantom, "good")

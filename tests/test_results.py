@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from conftest import TINY_UNET
 
 from comp.results import END, START, Suite, run_results
 
 
-
+@pytest.mark.slow
 def test_results_fill_the_readme_table(tiny_phantom: Path, tmp_path: Path) -> None:
     exp = tmp_path / "tinyres.yaml"
     exp.write_text("name: tinyres\n" + TINY_UNET)
@@ -34,6 +36,7 @@ def test_results_fill_the_readme_table(tiny_phantom: Path, tmp_path: Path) -> No
     assert len(list((tmp_path / "runs" / "tinyres").glob("*/cv.json"))) == 1  # reused, not rerun
 
 
+@pytest.mark.slow
 def test_results_offer_only_the_listed_singles_regions(tiny_phantom: Path, tmp_path: Path, monkeypatch) -> None:
     import comp.tune
 

@@ -63,6 +63,7 @@ def test_bad_ssl_config(tmp_path: Path) -> None:
         load_ssl_config(str(p))
 
 
+@pytest.mark.slow
 def test_every_backbone_in_experiments_pretrains_with_both_methods(slices: np.ndarray, tmp_path: Path) -> None:
     from comp.config import load_experiment
 

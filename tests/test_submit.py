@@ -75,6 +75,7 @@ def test_cli_cv_and_submit_on_a_data_folder(tiny_phantom: Path, tmp_path: Path) 
     assert "held-out test ARI" in r.stdout and out.is_file()
 
 
+@pytest.mark.slow
 def test_submit_on_other_data_never_resumes_the_first_datas_model(tmp_path):
     """The same learned config submitted on two data sets trains twice, each in its own --runs work folder."""
     import yaml

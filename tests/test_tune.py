@@ -27,6 +27,7 @@ def _spec(run: Path, data: Path, name: str = "t") -> EnsembleSpec:
     return EnsembleSpec(name=name, members=[MemberRef(str(run), 1.0)], post=PostParams(), data=Dataset(data).fingerprint())
 
 
+@pytest.mark.slow
 def test_a_few_trials_beat_the_defaults(tiny_phantom: Path, tmp_path: Path) -> None:
     # Foreground probability 0.45 inside structures: the default threshold 0.5 finds nothing.
     run = fake_run(tmp_path, tiny_phantom, "weak", fg_level=0.45)
@@ -87,6 +88,7 @@ def _tune_cli(data: Path, runs: Path, *extra: str, **popen) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
+@pytest.mark.slow
 def test_killed_study_resumes(tiny_phantom: Path, tmp_path: Path) -> None:
     run = fake_run(tmp_path, tiny_phantom, "killme", noise=0.05)
     save_ensemble(_spec(run, tiny_phantom, "killme"), tmp_path)
@@ -148,6 +150,7 @@ def test_lightgbm_merging_joins_a_split_region() -> None:
     assert len(np.unique(merged)) - 1 == 3
 
 
+@pytest.mark.slow
 def test_merge_classifiers_train_after_a_network_without_hanging(tiny_phantom: Path, tmp_path: Path) -> None:
     """A network trained in this process (torch's OpenMP pool ran) must not hang LightGBM's training after it,
     in forked workers (fold mergers) or here (a single classifier, as the hybrid trains its own)."""
@@ -213,6 +216,7 @@ def test_ensemble_of_a_run_without_maps_is_a_user_error(tiny_phantom: Path, tmp_
 POSTGRES = os.environ.get("COMP_TEST_POSTGRES")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not POSTGRES, reason="COMP_TEST_POSTGRES unset: .ci/run starts a PostgreSQL server and sets it")
 def test_two_workers_share_a_postgresql_study(tiny_phantom: Path, tmp_path: Path) -> None:
     import optuna
@@ -249,8 +253,7 @@ def test_tune_config_is_data(tiny_phantom: Path, tmp_path: Path) -> None:
     assert r.returncode == 2 and "unknown key 'post.fg_treshold'" in r.stderr
 
 
-
-
+@pytest.mark.slow
 def test_cv_ensemble_tune_submit_end_to_end(tiny_phantom: Path, tmp_path: Path) -> None:
     exp = tmp_path / "tinyunet.yaml"
     exp.write_text(TINY_UNET)
@@ -330,6 +333,7 @@ def test_the_printed_dashboard_command_reads_the_tuned_study(tiny_phantom: Path,
     assert status == ["200 OK"] and any(n.startswith("dash-") for n in names)
 
 
+@pytest.mark.slow
 def test_superpixel_hybrid_wins_where_the_maps_fail_and_submit_reproduces_it(tiny_phantom: Path, tmp_path: Path) -> None:
     """A blank foreground channel: the maps' watershed finds nothing, superpixels merged by fold classifiers do."""
     from comp.submit import submit_ensemble
@@ -355,6 +359,7 @@ def test_superpixel_hybrid_wins_where_the_maps_fail_and_submit_reproduces_it(tin
     assert out["mean_regions"] > 2 and out["test_ari"] > 0.1
 
 
+@pytest.mark.slow
 def test_merging_can_start_from_another_runs_regions_and_submit_reproduces_it(tiny_phantom: Path, tmp_path: Path) -> None:
     """Blind maps: the maps' watershed finds nothing; an instance-predicting run's OOF regions (kept, or merged
     by fold classifiers that read the maps) are the tuned ensemble, and submit starts from that method's test fit."""
