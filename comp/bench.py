@@ -8,22 +8,11 @@ import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from comp.errors import UserError, atomic_write_text
-from comp.speed import sample_slices, synthetic_maps
-
-
-def _best_of(fn: Callable[[], object], repeat: int) -> float:
-    """Best wall time of `repeat` calls, in seconds."""
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+from comp.speed import best_of, sample_slices, synthetic_maps
 
 
 def bench_metric(ys: np.ndarray) -> dict:
@@ -34,8 +23,8 @@ def bench_metric(ys: np.ndarray) -> dict:
 
     rng = np.random.default_rng(0)
     preds = [np.where(rng.random(y.shape) < 0.1, rng.integers(0, 40, y.shape), y).astype(np.uint8) for y in ys]
-    ours = _best_of(lambda: [image_score(y, p) for y, p in zip(ys, preds)], 5) / len(ys)
-    ref = _best_of(lambda: [adjusted_rand_score(y[y > 0], p[y > 0]) for y, p in zip(ys, preds)], 3) / len(ys)
+    ours = best_of(lambda: [image_score(y, p) for y, p in zip(ys, preds)], 5) / len(ys)
+    ref = best_of(lambda: [adjusted_rand_score(y[y > 0], p[y > 0]) for y, p in zip(ys, preds)], 3) / len(ys)
     diff = max(abs(image_score(y, p) - adjusted_rand_score(y[y > 0], p[y > 0])) for y, p in zip(ys, preds))
     return {"ours_ms": ours * 1e3, "sklearn_ms": ref * 1e3, "speedup": ref / ours, "max_abs_diff": diff}
 
@@ -50,15 +39,15 @@ def bench_csv(ys: np.ndarray, n_read: int, n_write: int, tmp: Path) -> dict:
     big = np.concatenate([ys] * reps)
     y_path = tmp / "Y_train.csv"
     write_label_csv(y_path, big[:n_read])
-    t_ours = _best_of(lambda: read_label_csv(y_path), 1)
-    t_pd = _best_of(lambda: pd.read_csv(y_path), 1)
+    t_ours = best_of(lambda: read_label_csv(y_path), 1)
+    t_pd = best_of(lambda: pd.read_csv(y_path), 1)
     same_read = np.array_equal(read_label_csv(y_path).maps, pd.read_csv(y_path, index_col=0).to_numpy().T.reshape(-1, 512, 512))
 
     sub = big[:n_write]
     ours_path, pd_path = tmp / "ours.csv", tmp / "pandas.csv"
     df = pd.DataFrame(sub.reshape(n_write, -1).T, index=default_row_labels(), columns=image_names(n_write))
-    w_ours = _best_of(lambda: write_label_csv(ours_path, sub), 1)
-    w_pd = _best_of(lambda: df.to_csv(pd_path), 1)
+    w_ours = best_of(lambda: write_label_csv(ours_path, sub), 1)
+    w_pd = best_of(lambda: df.to_csv(pd_path), 1)
     same_write = np.array_equal(
         pd.read_csv(ours_path, index_col=0).to_numpy(), pd.read_csv(pd_path, index_col=0).to_numpy()
     )
@@ -85,9 +74,9 @@ def bench_postprocess(xs: np.ndarray, ys: np.ndarray) -> dict:
     n = len(xs)
     maps = synthetic_maps(ys)
     return {
-        "official_watershed_ms": _best_of(lambda: [official_watershed(x, OfficialWatershedParams()) for x in xs], 1) / n * 1e3,
-        "smooth_watershed_ms": _best_of(lambda: [smooth_watershed(x, SmoothWatershedParams()) for x in xs], 1) / n * 1e3,
-        "maps_to_instances_ms": _best_of(lambda: [instances_from_maps(m, PostParams()) for m in maps], 2) / n * 1e3,
+        "official_watershed_ms": best_of(lambda: [official_watershed(x, OfficialWatershedParams()) for x in xs], 1) / n * 1e3,
+        "smooth_watershed_ms": best_of(lambda: [smooth_watershed(x, SmoothWatershedParams()) for x in xs], 1) / n * 1e3,
+        "maps_to_instances_ms": best_of(lambda: [instances_from_maps(m, PostParams()) for m in maps], 2) / n * 1e3,
     }
 
 
@@ -108,7 +97,7 @@ def bench_inference(xs: np.ndarray, quick: bool) -> dict:
         res = exp.params.train.resolution
         predict_maps(model, xs[:2], res)  # warm-up (allocations, cuDNN autotune)
         n = len(xs)
-        t = _best_of(lambda m=model: predict_maps(m, xs, res, batch_size=8), 1 if quick else 2)
+        t = best_of(lambda m=model: predict_maps(m, xs, res, batch_size=8), 1 if quick else 2)
         out[name] = {"encoder": exp.params.model.encoder, "resolution": res, "ms_per_slice": t / n * 1e3, "device": str(device())}
         del model
         if torch.cuda.is_available():
@@ -131,7 +120,6 @@ def bench_tuning(ys: np.ndarray, xs: np.ndarray, trials: int, tmp: Path) -> dict
     r = tune(spec, oof, tmp, trials=trials, merge=False)
     minutes = (time.perf_counter() - t) / 60
     return {"images": n, "trials": r.trials_complete, "trials_per_minute": r.trials_per_minute, "wall_minutes_incl_final_scoring": minutes}
-
 
 
 
@@ -205,8 +193,8 @@ def bench_gpu(dry_run: bool = False, steps: int = 30, out: Path = Path("bench_gp
         train_ips = _train_rate(model, cfg, xs, ys, steps, dev)
         n = len(xs) if not dry_run else 4
         predict_maps(model, xs[:2], cfg.resolution, cfg.batch_size, amp=cfg.amp)  # warm-up
-        plain = n / _best_of(lambda m=model: predict_maps(m, xs[:n], cfg.resolution, cfg.batch_size, amp=cfg.amp), 1)
-        tta = n / _best_of(lambda m=model: predict_maps(m, xs[:n], cfg.resolution, cfg.batch_size, tta=True, amp=cfg.amp), 1)
+        plain = n / best_of(lambda m=model: predict_maps(m, xs[:n], cfg.resolution, cfg.batch_size, amp=cfg.amp), 1)
+        tta = n / best_of(lambda m=model: predict_maps(m, xs[:n], cfg.resolution, cfg.batch_size, tta=True, amp=cfg.amp), 1)
         peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
         cpu = cpu_terms(exp, xs, ys, quick=dry_run)
         rates = (GPU_ESTIMATE["train_images_per_s"], GPU_ESTIMATE["infer_images_per_s"], GPU_ESTIMATE["infer_images_per_s"] / 3) if dry_run else (train_ips, plain, tta)

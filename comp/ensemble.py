@@ -26,7 +26,6 @@ from comp.postprocess import PostParams, Regions, blend, segment
 from comp.rundir import MapArray, RunDir, Workspace
 
 
-
 @dataclass
 class RunMaps:
     """A finished CV run's cached OOF maps, in fold order, with what produced them."""

@@ -70,13 +70,17 @@ def added(default: Any) -> Any:
     return dataclasses.field(default=default, metadata={"added": True})
 
 
+def _left_out(f: dataclasses.Field, value: Any) -> bool:
+    """Whether a field's value is outside a run's identity: execution-only, or added later and at its default."""
+    return bool(f.metadata.get("execution")) or bool(f.metadata.get("added") and value == f.default)
+
+
 def identity(obj: Any) -> Any:
     """`dataclasses.asdict` of a config without its execution-only fields, nor `added` ones at their default (at any
     depth): what identifies a run."""
     if not dataclasses.is_dataclass(obj):
         return obj
-    return {f.name: identity(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-            if not f.metadata.get("execution") and not (f.metadata.get("added") and getattr(obj, f.name) == f.default)}  # fmt: skip
+    return {f.name: identity(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not _left_out(f, getattr(obj, f.name))}
 
 
 def identity_of(cls: type, stored: dict) -> dict:
@@ -87,7 +91,7 @@ def identity_of(cls: type, stored: dict) -> dict:
     out = {}
     for k, v in stored.items():
         f = declared.get(k)
-        if f is not None and (f.metadata.get("execution") or (f.metadata.get("added") and v == f.default)):
+        if f is not None and _left_out(f, v):
             continue
         nested = f is not None and dataclasses.is_dataclass(hints[k]) and isinstance(v, dict)
         out[k] = identity_of(hints[k], v) if nested else v

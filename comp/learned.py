@@ -78,8 +78,7 @@ class LearnedInstances:
     def _quick_score(self, x: np.ndarray, y: np.ndarray) -> float:
         """Validation ARI at working resolution (cheap enough to run every epoch)."""
         res = self.p.train.resolution
-        maps = self.predict_maps(x, tta=False)
-        maps = maps[:, : channels_used(self.p.post, maps.shape[1])]  # only what crosses to the workers is sent
+        maps = self._read_channels(self.predict_maps(x, tta=False))
         pred = np.stack(pmap(instances_from_maps, maps, self.p.post, res, workers=self.p.workers))  # forked workers
         truth = np.stack([resize_labels(t, res) for t in y])
         return float(image_scores(truth, pred).mean())
@@ -93,9 +92,13 @@ class LearnedInstances:
 
     def postprocess_maps(self, maps: np.ndarray) -> np.ndarray:
         """(N, C, r, r) maps -> (N, 512, 512) uint8 instance maps."""
+        return np.stack(pmap(instances_from_maps, self._read_channels(maps), self.p.post, workers=self.p.workers, desc="post-process"))
+
+    def _read_channels(self, maps):
+        """The maps cut to the channels the post-processor reads (only those cross to the workers); cached maps
+        (a MapArray) stay lazy."""
         keep = channels_used(self.p.post, maps.shape[1])
-        maps = maps.first_channels(keep) if hasattr(maps, "first_channels") else maps[:, :keep]  # cached maps stay lazy
-        return np.stack(pmap(instances_from_maps, maps, self.p.post, workers=self.p.workers, desc="post-process"))
+        return maps.first_channels(keep) if hasattr(maps, "first_channels") else maps[:, :keep]
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Slices -> uint8 instance maps."""

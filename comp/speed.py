@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import edt
 import numpy as np
@@ -44,15 +45,19 @@ def synthetic_maps(ys: np.ndarray, res: int = 256, emb: int = 8) -> np.ndarray:
     return out
 
 
-def _per_item_ms(fn, items: list, repeat: int = 2) -> float:
-    """Best of `repeat` passes of fn over items, in milliseconds per item."""
+def best_of(fn: Callable[[], object], repeat: int) -> float:
+    """Best wall time of `repeat` calls, in seconds."""
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
-        for it in items:
-            fn(it)
+        fn()
         best = min(best, time.perf_counter() - t)
-    return best / len(items) * 1e3
+    return best
+
+
+def _per_item_ms(fn, items: list, repeat: int = 2) -> float:
+    """Best of `repeat` passes of fn over items, in milliseconds per item."""
+    return best_of(lambda: [fn(it) for it in items], repeat) / len(items) * 1e3
 
 
 def pipeline_ms(train, xs: np.ndarray, ys: np.ndarray, n: int = 16) -> dict[str, float]:

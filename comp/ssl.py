@@ -30,7 +30,7 @@ from comp.fields import bounded, identity, setting
 from comp.models import InstanceNet, ModelConfig, build_model
 from comp.rundir import RUNS, FoldDir, Workspace
 from comp.runtime import Amp, describe, device, seed_everything
-from comp.train import EpochSampler, loader_workers, lr_factor, run_epoch, save_checkpoint
+from comp.train import EpochBatches, EpochSlice, loader_workers, lr_factor, run_epoch, save_checkpoint
 
 
 @dataclass
@@ -192,7 +192,7 @@ class CropSet(torch.utils.data.Dataset):
         return len(self.x)
 
     def __getitem__(self, key: int) -> torch.Tensor:
-        epoch, i = divmod(int(key), len(self.x))  # keys from EpochSampler carry the epoch (see train.SliceSet)
+        epoch, i = divmod(int(key), len(self.x))  # keys from EpochBatches carry the epoch (see train.SliceSet)
         rng = np.random.default_rng((self.cfg.seed, epoch, i))
         img, _ = augment(self.x[i], np.zeros(self.x[i].shape, np.uint8), self.cfg.aug, rng)
         c = self.cfg.crop
@@ -229,10 +229,6 @@ def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path, contrast: Contrast = 
     task = PRETEXTS[cfg.method](model, cfg).to(dev)
     data = CropSet(contrast.canonical(x), cfg, contrast.unit_affine())
     gen = torch.Generator().manual_seed(cfg.seed)
-    sampler = EpochSampler(len(data), gen)
-    workers = loader_workers(cfg.num_workers)
-    loader = torch.utils.data.DataLoader(data, batch_size=min(cfg.batch_size, len(data)), sampler=sampler, drop_last=True, num_workers=workers,
-                                         persistent_workers=workers > 0, pin_memory=dev.type == "cuda")  # fmt: skip
     cuda = dev.type == "cuda"
     if cuda:  # the segmentation training's layout and autotuning (fixed crop size)
         task.to(memory_format=torch.channels_last)
@@ -243,12 +239,16 @@ def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path, contrast: Contrast = 
     opt = torch.optim.AdamW(task.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     amp = Amp(dev, cfg.amp)
     print(f"pretraining on {describe(dev)}", flush=True)
-    per_epoch, total = len(loader), cfg.epochs * len(loader)
-    warm = int(cfg.warmup_epochs * per_epoch)
     last = FoldDir(out_dir).last
     for ck_path in (last, out_dir / "encoder.pt"):  # a killed pretraining's temps (one process per pretraining folder)
         remove_stale_temps(ck_path)
     start, history = _resume(last, task, opt, amp, gens)
+    # One stream of batches over the remaining epochs, as in training (workers run on across epochs).
+    batches = EpochBatches(len(data), min(cfg.batch_size, len(data)), True, gen, cfg.epochs, start)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=loader_workers(cfg.num_workers), pin_memory=cuda)
+    per_epoch, total = batches.per_epoch, cfg.epochs * batches.per_epoch
+    warm = int(cfg.warmup_epochs * per_epoch)
+    stream = iter(loader) if start < cfg.epochs else iter(())
 
     def loss_of(xb: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         xb = xb.to(dev, non_blocking=True)
@@ -258,14 +258,13 @@ def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path, contrast: Contrast = 
 
     for epoch in range(start, cfg.epochs):
         task.train()
-        sampler.epoch = epoch
         t0 = time.time()
-        parts = run_epoch(loader, opt, amp, loss_of, lambda step: cfg.lr * lr_factor(step, total, warm),
+        parts = run_epoch(EpochSlice(stream, per_epoch), opt, amp, loss_of, lambda step: cfg.lr * lr_factor(step, total, warm),
                           epoch * per_epoch, f"pretrain {cfg.method} {epoch + 1}/{cfg.epochs}")  # fmt: skip
         history.append({"epoch": epoch, "loss": parts["loss"], "seconds": round(time.time() - t0, 1)})
         print(f"pretrain {cfg.method} epoch {epoch + 1}/{cfg.epochs} loss {history[-1]['loss']:.4f} [{history[-1]['seconds']} s]", flush=True)
         save_checkpoint(last, {"task": task.state_dict(), "opt": opt.state_dict(), "scaler": amp.scaler.state_dict(), "epoch": epoch, "history": history,
-                               **{name: g.get_state() for name, g in gens.items()}})  # fmt: skip
+                               **{name: g.get_state() for name, g in gens.items()}, "gen": batches.state_before(epoch + 1)})  # fmt: skip
         save_checkpoint(out_dir / "encoder.pt", {"encoder": model.encoder.state_dict(), "config": asdict(cfg), "epoch": epoch})
     atomic_write_text(FoldDir(out_dir).history, json.dumps(history, indent=1))
     from comp.report import plot_curves

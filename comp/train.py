@@ -102,7 +102,7 @@ class SliceSet(torch.utils.data.Dataset):
         return len(self.x)
 
     def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
-        # key = epoch * len + index (EpochSampler): persistent workers hold a copy of this object, so the
+        # key = epoch * len + index (EpochBatches): loader workers hold a copy of this object, so the
         # epoch travels with each key. Seeded by (seed, epoch, index): the same samples with any worker count.
         epoch, i = divmod(int(key), len(self.x))
         img, lab = self.x[i], self.y[i]
@@ -124,19 +124,6 @@ class SliceSet(torch.utils.data.Dataset):
         return {"image": torch.from_numpy(np.ascontiguousarray(img))[None], "fg": torch.from_numpy(t.fg),
                 "boundary": torch.from_numpy(t.boundary), "touch": torch.from_numpy(t.touch), "dist": torch.from_numpy(t.dist),
                 "instances": torch.from_numpy(t.instances), **extra}  # fmt: skip
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """A shuffled pass over n items whose keys carry the epoch (epoch * n + index), seeded by `generator` (pretraining)."""
-
-    def __init__(self, n: int, generator: torch.Generator) -> None:
-        self.n, self.generator, self.epoch = n, generator, 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        return iter((self.epoch * self.n + torch.randperm(self.n, generator=self.generator)).tolist())
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -164,10 +151,10 @@ class EpochBatches(torch.utils.data.Sampler):
 
     def state_before(self, epoch: int) -> torch.Tensor:
         """The generator's state before epoch `epoch`'s pass (now, if the pass is not drawn yet)."""
-        return self._states.pop(epoch, None) if epoch in self._states else self.generator.get_state()
+        return self._states.pop(epoch) if epoch in self._states else self.generator.get_state()
 
 
-class _Take:
+class EpochSlice:
     """The next `n` items of an iterator, with a length (an epoch's batches out of the fold's one stream)."""
 
     def __init__(self, stream, n: int) -> None:
@@ -354,7 +341,7 @@ def train_fold(
     for epoch in range(start, cfg.epochs):
         model.train()
         t0 = time.time()
-        parts = run_epoch(_Take(stream, per_epoch), opt, amp, loss_of, lambda step: cfg.lr * lr_factor(step, total, warm, cfg.schedule),
+        parts = run_epoch(EpochSlice(stream, per_epoch), opt, amp, loss_of, lambda step: cfg.lr * lr_factor(step, total, warm, cfg.schedule),
                           epoch * per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")  # fmt: skip
         rec = {"epoch": epoch, "loss": sum(parts.values()), **parts}
         end = epoch + 1 == cfg.epochs

@@ -2,8 +2,8 @@
 (seeded, as in `targets.augment`), its labels warped there by a nearest-pixel gather straight into the crop (the
 targets need them), and the image warped and toned on the device for the whole batch at once.
 
-The host path (`targets.augment`: scipy per slice) costs ~17 ms a 512 px sample here and caps a GPU's intake; this
-one leaves the workers the label gather and the targets. One warp convention for both sides: a (2, 3) matrix maps an
+The host path (`targets.augment`: scipy per slice) costs the workers about three times as much a 512 px sample and
+caps a GPU's intake (`make bench` times both); this one leaves them the label gather and the targets. One warp convention for both sides: a (2, 3) matrix maps an
 output crop pixel (row, col, 1) to the input pixel it samples, centres at integer coordinates."""
 
 from __future__ import annotations
