@@ -34,7 +34,7 @@ for exp in ${@:-baseline_watershed_stretched smooth_watershed}; do
     run=$(grep -oP "^$exp on \S+ \(\K[^)]+" <<< "$log")
     $PY - "$exp" "$name" "$w" "$run" <<'PYEOF' >> $OUT
 import sys
-from comp.rundir import RunDir
+from comp.pipeline.workspace import RunDir
 exp, data, w, run = sys.argv[1:5]
 s, grey = RunDir(run).summary(), RunDir(run).config()["contrast_resolved"]["window"]
 print(f"{exp}\t{data}\t{w}\t{grey[0]:.1f}..{grey[1]:.1f}\t{s['mean_ari']:.4f}\t{s['std_ari']:.4f}\t{s['fold_std']:.4f}\t{run}")

@@ -13,10 +13,10 @@ import numpy as np
 from scipy.stats import spearmanr
 from sklearn.metrics import adjusted_rand_score
 
-from comp.contrast import HU_WINDOW, PER_SLICE_EXAMPLE, draw_windows
+from comp.data.contrast import HU_WINDOW, PER_SLICE_EXAMPLE, draw_windows
+from comp.data.dataset import Dataset
 from comp.data.groups import FOV_LINK, infer_scans
 from comp.data.phantom import render_slice
-from comp.io import Dataset
 
 ROOTS = {"one window": "data/proxy", "per slice": "data/proxy_ps"}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from comp.rundir import RunDir
+from comp.pipeline.workspace import RunDir
 
 
 def _scores(run: str) -> dict[str, tuple[int, float]]:

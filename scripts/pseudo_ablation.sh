@@ -9,12 +9,12 @@ PY=${PY:-.venv/bin/python}
 DATASETS=${DATASETS:-"phantom proxy"} BUDGETS=${BUDGETS:-"1.0 0.25"} $PY - <<'PYEOF'
 import os
 
-from comp.config import load_experiment
-from comp.cv import finished_run, run_cv
+from comp.pipeline.config import load_experiment
+from comp.pipeline.cv import finished_run, run_cv
 from comp.data.sets import resolve_data
-from comp.errors import atomic_write_text
-from comp.results import held_out_single
-from comp.rundir import RUNS
+from comp.core.atomic import atomic_write_text
+from comp.pipeline.suite import held_out_single
+from comp.pipeline.workspace import RUNS
 
 runs, folds, rows = RUNS, 3, []
 # The student may train fewer epochs than its teacher (it sees more slices an epoch): the teacher's recipe at

@@ -14,7 +14,7 @@ mkdir -p runs
 row() {  # backbone data init budget -> appends the newest run's numbers
   $PY - "$@" <<'PYEOF' >> runs/ssl_ablation.tsv
 import sys
-from comp.rundir import RUNS, RunDir
+from comp.pipeline.workspace import RUNS, RunDir
 bb, data, init, budget, exp = sys.argv[1:6]
 run = max((RunDir(d) for d in (RUNS / exp).iterdir() if RunDir(d).finished), key=lambda r: r.summary_file.stat().st_mtime)
 s = run.summary()

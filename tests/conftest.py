@@ -55,11 +55,12 @@ def fake_run(runs: Path, data_root: Path, name: str, fg_level: float = 0.9, boun
     import numpy as np
     from scipy import ndimage as ndi
 
-    from comp.cv import make_folds
-    from comp.data.targets import resize_labels
-    from comp.io import Dataset
-    from comp.metric import image_score
-    from comp.rundir import RunDir, save_maps
+    from comp.pipeline.cv import make_folds
+    from comp.nets.targets import resize_labels
+    from comp.data.dataset import Dataset
+    from comp.core.metric import image_score
+    from comp.core.store import save_maps
+    from comp.pipeline.workspace import RunDir
 
     data = Dataset(data_root)
     ann = data.annotated

@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from comp.contrast import PER_SLICE_EXAMPLE, Contrast, ContrastParams, draw_windows, resolve, slice_calibration, survey
+from comp.core.errors import UserError
+from comp.data.contrast import (PER_SLICE_EXAMPLE, Contrast, ContrastParams, draw_windows, resolve,
+                                slice_calibration, survey)
+from comp.data.dataset import Dataset
+from comp.data.images import write_images, image_names
+from comp.data.labels import write_label_csv
 from comp.data.phantom import render_slice
-from comp.errors import UserError
-from comp.io import Dataset, write_images, write_label_csv, image_names
 from tests.conftest import run_cli
 
 DRAWN = draw_windows(PER_SLICE_EXAMPLE, 6, np.random.default_rng(11))
@@ -133,7 +136,7 @@ def test_cv_uses_inferred_groups_without_a_groups_file(tmp_path):
 
 
 def test_coarse_rendering_shows_in_the_measured_resolution():
-    from comp.stats import correlation_length
+    from comp.report.stats import correlation_length
 
     native = np.nanmedian([correlation_length(render_slice(90 + i)[0]) for i in range(3)])
     coarse = np.nanmedian([correlation_length(render_slice(90 + i, coarse=4.0)[0]) for i in range(3)])
@@ -142,7 +145,7 @@ def test_coarse_rendering_shows_in_the_measured_resolution():
 
 def test_a_phantom_windowed_per_slice_records_its_windows(tmp_path):
     from comp.data.phantom import generate
-    from comp.io import WINDOWS_CSV, read_windows
+    from comp.data.labels import WINDOWS_CSV, read_windows
 
     root = generate(tmp_path / "p", n_train=3, n_labelled=2, n_test=1, seed=1, workers=1, window_per_slice=PER_SLICE_EXAMPLE)
     w = read_windows(Path(root) / WINDOWS_CSV, image_names(3))
@@ -153,9 +156,9 @@ def test_a_phantom_windowed_per_slice_records_its_windows(tmp_path):
 def test_a_run_whose_folds_moved_with_its_groups_is_refused_on_resume(tmp_path, tiny_phantom):
     import shutil
 
-    from comp.config import load_experiment
-    from comp.cv import run_cv
-    from comp.rundir import RunDir
+    from comp.pipeline.config import load_experiment
+    from comp.pipeline.cv import run_cv
+    from comp.pipeline.workspace import RunDir
 
     data_root = tmp_path / "data"
     shutil.copytree(tiny_phantom, data_root)
@@ -176,8 +179,8 @@ def test_a_finished_run_on_folds_that_moved_is_not_reused(tmp_path, tiny_phantom
     """`results --reuse` and pseudo-label teachers take a finished run only while its folds are the data's now."""
     import shutil
 
-    from comp.config import load_experiment
-    from comp.cv import finished_run, run_cv
+    from comp.pipeline.config import load_experiment
+    from comp.pipeline.cv import finished_run, run_cv
 
     data_root = tmp_path / "data"
     shutil.copytree(tiny_phantom, data_root)
@@ -194,9 +197,9 @@ def test_cv_json_reports_every_groups_score_and_their_standard_error(tmp_path, t
     import json
     import shutil
 
-    from comp.config import load_experiment
-    from comp.cv import run_cv
-    from comp.report import write_leaderboard
+    from comp.pipeline.config import load_experiment
+    from comp.pipeline.cv import run_cv
+    from comp.report.leaderboard import write_leaderboard
 
     data_root = tmp_path / "data"
     shutil.copytree(tiny_phantom, data_root)

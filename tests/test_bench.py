@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from comp.bench import run_bench
+from comp.bench.timings import run_bench
 
 
 @pytest.mark.slow
@@ -33,7 +33,7 @@ def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
 def test_gpu_bench_dry_run_covers_every_gpu_config_and_a_missing_gpu_is_one_line(tmp_path: Path) -> None:
     import torch
 
-    from comp.bench import gpu_configs
+    from comp.bench.timings import gpu_configs
     from tests.conftest import run_cli
 
     out = tmp_path / "bench_gpu.json"
@@ -52,8 +52,8 @@ def test_gpu_bench_dry_run_covers_every_gpu_config_and_a_missing_gpu_is_one_line
 
 def test_cv_projection_counts_every_term_and_overlaps_the_loader_with_the_gpu() -> None:
     """unet_mnv3 (5 folds, 80 epochs, 32 validation images every 2 epochs, TTA, 8 loader workers) on a 16-core box."""
-    from comp.config import load_experiment
-    from comp.speed import project
+    from comp.pipeline.config import load_experiment
+    from comp.bench.speed import project
 
     exp = load_experiment("unet_mnv3")
     fit = 400 * 4 / 5 - 32

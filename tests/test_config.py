@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from comp.baselines import SmoothWatershedParams
-from comp.config import load_experiment
-from comp.errors import UserError
+from comp.core.errors import UserError
+from comp.methods.baselines import SmoothWatershedParams
+from comp.pipeline.config import load_experiment
 from tests.conftest import ROOT, run_cli
 
 
@@ -22,7 +22,7 @@ def test_every_shipped_experiment_loads() -> None:
     for name in names:
         path = str(ROOT / "experiments" / f"{name}.yaml")
         if name.startswith("ssl_"):
-            from comp.ssl import load_ssl_config
+            from comp.pipeline.pretrain import load_ssl_config
 
             assert load_ssl_config(path).name == name
         else:
@@ -164,8 +164,8 @@ def test_an_experiment_is_a_delta_of_its_base(tmp_path) -> None:
     a loop is one clear error."""
     import pytest
 
-    from comp.config import load_experiment
-    from comp.errors import UserError
+    from comp.pipeline.config import load_experiment
+    from comp.core.errors import UserError
 
     (tmp_path / "a.yaml").write_text("method: hybrid\nname: a\nparams: {fit_images: 8, threshold: 0.4}\ncv: {folds: 4}\n")
     (tmp_path / "b.yaml").write_text(f"base: {tmp_path / 'a.yaml'}\nparams: {{threshold: 0.6, drop_features: [pos_x]}}\n")
@@ -185,8 +185,8 @@ def test_a_merger_trained_without_some_features_ignores_them() -> None:
     import lightgbm as lgb
     import numpy as np
 
-    from comp.hybrid import _train
-    from comp.merge import FEATURES, Merger, load_merger, save_merger
+    from comp.methods.hybrid import _train
+    from comp.methods.merge import FEATURES, Merger, load_merger, save_merger
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(400, len(FEATURES))).astype(np.float32)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import yaml
 
-from comp.contrast import Contrast, ContrastParams, histogram, hu_to_grey, landmarks, resolve
-from comp.errors import UserError
-from comp.rundir import RunDir
+from comp.core.errors import UserError
+from comp.data.contrast import Contrast, ContrastParams, histogram, hu_to_grey, landmarks, resolve
+from comp.pipeline.workspace import RunDir
 from tests.conftest import run_cli
 
 
@@ -63,11 +63,12 @@ def _official(tmp_path: Path, window) -> Path:
 
 @pytest.mark.slow
 def test_a_window_acts_identically_in_cv_tune_and_submit(tmp_path, tiny_phantom):
-    from comp.baselines import OfficialWatershedParams, official_watershed
-    from comp.config import load_experiment
-    from comp.ensemble import oof_index, run_experiment
-    from comp.io import Dataset, read_label_csv
-    from comp.tune import method_scores
+    from comp.methods.baselines import OfficialWatershedParams, official_watershed
+    from comp.pipeline.config import load_experiment
+    from comp.pipeline.oof import oof_index, run_experiment
+    from comp.data.dataset import Dataset
+    from comp.data.labels import read_label_csv
+    from comp.pipeline.tune_method import method_scores
 
     data = Dataset(tiny_phantom)
     direct = {}
@@ -99,10 +100,11 @@ def test_a_window_acts_identically_in_cv_tune_and_submit(tmp_path, tiny_phantom)
 
 @pytest.mark.slow
 def test_tuned_window_of_a_non_learned_run_is_what_submit_uses(tmp_path, tiny_phantom):
-    from comp.baselines import OfficialWatershedParams, official_watershed
-    from comp.ensemble import load_ensemble, single_member
-    from comp.io import Dataset, read_label_csv
-    from comp.tune import tune_method
+    from comp.methods.baselines import OfficialWatershedParams, official_watershed
+    from comp.pipeline.ensemble import load_ensemble, single_member
+    from comp.data.dataset import Dataset
+    from comp.data.labels import read_label_csv
+    from comp.pipeline.tune_method import tune_method
 
     runs = tmp_path / "runs"
     exp_path = _official(tmp_path, (0, 255))
@@ -132,8 +134,8 @@ def test_networks_get_window_channels_and_reload_them(tmp_path, tiny_phantom):
     """A learned run with `auto` and an extra channel: the fold models reloaded for submit give the cached maps."""
     import torch
 
-    from comp.io import Dataset
-    from comp.submit import member_test_maps
+    from comp.data.dataset import Dataset
+    from comp.pipeline.submit import member_test_maps
     from tests.conftest import TINY_UNET
 
     raw = yaml.safe_load(TINY_UNET)

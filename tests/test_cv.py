@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from comp.config import CVConfig, Experiment
-from comp.cv import make_folds, run_cv
-from comp.baselines import OfficialWatershedParams, SmoothWatershedParams
-from comp.io import Dataset
+from comp.data.dataset import Dataset
+from comp.methods.baselines import OfficialWatershedParams, SmoothWatershedParams
+from comp.pipeline.config import CVConfig, Experiment
+from comp.pipeline.cv import make_folds, run_cv
 from tests.conftest import run_cli
 
 
@@ -82,10 +82,10 @@ def test_a_run_in_progress_is_not_run_twice(tmp_path, tiny_phantom):
     import os
     import socket
 
-    from comp.config import load_experiment
-    from comp.cv import run_key
-    from comp.io import Dataset
-    from comp.rundir import RunDir
+    from comp.pipeline.config import load_experiment
+    from comp.pipeline.cv import run_key
+    from comp.data.dataset import Dataset
+    from comp.pipeline.workspace import RunDir
 
     exp = load_experiment("baseline_watershed")
     lock = RunDir.lock_file(tmp_path / "runs", exp.name, run_key(exp, Dataset(tiny_phantom), 2))
@@ -108,7 +108,7 @@ def test_folds_claimed_elsewhere_are_skipped_and_the_last_fold_summarises(tmp_pa
     import socket
     import time
 
-    from comp.rundir import RunDir
+    from comp.pipeline.workspace import RunDir
 
     runs = tmp_path / "runs"
     args = ("cv", "baseline_watershed", "--data", str(tiny_phantom), "--folds", "3", "--runs", str(runs))
@@ -135,7 +135,7 @@ def test_folds_claimed_elsewhere_are_skipped_and_the_last_fold_summarises(tmp_pa
 
 
 def test_inner_split_holds_out_whole_groups() -> None:
-    from comp.registry import inner_split
+    from comp.methods.base import inner_split
 
     groups = np.repeat(np.array(["v0", "v1", "v2", "v3"]), [10, 12, 9, 11])
     fit, val = inner_split(len(groups), 10, seed=3, groups=groups)
@@ -147,7 +147,7 @@ def test_inner_split_holds_out_whole_groups() -> None:
 
 def test_an_empty_claim_does_not_block_its_fold(tmp_path, tiny_phantom):
     """A claim is written whole (temp file, hard link): an empty one is junk, taken over at once, not after 10 minutes."""
-    from comp.claims import claim
+    from comp.core.claims import claim
 
     path = tmp_path / "fold0" / ".claim"
     path.parent.mkdir()

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
 
 
@@ -19,7 +18,7 @@ class _RecorderParams:
 
 def _register_recorder() -> None:
     """A method that keeps what each fit was given (ids and slices) and predicts one region per slice."""
-    from comp.registry import get_method, register_method
+    from comp.methods.registry import get_method, register_method
 
     get_method("smooth_watershed")  # the real providers first: registration order does not matter
 
@@ -48,9 +47,9 @@ def sets(tmp_path_factory):
 
 
 def test_extra_slices_train_every_fold_in_the_main_grey_levels_and_are_never_scored(sets, tmp_path):
-    from comp.config import experiment_from_dict
-    from comp.cv import run_cv
-    from comp.io import Dataset
+    from comp.pipeline.config import experiment_from_dict
+    from comp.pipeline.cv import run_cv
+    from comp.data.dataset import Dataset
 
     _register_recorder()
     main, wide, usual, _ = sets
@@ -76,11 +75,11 @@ def test_extra_slices_train_every_fold_in_the_main_grey_levels_and_are_never_sco
 def test_a_bad_extra_folder_is_one_clear_error_and_writes_nothing(sets, tmp_path):
     """A missing folder (the command line: one line, exit 2), the cross-validated data itself, a folder named twice
     and one without annotations: refused before any run folder is written."""
-    from comp.config import load_experiment
-    from comp.cv import run_cv
+    from comp.pipeline.config import load_experiment
+    from comp.pipeline.cv import run_cv
     from comp.data.phantom import generate
-    from comp.errors import UserError
-    from comp.io import Dataset
+    from comp.core.errors import UserError
+    from comp.data.dataset import Dataset
 
     main, wide, _, root = sets
     runs = tmp_path / "runs"

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from comp.contrast import Contrast
-from comp.hybrid import Hybrid, HybridParams
-from comp.merge import agglomeration_rows
-from comp.postprocess import SuperpixelParams, superpixels
-from comp.registry import FitContext, FoldData
+from comp.data.contrast import Contrast
+from comp.methods.base import FitContext, FoldData
+from comp.methods.hybrid import Hybrid, HybridParams
+from comp.methods.merge import agglomeration_rows
+from comp.regions.superpixels import SuperpixelParams, superpixels
 
 
 def _slice(seed: int, noise: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
@@ -64,8 +64,8 @@ def test_average_linkage_pools_the_first_rounds_borders_by_length() -> None:
 
     import numpy as np
 
-    from comp.merge import FirstEdges, Merger, load_merger, save_merger
-    from comp.postprocess import merge_pairs
+    from comp.methods.merge import FirstEdges, Merger, load_merger, save_merger
+    from comp.regions.ops import merge_pairs
 
     lab = np.zeros((20, 20), np.int64)
     lab[:10, :15], lab[:10, 15:], lab[10:, :15], lab[10:, 15:] = 1, 2, 3, 4
@@ -85,7 +85,7 @@ def test_average_linkage_pools_the_first_rounds_borders_by_length() -> None:
 def test_relative_features_ignore_the_slices_contrast_and_are_missing_unless_asked(tmp_path: Path) -> None:
     """A border's gradient and intensity step relative to the slice's own borders: the same at half the contrast;
     absent (NaN) by default, so models trained before them are unchanged; a merger that reads them says so on disk."""
-    from comp.merge import FEATURES, RELATIVE, Merger, load_merger, pair_features, save_merger
+    from comp.methods.merge import FEATURES, RELATIVE, Merger, load_merger, pair_features, save_merger
 
     img, _ = _slice(3, noise=2.0)
     sp = superpixels(img, SuperpixelParams(h=0.005))

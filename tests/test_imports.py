@@ -1,4 +1,4 @@
-"""The package's imports point one way: a walk over every `import comp...` (at the top of a module or inside a
+"""The package's imports point one way (down the folders' layers): a walk over every `import comp...` (at the top of a module or inside a
 function: a deferred import is still an arrow) finds no circle."""
 
 from __future__ import annotations
@@ -48,6 +48,25 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_circle_in_the_package() -> None:
     graph = _graph()
-    assert {"comp.config", "comp.cv", "comp.merge", "comp.postprocess"} <= set(graph) and "comp.postprocess" in graph["comp.merge"]
+    assert {"comp.pipeline.config", "comp.pipeline.cv", "comp.methods.merge", "comp.methods.compose"} <= set(graph)
+    assert "comp.methods.compose" in graph["comp.methods.merge"]
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]  # the walk finds one
+
+
+# The folders from the bottom up: a module may import its own folder's modules and those of the folders below.
+LAYERS = ("core", "data", "regions", "nets", "methods", "pipeline", "report", "bench", "cli")
+
+
+def _layer(module: str) -> int:
+    """The layer of comp.<folder>.<module> (the package's own __init__/__main__ sit on top)."""
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else len(LAYERS)
+
+
+def test_every_import_points_down_the_folders() -> None:
+    graph = _graph()
+    assert {m.split(".")[1] for m in graph if m.count(".") >= 2} == set(LAYERS), "every folder is a layer"
+    up = [f"{m} -> {n}" for m, ns in sorted(graph.items()) for n in sorted(ns) if _layer(n) > _layer(m)]
+    assert not up, "imports pointing up: " + "; ".join(up)
+    assert _layer("comp.core.errors") < _layer("comp.pipeline.cv") < _layer("comp.cli")

@@ -11,17 +11,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from comp.errors import UserError
-from comp.io import (
-    N_PIXELS,
-    Dataset,
-    cached_array,
-    default_row_labels,
-    image_names,
-    read_label_csv,
-    write_images,
-    write_label_csv,
-)
+from comp.core.errors import UserError
+from comp.data.dataset import Dataset
+from comp.data.images import N_PIXELS, cached_array, default_row_labels, image_names, write_images
+from comp.data.labels import read_label_csv, write_label_csv
 from tests.conftest import run_cli
 
 
@@ -135,10 +128,10 @@ def test_images_load_in_numeric_order_from_folder_and_zip(tmp_path: Path) -> Non
     with zipfile.ZipFile(tmp_path / "X.zip", "w") as zf:
         for i in range(12):
             zf.write(tmp_path / "X_train" / f"{i}.png", f"X_train/{i}.png")
-    from comp.io import _read_images_uncached
+    from comp.data.images import read_images_uncached
 
-    a = _read_images_uncached(tmp_path / "X_train")
-    b = _read_images_uncached(tmp_path / "X.zip")
+    a = read_images_uncached(tmp_path / "X_train")
+    b = read_images_uncached(tmp_path / "X.zip")
     assert np.array_equal(a, imgs) and np.array_equal(b, imgs)  # 10.png after 9.png, not after 1.png
 
 
@@ -152,13 +145,13 @@ def test_images_load_in_numeric_order_from_folder_and_zip(tmp_path: Path) -> Non
     ],
 )
 def test_bad_images(tmp_path: Path, make, message: str) -> None:
-    from comp.io import _read_images_uncached
+    from comp.data.images import read_images_uncached
 
     d = tmp_path / "X_train"
     write_images(d, np.zeros((3, 512, 512), np.uint8))
     make(d)
     with pytest.raises(UserError, match=message):
-        _read_images_uncached(d)
+        read_images_uncached(d)
 
 
 def test_cache_is_invalidated_when_the_source_changes(tmp_path: Path) -> None:
@@ -167,10 +160,10 @@ def test_cache_is_invalidated_when_the_source_changes(tmp_path: Path) -> None:
     calls = []
 
     def load(p: Path) -> np.ndarray:
-        from comp.io import _read_images_uncached
+        from comp.data.images import read_images_uncached
 
         calls.append(p)
-        return _read_images_uncached(p)
+        return read_images_uncached(p)
 
     cache = tmp_path / "cache"
     a = cached_array(src, cache, "X", load)
@@ -244,7 +237,8 @@ def test_csvs_as_pandas_users_write_them(tmp_path):
     """A quoted header and trailing blank lines are read; a file written with index=False is named exactly."""
     import pandas as pd
 
-    from comp.io import image_names, read_label_csv, write_label_csv
+    from comp.data.images import image_names
+    from comp.data.labels import read_label_csv, write_label_csv
 
     y = np.zeros((2, 512, 512), np.uint8)
     y[0, :10, :10] = 3
@@ -263,8 +257,9 @@ def test_csvs_as_pandas_users_write_them(tmp_path):
 
 def test_float_written_labels_take_the_fast_reader(tmp_path, monkeypatch):
     """'3.0'-style values (pandas floats) parse in the fast path; a real fraction still gets its exact error."""
-    import comp.io as io_mod
-    from comp.io import image_names, read_label_csv
+    import comp.data.labels as io_mod
+    from comp.data.images import image_names
+    from comp.data.labels import read_label_csv
 
     y = np.zeros((2, 512, 512), np.uint8)
     y[0, :10, :10] = 3

@@ -16,12 +16,12 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
-from comp.data.targets import AugConfig, augment, make_targets
-from comp.errors import UserError
-from comp.losses import LossConfig, discriminative_loss, instance_loss
-from comp.models import EMB0, ModelConfig, build_model, load_encoder
-from comp.postprocess import PostParams, instances_from_maps
-from comp.rundir import RunDir
+from comp.core.errors import UserError
+from comp.nets.losses import LossConfig, discriminative_loss, instance_loss
+from comp.nets.models import EMB0, ModelConfig, build_model, load_encoder
+from comp.nets.targets import AugConfig, augment, make_targets
+from comp.nets.targets import PostParams, instances_from_maps
+from comp.pipeline.workspace import RunDir
 from tests.conftest import ROOT
 
 TINY = dict(decoder_channels=[16, 8, 8, 8, 8], embedding_dim=4)
@@ -116,8 +116,8 @@ class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
 def test_a_training_step_with_the_embedding_head_reads_nothing_back() -> None:
     """Forward, every head's loss and backward on a batch: no op that waits for the device (on CUDA each would stall
     the step; the per-image embedding loss made ~4 per image)."""
-    from comp.runtime import Amp
-    from comp.train import TrainConfig, step_loss
+    from comp.core.runtime import Amp
+    from comp.nets.train import TrainConfig, step_loss
 
     model = build_model(ModelConfig(encoder="tu-mobilenetv3_small_100", **TINY))
     lab = np.zeros((3, 64, 64), np.uint8)
@@ -149,8 +149,8 @@ def test_targets_are_bytes_and_equal_the_scipy_definition() -> None:
     uint8 masks and ids: what the loader ships."""
     from scipy import ndimage as ndi
 
-    from comp.speed import sample_slices
-    from comp.data.targets import resize_labels
+    from comp.bench.speed import sample_slices
+    from comp.nets.targets import resize_labels
 
     _, ys = sample_slices(4)
     for lab in [resize_labels(y, 256) for y in ys] + [ys[0][:300, 40:400]]:
@@ -305,9 +305,9 @@ def test_selection_never_sees_the_scored_fold_and_seeds_fix_the_weights(tmp_path
     import pandas as pd
     import yaml
 
-    from comp.config import experiment_from_dict
-    from comp.cv import run_cv
-    from comp.io import Dataset
+    from comp.pipeline.config import experiment_from_dict
+    from comp.pipeline.cv import run_cv
+    from comp.data.dataset import Dataset
     from tests.conftest import TINY_UNET
 
     raw = yaml.safe_load(TINY_UNET)
@@ -328,7 +328,7 @@ def test_selection_never_sees_the_scored_fold_and_seeds_fix_the_weights(tmp_path
 
 
 def test_tvmf_dice_is_the_cosine_dice_at_kappa_zero_and_sharper_above() -> None:
-    from comp.losses import soft_dice, tvmf_dice
+    from comp.nets.losses import soft_dice, tvmf_dice
 
     torch.manual_seed(0)
     target = (torch.rand(2, 16, 16) > 0.6).float()
@@ -345,7 +345,7 @@ def test_tvmf_dice_is_the_cosine_dice_at_kappa_zero_and_sharper_above() -> None:
 
 
 def test_tvmf_loss_decreases_on_a_tiny_fit() -> None:
-    from comp.losses import LossConfig, overlap_loss
+    from comp.nets.losses import LossConfig, overlap_loss
 
     torch.manual_seed(0)
     target = torch.zeros(2, 16, 16)
@@ -385,8 +385,8 @@ def test_two_processes_share_one_run_each_fold_once_same_score(tiny_phantom: Pat
 
 def test_a_training_epoch_reads_the_loss_back_only_when_logging(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each float(tensor) waits for the device: a step must not do one (the progress bar does, every LOG_EVERY steps)."""
-    from comp.runtime import Amp
-    from comp.train import LOG_EVERY, run_epoch
+    from comp.core.runtime import Amp
+    from comp.nets.train import LOG_EVERY, run_epoch
 
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([w], lr=0.01)
@@ -407,7 +407,7 @@ def test_a_training_epoch_reads_the_loss_back_only_when_logging(monkeypatch: pyt
 
 def test_amp_uses_bf16_only_where_the_card_has_it_natively(monkeypatch: pytest.MonkeyPatch) -> None:
     """A card that only emulates bf16 gets fp16 + loss scaling (the default is_bf16_supported() counts emulation)."""
-    from comp.runtime import Amp
+    from comp.core.runtime import Amp
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)  # emulation only
     assert Amp(torch.device("cuda"), True).dtype == torch.float16
@@ -418,7 +418,7 @@ def test_amp_uses_bf16_only_where_the_card_has_it_natively(monkeypatch: pytest.M
 
 def test_resume_loads_the_checkpoint_onto_the_cpu_weights_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """RNG states must stay CPU tensors on a GPU box (set_rng_state raises otherwise), and no pickle runs."""
-    from comp.train import TrainConfig, train_fold
+    from comp.nets.train import TrainConfig, train_fold
 
     xs = np.random.default_rng(0).integers(0, 255, (4, 512, 512)).astype(np.uint8)
     ys = np.zeros((4, 512, 512), np.uint8)
@@ -435,7 +435,7 @@ def test_resume_loads_the_checkpoint_onto_the_cpu_weights_only(tmp_path: Path, m
 
 def test_a_killed_runs_checkpoint_temps_are_cleared_on_resume(tmp_path: Path) -> None:
     """kill -9 during torch.save leaves fold0/.last.pt.<random>.pt (atomic_path's cleanup never ran): the next start clears it."""
-    from comp.train import TrainConfig, train_fold
+    from comp.nets.train import TrainConfig, train_fold
 
     xs = np.random.default_rng(0).integers(0, 255, (2, 512, 512)).astype(np.uint8)
     ys = np.zeros((2, 512, 512), np.uint8)
@@ -454,7 +454,7 @@ def test_a_scaler_state_resumes_across_amp_kinds() -> None:
     a real state is taken; a disabled scaler ignores one."""
     import torch
 
-    from comp.runtime import Amp
+    from comp.core.runtime import Amp
 
     amp = Amp(torch.device("cpu"), False)
     amp.scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=128.0)  # stands in for a CUDA fp16 scaler
@@ -489,7 +489,7 @@ def test_device_cpu_is_taken_even_with_a_gpu_named(monkeypatch) -> None:
     import torch
 
     from comp.cli import main
-    from comp.runtime import device
+    from comp.core.runtime import device
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
     monkeypatch.setenv("COMP_DEVICE", "auto")  # recorded, so the value main() sets below is undone after the test
@@ -509,7 +509,7 @@ def test_a_gpu_sized_config_refuses_the_cpu_unless_told(tiny_phantom, tmp_path, 
     `--device cpu` runs it on the CPU; the setting is not part of the run's identity."""
     import torch
 
-    from comp.config import EXPERIMENTS, load_experiment
+    from comp.pipeline.config import EXPERIMENTS, load_experiment
     from conftest import TINY_UNET, run_cli
 
     if torch.cuda.is_available():
@@ -533,8 +533,8 @@ def test_a_gpu_sized_config_refuses_the_cpu_unless_told(tiny_phantom, tmp_path, 
 def test_checkpoints_at_the_configured_cadence_and_always_at_the_end(tmp_path: Path, monkeypatch) -> None:
     """checkpoint_every=2 over 5 epochs: last.pt after epochs 2, 4 and 5; best.pt with them, never per improvement;
     the cadence is not part of the run's identity, so a run resumes under another cadence."""
-    import comp.train as train
-    from comp.config import load_experiment
+    import comp.nets.train as train
+    from comp.pipeline.config import load_experiment
 
     saved = []
     real = train.save_checkpoint
@@ -560,7 +560,7 @@ def test_checkpoints_at_the_configured_cadence_and_always_at_the_end(tmp_path: P
 def test_a_loader_with_workers_gives_the_same_training_as_without(tmp_path: Path) -> None:
     """Worker processes (the GPU configs' path, never run by a test before) build the same seeded batches: the same
     weights after two epochs as in-process loading; batches carry the masks and ids as bytes."""
-    from comp.train import SliceSet, TrainConfig, loader_workers, make_loader, train_fold
+    from comp.nets.train import SliceSet, TrainConfig, loader_workers, make_loader, train_fold
 
     lab = np.zeros((6, 64, 64), np.uint8)
     lab[:, 10:30, 10:40], lab[:, 35:60, 5:50] = 5, 9
@@ -581,9 +581,9 @@ def test_a_loader_with_workers_gives_the_same_training_as_without(tmp_path: Path
 
 def test_post_processing_workers_get_only_the_channels_they_read(monkeypatch, tmp_path: Path) -> None:
     """Cached 12-channel maps, no embedding merge: the workers are sent 3 channels, lazily; with the merge, all 12."""
-    import comp.learned as learned
-    from comp.postprocess import PostParams
-    from comp.rundir import load_maps, save_maps
+    import comp.methods.unet as learned
+    from comp.nets.targets import PostParams
+    from comp.core.store import load_maps, save_maps
 
     save_maps(tmp_path / "m.npy", np.random.default_rng(0).random((3, 12, 16, 16)).astype(np.float32))
     sent = []
@@ -601,10 +601,10 @@ def test_device_augmentation_keeps_image_and_labels_aligned_and_is_seeded(tmp_pa
     same batch, and a tiny fold trains through it."""
     from scipy import ndimage as ndi
 
-    from comp.speed import sample_slices
-    from comp.data.targets import AugConfig
-    from comp.data.warp import augment_batch
-    from comp.train import SliceSet, TrainConfig, train_fold
+    from comp.bench.speed import sample_slices
+    from comp.nets.targets import AugConfig
+    from comp.nets.warp import augment_batch
+    from comp.nets.train import SliceSet, TrainConfig, train_fold
 
     _, ys = sample_slices(4)
     data = SliceSet(ys, ys, 128, AugConfig(contrast=0, brightness=0, gamma=0, noise=0), 0, 96, on_device=True)
@@ -628,7 +628,7 @@ def test_one_loader_stream_spans_the_epochs_and_a_killed_fold_resumes_to_the_sam
     """The fold's batches come from one iterator (workers prefetch into the next epoch); a run stopped after epoch 2
     of 4 and started again ends with the weights of an uninterrupted run: the checkpoint keeps the shuffle's state
     before the next epoch, not the state the prefetching has reached."""
-    import comp.train as train
+    import comp.nets.train as train
 
     lab = np.zeros((5, 64, 64), np.uint8)
     lab[:, 10:30, 10:40], lab[:, 35:60, 5:50] = 5, 9

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from comp.config import from_dict
-from comp.contrast import Contrast
-from comp.errors import UserError
-from comp.io import Dataset
-from comp.registry import METHODS, FitContext, FoldData, get_method
+from comp.core.errors import UserError
+from comp.data.contrast import Contrast
+from comp.data.dataset import Dataset
+from comp.methods.base import FitContext, FoldData
+from comp.methods.registry import METHODS, get_method
+from comp.pipeline.config import from_dict
 
 SMALL = {  # each method's parameters cut to test size (the rest are its defaults)
     "official_watershed": {},

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from comp.metric import adjusted_rand, image_score, image_scores, score
+from comp.core.metric import adjusted_rand, image_score, image_scores, score
 
 
 def sk_image_score(t: np.ndarray, p: np.ndarray) -> float:
@@ -91,7 +91,7 @@ def test_region_counts_name_split_and_merged_structures() -> None:
     """Three structures: one cut in two halves, two others predicted as one region; unannotated pixels ignored."""
     import numpy as np
 
-    from comp.metric import region_counts
+    from comp.core.metric import region_counts
 
     t = np.zeros((12, 12), np.uint8)
     t[:4], t[4:8], t[8:] = 3, 9, 5

@@ -12,7 +12,7 @@ from tests.conftest import ROOT
 
 
 def test_results_come_back_in_order() -> None:
-    from comp.parallel import pmap
+    from comp.core.parallel import pmap
 
     assert pmap(lambda i, k: i * k, list(range(20)), 3, workers=2) == [3 * i for i in range(20)]
 
@@ -22,7 +22,7 @@ def test_a_worker_that_dies_fails_the_call_instead_of_hanging() -> None:
     the command must end with one clear error, not wait for ever (multiprocessing.Pool waited)."""
     code = textwrap.dedent("""
         import os
-        from comp.parallel import pmap
+        from comp.core.parallel import pmap
         from comp.cli import main
         import comp.cli
 
@@ -45,9 +45,9 @@ def test_a_worker_that_dies_fails_the_call_instead_of_hanging() -> None:
 
 def test_the_cpu_share_follows_affinity_quota_and_the_runs_gpu_processes(monkeypatch, tmp_path) -> None:
     """16 cores allowed, a 6-CPU container quota, two GPU processes: 3 each; loaders keep one for the training loop."""
-    from comp import parallel
-    from comp.errors import UserError
-    from comp.train import loader_workers
+    from comp.core import parallel
+    from comp.core.errors import UserError
+    from comp.nets.train import loader_workers
 
     read_quota = parallel.cgroup_cpus
     monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: set(range(16)))

@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
+from comp.data.dataset import Dataset
+from comp.data.images import N_PIXELS
 from comp.data.phantom import render_slice
-from comp.io import Dataset, N_PIXELS
 
 
 def test_layout(tiny_phantom: Path) -> None:
@@ -53,7 +54,7 @@ def test_visible_but_unannotated_structures() -> None:
 
 def test_perfect_foreground_components_are_not_enough() -> None:
     """As on real CT, touching structures make connected components of a perfect mask fall short."""
-    from comp.metric import image_score
+    from comp.core.metric import image_score
 
     scores = [image_score(lab, ndi.label(lab > 0)[0].astype(np.uint8)) for _, lab in map(render_slice, range(12))]
     assert 0.3 < np.mean(scores) < 0.9

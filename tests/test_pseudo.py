@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import yaml
 
-from comp.errors import UserError
+from comp.core.errors import UserError
 
 
 @pytest.mark.slow
 def test_pseudo_labels_of_fold_k_come_only_from_the_teacher_model_blind_to_fold_k(tmp_path: Path, tiny_phantom: Path,
                                                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    from comp.config import experiment_from_dict
-    from comp.cv import run_cv
-    from comp.io import Dataset
-    from comp.learned import LearnedInstances
-    from comp.rundir import RunDir
+    from comp.pipeline.config import experiment_from_dict
+    from comp.pipeline.cv import run_cv
+    from comp.data.dataset import Dataset
+    from comp.methods.unet import LearnedInstances
+    from comp.pipeline.workspace import RunDir
     from tests.conftest import TINY_UNET
 
     teacher_yaml = tmp_path / "teach.yaml"
@@ -53,9 +53,9 @@ def test_pseudo_labels_of_fold_k_come_only_from_the_teacher_model_blind_to_fold_
 
 
 def test_a_teacher_on_other_folds_is_refused(tmp_path: Path) -> None:
-    from comp.cv import make_folds
-    from comp.pseudo import check_folds
-    from comp.rundir import RunDir
+    from comp.pipeline.cv import make_folds
+    from comp.pipeline.pseudo import check_folds
+    from comp.pipeline.workspace import RunDir
 
     ann = np.arange(0, 24, 2)
     ours = make_folds(len(ann), 3, 0)
@@ -69,7 +69,7 @@ def test_a_teacher_on_other_folds_is_refused(tmp_path: Path) -> None:
 
 
 def test_confidence_ranks_a_sharp_map_above_a_hesitant_one() -> None:
-    from comp.pseudo import confidence
+    from comp.pipeline.pseudo import confidence
 
     sharp = np.zeros((32, 32))
     sharp[8:24, 8:24] = 0.97
@@ -80,7 +80,7 @@ def test_confidence_ranks_a_sharp_map_above_a_hesitant_one() -> None:
 
 
 def test_pseudo_section_is_checked_and_leaves_other_digests_alone(tmp_path: Path) -> None:
-    from comp.config import experiment_from_dict
+    from comp.pipeline.config import experiment_from_dict
     from tests.conftest import TINY_UNET
 
     raw = yaml.safe_load(TINY_UNET)
@@ -95,9 +95,9 @@ def test_pseudo_section_is_checked_and_leaves_other_digests_alone(tmp_path: Path
 
 
 def test_a_teacher_chain_that_loops_back_is_one_clear_error(tmp_path: Path, tiny_phantom: Path) -> None:
-    from comp.config import load_experiment
-    from comp.cv import run_cv
-    from comp.io import Dataset
+    from comp.pipeline.config import load_experiment
+    from comp.pipeline.cv import run_cv
+    from comp.data.dataset import Dataset
     from tests.conftest import TINY_UNET
 
     raw = yaml.safe_load(TINY_UNET)
@@ -110,9 +110,9 @@ def test_a_teacher_chain_that_loops_back_is_one_clear_error(tmp_path: Path, tiny
 
 def test_a_teacher_that_predicts_no_maps_is_refused_before_its_cv(tmp_path: Path, tiny_phantom: Path) -> None:
     """A non-learned teacher was refused only after its whole CV had run; now before anything runs. `../` is no name."""
-    from comp.config import load_experiment
-    from comp.cv import run_cv
-    from comp.io import Dataset
+    from comp.pipeline.config import load_experiment
+    from comp.pipeline.cv import run_cv
+    from comp.data.dataset import Dataset
     from tests.conftest import TINY_UNET
 
     raw = yaml.safe_load(TINY_UNET)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import fake_run, run_cli
 from PIL import Image
+from conftest import fake_run, run_cli
 
 CHROMIUM = shutil.which("chromium")
 
@@ -38,8 +38,8 @@ def test_report_builds_from_a_tiny_run(tiny_phantom: Path, tmp_path: Path) -> No
 @pytest.mark.slow
 @pytest.mark.parametrize("first_format", [False, True])
 def test_report_of_an_ensemble_with_merging(first_format: bool, tiny_phantom: Path, tmp_path: Path) -> None:
-    from comp.ensemble import merger_path, save_ensemble, single_member
-    from comp.merge import Merger, save_merger
+    from comp.pipeline.ensemble import merger_path, save_ensemble, single_member
+    from comp.methods.merge import Merger, save_merger
 
     run = fake_run(tmp_path, tiny_phantom, "merged", boundaries=False)
     spec = single_member("m", run)

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_UNET
 
-from comp.results import END, START, Suite, run_results
+from comp.pipeline.suite import END, START, Suite, run_results
 
 
 @pytest.mark.slow
@@ -38,11 +37,11 @@ def test_results_fill_the_readme_table(tiny_phantom: Path, tmp_path: Path) -> No
 
 @pytest.mark.slow
 def test_results_offer_only_the_listed_singles_regions(tiny_phantom: Path, tmp_path: Path, monkeypatch) -> None:
-    import comp.tune
+    import comp.pipeline.tune
 
     seen: list[list[Path]] = []
-    real = comp.tune.tune
-    monkeypatch.setattr(comp.tune, "tune", lambda *a, **k: seen.append(k["region_runs"]) or real(*a, **k))
+    real = comp.pipeline.tune.tune
+    monkeypatch.setattr(comp.pipeline.tune, "tune", lambda *a, **k: seen.append(k["region_runs"]) or real(*a, **k))
     exp = tmp_path / "tinyreg.yaml"
     exp.write_text("name: tinyreg\n" + TINY_UNET)
     singles = [str(exp), "baseline_watershed_stretched", "baseline_watershed"]
@@ -55,8 +54,8 @@ def test_results_offer_only_the_listed_singles_regions(tiny_phantom: Path, tmp_p
 def test_a_suite_offering_regions_of_no_single_is_refused(tmp_path: Path) -> None:
     import pytest
 
-    from comp.errors import UserError
-    from comp.results import load_suite
+    from comp.core.errors import UserError
+    from comp.pipeline.suite import load_suite
 
     path = tmp_path / "suite.yaml"
     path.write_text("singles: [hybrid, unet_cpu]\nregions_from: [smooth_watershed]\n")
@@ -71,8 +70,8 @@ def test_a_suite_is_a_delta_of_its_base(tmp_path: Path) -> None:
     """`base: NAME` reads the suite beside it first; the file's own keys win; a loop is one clear error."""
     import pytest
 
-    from comp.errors import UserError
-    from comp.results import load_suite, results_file
+    from comp.core.errors import UserError
+    from comp.pipeline.suite import load_suite, results_file
 
     (tmp_path / "main.yaml").write_text("folds: 4\nsingles: [hybrid]\ndatasets: {phantom: ''}\n")
     (tmp_path / "variant.yaml").write_text("base: main\ndatasets: {proxy_ps: data/proxy_ps}\n")

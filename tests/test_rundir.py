@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from comp.errors import UserError
-from comp.rundir import RunDir, RunKey, load_maps, quantise, save_maps, write_maps
+from comp.core.errors import UserError
+from comp.core.store import load_maps, quantise, save_maps, write_maps
+from comp.pipeline.workspace import RunDir, RunKey
 
 
 def _maps(n: int = 5, c: int = 7, r: int = 16, seed: int = 0) -> np.ndarray:
@@ -79,7 +80,7 @@ def test_run_folder_layout_and_key(tmp_path: Path) -> None:
 
 
 def test_ensemble_candidates_are_the_newest_run_of_each_config_at_the_usual_fold_count() -> None:
-    from comp.cli import _latest_per_config
+    from comp.cli.commands import _latest_per_config
 
     runs = [Path(f"runs/{e}/{t}-{d}-0fcfb2-k{k}") for e, t, d, k in [
         ("a", "20260102-000000", "d1", 3), ("a", "20260101-000000", "d1", 3), ("a", "20260101-000000", "d2", 3),

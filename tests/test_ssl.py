@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from comp.data.phantom import render_slice
-from comp.models import ModelConfig, build_model
-from comp.ssl import PRETEXTS, SSLConfig, load_ssl_config, pretrain
+from comp.nets.models import ModelConfig, build_model
+from comp.pipeline.pretrain import PRETEXTS, SSLConfig, load_ssl_config, pretrain
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -52,7 +52,7 @@ def test_pretraining_resumes(slices: np.ndarray, tmp_path: Path, capsys: pytest.
 
 
 def test_bad_ssl_config(tmp_path: Path) -> None:
-    from comp.errors import UserError
+    from comp.core.errors import UserError
 
     p = tmp_path / "ssl.yaml"
     p.write_text("method: simclr\n")
@@ -65,7 +65,7 @@ def test_bad_ssl_config(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_every_backbone_in_experiments_pretrains_with_both_methods(slices: np.ndarray, tmp_path: Path) -> None:
-    from comp.config import load_experiment
+    from comp.pipeline.config import load_experiment
 
     resolved = {p.stem: load_experiment(p.stem) for p in sorted(EXPERIMENTS.glob("*.yaml")) if not p.stem.startswith("ssl_")}
     unets = {k: {"params": {"model": {"encoder": e.params.model.encoder}}} for k, e in resolved.items() if e.method == "unet"}  # deltas resolved

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from comp.io import SIZE, image_names, write_images, write_label_csv
+from comp.data.images import SIZE, image_names, write_images
+from comp.data.labels import write_label_csv
 from tests.conftest import run_cli
 
 
@@ -31,8 +32,8 @@ def _hand_built(root: Path) -> Path:
 
 
 def test_stats_counts_touching_and_share(tmp_path: Path) -> None:
-    from comp.io import Dataset
-    from comp.stats import data_stats
+    from comp.data.dataset import Dataset
+    from comp.report.stats import data_stats
 
     s = data_stats(Dataset(_hand_built(tmp_path / "d")), workers=1)
     assert (s.train_slices, s.annotated_slices, s.test_slices) == (3, 2, 1)
@@ -57,8 +58,8 @@ def test_stats_cli_markdown_and_missing_folder(tmp_path: Path) -> None:
 
 
 def test_superpixel_ceilings_fall_as_superpixels_coarsen(tiny_phantom) -> None:
-    from comp.io import Dataset
-    from comp.stats import data_stats, rows
+    from comp.data.dataset import Dataset
+    from comp.report.stats import data_stats, rows
 
     s = data_stats(Dataset(tiny_phantom), images=3, workers=1, superpixel_h=[0.002, 0.05])
     (n_fine, c_fine), (n_coarse, c_coarse) = s.superpixels["0.002"], s.superpixels["0.05"]

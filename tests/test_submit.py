@@ -9,11 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from comp.config import CVConfig, Experiment
-from comp.baselines import SmoothWatershedParams
-from comp.errors import UserError
-from comp.io import Dataset, read_label_csv, write_label_csv
-from comp.submit import submit, validate_submission
+from comp.core.errors import UserError
+from comp.data.dataset import Dataset
+from comp.data.labels import read_label_csv, write_label_csv
+from comp.methods.baselines import SmoothWatershedParams
+from comp.pipeline.config import CVConfig, Experiment
+from comp.pipeline.submit import submit, validate_submission
 from tests.conftest import run_cli
 
 
@@ -23,7 +24,7 @@ def test_submit_end_to_end(tiny_phantom: Path, tmp_path: Path, monkeypatch: pyte
     out = tmp_path / "submissions" / "sm.csv"
     s = submit(exp, Dataset(tiny_phantom), out)
     table = read_label_csv(out)
-    from comp.metric import image_scores
+    from comp.core.metric import image_scores
 
     assert s["images"] == 4 and s["test_ari"] == pytest.approx(image_scores(Dataset(tiny_phantom).y_test, table.maps).mean())
     assert table.columns == [f"{i}.png" for i in range(4)] and table.maps.dtype == np.uint8
@@ -105,7 +106,7 @@ def _swap_test_slices(root: Path) -> None:
 
 def test_kept_test_predictions_follow_the_test_slices(tiny_phantom: Path, tmp_path: Path) -> None:
     """Test predictions kept beside a fit are keyed on the test slices' pixels: swapped slices are predicted anew."""
-    from comp.submit import predict_test
+    from comp.pipeline.submit import predict_test
 
     root = tmp_path / "data"
     shutil.copytree(tiny_phantom, root)
@@ -119,11 +120,12 @@ def test_kept_test_predictions_follow_the_test_slices(tiny_phantom: Path, tmp_pa
 
 def test_cached_test_maps_of_other_test_slices_are_refused(tiny_phantom: Path, tmp_path: Path) -> None:
     """`--cached` test maps predicted from other test slices (changed after CV) are refused, never blended in."""
-    from comp.cv import run_cv
-    from comp.config import load_experiment
-    from comp.ensemble import EnsembleSpec, MemberRef, save_ensemble
-    from comp.rundir import RunDir, save_maps
-    from comp.submit import submit_ensemble
+    from comp.pipeline.cv import run_cv
+    from comp.pipeline.config import load_experiment
+    from comp.pipeline.ensemble import EnsembleSpec, MemberRef, save_ensemble
+    from comp.core.store import save_maps
+    from comp.pipeline.workspace import RunDir
+    from comp.pipeline.submit import submit_ensemble
     from tests.conftest import fake_run
 
     root = tmp_path / "data"

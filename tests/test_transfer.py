@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
 
 
@@ -25,11 +24,11 @@ def pair(tmp_path_factory):
 def test_the_scored_data_is_read_through_its_own_contrast_step(pair):
     """A window 2x wider on the scored slices: re-resolved there, the stretched baseline scores as on the usual rendering;
     with the fitting data's grey window it would not."""
-    from comp.config import load_experiment
-    from comp.io import Dataset
-    from comp.metric import image_scores
-    from comp.submit import fit_every_annotated
-    from comp.transfer import transfer
+    from comp.pipeline.config import load_experiment
+    from comp.data.dataset import Dataset
+    from comp.core.metric import image_scores
+    from comp.pipeline.submit import fit_every_annotated
+    from comp.pipeline.transfer import transfer
 
     fit, same, wide, runs = pair
     exp = load_experiment("baseline_watershed_stretched")
@@ -44,9 +43,9 @@ def test_the_scored_data_is_read_through_its_own_contrast_step(pair):
 
 def test_a_kept_record_is_reused_only_for_the_same_scored_pixels(pair, capsys):
     """Run twice: the second reads the record; scored slices changed in place: scored again."""
-    from comp.config import load_experiment
-    from comp.io import Dataset
-    from comp.transfer import transfer
+    from comp.pipeline.config import load_experiment
+    from comp.data.dataset import Dataset
+    from comp.pipeline.transfer import transfer
 
     fit, same, _, runs = pair
     exp = load_experiment("smooth_watershed")
@@ -56,7 +55,7 @@ def test_a_kept_record_is_reused_only_for_the_same_scored_pixels(pair, capsys):
     capsys.readouterr()
     again = transfer(exp, Dataset(fit), [Dataset(same)], runs=runs)[0]
     assert "kept in" in capsys.readouterr().out and again == first
-    from comp.report import write_leaderboard
+    from comp.report.leaderboard import write_leaderboard
 
     board = write_leaderboard(runs).read_text()
     assert "## transfer" in board and f"| fit | same | smooth_watershed | {first.mean_ari:.4f} ± {first.std_ari:.4f} | 6 |" in board
@@ -77,10 +76,10 @@ def test_transfer_cli_refuses_scoring_the_fitting_data(pair):
 
 def test_transfer_reads_no_label_of_the_scored_data_before_it_has_predicted_it(pair, tmp_path):
     """The scored data's labels are read only after its slices were predicted (which slices are scored aside)."""
-    from comp.config import load_experiment
-    from comp.io import Dataset
-    from comp.submit import fit_every_annotated
-    from comp.transfer import transfer
+    from comp.pipeline.config import load_experiment
+    from comp.data.dataset import Dataset
+    from comp.pipeline.submit import fit_every_annotated
+    from comp.pipeline.transfer import transfer
 
     fit, same, _, _ = pair
     exp = load_experiment("smooth_watershed")
@@ -98,13 +97,13 @@ def test_transfer_reads_no_label_of_the_scored_data_before_it_has_predicted_it(p
     method = fit_every_annotated(exp, Dataset(fit), runs=tmp_path)
     predict = method.predict
     method.predict = lambda x: (events.append("predict"), predict(x))[1]
-    import comp.submit
+    import comp.pipeline.submit
 
-    orig, comp.submit.fit_every_annotated = comp.submit.fit_every_annotated, lambda *a, **k: method
+    orig, comp.pipeline.submit.fit_every_annotated = comp.pipeline.submit.fit_every_annotated, lambda *a, **k: method
     try:
         r = transfer(exp, Dataset(fit), [Guarded(same)], runs=tmp_path)[0]
     finally:
-        comp.submit.fit_every_annotated = orig
+        comp.pipeline.submit.fit_every_annotated = orig
     assert events[0] == "predict" and "labels" in events, events
     assert r.n_images == len(real.annotated)
 
@@ -114,12 +113,12 @@ def test_an_ensemble_transfers_as_it_was_selected_on_the_fitting_data(pair, tmp_
     an ensemble selected on other data, or scored on its own data, is refused."""
     import yaml
 
-    from comp.config import experiment_from_dict
-    from comp.cv import run_cv
-    from comp.ensemble import save_ensemble, single_member
-    from comp.errors import UserError
-    from comp.io import Dataset
-    from comp.transfer import transfer_ensemble
+    from comp.pipeline.config import experiment_from_dict
+    from comp.pipeline.cv import run_cv
+    from comp.pipeline.ensemble import save_ensemble, single_member
+    from comp.core.errors import UserError
+    from comp.data.dataset import Dataset
+    from comp.pipeline.transfer import transfer_ensemble
     from tests.conftest import TINY_UNET
 
     fit, same, wide, _ = pair

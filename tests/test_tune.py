@@ -15,12 +15,14 @@ import pytest
 import yaml
 from conftest import ROOT, TINY_UNET, fake_run, run_cli
 
-from comp.errors import UserError
-from comp.ensemble import OOF, EnsembleSpec, MemberRef, build_ensemble, load_ensemble, save_ensemble
-from comp.io import Dataset
-from comp.merge import fit_fold_mergers, load_merger, pair_features, pair_targets, save_merger
-from comp.postprocess import PostParams
-from comp.tune import storage_url, tune
+from comp.core.errors import UserError
+from comp.data.dataset import Dataset
+from comp.methods.merge import fit_fold_mergers, load_merger, pair_features, pair_targets, save_merger
+from comp.nets.targets import PostParams
+from comp.pipeline.ensemble import EnsembleSpec, MemberRef, build_ensemble, load_ensemble, save_ensemble
+from comp.pipeline.oof import OOF
+from comp.pipeline.study import storage_url
+from comp.pipeline.tune import tune
 
 
 def _spec(run: Path, data: Path, name: str = "t") -> EnsembleSpec:
@@ -50,17 +52,17 @@ def test_a_few_trials_beat_the_defaults(tiny_phantom: Path, tmp_path: Path) -> N
 
 
 def test_no_nested_search_when_no_trial_beats_the_stored_settings(tiny_phantom: Path, tmp_path: Path, monkeypatch) -> None:
-    import comp.tune
+    import comp.pipeline.tune
 
     run = fake_run(tmp_path, tiny_phantom, "good")
     oof = OOF.load([run], Dataset(tiny_phantom))
     default = oof.scores([1.0], PostParams(), workers=1).mean()
-    monkeypatch.setattr(comp.tune, "inner_study", lambda *a, **k: pytest.fail("nested search for settings nothing beat"))
+    monkeypatch.setattr(comp.pipeline.tune, "inner_study", lambda *a, **k: pytest.fail("nested search for settings nothing beat"))
     r = tune(_spec(run, tiny_phantom, "same"), oof, tmp_path, trials=1, workers=1, merge=False)  # the stored settings only
     assert r.nested_ari == pytest.approx(default) and r.oof_ari == pytest.approx(default)
     monkeypatch.undo()  # with a trial that beats them, the nested searches run
     calls = []
-    monkeypatch.setattr(comp.tune, "inner_study", lambda *a, **k: calls.append(1) or comp.tune.start_params(_spec(run, tiny_phantom), False))
+    monkeypatch.setattr(comp.pipeline.tune, "inner_study", lambda *a, **k: calls.append(1) or comp.pipeline.tune.start_params(_spec(run, tiny_phantom), False))
     weak = fake_run(tmp_path, tiny_phantom, "weak", fg_level=0.45)
     tune(_spec(weak, tiny_phantom, "weak"), OOF.load([weak], Dataset(tiny_phantom)), tmp_path, trials=6, workers=1, merge=False)
     assert len(calls) == len(np.unique(oof.folds))
@@ -156,8 +158,8 @@ def test_merge_classifiers_train_after_a_network_without_hanging(tiny_phantom: P
     in forked workers (fold mergers) or here (a single classifier, as the hybrid trains its own)."""
     (tmp_path / "tiny.yaml").write_text("name: tiny\n" + TINY_UNET)
     code = (
-        "import numpy as np\nfrom pathlib import Path\nfrom comp.config import load_experiment\nfrom comp.cv import run_cv\n"
-        "from comp.io import Dataset\nfrom comp.merge import fit_fold_mergers, train_without\n"
+        "import numpy as np\nfrom pathlib import Path\nfrom comp.pipeline.config import load_experiment\nfrom comp.pipeline.cv import run_cv\n"
+        "from comp.data.dataset import Dataset\nfrom comp.methods.merge import fit_fold_mergers, train_without\n"
         f"run_cv(load_experiment('{tmp_path / 'tiny.yaml'}'), Dataset(Path('{tiny_phantom}')), 2, Path('{tmp_path / 'runs'}'))\n"
         "rng = np.random.default_rng(0); x = rng.normal(size=(100000, 24)).astype(np.float32); y = (x[:, 0] > 0).astype(np.int8)\n"
         "m = fit_fold_mergers(x, y, rng.integers(0, 3, len(y)), workers=2)\n"
@@ -281,7 +283,7 @@ def test_cv_ensemble_tune_submit_end_to_end(tiny_phantom: Path, tmp_path: Path) 
 
 
 def test_nested_scores_never_search_the_images_they_score() -> None:
-    from comp.ensemble import nested_scores
+    from comp.pipeline.select import nested_scores
 
     folds = np.array([0, 1, 2, 0, 1, 2, 0])
     idx = np.arange(7)
@@ -336,7 +338,7 @@ def test_the_printed_dashboard_command_reads_the_tuned_study(tiny_phantom: Path,
 @pytest.mark.slow
 def test_superpixel_hybrid_wins_where_the_maps_fail_and_submit_reproduces_it(tiny_phantom: Path, tmp_path: Path) -> None:
     """A blank foreground channel: the maps' watershed finds nothing, superpixels merged by fold classifiers do."""
-    from comp.submit import submit_ensemble
+    from comp.pipeline.submit import submit_ensemble
 
     run = fake_run(tmp_path, tiny_phantom, "blind", fg_level=0.0, boundaries=False)
     data = Dataset(tiny_phantom)
@@ -351,7 +353,8 @@ def test_superpixel_hybrid_wins_where_the_maps_fail_and_submit_reproduces_it(tin
     again = oof.scores([1.0], stored.post, merger, workers=1, regions=stored.regions)
     assert again.mean() == pytest.approx(stored.oof_ari)
     (run / "test").mkdir(exist_ok=True)
-    from comp.rundir import RunDir, save_maps
+    from comp.core.store import save_maps
+    from comp.pipeline.workspace import RunDir
 
     save_maps(RunDir(run).test_maps_file(0), np.zeros((4, 7, 64, 64), np.float32))
     save_maps(RunDir(run).test_maps_file(1), np.zeros((4, 7, 64, 64), np.float32))
@@ -363,11 +366,12 @@ def test_superpixel_hybrid_wins_where_the_maps_fail_and_submit_reproduces_it(tin
 def test_merging_can_start_from_another_runs_regions_and_submit_reproduces_it(tiny_phantom: Path, tmp_path: Path) -> None:
     """Blind maps: the maps' watershed finds nothing; an instance-predicting run's OOF regions (kept, or merged
     by fold classifiers that read the maps) are the tuned ensemble, and submit starts from that method's test fit."""
-    from comp.config import load_experiment
-    from comp.cv import run_cv
-    from comp.errors import UserError
-    from comp.rundir import RunDir, save_maps
-    from comp.submit import submit_ensemble
+    from comp.pipeline.config import load_experiment
+    from comp.pipeline.cv import run_cv
+    from comp.core.errors import UserError
+    from comp.core.store import save_maps
+    from comp.pipeline.workspace import RunDir
+    from comp.pipeline.submit import submit_ensemble
 
     data = Dataset(tiny_phantom)
     blind = fake_run(tmp_path, tiny_phantom, "blind", fg_level=0.0, boundaries=False)
@@ -398,7 +402,7 @@ def test_a_killed_tunes_running_trial_is_failed_when_the_study_reopens(tmp_path:
     import optuna
     from optuna.trial import TrialState
 
-    from comp.tune import WORKER, open_study
+    from comp.pipeline.study import WORKER, open_study
 
     url = f"sqlite:///{tmp_path / 's.db'}"
     study = open_study(url, "s", 0)
@@ -420,7 +424,7 @@ def test_regions_from_a_run_on_other_folds_is_refused_before_any_search(tiny_pha
 
 def test_the_leaderboard_shows_the_commands_that_reproduce_a_tuned_ensemble(tiny_phantom: Path, tmp_path: Path) -> None:
     """Selection, then the tune call whose settings are stored: the selection alone scores something else."""
-    from comp.report import leaderboard_rows
+    from comp.report.leaderboard import leaderboard_rows
 
     run = fake_run(tmp_path, tiny_phantom, "lb", noise=0.05)
     spec = _spec(run, tiny_phantom, "e1")
@@ -433,8 +437,8 @@ def test_the_leaderboard_shows_the_commands_that_reproduce_a_tuned_ensemble(tiny
 
 
 def test_ensembling_a_method_without_maps_says_so(tiny_phantom: Path, tmp_path: Path) -> None:
-    from comp.config import load_experiment
-    from comp.cv import run_cv
+    from comp.pipeline.config import load_experiment
+    from comp.pipeline.cv import run_cv
 
     run_cv(load_experiment("baseline_watershed_stretched"), Dataset(tiny_phantom), 2, tmp_path)
     r = run_cli("ensemble", "baseline_watershed_stretched", "--data", str(tiny_phantom), "--runs", str(tmp_path))
@@ -463,7 +467,7 @@ def test_greedy_selection_keeps_the_simpler_ensemble_when_the_gain_is_within_its
 
     import numpy as np
 
-    from comp.ensemble import gain_and_se, greedy_select
+    from comp.pipeline.select import gain_and_se, greedy_select
 
     folds = np.repeat([0, 1, 2], 10)
     base = np.full(30, 0.70)

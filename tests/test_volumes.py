@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from comp.core.errors import UserError
+from comp.data.dataset import Dataset
 from comp.data.volumes import ImportConfig, import_volumes, load_volume, split_components, axial_slices
-from comp.errors import UserError
-from comp.io import Dataset
 from tests.conftest import run_cli
 
 SHAPE = (40, 30, 6)  # x (towards the patient's right in RAS), y (anterior), z (superior)
@@ -151,7 +151,7 @@ def test_proxy_offline_without_cache_is_one_clear_error(tmp_path: Path, monkeypa
 
 
 def test_folds_take_contiguous_slice_blocks(tmp_path: Path) -> None:
-    from comp.cv import make_folds
+    from comp.pipeline.cv import make_folds
 
     ct = np.full((20, 20, 25), 40.0, np.float32)
     lab = np.zeros(ct.shape, np.int16)

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from comp.contrast import Contrast, calibration
-from comp.errors import UserError
-from comp.io import SIZE, Dataset, image_names, write_groups_csv
+from comp.core.errors import UserError
+from comp.data.contrast import Contrast, calibration
+from comp.data.dataset import Dataset
+from comp.data.images import SIZE, image_names
+from comp.data.labels import write_groups_csv
 
 POOL = 16  # descriptors are 32x32 means of 16x16 pixel cells
 # Distances between body outlines: the root of the summed squared differences of the cells' body fractions (1.0:

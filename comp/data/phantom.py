@@ -1,7 +1,7 @@
 """A learnable abdominal/pelvic CT phantom written in the exact challenge layout.
 
 Each slice is drawn in Hounsfield units and rendered through the challenge-like window
-(comp.contrast.hu_to_grey, -1000..1000 HU), so soft tissues sit a few grey levels apart as in the
+(comp.data.contrast.hu_to_grey, -1000..1000 HU), so soft tissues sit a few grey levels apart as in the
 challenge; or through a window drawn per slice (`window_per_slice`), and at a coarser effective
 resolution (`coarse`: voxels that many pixels wide, stretched back to 512x512). Each slice is drawn analytically from an anatomy that varies with a random level (upper abdomen to
 pelvis): body outline with fat and muscle wall, spine and ribs, organs, vessels, bowel loops and
@@ -19,10 +19,12 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from comp.contrast import HU_WINDOW, draw_windows, hu_to_grey, window_ranges_problem
-from comp.errors import UserError, atomic_write_text
-from comp.io import SIZE, WINDOWS_CSV, image_names, write_images, write_label_csv, write_windows
-from comp.parallel import n_workers
+from comp.core.atomic import atomic_write_text
+from comp.core.errors import UserError
+from comp.core.parallel import n_workers
+from comp.data.contrast import HU_WINDOW, draw_windows, hu_to_grey, window_ranges_problem
+from comp.data.images import SIZE, image_names, write_images
+from comp.data.labels import WINDOWS_CSV, write_label_csv, write_windows
 
 # Tissues in HU, weakly enhanced (organs and vessels a few dozen HU above muscle), as in the proxy's CT.
 AIR, FAT, MUSCLE, SOFT, LIVER, KIDNEY, VESSEL, BONE, MARROW, FLUID = -1000, -100, 45, 35, 60, 60, 90, 800, 250, 8

@@ -8,8 +8,9 @@ import sys
 import tarfile
 from pathlib import Path
 
+from comp.core.atomic import atomic_path, atomic_write_text
+from comp.core.errors import UserError
 from comp.data.volumes import ImportConfig, import_volumes
-from comp.errors import UserError, atomic_path, atomic_write_text
 
 PACKAGE = "totalsegmentator==2.18.0"
 ARCHIVE = "totalsegmentator-2.18.0.tar.gz"

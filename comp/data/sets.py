@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from comp.errors import UserError
-from comp.io import Dataset
+from comp.core.errors import UserError
+from comp.data.dataset import Dataset
 
 # The embedded default data set of `make cv` when no challenge data is present: small enough
 # for a 2-core CPU, in the exact challenge layout.
@@ -71,7 +71,7 @@ def labels_key(data: Dataset, dirs: list[str]) -> str:
 def extra_data(dirs: list[str], data: Dataset, per_slice="auto", where: str = "cv.extra", say=print) -> Extra | None:
     """The extra data sets' annotated slices, each calibrated on its own slices and re-rendered in the grey levels of
     `data` as its contrast step reads them (label-free: pixels only); None without extra data."""
-    from comp.contrast import calibration, rendered_as
+    from comp.data.contrast import calibration, rendered_as
     from comp.data.groups import fold_groups
 
     if not dirs:

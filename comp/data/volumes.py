@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from comp.contrast import HU_WINDOW, draw_windows, hu_to_grey, window_ranges_problem
-from comp.errors import UserError, atomic_write_text, staged_folder
-from comp.fields import bounded
+from comp.core.atomic import atomic_write_text, staged_folder
+from comp.core.errors import UserError
+from comp.core.fields import bounded
+from comp.data.contrast import HU_WINDOW, draw_windows, hu_to_grey, window_ranges_problem
 from comp.data.groups import contiguous_blocks
-from comp.io import GROUPS_CSV, SIZE, WINDOWS_CSV, image_names, write_groups_csv, write_images, write_label_csv, write_windows
+from comp.data.images import SIZE, image_names, write_images
+from comp.data.labels import GROUPS_CSV, WINDOWS_CSV, write_groups_csv, write_label_csv, write_windows
 
 AIR_HU = -1024.0
 

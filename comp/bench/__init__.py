@@ -1,0 +1,1 @@
+"""Benchmarks: CPU and GPU timings of each stage and the projection of `make cv`."""

@@ -1,0 +1,1 @@
+"""Infrastructure every stage uses: user errors, atomic files, claims (locks), worker pools, the device runtime, config fields, the metric, on-disk map stores and figures."""

@@ -1,0 +1,125 @@
+"""The hybrid method: a fine intensity over-segmentation of the contrast-stretched slice, merged by LightGBM.
+
+Superpixels (h-minima watershed of the smoothed gradient, ~1,000 per slice) can follow almost every true
+border; a pair classifier trained on the fold's training slices (intensity, gradient along the border,
+texture and shape features) then merges neighbours that belong to one structure, round after round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from comp.core.fields import added, bounded
+from comp.core.metric import image_scores
+from comp.core.parallel import pmap
+from comp.core.store import FoldDir
+from comp.data.contrast import Contrast
+from comp.methods.base import FitContext, FoldData, inner_split
+from comp.methods.merge import (FEATURES, LINKAGES, Merger, agglomeration_rows, model_text, save_merger,
+                                train_classifier, unknown_features, without)
+from comp.methods.registry import register_method
+from comp.regions.superpixels import SuperpixelParams, merged_superpixels, superpixels
+
+
+@dataclass
+class HybridParams:
+    """Superpixels, the merge classifier's training and its use."""
+
+    superpixels: SuperpixelParams = field(default_factory=SuperpixelParams)
+    threshold: float = bounded(0.5, lo=0, hi=1)  # merge a pair when the classifier's probability reaches this
+    # Chosen on each training fold: superpixel depth h x threshold, scored on `fit_images` training slices
+    # (whole CT volumes when the data set has groups) that the classifier of that choice did not train on.
+    fit_h: list[float] = bounded(factory=lambda: [0.005, 0.0075, 0.01], lo=0, lo_open=True, min_len=1)
+    fit_thresholds: list[float] = bounded(factory=lambda: [0.2, 0.35, 0.5, 0.65], lo=0, hi=1, min_len=1)
+    fit_images: int = bounded(16, lo=0)  # 0 = no selection: superpixels.h and threshold as given
+    max_rounds: int = bounded(16, lo=0)  # merge rounds at prediction (each merges a matching of pairs, then re-scores)
+    train_rounds: int = bounded(8, lo=1)  # agglomeration stages whose pairs train the classifier
+    train_pairs: int = bounded(1500, lo=1)  # pairs drawn per slice and stage (bounds the training set)
+    # Pair features the classifier may not use (comp.methods.merge.FEATURES), e.g. the position ones, which can learn
+    # where structures sit in the training scan's body rather than what their border looks like.
+    drop_features: list[str] = field(default_factory=list)
+    linkage: str = "classifier"  # classifier | average (comp.methods.merge.Merger.linkage)
+    relative_features: bool = added(False)  # also the borders' gradient and intensity step relative to the slice's (merge.RELATIVE)
+    workers: int = bounded(0, lo=0)
+
+    def violations(self) -> dict[str, str]:
+        """Feature names that do not exist, an unknown linkage."""
+        bad = unknown_features(self.drop_features)
+        out = {"drop_features": f"unknown feature '{bad[0]}' (known: {', '.join(FEATURES)})"} if bad else {}
+        if self.linkage not in LINKAGES:
+            out["linkage"] = f"must be one of {', '.join(LINKAGES)}, got {self.linkage!r}"
+        return out
+
+    def merger(self, models: dict, threshold: float | None = None) -> Merger:
+        """A merger of these settings around trained classifiers."""
+        t = self.threshold if threshold is None else threshold
+        return Merger(models, t, self.max_rounds, tuple(self.drop_features), self.linkage, self.relative_features)
+
+
+def _rows(item: tuple, p: HybridParams) -> tuple[np.ndarray, np.ndarray]:
+    """Training rows of one slice (stretched, raw, truth, seed; a pool job)."""
+    image, raw, truth, seed = item
+    return agglomeration_rows(superpixels(image, p.superpixels), None, image, truth, p.train_rounds, p.train_pairs, seed, raw,
+                              p.relative_features)  # fmt: skip
+
+
+def _segment(item: tuple, p: HybridParams, merger: Merger) -> np.ndarray:
+    """One slice (stretched, raw): superpixels, merged."""
+    image, raw = item
+    return merged_superpixels(image, raw, p.superpixels, merger)
+
+
+def _train(rows: list[tuple[np.ndarray, np.ndarray]], idx: np.ndarray, drop: list[str] = ()) -> str:
+    """The pair classifier on the rows of slices `idx` (without the `drop`ped features), as text (forked prediction
+    workers build it themselves: no LightGBM/OpenMP state crosses a fork)."""
+    x = without(np.concatenate([rows[i][0] for i in idx]), drop)
+    y = np.concatenate([rows[i][1] for i in idx])
+    print(f"hybrid: classifier on {len(y)} pairs of {len(idx)} slices, {int(y.sum())} to merge", flush=True)
+    return model_text(train_classifier(x, y))
+
+
+@register_method("hybrid", HybridParams)
+class Hybrid:
+    """Fitted on the fold's training slices only: the classifier never sees the images it merges in CV."""
+
+    def __init__(self, params: HybridParams) -> None:
+        self.p = params
+        self.contrast = Contrast()
+        self.merger = params.merger({})
+
+    def fit(self, train: FoldData, ctx: FitContext) -> None:
+        """Pick (h, threshold) with classifiers trained without some training slices, then train on them all."""
+        self.contrast = ctx.contrast
+        images, raws = self.contrast.stretch(train.x), self.contrast.canonical(train.x)
+        items = [(im, raw, t, ctx.seed * 100003 + i) for i, (im, raw, t) in enumerate(zip(images, raws, train.y))]
+        n_val = min(self.p.fit_images, len(items) // 3)
+        fit_idx, val_idx = inner_split(len(items), n_val, ctx.seed, "params.fit_images", train.groups)
+        grid = [replace(self.p.superpixels, h=h) for h in self.p.fit_h] if len(val_idx) else [self.p.superpixels]
+        best, rows = (-np.inf, self.p.superpixels, self.p.threshold), None
+        for sp in grid:
+            p = replace(self.p, superpixels=sp)
+            rows_sp = pmap(_rows, items, p, workers=self.p.workers, desc=f"hybrid: pair features (h {sp.h})")
+            if len(val_idx):
+                inner = p.merger({-1: _train(rows_sp, fit_idx, p.drop_features)})
+                for t in self.p.fit_thresholds:
+                    inner.threshold = t
+                    pred = np.stack(pmap(_segment, [(images[i], raws[i]) for i in val_idx], p, inner, workers=self.p.workers))
+                    score = float(image_scores(train.y[val_idx], pred).mean())
+                    print(f"hybrid: h {sp.h} threshold {t}: {score:.4f} on {len(val_idx)} held-out training slices", flush=True)
+                    if score > best[0]:
+                        best, rows = (score, sp, t), rows_sp
+            else:
+                rows = rows_sp
+        _, sp, threshold = best
+        self.p = replace(self.p, superpixels=sp, threshold=threshold)
+        self.merger = self.p.merger({-1: _train(rows, np.arange(len(items)), self.p.drop_features)}, threshold)
+        save_merger(self.merger, FoldDir(Path(ctx.workdir)).merger)
+        self.fitted = {"h": sp.h, "threshold": threshold}
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Superpixels of every stretched slice, merged by the fitted classifier."""
+        items = list(zip(self.contrast.stretch(x), self.contrast.canonical(x)))
+        return np.stack(pmap(_segment, items, self.p, self.merger, workers=self.p.workers, desc="hybrid"))

@@ -1,0 +1,385 @@
+"""LightGBM region merging: score each pair of adjacent predicted regions, merge greedily above a threshold.
+
+Features describe the shared border (length, boundary/foreground/distance maps along it), the two regions
+(sizes, intensity, mean maps) and their mean-embedding distance. The label of a pair is 1 when both regions
+lie mostly inside the same true structure. Models are trained with fold discipline: the model that merges
+fold k's regions never saw fold k; the model for the test set saw every fold.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from comp.core.atomic import atomic_write_text
+from comp.core.errors import UserError
+from comp.core.parallel import pmap
+from comp.methods.compose import segment
+from comp.nets.targets import PostParams, blend, upsample_maps
+from comp.regions.ops import adjacent_pairs, border_profile, merge_pairs, relabel_uint8
+from comp.regions.superpixels import Regions, gradient, superpixels
+
+FEATURES = (
+    "log_border", "border_boundary", "border_fg", "border_dist", "contact",
+    "log_area_min", "log_area_max", "fg_min", "dist_max_min", "emb_dist",
+    "int_diff", "int_mean", "int_std_max",
+    # image-only (added later: a stored model that knows fewer features reads only the first ones)
+    "border_grad", "grad_in_max", "int_diff_rel", "border_grad_max", "border_grad_min",
+    "pos_y", "pos_x", "pos_dy", "pos_dx", "raw_min", "raw_max",
+    # relative to the slice's own borders (opt-in, `relative`): a border's gradient and intensity step as a share of
+    # the slice's median, and their rank among its borders; blur and contrast move the absolute values, not these
+    "rel_border_grad", "rank_border_grad", "rel_int_diff", "rank_int_diff",
+)  # fmt: skip
+RELATIVE = FEATURES[-4:]
+GRAD_SIGMA = 1.0  # smoothing of the intensity gradient the border features read
+LGB_PARAMS = {
+    "objective": "binary", "learning_rate": 0.05, "num_leaves": 15, "min_data_in_leaf": 10,
+    "feature_fraction": 0.9, "bagging_fraction": 0.9, "bagging_freq": 1, "lambda_l2": 1.0,
+    "verbose": -1, "deterministic": True, "force_row_wise": True, "seed": 0, "num_threads": 1,
+}  # fmt: skip
+ROUNDS = 150
+
+
+def _region_stats(labels: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-region mean and standard deviation of `values` (index = region id)."""
+    n = int(labels.max()) + 1
+    flat, v = labels.ravel(), values.ravel().astype(np.float64)
+    cnt = np.maximum(np.bincount(flat, minlength=n), 1)
+    mean = np.bincount(flat, weights=v, minlength=n) / cnt
+    var = np.bincount(flat, weights=v * v, minlength=n) / cnt - mean**2
+    return mean, np.sqrt(np.maximum(var, 0))
+
+
+def _centroids(labels: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Region centroids (y, x) as fractions of the body's bounding box (pixels brighter than air)."""
+    body = np.argwhere(image > 10)
+    (y0, x0), (y1, x1) = (body.min(0), body.max(0)) if len(body) else ((0, 0), labels.shape)
+    n = int(labels.max()) + 1
+    cnt = np.maximum(np.bincount(labels.ravel(), minlength=n), 1)
+    yy, xx = np.indices(labels.shape)
+    cy = np.bincount(labels.ravel(), weights=yy.ravel(), minlength=n) / cnt
+    cx = np.bincount(labels.ravel(), weights=xx.ravel(), minlength=n) / cnt
+    return (cy - y0) / max(y1 - y0, 1), (cx - x0) / max(x1 - x0, 1)
+
+
+def _relative(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each value as a share of the slice's median and as its rank among the slice's pairs (0..1)."""
+    med = float(np.median(v)) if len(v) else 1.0
+    rank = np.argsort(np.argsort(v, kind="stable"), kind="stable") / max(len(v) - 1, 1)
+    return v / max(med, 1e-6), rank
+
+
+def pair_features(labels: np.ndarray, maps512: np.ndarray | None, image: np.ndarray,
+                  grad: np.ndarray | None = None, raw: np.ndarray | None = None, relative: bool = False) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Adjacent region pairs (a < b) of a 512x512 label map and their feature rows (columns = FEATURES).
+
+    `maps512` None: no network maps (their columns are NaN, which LightGBM treats as missing); `raw`: the
+    slice before its contrast step, when `image` is stretched (bone and fat, clipped there, stay apart);
+    `relative` False leaves the RELATIVE columns missing (all-missing columns leave a model exactly as without them).
+    """
+    grad = gradient(image, GRAD_SIGMA) if grad is None else grad
+    pairs, length, gsum, gmax, gmin = border_profile(labels, grad)  # one scan for sum, max and min
+    if len(pairs) == 0:
+        return pairs, np.zeros((0, len(FEATURES)), np.float32)
+    n = int(labels.max()) + 1
+    a, b = pairs[:, 0], pairs[:, 1]
+    nan = np.full(len(pairs), np.nan)
+    area = np.bincount(labels.ravel(), minlength=n).astype(np.float64)
+    imean, istd = _region_stats(labels, image)
+    gmean = _region_stats(labels, grad)[0]
+    if maps512 is not None:
+        fg, bnd, dist = maps512[0], maps512[1], maps512[2]
+        bsum, fsum, dsum = (adjacent_pairs(labels, m)[2] for m in (bnd, fg, dist))
+        fmean, dmean = _region_stats(labels, fg)[0], _region_stats(labels, dist)[0]
+        fg_min, dist_min = np.minimum(fmean[a], fmean[b]), np.minimum(dmean[a], dmean[b])
+    else:
+        bsum = fsum = dsum = fg_min = dist_min = nan
+    if maps512 is not None and maps512.shape[0] > 3:
+        emb = np.stack([_region_stats(labels, e)[0] for e in maps512[3:]], 1)
+        emb_dist = np.linalg.norm(emb[a] - emb[b], axis=1)
+    else:
+        emb_dist = nan
+    amin, amax = np.minimum(area[a], area[b]), np.maximum(area[a], area[b])
+    diff = np.abs(imean[a] - imean[b])
+    cy, cx = _centroids(labels, image)
+    rmean = _region_stats(labels, raw)[0] if raw is not None else None
+    rmin, rmax = (np.minimum(rmean[a], rmean[b]) / 255, np.maximum(rmean[a], rmean[b]) / 255) if raw is not None else (nan, nan)
+    x = np.stack(
+        [
+            np.log1p(length), bsum / length, fsum / length, dsum / length, length / np.sqrt(np.maximum(amin, 1)),
+            np.log1p(amin), np.log1p(amax), fg_min, dist_min,
+            emb_dist, diff / 255, (imean[a] + imean[b]) / 510, np.maximum(istd[a], istd[b]) / 255,
+            gsum / length, np.maximum(gmean[a], gmean[b]), diff / (np.sqrt(istd[a] ** 2 + istd[b] ** 2) + 1.0), gmax, gmin,
+            (cy[a] + cy[b]) / 2, (cx[a] + cx[b]) / 2, np.abs(cy[a] - cy[b]), np.abs(cx[a] - cx[b]), rmin, rmax,
+            *(_relative(gsum / length) if relative else (nan, nan)), *(_relative(diff) if relative else (nan, nan)),
+        ],
+        1,
+    )  # fmt: skip
+    return pairs, x.astype(np.float32)
+
+
+def majority(labels: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per region id: its most common true id (0 = unannotated) and the share of its pixels that id holds."""
+    n = int(labels.max()) + 1
+    table = np.bincount(labels.ravel().astype(np.int64) * 256 + truth.ravel(), minlength=n * 256).reshape(n, 256)
+    return table.argmax(1), table.max(1) / np.maximum(table.sum(1), 1)
+
+
+def pair_targets(labels: np.ndarray, truth: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """1 where both regions of a pair lie mostly (>50%) inside the same annotated structure, else 0."""
+    return _same_structure(*majority(labels, truth), pairs)
+
+
+def _same_structure(major: np.ndarray, share: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """pair_targets from the regions' majority ids and shares."""
+    a, b = pairs[:, 0], pairs[:, 1]
+    return ((major[a] == major[b]) & (major[a] > 0) & (share[a] > 0.5) & (share[b] > 0.5)).astype(np.int8)
+
+
+def _matching(pairs: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Pairs taken in `order`, skipping any that touches a region already taken (one merge per region a round)."""
+    chosen, used = [], set()
+    for j in order:
+        a, b = int(pairs[j, 0]), int(pairs[j, 1])
+        if a not in used and b not in used:
+            chosen.append((a, b))
+            used.update((a, b))
+    return np.array(chosen, np.int64).reshape(-1, 2)
+
+
+def agglomeration_rows(labels: np.ndarray, maps512: np.ndarray | None, image: np.ndarray, truth: np.ndarray, rounds: int,
+                       max_pairs: int, seed: int, raw: np.ndarray | None = None, relative: bool = False) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Training rows of one image for every stage of an agglomeration: pairs of the regions as given, then after
+    each round of true merges (the regions a merger meets while it works), pairs of two unannotated regions left out.
+
+    (Rows along a trained merger's own path instead, its mistakes included, scored no better on the proxy.)"""
+    rng = np.random.default_rng(seed)
+    grad = gradient(image, GRAD_SIGMA)
+    lab, xs, ys = labels.astype(np.int64), [], []
+    for _ in range(rounds):
+        pairs, x = pair_features(lab, maps512, image, grad, raw, relative)
+        if len(pairs) == 0:
+            break
+        major, share = majority(lab, truth)
+        y = _same_structure(major, share, pairs)
+        keep = np.flatnonzero((major[pairs[:, 0]] > 0) | (major[pairs[:, 1]] > 0))
+        keep = rng.permutation(keep)[:max_pairs]
+        xs.append(x[keep])
+        ys.append(y[keep])
+        order = rng.permutation(np.flatnonzero(y))
+        if len(order) == 0:
+            break
+        lab = merge_pairs(lab, _matching(pairs, order))
+    if not xs:
+        return np.zeros((0, len(FEATURES)), np.float32), np.zeros(0, np.int8)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+@dataclass
+class Merger:
+    """Pair classifiers (key: fold whose regions a model may merge; -1: the test set) and the merge threshold."""
+
+    models: dict[int, object] = field(default_factory=dict)  # Booster, its model text, or a constant
+    threshold: float = 0.5
+    max_rounds: int = 4
+    drop: tuple[str, ...] = ()  # FEATURES the classifiers were trained without (missing values to LightGBM)
+    # classifier: every round re-scores the pairs of the merged regions; average: a pair of merged regions scores the
+    # border-length-weighted mean of its first-round (superpixel) pair probabilities (average linkage, as GASP), so a
+    # few weak superpixel borders cannot keep two halves of an organ apart against many strong ones.
+    linkage: str = "classifier"
+    relative: bool = False  # the classifiers read the RELATIVE features (pair_features' `relative`)
+
+    def probabilities(self, x: np.ndarray, fold: int = -1) -> np.ndarray:
+        """Merge probability of each feature row, by the model allowed to see `fold`."""
+        model = self.models.get(fold)
+        if model is None or len(x) == 0:
+            return np.zeros(len(x))
+        x = without(x, self.drop)
+        if isinstance(model, str) and model.startswith("constant "):
+            model = float(model.split()[1])
+        elif isinstance(model, str):  # loaded lazily, in the process that predicts (see load_merger)
+            import lightgbm as lgb
+
+            model = self.models[fold] = lgb.Booster(model_str=model)
+        if not hasattr(model, "predict"):
+            return np.full(len(x), float(model))
+        return model.predict(x[:, : model.num_feature()], num_threads=1)  # a model stored before later features
+
+    def apply(self, labels: np.ndarray, maps: np.ndarray | None, image: np.ndarray, fold: int = -1,
+              raw: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+        """Greedily merge the most probable non-overlapping pairs above the threshold, re-scoring after each round."""
+        maps512 = upsample_maps(maps, labels.shape[0]) if maps is not None else None
+        grad = gradient(image, GRAD_SIGMA)
+        lab = labels.astype(np.int64)
+        first = None
+        for _ in range(self.max_rounds):
+            pairs, x = pair_features(lab, maps512, image, grad, raw, self.relative)
+            if first is not None:  # average linkage: the first round's pair probabilities, pooled
+                p = first.pooled(lab, pairs)
+            else:
+                p = self.probabilities(x, fold)
+                if self.linkage == "average":
+                    first = FirstEdges(lab, pairs, p, np.expm1(x[:, FEATURES.index("log_border")]))
+            above = np.flatnonzero(p >= self.threshold)
+            if len(above) == 0:
+                break
+            lab = merge_pairs(lab, _matching(pairs, above[np.argsort(-p[above], kind="stable")]))
+        return relabel_uint8(lab)
+
+
+def without(x: np.ndarray, drop: tuple[str, ...] | list[str]) -> np.ndarray:
+    """Feature rows with the `drop`ped FEATURES set missing (NaN): a classifier then learns nothing from them."""
+    if not drop:
+        return x
+    x = np.array(x, np.float32, copy=True)
+    x[:, [FEATURES.index(f) for f in drop]] = np.nan
+    return x
+
+
+def unknown_features(names: list[str]) -> list[str]:
+    """The names that are not FEATURES."""
+    return [n for n in names if n not in FEATURES]
+
+
+class FirstEdges:
+    """The first round's region pairs, their merge probabilities and border lengths, for average linkage."""
+
+    def __init__(self, labels: np.ndarray, pairs: np.ndarray, p: np.ndarray, length: np.ndarray) -> None:
+        ids, at = np.unique(labels.ravel(), return_index=True)
+        self.n = int(labels.max()) + 1
+        self.where = np.zeros(self.n, np.int64)
+        self.where[ids] = at  # one pixel of every first-round region: where to read its current region
+        self.pairs, self.wp, self.w = pairs, p * length, length
+
+    def pooled(self, labels: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+        """Per current pair (a < b): the border-length-weighted mean probability of the first-round pairs between them."""
+        flat = labels.ravel()
+        a, b = flat[self.where[self.pairs[:, 0]]], flat[self.where[self.pairs[:, 1]]]
+        keep = a != b
+        lo, hi = np.minimum(a, b)[keep], np.maximum(a, b)[keep]
+        uniq, inv = np.unique(lo * self.n + hi, return_inverse=True)
+        if len(uniq) == 0:
+            return np.zeros(len(pairs))
+        mean = np.bincount(inv, self.wp[keep]) / np.maximum(np.bincount(inv, self.w[keep]), 1e-9)
+        want = pairs[:, 0] * self.n + pairs[:, 1]
+        j = np.minimum(np.searchsorted(uniq, want), len(uniq) - 1)
+        return np.where(uniq[j] == want, mean[j], 0.0)
+
+
+LINKAGES = ("classifier", "average")
+
+
+def train_classifier(x: np.ndarray, y: np.ndarray, weight: np.ndarray | None = None):
+    """A LightGBM pair classifier, or a constant where the rows hold a single class."""
+    import lightgbm as lgb
+
+    if len(y) == 0 or y.min() == y.max():
+        return float(y[0]) if len(y) else 0.0
+    return lgb.train(LGB_PARAMS, lgb.Dataset(x, y.astype(np.float32), weight=weight), num_boost_round=ROUNDS)
+
+
+def _train_without(key: int, x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> str:
+    """The classifier on every row whose group is not `key` (-1: every row), as text (a pool job)."""
+    keep = groups != key
+    return model_text(train_classifier(x[keep], y[keep]))
+
+
+def train_without(keys: list[int], x: np.ndarray, y: np.ndarray, groups: np.ndarray, workers: int = 0) -> dict[int, str]:
+    """One classifier per key on the rows of the other groups, as text: the keys spread over forked workers.
+
+    Each single-threaded: a multi-threaded LightGBM hangs in a child forked after torch's OpenMP pool ran."""
+    return dict(zip(keys, pmap(_train_without, keys, x, y, groups, workers=workers)))
+
+
+def fit_fold_mergers(x: np.ndarray, y: np.ndarray, folds: np.ndarray, threshold: float = 0.5, max_rounds: int = 4, workers: int = 0) -> Merger:
+    """One classifier per fold trained on the other folds' pairs, and one (-1) on every pair."""
+    keys = [int(k) for k in np.unique(folds) if k != -1] + [-1]
+    return Merger(train_without(keys, x, y, folds, workers), threshold, max_rounds)
+
+
+def model_text(model) -> str:
+    """A classifier as text: LightGBM's model string, or `constant p`."""
+    if isinstance(model, str):
+        return model
+    return model.model_to_string() if hasattr(model, "model_to_string") else f"constant {float(model or 0.0)}\n"
+
+
+def save_merger(merger: Merger, path: Path) -> None:
+    """Store every classifier (each fold's and the test set's) and the threshold as text, atomically."""
+    tail = f" drop {','.join(merger.drop)}" if merger.drop else ""
+    tail += f" linkage {merger.linkage}" if merger.linkage != "classifier" else ""
+    tail += " relative 1" if merger.relative else ""
+    parts = [f"# threshold {merger.threshold} rounds {merger.max_rounds}{tail}\n"]
+    parts += [f"# model {k}\n{model_text(m)}" for k, m in sorted(merger.models.items())]
+    atomic_write_text(path, "".join(parts))
+
+
+def load_merger(path: Path) -> Merger:
+    """Load a merger written by save_merger."""
+    if not path.is_file():
+        raise UserError(path, "merge model not found (run `comp tune` again)")
+    head, _, rest = path.read_text().partition("\n")
+    if not head.startswith("# threshold "):
+        raise UserError(path, "not a merge model written by comp")
+    chunks = re.split(r"^# model (-?\d+)\n", rest, flags=re.M)
+    if len(chunks) == 1:  # the first format: the test-set classifier only, right after the threshold line
+        chunks = ["", "-1", rest]
+    # The boosters are built from their text on first use: parsing them here would start LightGBM's OpenMP
+    # threads in the parent, and OpenMP then hangs in the forked post-processing workers.
+    models = {int(k): float(body.split()[1]) if body.startswith("constant ") else body for k, body in zip(chunks[1::2], chunks[2::2])}
+    words = head.split()  # "# threshold T" (first format) or "# threshold T rounds R [drop f1,f2] [linkage L]"
+    extra = dict(zip(words[5::2], words[6::2]))
+    drop = tuple(extra["drop"].split(",")) if "drop" in extra else ()
+    return Merger(models, float(words[2]), int(words[4]) if len(words) > 4 else 4, drop, extra.get("linkage", "classifier"),
+                  extra.get("relative") == "1")  # fmt: skip
+
+
+def _pair_rows(i: int, oof, weights: list[float], post: PostParams) -> tuple[np.ndarray, np.ndarray]:
+    """Merge-classifier rows (features, targets) of OOF image i (an ensemble.OOF's)."""
+    maps, image, truth, _ = oof.item(i, range(len(oof.members)))
+    m = upsample_maps(blend(maps, weights), image.shape[-1])  # once: segment() keeps maps already at full size
+    labels = segment(m, image, post)
+    pairs, x = pair_features(labels, m, image)
+    return x, pair_targets(labels, truth, pairs)
+
+
+def fit_merging(oof, weights: list[float], post: PostParams, workers: int = 0) -> Merger:
+    """Fold-disciplined pair classifiers trained on the OOF regions (an ensemble.OOF) of the tuned post-processing."""
+    rows = pmap(_pair_rows, list(range(len(oof.images))), oof, weights, post, workers=workers, desc="merge features")
+    return _fit_on_rows(rows, oof.folds, "merge classifier", workers=workers)
+
+
+def _fit_on_rows(rows: list[tuple[np.ndarray, np.ndarray]], image_folds: np.ndarray, what: str, max_rounds: int = 4,
+                 workers: int = 0) -> Merger:  # fmt: skip
+    """Fold mergers from per-image (features, targets) rows, each image's rows tagged with its fold."""
+    x = np.concatenate([r[0] for r in rows])
+    y = np.concatenate([r[1] for r in rows])
+    folds = np.concatenate([np.full(len(r[1]), f) for r, f in zip(rows, image_folds)])
+    print(f"{what}: {len(y)} region pairs, {int(y.sum())} to merge", flush=True)
+    return fit_fold_mergers(x, y, folds, max_rounds=max_rounds, workers=workers)
+
+
+SUPERPIXEL_ROUNDS = 16  # merge rounds over ~1,000 superpixels (each round merges a matching of pairs)
+
+
+def _region_rows(i: int, oof, weights: list[float], regions: Regions, rounds: int, max_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Agglomeration rows of OOF image i: its superpixels (or a run's regions), with the blended maps as features."""
+    maps, image, truth, _ = oof.item(i, range(len(oof.members)))
+    stretched = regions.stretch(image)
+    given = oof.given(i, regions)
+    labels = superpixels(stretched, regions.superpixels) if given is None else given
+    return agglomeration_rows(labels, upsample_maps(blend(maps, weights), image.shape[-1]), stretched, truth, rounds, max_pairs, i, image)
+
+
+def fit_region_merging(oof, weights: list[float], regions: Regions, workers: int = 0, rounds: int = 8,
+                       max_pairs: int = 1500) -> Merger:  # fmt: skip
+    """Fold-disciplined pair classifiers for the hybrid: every agglomeration stage of the OOF images' superpixels
+    (or of a run's OOF regions)."""
+    items = list(range(len(oof.images)))
+    oof.given(0, regions)  # a run's regions are loaded before the workers fork
+    what = f"{regions.run} regions" if regions.run else "superpixel"
+    rows = pmap(_region_rows, items, oof, weights, regions, rounds, max_pairs, workers=workers, desc=f"{what} merge features")
+    return _fit_on_rows(rows, oof.folds, f"{what} merge classifier", SUPERPIXEL_ROUNDS, workers)

@@ -1,0 +1,1 @@
+"""Networks: models, losses, training targets and their decoding, augmentation, training and inference."""

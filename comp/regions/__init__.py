@@ -1,0 +1,1 @@
+"""Region operations on instance maps: adjacency, borders, merging pairs, superpixels."""

@@ -1,0 +1,1 @@
+"""Reports: the leaderboard, the HTML report and data-set statistics."""
