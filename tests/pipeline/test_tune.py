@@ -51,6 +51,7 @@ def test_a_few_trials_beat_the_defaults(tiny_phantom: Path, tmp_path: Path) -> N
     assert not r2.stored and load_ensemble("t", tmp_path).nested_ari == 0.999
 
 
+@pytest.mark.slow
 def test_no_nested_search_when_no_trial_beats_the_stored_settings(tiny_phantom: Path, tmp_path: Path, monkeypatch) -> None:
     import comp.pipeline.tune
 
@@ -190,6 +191,7 @@ def test_saved_merger_keeps_every_fold_model(tmp_path: Path) -> None:
     assert old.models == {-1: 0.9} and old.threshold == 0.6
 
 
+@pytest.mark.slow
 def test_selection_picks_the_better_model(tiny_phantom: Path, tmp_path: Path) -> None:
     good = fake_run(tmp_path, tiny_phantom, "good")
     bad = fake_run(tmp_path, tiny_phantom, "bad", boundaries=False, noise=0.3, seed=1)
@@ -205,6 +207,7 @@ def test_selection_picks_the_better_model(tiny_phantom: Path, tmp_path: Path) ->
     assert spec.nested_ari is not None and f"| ensemble | sel | {spec.nested_ari:.4f} |" in board
 
 
+@pytest.mark.slow
 def test_ensemble_of_a_run_without_maps_is_a_user_error(tiny_phantom: Path, tmp_path: Path) -> None:
     run = fake_run(tmp_path, tiny_phantom, "nomaps")
     (run / "oof" / "fold1_maps.npy").unlink()
@@ -302,6 +305,7 @@ def test_nested_scores_never_search_the_images_they_score() -> None:
     assert searched[0] == {1, 2, 4, 5}  # fold 0 is scored with a search on folds 1 and 2
 
 
+@pytest.mark.slow
 def test_tune_params_restricts_the_space(tiny_phantom: Path, tmp_path: Path) -> None:
     run = fake_run(tmp_path, tiny_phantom, "few", fg_level=0.45)
     oof = OOF.load([run], Dataset(tiny_phantom))
@@ -312,6 +316,7 @@ def test_tune_params_restricts_the_space(tiny_phantom: Path, tmp_path: Path) -> 
     assert r.returncode == 2 and "unknown parameter 'fg_treshold'" in r.stderr
 
 
+@pytest.mark.slow
 def test_the_printed_dashboard_command_reads_the_tuned_study(tiny_phantom: Path, tmp_path: Path) -> None:
     """The dashboard line `tune` prints opens the very study it ran (here SQLite; PostgreSQL URLs alike)."""
     import io
@@ -422,6 +427,7 @@ def test_regions_from_a_run_on_other_folds_is_refused_before_any_search(tiny_pha
     assert not (tmp_path / "tune" / "early.db").exists() and not (tmp_path / "tune").exists()
 
 
+@pytest.mark.slow
 def test_the_leaderboard_shows_the_commands_that_reproduce_a_tuned_ensemble(tiny_phantom: Path, tmp_path: Path) -> None:
     """Selection, then the tune call whose settings are stored: the selection alone scores something else."""
     from comp.report.leaderboard import leaderboard_rows
@@ -436,6 +442,7 @@ def test_the_leaderboard_shows_the_commands_that_reproduce_a_tuned_ensemble(tiny
     assert row["command"] == "python -m comp ensemble lb --name e1 && python -m comp tune e1 --trials 2"
 
 
+@pytest.mark.slow
 def test_ensembling_a_method_without_maps_says_so(tiny_phantom: Path, tmp_path: Path) -> None:
     from comp.pipeline.config import load_experiment
     from comp.pipeline.cv import run_cv
@@ -448,6 +455,7 @@ def test_ensembling_a_method_without_maps_says_so(tiny_phantom: Path, tmp_path: 
     assert r.returncode == 2 and "may only use letters" in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_tune_says_what_a_result_had_to_beat_to_be_stored(tiny_phantom: Path, tmp_path: Path) -> None:
     """The bar printed is the one applied (the stored nested estimate), not the stored settings' in-sample score."""
     run = fake_run(tmp_path, tiny_phantom, "bar", noise=0.05)

@@ -109,6 +109,7 @@ def test_scans_are_inferred_from_a_tiny_shuffled_mix(tmp_path):
     assert abs(np.corrcoef(z, np.arange(8))[0, 1]) > 0.95  # ordered along the scan (either way up)
 
 
+@pytest.mark.slow
 def test_cv_uses_inferred_groups_without_a_groups_file(tmp_path):
     from comp.data.groups import fold_groups
 
@@ -153,6 +154,7 @@ def test_a_phantom_windowed_per_slice_records_its_windows(tmp_path):
     assert "window_per_slice=" in (Path(root) / "PHANTOM.txt").read_text()
 
 
+@pytest.mark.slow
 def test_a_run_whose_folds_moved_with_its_groups_is_refused_on_resume(tmp_path, tiny_phantom):
     import shutil
 
@@ -175,6 +177,7 @@ def test_a_run_whose_folds_moved_with_its_groups_is_refused_on_resume(tmp_path, 
     assert not run.fold_done(1)
 
 
+@pytest.mark.slow
 def test_a_finished_run_on_folds_that_moved_is_not_reused(tmp_path, tiny_phantom):
     """`results --reuse` and pseudo-label teachers take a finished run only while its folds are the data's now."""
     import shutil
@@ -192,6 +195,7 @@ def test_a_finished_run_on_folds_that_moved_is_not_reused(tmp_path, tiny_phantom
     assert finished_run(exp, Dataset(data_root), 2, tmp_path / "runs") is None
 
 
+@pytest.mark.slow
 def test_cv_json_reports_every_groups_score_and_their_standard_error(tmp_path, tiny_phantom):
     """Per scan block where the data has groups, per fold where folds are random; the leaderboard shows the worst."""
     import json

@@ -55,6 +55,7 @@ def test_bad_config_keys(tmp_path: Path, text: str, message: str) -> None:
     assert str(path) in str(exc.value)
 
 
+@pytest.mark.slow
 def test_cli_bad_config_exit_2(tmp_path: Path) -> None:
     path = tmp_path / "exp.yaml"
     path.write_text("method: smooth_watershed\nparams: {sigmaa: 2}\n")
@@ -73,6 +74,7 @@ def test_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         load_experiment("unet_cpu", ["params.train.budget"])
 
 
+@pytest.mark.slow
 def test_names_that_would_escape_runs_are_user_errors(tmp_path, tiny_phantom):
     exp = tmp_path / "escape.yaml"
     exp.write_text("name: ../../x\nmethod: official_watershed\n")
@@ -92,6 +94,7 @@ def test_score_into_a_closed_pipe_exits_quietly(tmp_path, tiny_phantom):
     assert "rc=0" in r.stdout and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_unwritable_outputs_fail_before_the_work(tmp_path, tiny_phantom):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -137,6 +140,7 @@ def test_values_out_of_their_declared_range_are_refused(name: str, override: str
         load_experiment(name, [override])
 
 
+@pytest.mark.slow
 def test_a_bad_value_stops_cv_before_any_run_folder(tmp_path: Path, tiny_phantom: Path) -> None:
     """A NaN superpixel depth once hung the hybrid's workers; now it is one line before any work."""
     r = run_cli("cv", "hybrid", "--set", "params.fit_h=[.nan]", "--data", str(tiny_phantom), "--runs", str(tmp_path / "runs"))

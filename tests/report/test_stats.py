@@ -47,6 +47,7 @@ def test_stats_counts_touching_and_share(tmp_path: Path) -> None:
     assert abs(s.fat - 115) < 1.5 and abs(s.soft - 131) < 1.5
 
 
+@pytest.mark.slow
 def test_stats_cli_markdown_and_missing_folder(tmp_path: Path) -> None:
     root = _hand_built(tmp_path / "d")
     r = run_cli("data", "stats", str(root), "--markdown", "--workers", "1")
@@ -57,6 +58,7 @@ def test_stats_cli_markdown_and_missing_folder(tmp_path: Path) -> None:
     assert r.returncode == 2 and "data folder not found" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_superpixel_ceilings_fall_as_superpixels_coarsen(tiny_phantom) -> None:
     from comp.data.dataset import Dataset
     from comp.report.stats import data_stats, rows

@@ -35,6 +35,7 @@ def _exp(name: str, method: str, params) -> Experiment:
     return Experiment(name=name, method=method, params=params, cv=CVConfig(folds=2, seed=0))
 
 
+@pytest.mark.slow
 def test_run_writes_a_complete_run_folder(tiny_phantom: Path, tmp_path: Path) -> None:
     exp = _exp("official", "official_watershed", OfficialWatershedParams(workers=2))
     res = run_cv(exp, Dataset(tiny_phantom), runs=tmp_path)
@@ -50,6 +51,7 @@ def test_run_writes_a_complete_run_folder(tiny_phantom: Path, tmp_path: Path) ->
     assert list(folds["index"]) == list(range(8))
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_folds(tiny_phantom: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     exp = _exp("smooth", "smooth_watershed", SmoothWatershedParams(fit_images=2, fit_marker_thresholds=[0.01], fit_merge_deltas=[0.0], workers=1))
     first = run_cv(exp, Dataset(tiny_phantom), runs=tmp_path)
@@ -69,6 +71,7 @@ def test_resume_skips_finished_folds(tiny_phantom: Path, tmp_path: Path, capsys:
     assert third.run_dir != first.run_dir
 
 
+@pytest.mark.slow
 def test_smooth_watershed_beats_the_official_baseline(tiny_phantom: Path, tmp_path: Path) -> None:
     d = Dataset(tiny_phantom)
     off = run_cv(_exp("off", "official_watershed", OfficialWatershedParams(workers=2)), d, runs=tmp_path)

@@ -12,7 +12,7 @@ from comp.data.phantom import render_slice
 from comp.nets.models import ModelConfig, build_model
 from comp.pipeline.pretrain import PRETEXTS, SSLConfig, load_ssl_config, pretrain
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
 MODEL = ModelConfig(encoder="tu-mobilenetv3_small_100", decoder_channels=[16, 8, 8, 8, 8], embedding_dim=4)
 
@@ -22,6 +22,7 @@ def slices() -> np.ndarray:
     return np.stack([render_slice(100 + i)[0] for i in range(16)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["mim", "vicregl"])
 def test_a_few_steps_lower_the_loss(method: str, slices: np.ndarray, tmp_path: Path) -> None:
     cfg = SSLConfig(method=method, model=MODEL, resolution=64, crop=64, epochs=6, batch_size=8, lr=3e-3, patch=8, warmup_epochs=0.5)
@@ -90,6 +91,7 @@ def test_every_backbone_in_experiments_pretrains_with_both_methods(slices: np.nd
                         assert torch.equal(v, enc_state[k]), (name, method, k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["mim", "vicregl"])
 def test_pretraining_draws_the_same_with_loader_workers_and_across_a_resume(method: str, slices: np.ndarray, tmp_path: Path) -> None:
     """Masks and noise come from their own seeded generator on the device, not the sampler's: a loader worker

@@ -23,6 +23,7 @@ def _report(tiny_phantom: Path, tmp_path: Path) -> Path:
     return Path(r.stdout.split("report: ")[-1].strip())
 
 
+@pytest.mark.slow
 def test_report_builds_from_a_tiny_run(tiny_phantom: Path, tmp_path: Path) -> None:
     page = _report(tiny_phantom, tmp_path)
     text = page.read_text()
@@ -60,6 +61,7 @@ def test_report_of_unknown_target_is_a_user_error(tiny_phantom: Path, tmp_path: 
     assert r.returncode == 2 and "no finished CV run or ensemble" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_report_renders_in_headless_chromium(tiny_phantom: Path, tmp_path: Path) -> None:
     page = _report(tiny_phantom, tmp_path)

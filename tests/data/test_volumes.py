@@ -179,6 +179,7 @@ def test_default_window_is_the_challenges(tmp_path: Path) -> None:
     assert x[0, 0] == 0 and np.isin(x, (0, 127, 128, 255)).mean() > 0.9  # only the resampled edges lie between
 
 
+@pytest.mark.slow
 def test_import_over_a_data_set_is_refused_unless_forced_and_never_mixes(tmp_path: Path) -> None:
     """A non-empty --out (say the challenge's data/raw) is refused; --force replaces it whole, no old slice left."""
     ct, lab = _volume()

@@ -18,6 +18,7 @@ from comp.pipeline.submit import submit, validate_submission
 from tests.conftest import run_cli
 
 
+@pytest.mark.slow
 def test_submit_end_to_end(tiny_phantom: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     exp = Experiment("sm", "smooth_watershed", SmoothWatershedParams(fit_images=2, workers=2), CVConfig())
@@ -32,6 +33,7 @@ def test_submit_end_to_end(tiny_phantom: Path, tmp_path: Path, monkeypatch: pyte
     assert list(head.index) == ["Pixel 0", "Pixel 1"]
 
 
+@pytest.mark.slow
 def test_validate_catches_layout_errors(tiny_phantom: Path, tmp_path: Path) -> None:
     ok = tmp_path / "ok.csv"
     write_label_csv(ok, np.zeros((4, 512, 512), np.uint8))
@@ -50,6 +52,7 @@ def test_validate_catches_layout_errors(tiny_phantom: Path, tmp_path: Path) -> N
         validate_submission(relabelled, tiny_phantom)
 
 
+@pytest.mark.slow
 def test_cli_validate_and_score(tiny_phantom: Path, tmp_path: Path) -> None:
     sub = tmp_path / "sub.csv"
     shutil.copy(tiny_phantom / "Y_test.csv", sub)
@@ -61,6 +64,7 @@ def test_cli_validate_and_score(tiny_phantom: Path, tmp_path: Path) -> None:
     assert r.returncode == 2 and "none.csv: file not found" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_cv_and_submit_on_a_data_folder(tiny_phantom: Path, tmp_path: Path) -> None:
     exp = tmp_path / "quick.yaml"
     exp.write_text(
@@ -118,6 +122,7 @@ def test_kept_test_predictions_follow_the_test_slices(tiny_phantom: Path, tmp_pa
     assert np.array_equal(again[0], first[1]) and np.array_equal(again[1], first[0])  # not the stale, misaligned ones
 
 
+@pytest.mark.slow
 def test_cached_test_maps_of_other_test_slices_are_refused(tiny_phantom: Path, tmp_path: Path) -> None:
     """`--cached` test maps predicted from other test slices (changed after CV) are refused, never blended in."""
     from comp.pipeline.cv import run_cv
@@ -154,6 +159,7 @@ def test_cached_test_maps_of_other_test_slices_are_refused(tiny_phantom: Path, t
         run_cv(exp, Dataset(root), 2, tmp_path / "r2")
 
 
+@pytest.mark.slow
 def test_score_and_validate_align_rows_by_label_and_pair_images_by_position(tiny_phantom: Path, tmp_path: Path) -> None:
     """As the official scorer: pixel rows matched by label (reordered rows score the same), images by column position."""
     truth = read_label_csv(tiny_phantom / "Y_test.csv")

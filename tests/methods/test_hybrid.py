@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from comp.data.contrast import Contrast
 from comp.methods.base import FitContext, FoldData
@@ -27,6 +28,7 @@ def _slice(seed: int, noise: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), truth
 
 
+@pytest.mark.slow
 def test_hybrid_merges_one_structure_split_by_superpixels_and_keeps_touching_ones_apart(tmp_path: Path) -> None:
     p = HybridParams(superpixels=SuperpixelParams(h=0.005), threshold=0.5, fit_images=0, train_rounds=4, workers=1)
     test_x, test_y = _slice(99)

@@ -30,6 +30,7 @@ def test_the_contract_covers_every_registered_method() -> None:
     assert set(SMALL) == shipped
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_every_method_fits_and_predicts_uint8_maps_of_the_slices_size(name: str, tiny_phantom: Path, tmp_path: Path) -> None:
     spec = get_method(name)

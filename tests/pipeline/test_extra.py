@@ -46,6 +46,7 @@ def sets(tmp_path_factory):
     return main, wide, usual, root
 
 
+@pytest.mark.slow
 def test_extra_slices_train_every_fold_in_the_main_grey_levels_and_are_never_scored(sets, tmp_path):
     from comp.pipeline.config import experiment_from_dict
     from comp.pipeline.cv import run_cv
@@ -72,6 +73,7 @@ def test_extra_slices_train_every_fold_in_the_main_grey_levels_and_are_never_sco
     assert run_cv(plain, Dataset(main), runs=tmp_path / "runs").run_dir != res.run_dir  # extra data is part of the run key
 
 
+@pytest.mark.slow
 def test_a_bad_extra_folder_is_one_clear_error_and_writes_nothing(sets, tmp_path):
     """A missing folder (the command line: one line, exit 2), the cross-validated data itself, a folder named twice
     and one without annotations: refused before any run folder is written."""

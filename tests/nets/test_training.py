@@ -298,6 +298,7 @@ def test_kill_9_mid_training_resumes_from_checkpoint(tiny_phantom: Path, tmp_pat
     assert [h["epoch"] for h in hist] == list(range(30))  # no epoch lost or repeated
 
 
+@pytest.mark.slow
 def test_selection_never_sees_the_scored_fold_and_seeds_fix_the_weights(tmp_path, tiny_phantom):
     """The epoch is picked on an inner split of the training images; two runs in one process score the same."""
     import json
@@ -467,6 +468,7 @@ def test_a_scaler_state_resumes_across_amp_kinds() -> None:
     Amp(torch.device("cpu"), True).load_scaler({"scale": 2.0})  # CPU: no scaling, the state is ignored
 
 
+@pytest.mark.slow
 def test_a_gpu_asked_for_and_missing_stops_the_run_with_one_line(tiny_phantom, tmp_path) -> None:
     """CUDA_VISIBLE_DEVICES naming a card torch cannot use: exit 2, one line naming the CUDA build and the driver it
     needs, no fold trained; `--device cpu` runs on the CPU as asked."""
@@ -557,6 +559,7 @@ def test_checkpoints_at_the_configured_cadence_and_always_at_the_end(tmp_path: P
     assert a.digest() == b.digest()
 
 
+@pytest.mark.slow
 def test_a_loader_with_workers_gives_the_same_training_as_without(tmp_path: Path) -> None:
     """Worker processes (the GPU configs' path, never run by a test before) build the same seeded batches: the same
     weights after two epochs as in-process loading; batches carry the masks and ids as bytes."""
@@ -624,6 +627,7 @@ def test_device_augmentation_keeps_image_and_labels_aligned_and_is_seeded(tmp_pa
     assert len(info["history"]) == 1 and np.isfinite(info["history"][0]["loss"])
 
 
+@pytest.mark.slow
 def test_one_loader_stream_spans_the_epochs_and_a_killed_fold_resumes_to_the_same_weights(tmp_path: Path, monkeypatch) -> None:
     """The fold's batches come from one iterator (workers prefetch into the next epoch); a run stopped after epoch 2
     of 4 and started again ends with the weights of an uninterrupted run: the checkpoint keeps the shuffle's state

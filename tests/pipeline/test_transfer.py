@@ -21,6 +21,7 @@ def pair(tmp_path_factory):
     return fit, same, wide, root / "runs"
 
 
+@pytest.mark.slow
 def test_the_scored_data_is_read_through_its_own_contrast_step(pair):
     """A window 2x wider on the scored slices: re-resolved there, the stretched baseline scores as on the usual rendering;
     with the fitting data's grey window it would not."""
@@ -41,6 +42,7 @@ def test_the_scored_data_is_read_through_its_own_contrast_step(pair):
     assert r_wide.mean_ari > stale_ari + 0.05, (r_wide.mean_ari, stale_ari)
 
 
+@pytest.mark.slow
 def test_a_kept_record_is_reused_only_for_the_same_scored_pixels(pair, capsys):
     """Run twice: the second reads the record; scored slices changed in place: scored again."""
     from comp.pipeline.config import load_experiment
@@ -67,6 +69,7 @@ def test_a_kept_record_is_reused_only_for_the_same_scored_pixels(pair, capsys):
     assert "fitting on every annotated slice" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_transfer_cli_refuses_scoring_the_fitting_data(pair):
     """`--score` naming the `--fit` folder is one clear line and exit 2."""
     fit, _, _, runs = pair
@@ -74,6 +77,7 @@ def test_transfer_cli_refuses_scoring_the_fitting_data(pair):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "data the experiment is fitted on" in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_transfer_reads_no_label_of_the_scored_data_before_it_has_predicted_it(pair, tmp_path):
     """The scored data's labels are read only after its slices were predicted (which slices are scored aside)."""
     from comp.pipeline.config import load_experiment
@@ -108,6 +112,7 @@ def test_transfer_reads_no_label_of_the_scored_data_before_it_has_predicted_it(p
     assert r.n_images == len(real.annotated)
 
 
+@pytest.mark.slow
 def test_an_ensemble_transfers_as_it_was_selected_on_the_fitting_data(pair, tmp_path, capsys):
     """A one-member ensemble of a tiny network: scored on the same slices in two renderings alike, its record kept;
     an ensemble selected on other data, or scored on its own data, is refused."""
