@@ -178,12 +178,12 @@ def cmd_ensemble(a: argparse.Namespace) -> int:
     """Greedy forward selection of an ensemble over finished CV runs' OOF maps."""
     from comp.pipeline.config import check_name
     from comp.pipeline.ensemble import build_ensemble, ensemble_path
-    from comp.pipeline.oof import finished_runs, resolve_run
+    from comp.pipeline.oof import finished_runs, latest_per_config, resolve_run
     from comp.report.leaderboard import write_leaderboard
 
     check_name(a.name, "--name", "ensemble name")  # before any work: the name becomes a file under runs/
     runs, data = Path(a.runs), resolve_data(a.data)
-    members = [resolve_run(m, runs, data) for m in a.members] if a.members else _latest_per_config(finished_runs(runs, data))
+    members = [resolve_run(m, runs, data) for m in a.members] if a.members else latest_per_config(finished_runs(runs, data))
     spec, written = build_ensemble(a.name, members, data, runs, a.max_steps, a.images, a.workers, a.command_line, a.force)
     weights = ", ".join(f"{Path(m.run).parent.name}/{Path(m.run).name} x{m.weight:.2f}" for m in spec.members)
     print(f"ensemble '{spec.name}': OOF ARI {spec.oof_ari:.4f} ± {spec.oof_std:.4f} [{weights}]")
@@ -193,58 +193,17 @@ def cmd_ensemble(a: argparse.Namespace) -> int:
     return 0
 
 
-def _latest_per_config(runs: list[Path]) -> list[Path]:
-    """The newest run of each (experiment, config digest), among runs with the most common fold count."""
-    if not runs:
-        return []
-    from comp.pipeline.workspace import RunDir
-
-    keys = {r: RunDir(r).key for r in runs}
-    ks = [key.folds for key in keys.values() if key is not None]
-    if not ks:
-        return []
-    k = max(set(ks), key=ks.count)
-    seen, keep = set(), []
-    for r in runs:  # newest first
-        key = keys[r]
-        if key is not None and key.folds == k and (r.parent.name, key.digest) not in seen:
-            seen.add((r.parent.name, key.digest))
-            keep.append(r)
-    return keep
-
-
 def cmd_tune(a: argparse.Namespace) -> int:
     """Optuna search of post-processing and weights on cached OOF maps; stores the best in the ensemble file."""
-    from comp.pipeline.ensemble import (build_ensemble, ensemble_path, is_ensemble, load_ensemble, save_ensemble,
-                                        single_member)
-    from comp.pipeline.oof import OOF, finished_runs, has_maps, resolve_run
+    from comp.pipeline.ensemble import ensemble_path, tune_target
+    from comp.pipeline.oof import resolve_run
+    from comp.pipeline.tune_method import tune_spec
     from comp.report.leaderboard import write_leaderboard
-    from comp.pipeline.tune import tune
-    from comp.pipeline.tune_method import tune_method
 
     runs, data = Path(a.runs), resolve_data(a.data)
-    single = False
-    if is_ensemble(a.name, runs) or a.name.endswith(".yaml"):
-        spec = load_ensemble(a.name, runs)
-    elif a.name == "default" and finished_runs(runs, data):  # nothing selected yet: select over every finished map run first
-        spec, _ = build_ensemble(a.name, _latest_per_config(finished_runs(runs, data)), data, runs, workers=a.workers,
-                                 command=a.command_line)  # fmt: skip
-    else:  # an experiment (for `default` with no map run: --exp, the Makefile's EXP): a one-member ensemble of its newest run
-        exp = a.exp if a.name == "default" else a.name
-        if not exp:
-            raise UserError(runs, f"no finished CV run with cached maps on data '{data.name}': run `comp cv` first, or name an experiment")
-        spec = single_member(Path(a.name).name, resolve_run(exp, runs, data, maps=False), data=data.fingerprint(), command=a.command_line)
-        single = True
-    learned = not (len(spec.members) == 1 and not has_maps(Path(spec.members[0].run)))
-    if learned:
-        oof = OOF.load([Path(m.run) for m in spec.members], data)  # a run without maps stops here, before anything is saved
-        if single:
-            save_ensemble(spec, runs)
-        region_runs = [resolve_run(n, runs, data, maps=False) for n in a.regions_from or []]
-        r = tune(spec, oof, runs, a.trials, a.storage, a.images, a.workers, not a.no_merge, a.seed, a.params, not a.no_superpixels,
-                 region_runs, a.command_line)  # fmt: skip
-    else:  # a non-learned method: its parameters and contrast window
-        r = tune_method(spec, data, runs, a.trials, a.storage, a.images, a.seed, a.params, a.command_line)
+    spec, single = tune_target(a.name, a.exp, runs, data, a.workers, a.command_line)
+    r = tune_spec(spec, single, data, runs, a.trials, a.storage, a.images, a.workers, not a.no_merge, a.seed, a.params,
+                  not a.no_superpixels, [resolve_run(n, runs, data, maps=False) for n in a.regions_from or []], a.command_line)
     print(f"{r.trials_complete} complete trials ({r.trials_per_minute:.1f} per minute this call); best trial {r.best_trial_ari:.4f}")
     start = f" of {r.regions}" if r.regions else ""
     merged = f", with merging{start} at {r.merge_threshold}" if r.merge_threshold else f", {r.regions} kept as they are" if r.regions else ""

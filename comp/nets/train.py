@@ -305,6 +305,18 @@ def _start(cfg: TrainConfig, seed: int) -> tuple[torch.device, Amp]:
     return dev, amp
 
 
+def _select(model: InstanceNet, validate, rec: dict, best: float, end: bool, every: int) -> tuple[float, dict | None]:
+    """One epoch's validation and selection: the best score so far and the weights to keep (None: none new)."""
+    epoch = rec["epoch"]
+    if validate is not None and ((epoch + 1) % every == 0 or end):
+        rec["val_ari"] = float(validate(model))
+        if rec["val_ari"] > best:
+            return rec["val_ari"], {"model": _cpu_copy(model.state_dict()), "epoch": epoch, "val_ari": rec["val_ari"]}
+    elif validate is None and end:
+        return best, {"model": model.state_dict(), "epoch": epoch}  # a fixed schedule keeps its last epoch
+    return best, None
+
+
 def train_fold(
     model: InstanceNet,
     x: np.ndarray,
@@ -346,13 +358,8 @@ def train_fold(
                           epoch * per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")  # fmt: skip
         rec = {"epoch": epoch, "loss": sum(parts.values()), **parts}
         end = epoch + 1 == cfg.epochs
-        if validate is not None and ((epoch + 1) % cfg.val_every == 0 or end):
-            rec["val_ari"] = float(validate(model))
-            if rec["val_ari"] > best:
-                best = rec["val_ari"]
-                pending = {"model": _cpu_copy(model.state_dict()), "epoch": epoch, "val_ari": best}
-        elif validate is None and end:
-            pending = {"model": model.state_dict(), "epoch": epoch}  # a fixed schedule keeps its last epoch
+        best, chosen = _select(model, validate, rec, best, end, cfg.val_every)
+        pending = chosen if chosen is not None else pending
         rec["seconds"] = round(time.time() - t0, 1)
         history.append(rec)
         _log_epoch(rec, cfg.epochs, best, epoch == start, folds_left)

@@ -20,7 +20,7 @@ from comp.core.fields import bounded
 from comp.data.dataset import Dataset
 from comp.nets.targets import PostParams
 from comp.pipeline.config import check_name, from_dict
-from comp.pipeline.oof import OOF, post_of, run_config
+from comp.pipeline.oof import OOF, finished_runs, latest_per_config, post_of, resolve_run, run_config
 from comp.pipeline.select import greedy_select, nested_scores
 from comp.pipeline.workspace import Workspace
 from comp.regions.superpixels import Regions
@@ -172,3 +172,17 @@ def build_ensemble(
             return stored, False
     save_ensemble(spec, runs)
     return spec, True
+
+
+def tune_target(name: str, exp: str | None, runs: Path, data: Dataset, workers: int, command: str) -> tuple[EnsembleSpec, bool]:
+    """What `comp tune NAME` tunes, and whether it is a new one-member ensemble (saved once its maps load): the stored
+    ensemble NAME; for `default` with finished map runs, a greedy selection over the newest run of each config; else a
+    one-member ensemble of the experiment's newest run (for `default`: --exp, the Makefile's EXP)."""
+    if is_ensemble(name, runs) or name.endswith(".yaml"):
+        return load_ensemble(name, runs), False
+    if name == "default" and finished_runs(runs, data):  # nothing selected yet: select over every finished map run first
+        return build_ensemble(name, latest_per_config(finished_runs(runs, data)), data, runs, workers=workers, command=command)[0], False
+    exp = exp if name == "default" else name
+    if not exp:
+        raise UserError(runs, f"no finished CV run with cached maps on data '{data.name}': run `comp cv` first, or name an experiment")
+    return single_member(Path(name).name, resolve_run(exp, runs, data, maps=False), data=data.fingerprint(), command=command), True

@@ -117,6 +117,24 @@ def resolve_run(name: str, runs: Path, data: Dataset, maps: bool = True) -> Path
     return matches[0]
 
 
+def latest_per_config(runs: list[Path]) -> list[Path]:
+    """The newest run of each (experiment, config digest), among runs with the most common fold count."""
+    if not runs:
+        return []
+    keys = {r: RunDir(r).key for r in runs}
+    ks = [key.folds for key in keys.values() if key is not None]
+    if not ks:
+        return []
+    k = max(set(ks), key=ks.count)
+    seen, keep = set(), []
+    for r in runs:  # newest first
+        key = keys[r]
+        if key is not None and key.folds == k and (r.parent.name, key.digest) not in seen:
+            seen.add((r.parent.name, key.digest))
+            keep.append(r)
+    return keep
+
+
 def oof_index(run: Path) -> tuple[np.ndarray, np.ndarray]:
     """X_train indices of a finished run's OOF images, in fold order, and the fold of each (each file read once)."""
     run_config(run)  # a clear error for an unfinished run

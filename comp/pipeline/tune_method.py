@@ -14,10 +14,11 @@ from comp.core.metric import image_scores
 from comp.data.contrast import Contrast
 from comp.methods.registry import MethodSpec
 from comp.pipeline.ensemble import EnsembleSpec, save_ensemble
-from comp.pipeline.oof import oof_index, random_subset
+from comp.pipeline.oof import OOF, has_maps, oof_index, random_subset
 from comp.pipeline.select import nested_scores
 from comp.pipeline.study import run_study, hold_trial, inner_study, open_study, storage_url, suggest_space
 from comp.pipeline.tune import TuneResult, record_command, restrict
+from comp.pipeline.tune import tune
 from comp.pipeline.workspace import RunDir
 
 
@@ -134,3 +135,15 @@ def _store_method(spec_file: EnsembleSpec, runs: Path, command: str, params: dic
     spec_file.nested_ari = float(nested.mean())
     record_command(spec_file, command)
     save_ensemble(spec_file, runs)
+
+
+def tune_spec(spec: EnsembleSpec, single: bool, data, runs: Path, trials: int, storage: str | None, images: int, workers: int,
+              merge: bool, seed: int, params: list[str] | None, superpixels: bool, region_runs: list[Path], command: str) -> TuneResult:
+    """Tune an ensemble's post-processing, weights and merging on its members' OOF maps, or (a one-member ensemble of
+    a method without maps) the method's own parameters and contrast window."""
+    if len(spec.members) == 1 and not has_maps(Path(spec.members[0].run)):
+        return tune_method(spec, data, runs, trials, storage, images, seed, params, command)
+    oof = OOF.load([Path(m.run) for m in spec.members], data)  # a run without maps stops here, before anything is saved
+    if single:
+        save_ensemble(spec, runs)
+    return tune(spec, oof, runs, trials, storage, images, workers, merge, seed, params, superpixels, region_runs, command)
