@@ -14,6 +14,7 @@ import numpy as np
 from comp.bench.speed import best_of, sample_slices, synthetic_maps
 from comp.core.atomic import atomic_write_text
 from comp.core.errors import UserError
+from comp.core.log import result
 
 
 def bench_metric(ys: np.ndarray) -> dict:
@@ -206,15 +207,15 @@ def bench_gpu(dry_run: bool = False, steps: int = 30, out: Path = Path("bench_gp
         results["configs"][name] = {"resolution": cfg.resolution, "crop": cfg.crop, "batch_size": cfg.batch_size, "amp": cfg.amp,
                                     "train_images_per_s": train_ips, "infer_images_per_s": plain, "infer_tta_images_per_s": tta,
                                     "peak_gpu_gib": peak, "cpu": cpu, "projection": {**asdict(proj), "total_s": proj.total_s, "gpu_s": proj.gpu_s}}  # fmt: skip
-        print(f"{name:<16} {cfg.resolution:>4} px  train {train_ips:8.1f} img/s  infer {plain:8.1f} / TTA {tta:7.1f} img/s  "
+        result(f"{name:<16} {cfg.resolution:>4} px  train {train_ips:8.1f} img/s  infer {plain:8.1f} / TTA {tta:7.1f} img/s  "
               f"peak {'%.1f GiB' % peak if peak is not None else '—':>9}\n  CPU per item: loader sample {cpu['sample_ms']:.1f} ms "
               f"({exp.params.train.augment_on} augmentation), quantisation {cpu['quantise']['ours_ms']:.1f} ms, post-processing "
-              f"{cpu['post_ms']:.1f} ms\n  make cv ({exp.cv.folds} folds, 400 annotated + 500 test slices, one GPU):\n{proj.describe()}", flush=True)  # fmt: skip
+              f"{cpu['post_ms']:.1f} ms\n  make cv ({exp.cv.folds} folds, 400 annotated + 500 test slices, one GPU):\n{proj.describe()}")  # fmt: skip
         del model
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     atomic_write_text(out, json.dumps(results, indent=1))
-    print(f"{'DRY RUN (tiny sizes on this device; GPU rates in the projection are estimates). ' if dry_run else ''}{results['device']}; written to {out}")
+    result(f"{'DRY RUN (tiny sizes on this device; GPU rates in the projection are estimates). ' if dry_run else ''}{results['device']}; written to {out}")
     return results
 
 
@@ -241,7 +242,7 @@ def bench_quantisation(runs: list[Path], data, workers: int = 0) -> dict:
         out[oof.members[0].label] = {"images": len(pairs), "ari_stored": float(pairs[:, 0].mean()), "ari_uint8": float(pairs[:, 1].mean()),
                                      "max_abs_image_diff": float(np.abs(pairs[:, 0] - pairs[:, 1]).max())}  # fmt: skip
         r = out[oof.members[0].label]
-        print(f"{r['images']:>4} images  stored {r['ari_stored']:.4f}  uint8 {r['ari_uint8']:.4f}  "
+        result(f"{r['images']:>4} images  stored {r['ari_stored']:.4f}  uint8 {r['ari_uint8']:.4f}  "
               f"(diff {r['ari_uint8'] - r['ari_stored']:+.4f}, max per image {r['max_abs_image_diff']:.4f})  {oof.members[0].label}")
     return out
 
@@ -273,37 +274,33 @@ def run_bench(quick: bool = False, out: Path = Path("bench.json")) -> dict:
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     atomic_write_text(out, json.dumps(results, indent=1))
     m, c, p = results["metric"], results["csv"], results["postprocess"]
-    print(f"{'benchmark':<38} {'ours':>10} {'reference':>10} {'speedup':>8}")
-    print(f"{'metric per image (ms) vs sklearn':<38} {m['ours_ms']:>10.2f} {m['sklearn_ms']:>10.2f} {m['speedup']:>7.1f}x")
-    print(f"  max |ours - sklearn| = {m['max_abs_diff']:.2e}")
-    print(
-        f"{'read Y (' + str(c['read_columns']) + ' cols, s) vs read_csv':<38} {c['read_ours_s']:>10.2f} "
-        f"{c['read_pandas_s']:>10.2f} {c['read_speedup']:>7.1f}x"
-    )
-    print(
-        f"{'write sub (' + str(c['write_columns']) + ' cols, s) vs to_csv':<38} {c['write_ours_s']:>10.2f} "
-        f"{c['write_pandas_s']:>10.2f} {c['write_speedup']:>7.1f}x"
-    )
-    print(f"  identical content: read {c['read_identical']}, write {c['write_identical']} (bytes {c['write_bytes_identical']})")
+    result(f"{'benchmark':<38} {'ours':>10} {'reference':>10} {'speedup':>8}")
+    result(f"{'metric per image (ms) vs sklearn':<38} {m['ours_ms']:>10.2f} {m['sklearn_ms']:>10.2f} {m['speedup']:>7.1f}x")
+    result(f"  max |ours - sklearn| = {m['max_abs_diff']:.2e}")
+    result(f"{'read Y (' + str(c['read_columns']) + ' cols, s) vs read_csv':<38} {c['read_ours_s']:>10.2f} "
+        f"{c['read_pandas_s']:>10.2f} {c['read_speedup']:>7.1f}x")
+    result(f"{'write sub (' + str(c['write_columns']) + ' cols, s) vs to_csv':<38} {c['write_ours_s']:>10.2f} "
+        f"{c['write_pandas_s']:>10.2f} {c['write_speedup']:>7.1f}x")
+    result(f"  identical content: read {c['read_identical']}, write {c['write_identical']} (bytes {c['write_bytes_identical']})")
     for k, v in p.items():
-        print(f"{'postprocess ' + k + ' per slice':<38} {v:>10.1f}")
+        result(f"{'postprocess ' + k + ' per slice':<38} {v:>10.1f}")
     for name, v in results["inference"].items():
-        print(f"{'inference ' + name + ' (' + str(v['resolution']) + ' px, ms/slice)':<38} {v['ms_per_slice']:>10.1f}  [{v['device']}]")
+        result(f"{'inference ' + name + ' (' + str(v['resolution']) + ' px, ms/slice)':<38} {v['ms_per_slice']:>10.1f}  [{v['device']}]")
     tu = results["tuning"]
-    print(f"{'tuning trials per minute (' + str(tu['images']) + ' images)':<38} {tu['trials_per_minute']:>10.1f}")
+    result(f"{'tuning trials per minute (' + str(tu['images']) + ' images)':<38} {tu['trials_per_minute']:>10.1f}")
     sm = results["submit_memory"]
-    print(f"{'submit --ensemble peak memory (MB)':<38} {sm['peak_pss_mb']:>10.0f}  [{sm['test_slices']} slices, {sm['members']} members x 3 folds]")
+    result(f"{'submit --ensemble peak memory (MB)':<38} {sm['peak_pss_mb']:>10.0f}  [{sm['test_slices']} slices, {sm['members']} members x 3 folds]")
     g = results["gpu_run_cpu_side"]
-    print(f"{'loader sample, ' + g['config'] + ' (ms): host / device':<38} {g['pipeline']['host_ms']:>10.1f} {g['pipeline']['device_ms']:>10.1f}"
+    result(f"{'loader sample, ' + g['config'] + ' (ms): host / device':<38} {g['pipeline']['host_ms']:>10.1f} {g['pipeline']['device_ms']:>10.1f}"
           f"  [{g['resolution']} px, crop {g['crop']}; device = the workers' share]")  # fmt: skip
     t = g["targets"]
-    print(f"{'targets ' + str(t['size']) + ' px crop (ms); EDT edt vs scipy':<38} {t['targets_ms']:>10.1f} {t['edt_ms']:>10.1f} {t['scipy_edt_ms']:>10.1f}")
+    result(f"{'targets ' + str(t['size']) + ' px crop (ms); EDT edt vs scipy':<38} {t['targets_ms']:>10.1f} {t['edt_ms']:>10.1f} {t['scipy_edt_ms']:>10.1f}")
     q = g["quantise"]
-    print(f"{'quantise ' + str(q['channels']) + ' ch x ' + str(q['resolution']) + ' px (ms/slice)':<38} {q['ours_ms']:>10.1f} {q['reference_ms']:>10.1f} "
+    result(f"{'quantise ' + str(q['channels']) + ' ch x ' + str(q['resolution']) + ' px (ms/slice)':<38} {q['ours_ms']:>10.1f} {q['reference_ms']:>10.1f} "
           f"{q['reference_ms'] / q['ours_ms']:>7.1f}x")  # fmt: skip
-    print(f"{'post-process ' + str(g['resolution']) + ' px maps (ms/slice)':<38} {g['post_ms']:>10.1f}")
-    print(f"{'peak memory (MB)':<38} {results['peak_rss_mb']:>10.0f}")
-    print(f"written to {out}")
+    result(f"{'post-process ' + str(g['resolution']) + ' px maps (ms/slice)':<38} {g['post_ms']:>10.1f}")
+    result(f"{'peak memory (MB)':<38} {results['peak_rss_mb']:>10.0f}")
+    result(f"written to {out}")
     return results
 
 

@@ -12,6 +12,7 @@ from comp.cli.commands import (cmd_bench, cmd_cv, cmd_ensemble, cmd_groups, cmd_
                                cmd_transfer, cmd_tune, cmd_validate)
 from comp.cli.options import Shared, Parser, above, at_least, joined_ranges, shared_options, window_per_slice_arg
 from comp.core.errors import UserError
+from comp.core.log import set_verbosity
 from comp.data.contrast import HU_WINDOW
 
 
@@ -193,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(joined_ranges(argv))
     args.command_line = "python -m comp " + shlex.join(argv)
+    set_verbosity(getattr(args, "quiet", 0), getattr(args, "verbose", 0))
     if args.device:  # read by comp.core.runtime.device() wherever a network runs (forked workers inherit it)
         os.environ["COMP_DEVICE"] = args.device
     try:

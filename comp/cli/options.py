@@ -12,7 +12,15 @@ from comp.pipeline.workspace import RUNS
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line as one line (exit code 2), like every other user error."""
+    """argparse that reports a bad command line as one line (exit code 2), like every other user error, and takes
+    -q / -v wherever they are written (before or after the command)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # SUPPRESS: a subcommand's parser leaves a count given before the command alone
+        self.add_argument("-q", "--quiet", action="count", default=argparse.SUPPRESS,
+                          help="results and warnings only, no progress bars (-qq: warnings only)")
+        self.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="details too (every trial, every threshold)")
 
     def error(self, message: str):
         self.exit(2, f"error: {self.prog}: {message} (see --help)\n")

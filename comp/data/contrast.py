@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from comp.core.errors import UserError
+from comp.core.log import LOG
 
 # The challenge-like window that the phantom and the importer render through by default.
 HU_WINDOW = (-1000.0, 1000.0)
@@ -343,7 +344,7 @@ def _window(value: Any, where: str, key: str) -> tuple[float, float]:
     return float(value[0]), float(value[1])
 
 
-def calibration(x: np.ndarray, per_slice: Any = "auto", where: str = "contrast", say=print) -> tuple[Calibration | None, Calibration]:
+def calibration(x: np.ndarray, per_slice: Any = "auto", where: str = "contrast", say=LOG.info) -> tuple[Calibration | None, Calibration]:
     """How a data set's slices are read: (the data set's calibration where each slice is calibrated on its own, else
     None; the calibration of the slices as the methods then read them: the reference rendering's, or the data set's)."""
     sv = survey(x)
@@ -354,7 +355,7 @@ def calibration(x: np.ndarray, per_slice: Any = "auto", where: str = "contrast",
     return None, _one_window(x, sv, where, say)
 
 
-def _one_window(x: np.ndarray, sv: Survey, where: str, say=print) -> Calibration:
+def _one_window(x: np.ndarray, sv: Survey, where: str, say=LOG.info) -> Calibration:
     """One window for every slice: the data set's histogram landmarks, unless most slices' own (far-apart) landmarks
     imply a scale off by more than AGREE from theirs (a wide window puts the air where the histogram's tissue search
     starts); then the median of the slices' calibrations."""
@@ -390,7 +391,7 @@ def rendered_as(x: np.ndarray, per_slice: Calibration | None, cal: Calibration, 
     return np.clip(np.rint(to.grey(cal.hu(g))), 0, 255).astype(np.uint8)[x]
 
 
-def resolve(p: ContrastParams, x: np.ndarray, where: str = "contrast", say=print) -> Contrast:
+def resolve(p: ContrastParams, x: np.ndarray, where: str = "contrast", say=LOG.info) -> Contrast:
     """Resolve the contrast section on a data set's slices (`auto` and HU channels read its pixels, never labels).
 
     Calibrated steps survey the slices first; windowed per slice (or told `per_slice: true`), each slice is then

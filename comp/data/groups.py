@@ -17,6 +17,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from comp.core.errors import UserError
+from comp.core.log import LOG
 from comp.data.contrast import Contrast, calibration
 from comp.data.dataset import Dataset
 from comp.data.images import SIZE, image_names
@@ -126,7 +127,7 @@ def infer_scans(x: np.ndarray, link: float = LINK, fov_link: float = FOV_LINK) -
     return Scans(scan, position)
 
 
-def fold_groups(mode: str, data: Dataset, say=print) -> np.ndarray | None:
+def fold_groups(mode: str, data: Dataset, say=LOG.info) -> np.ndarray | None:
     """The CV group of every training slice by `cv.groups` (auto: groups.csv, else scans inferred from the slices)."""
     if mode in ("auto", "file") and data.groups_file.is_file():
         say(f"groups: {data.groups_file}")

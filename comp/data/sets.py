@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from comp.core.errors import UserError
+from comp.core.log import LOG
 from comp.data.dataset import Dataset
 
 # The embedded default data set of `make cv` when no challenge data is present: small enough
@@ -27,7 +28,7 @@ def resolve_data(arg: str | None) -> Dataset:
     from comp.data.phantom import generate, stamp
 
     have = PHANTOM / "PHANTOM.txt"
-    print(f"no challenge data in {RAW}/: using the embedded phantom data set ({PHANTOM}/)", flush=True)
+    LOG.info(f"no challenge data in {RAW}/: using the embedded phantom data set ({PHANTOM}/)")
     if not have.is_file() or have.read_text() != stamp(**EMBEDDED):
         generate(PHANTOM, **EMBEDDED)
     return Dataset(PHANTOM, name="phantom")
@@ -68,7 +69,7 @@ def labels_key(data: Dataset, dirs: list[str]) -> str:
     return fp[:6]
 
 
-def extra_data(dirs: list[str], data: Dataset, per_slice="auto", where: str = "cv.extra", say=print) -> Extra | None:
+def extra_data(dirs: list[str], data: Dataset, per_slice="auto", where: str = "cv.extra", say=LOG.info) -> Extra | None:
     """The extra data sets' annotated slices, each calibrated on its own slices and re-rendered in the grey levels of
     `data` as its contrast step reads them (label-free: pixels only); None without extra data."""
     from comp.data.contrast import calibration, rendered_as

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from comp.core.fields import added, bounded
+from comp.core.log import LOG
 from comp.core.metric import image_scores
 from comp.core.parallel import pmap
 from comp.core.store import FoldDir
@@ -77,7 +78,7 @@ def _train(rows: list[tuple[np.ndarray, np.ndarray]], idx: np.ndarray, drop: lis
     workers build it themselves: no LightGBM/OpenMP state crosses a fork)."""
     x = without(np.concatenate([rows[i][0] for i in idx]), drop)
     y = np.concatenate([rows[i][1] for i in idx])
-    print(f"hybrid: classifier on {len(y)} pairs of {len(idx)} slices, {int(y.sum())} to merge", flush=True)
+    LOG.info(f"hybrid: classifier on {len(y)} pairs of {len(idx)} slices, {int(y.sum())} to merge")
     return model_text(train_classifier(x, y))
 
 
@@ -108,7 +109,7 @@ class Hybrid:
                     inner.threshold = t
                     pred = np.stack(pmap(_segment, [(images[i], raws[i]) for i in val_idx], p, inner, workers=self.p.workers))
                     score = float(image_scores(train.y[val_idx], pred).mean())
-                    print(f"hybrid: h {sp.h} threshold {t}: {score:.4f} on {len(val_idx)} held-out training slices", flush=True)
+                    LOG.debug(f"hybrid: h {sp.h} threshold {t}: {score:.4f} on {len(val_idx)} held-out training slices")
                     if score > best[0]:
                         best, rows = (score, sp, t), rows_sp
             else:

@@ -16,6 +16,7 @@ import numpy as np
 
 from comp.core.atomic import atomic_write_text
 from comp.core.errors import UserError
+from comp.core.log import LOG
 from comp.core.parallel import pmap
 from comp.methods.compose import segment
 from comp.nets.targets import PostParams, blend, upsample_maps
@@ -358,7 +359,7 @@ def _fit_on_rows(rows: list[tuple[np.ndarray, np.ndarray]], image_folds: np.ndar
     x = np.concatenate([r[0] for r in rows])
     y = np.concatenate([r[1] for r in rows])
     folds = np.concatenate([np.full(len(r[1]), f) for r, f in zip(rows, image_folds)])
-    print(f"{what}: {len(y)} region pairs, {int(y.sum())} to merge", flush=True)
+    LOG.info(f"{what}: {len(y)} region pairs, {int(y.sum())} to merge")
     return fit_fold_mergers(x, y, folds, max_rounds=max_rounds, workers=workers)
 
 

@@ -16,6 +16,7 @@ import torch
 from comp.core.atomic import atomic_path, remove_stale_temps
 from comp.core.errors import UserError
 from comp.core.fields import added, bounded, identity, identity_of, setting
+from comp.core.log import LOG
 from comp.core.parallel import cpu_share
 from comp.core.runtime import Amp, describe, device, seed_everything
 from comp.core.store import FoldDir
@@ -254,7 +255,7 @@ def _training_set(x: np.ndarray, y: np.ndarray, budget: float, seed: int,
         keep = np.sort(np.random.default_rng(seed).permutation(len(x))[: max(1, round(budget * len(x)))])
         x, y = x[keep], y[keep]
     if extra is not None and len(extra[0]):
-        print(f"training on {len(x)} annotated + {len(extra[0])} pseudo-labelled slices", flush=True)
+        LOG.info(f"training on {len(x)} annotated + {len(extra[0])} pseudo-labelled slices")
         x, y = np.concatenate([x, extra[0]]), np.concatenate([y, extra[1]])
     return x, y
 
@@ -278,7 +279,7 @@ def _resume(last: Path, model: InstanceNet, opt: torch.optim.Optimizer, amp: Amp
     amp.load_scaler(ck.get("scaler"))
     torch.set_rng_state(ck["torch_rng"])
     g.set_state(ck["loader_rng"])
-    print(f"resuming from {last} at epoch {ck['epoch'] + 1}")
+    LOG.info(f"resuming from {last} at epoch {ck['epoch'] + 1}")
     return ck["epoch"] + 1, ck["best"], ck["history"]
 
 
@@ -287,9 +288,9 @@ def _log_epoch(rec: dict, epochs: int, best: float, first: bool, folds_left: int
     msg = f"epoch {rec['epoch'] + 1}/{epochs} loss {rec['loss']:.4f}"
     if "val_ari" in rec:
         msg += f" val ARI {rec['val_ari']:.4f} (best {best:.4f})"
-    print(msg + f" [{rec['seconds']} s]", flush=True)
+    LOG.info(msg + f" [{rec['seconds']} s]")
     if first and rec["epoch"] + 1 < epochs:
-        print(eta_line(rec["seconds"], epochs - rec["epoch"] - 1, epochs, folds_left), flush=True)
+        LOG.info(eta_line(rec["seconds"], epochs - rec["epoch"] - 1, epochs, folds_left))
 
 
 def _start(cfg: TrainConfig, seed: int) -> tuple[torch.device, Amp]:
@@ -301,7 +302,7 @@ def _start(cfg: TrainConfig, seed: int) -> tuple[torch.device, Amp]:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     amp = Amp(dev, cfg.amp)
-    print(f"training on {describe(dev)}" + (f", AMP {str(amp.dtype).split('.')[-1]}" if amp.enabled else ", no AMP"), flush=True)
+    LOG.info(f"training on {describe(dev)}" + (f", AMP {str(amp.dtype).split('.')[-1]}" if amp.enabled else ", no AMP"))
     return dev, amp
 
 

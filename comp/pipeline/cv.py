@@ -10,6 +10,7 @@ import numpy as np
 
 from comp.core.claims import claim, me, run_lock
 from comp.core.errors import UserError
+from comp.core.log import LOG, result
 from comp.core.metric import group_means, image_scores
 from comp.core.store import save_maps, write_maps
 from comp.data.contrast import resolve
@@ -64,7 +65,7 @@ def run_key(exp: Experiment, data: Dataset, folds: int) -> RunKey:
     return RunKey(exp.digest(), labels_key(data, exp.cv.extra), folds)
 
 
-def split(exp: Experiment, data: Dataset, k: int, say=print) -> tuple[np.ndarray | None, np.ndarray]:
+def split(exp: Experiment, data: Dataset, k: int, say=LOG.info) -> tuple[np.ndarray | None, np.ndarray]:
     """The run's split: every training slice's group (None: random folds) and each annotated slice's fold."""
     groups = fold_groups(exp.cv.groups, data, say)
     return groups, make_folds(len(data.annotated), k, exp.cv.seed, None if groups is None else groups[data.annotated])
@@ -82,7 +83,7 @@ def finished_run(exp: Experiment, data: Dataset, folds: int, runs: Path = RUNS) 
         if np.array_equal(ids, data.annotated) and np.array_equal(fixed, fold_of):
             s = r.summary()
             return CVResult(r.path, s["mean_ari"], s["std_ari"], [f["ari"] for f in s["folds"]])
-        print(f"{r.path}: finished on other folds than the data's groups give now: not reused", flush=True)
+        LOG.info(f"{r.path}: finished on other folds than the data's groups give now: not reused")
     return None
 
 
@@ -107,7 +108,7 @@ def teacher_run(exp: Experiment, data: Dataset, folds: int, runs: Path = RUNS) -
         chain, node = [*chain, node], load_experiment(node.pseudo.teacher, node.pseudo.teacher_set)
     res = finished_run(teacher, data, folds, runs)
     if res is None:
-        print(f"pseudo-labels: cross-validating the teacher {teacher.name} first", flush=True)
+        LOG.info(f"pseudo-labels: cross-validating the teacher {teacher.name} first")
         sets = "".join(f" --set {s}" for s in exp.pseudo.teacher_set)
         res = run_cv(teacher, data, folds, runs, command=f"python -m comp cv {exp.pseudo.teacher} --folds {folds}{sets}")
     if res is None:
@@ -135,7 +136,7 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
     extra = extra_data(exp.cv.extra, data, exp.contrast.per_slice)  # checked before any run folder is written
     groups, fold_of = split(exp, data, k)
     contrast = resolve(exp.contrast, data.x_train, exp.path)  # label-free: the slices' histogram only
-    print(f"contrast: {exp.contrast.window} -> grey window {contrast.window}" + (f", channels {contrast.channels}" if contrast.channels else ""))
+    LOG.info(f"contrast: {exp.contrast.window} -> grey window {contrast.window}" + (f", channels {contrast.channels}" if contrast.channels else ""))
     names = image_names(len(data.x_train))
     teacher = teacher_run(exp, data, k, runs)
     if teacher is not None:
@@ -149,11 +150,11 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
     todo = list(range(k)) if only is None else [only]
     for n, f in enumerate(todo):
         if run.fold_done(f):
-            print(f"fold {f}: already done, skipped ({run.path})")
+            LOG.info(f"fold {f}: already done, skipped ({run.path})")
             continue
         with claim(run.claim_file(f)) as holder:
             if holder is not None:
-                print(f"fold {f}: in progress in process {holder}, skipped")
+                LOG.info(f"fold {f}: in progress in process {holder}, skipped")
                 continue
             if run.fold_done(f):  # landed between the check and the claim
                 continue
@@ -165,7 +166,7 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
                       data.x_train[va], data.y_train[va], va, x_test, run)  # fmt: skip
     missing = [f for f in range(k) if not run.fold_done(f)]
     if missing:
-        print(f"run {run.path}: folds {missing} not done here (other processes, or later `--fold` runs); "
+        LOG.info(f"run {run.path}: folds {missing} not done here (other processes, or later `--fold` runs); "
               "the process that lands the last fold summarises the run")  # fmt: skip
         return None
     with run_lock(lock):
@@ -210,7 +211,7 @@ def _fit_fold(method, ctx: FitContext, train: FoldData, x_val: np.ndarray, y_val
     if fitted:
         info["fitted"] = fitted
     run.write_fold(ctx.fold, ids, pred, scores, info)
-    print(f"fold {ctx.fold}: ARI {scores.mean():.4f} on {len(ids)} images ({info['seconds']} s)")
+    LOG.info(f"fold {ctx.fold}: ARI {scores.mean():.4f} on {len(ids)} images ({info['seconds']} s)")
 
 
 def _predict_and_cache(method, x_val: np.ndarray, x_test: np.ndarray | None, run: RunDir, fold: int) -> np.ndarray:
@@ -260,11 +261,11 @@ def _summarise(exp: Experiment, run: RunDir, k: int, names: list[str], seconds: 
         "command": command,
     }
     run.write_summary(summary)
-    print(f"\n{exp.name} on {summary['dataset']['name']} ({run.path})")
-    print(f"{'fold':>6} {'images':>7} {'ARI':>8}")
+    result(f"\n{exp.name} on {summary['dataset']['name']} ({run.path})")
+    result(f"{'fold':>6} {'images':>7} {'ARI':>8}")
     for f, (n, m) in enumerate(zip(fold_n, fold_means)):
-        print(f"{f:>6} {n:>7} {m:>8.4f}")
+        result(f"{f:>6} {n:>7} {m:>8.4f}")
     pg = summary["per_group"]
-    print(f"{'mean':>6} {len(rows):>7} {mean:>8.4f}  (image std {std:.4f}, fold std {np.std(fold_means):.4f}, "
+    result(f"{'mean':>6} {len(rows):>7} {mean:>8.4f}  (image std {std:.4f}, fold std {np.std(fold_means):.4f}, "
           f"{len(pg['groups'])} {pg['by']}s: min {min(g['ari'] for g in pg['groups']):.4f}, standard error {pg['se']:.4f})")  # fmt: skip
     return CVResult(run.path, mean, std, fold_means)

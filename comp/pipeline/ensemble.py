@@ -17,6 +17,7 @@ import yaml
 from comp.core.atomic import atomic_write_text
 from comp.core.errors import UserError
 from comp.core.fields import bounded
+from comp.core.log import LOG
 from comp.data.dataset import Dataset
 from comp.nets.targets import PostParams
 from comp.pipeline.config import check_name, from_dict
@@ -142,7 +143,7 @@ def build_ensemble(
     for m in oof.members:
         s = oof.scores([1.0 if x is m else 0.0 for x in oof.members], m.post, workers=workers)
         singles.append(float(s.mean()))
-        print(f"{m.label}: OOF ARI {s.mean():.4f} (own post-processing)", flush=True)
+        LOG.info(f"{m.label}: OOF ARI {s.mean():.4f} (own post-processing)")
     post = oof.members[int(np.argmax(singles))].post
     idx = oof.subset(images)
     counts, path = greedy_select(oof, post, max_steps, idx, workers)
@@ -151,7 +152,7 @@ def build_ensemble(
     # Honest: each fold's images scored with the selection made on the other folds' images.
     nested = nested_scores(oof.folds, idx, lambda inner: greedy_select(oof, post, max_steps, inner, workers, verbose=False)[0],
                            lambda counts_k, held: oof.scores(counts_k, post, idx=held, workers=workers))  # fmt: skip
-    print(f"selection: in-sample OOF ARI {final.mean():.4f}, nested {nested.mean():.4f}", flush=True)
+    LOG.info(f"selection: in-sample OOF ARI {final.mean():.4f}, nested {nested.mean():.4f}")
     spec = EnsembleSpec(
         name=name,
         members=[MemberRef(str(oof.members[j].run), round(counts[j] / sum(counts), 6)) for j in chosen],
@@ -168,7 +169,7 @@ def build_ensemble(
     if old.is_file() and not force:
         stored = load_ensemble(name, runs)
         if stored.nested_ari is not None and stored.nested_ari > spec.nested_ari:
-            print(f"kept {old}: its nested OOF ARI {stored.nested_ari:.4f} beats {spec.nested_ari:.4f} (use --force to replace)")
+            LOG.info(f"kept {old}: its nested OOF ARI {stored.nested_ari:.4f} beats {spec.nested_ari:.4f} (use --force to replace)")
             return stored, False
     save_ensemble(spec, runs)
     return spec, True

@@ -25,6 +25,7 @@ from torch import nn
 from comp.core.atomic import atomic_write_text, remove_stale_temps
 from comp.core.errors import UserError
 from comp.core.fields import bounded, identity, setting
+from comp.core.log import LOG
 from comp.core.runtime import Amp, describe, device, seed_everything
 from comp.core.store import FoldDir
 from comp.data.contrast import Contrast, ContrastParams, resolve
@@ -216,7 +217,7 @@ def _resume(last: Path, task: nn.Module, opt: torch.optim.Optimizer, amp: Amp, g
     amp.load_scaler(ck.get("scaler"))
     for name, g in gens.items():
         g.set_state(ck[name])
-    print(f"resuming from {last} at epoch {ck['epoch'] + 1}")
+    LOG.info(f"resuming from {last} at epoch {ck['epoch'] + 1}")
     return ck["epoch"] + 1, ck["history"]
 
 
@@ -240,7 +241,7 @@ def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path, contrast: Contrast = 
     gens = {"gen": gen, "host_gen": torch.Generator().manual_seed(cfg.seed + 1), "dev_gen": torch.Generator(device=dev).manual_seed(cfg.seed + 2)}
     opt = torch.optim.AdamW(task.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     amp = Amp(dev, cfg.amp)
-    print(f"pretraining on {describe(dev)}", flush=True)
+    LOG.info(f"pretraining on {describe(dev)}")
     last = FoldDir(out_dir).last
     for ck_path in (last, out_dir / "encoder.pt"):  # a killed pretraining's temps (one process per pretraining folder)
         remove_stale_temps(ck_path)
@@ -264,7 +265,7 @@ def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path, contrast: Contrast = 
         parts = run_epoch(EpochSlice(stream, per_epoch), opt, amp, loss_of, lambda step: cfg.lr * lr_factor(step, total, warm),
                           epoch * per_epoch, f"pretrain {cfg.method} {epoch + 1}/{cfg.epochs}")  # fmt: skip
         history.append({"epoch": epoch, "loss": parts["loss"], "seconds": round(time.time() - t0, 1)})
-        print(f"pretrain {cfg.method} epoch {epoch + 1}/{cfg.epochs} loss {history[-1]['loss']:.4f} [{history[-1]['seconds']} s]", flush=True)
+        LOG.info(f"pretrain {cfg.method} epoch {epoch + 1}/{cfg.epochs} loss {history[-1]['loss']:.4f} [{history[-1]['seconds']} s]")
         save_checkpoint(last, {"task": task.state_dict(), "opt": opt.state_dict(), "scaler": amp.scaler.state_dict(), "epoch": epoch, "history": history,
                                **{name: g.get_state() for name, g in gens.items()}, "gen": batches.state_before(epoch + 1)})  # fmt: skip
         save_checkpoint(out_dir / "encoder.pt", {"encoder": model.encoder.state_dict(), "config": asdict(cfg), "epoch": epoch})

@@ -16,6 +16,7 @@ import numpy as np
 
 from comp.core.atomic import atomic_path
 from comp.core.errors import UserError
+from comp.core.log import LOG
 from comp.methods.base import FoldData
 from comp.pipeline.config import PseudoParams
 from comp.pipeline.workspace import RunDir
@@ -51,7 +52,7 @@ def pseudo_labels(teacher: RunDir, fold: int | None, x_train: np.ndarray, unlabe
     if path.is_file():
         with np.load(path) as z:
             ids, labels = z["ids"], z["labels"]
-        print(f"pseudo-labels: {len(ids)} slices from {teacher.label} (fold {which}; cached)", flush=True)
+        LOG.info(f"pseudo-labels: {len(ids)} slices from {teacher.label} (fold {which}; cached)")
         return FoldData(x_train[ids], labels, ids)
     folds = range(teacher.n_folds) if fold is None else [fold]
     models = [teacher.fold_model(f) for f in folds]
@@ -71,6 +72,6 @@ def pseudo_labels(teacher: RunDir, fold: int | None, x_train: np.ndarray, unlabe
     with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
         np.savez_compressed(fh, ids=keep, labels=labels, confidence=conf, params=json.dumps(asdict(p)))
     kept = conf[np.isin(unlabelled, keep)]
-    print(f"pseudo-labels: {len(keep)} of {len(unlabelled)} unlabelled slices from {teacher.label} (fold "
-          f"{which}; confidence {kept.min() if len(kept) else 0:.3f}..{kept.max() if len(kept) else 0:.3f})", flush=True)  # fmt: skip
+    LOG.info(f"pseudo-labels: {len(keep)} of {len(unlabelled)} unlabelled slices from {teacher.label} (fold "
+          f"{which}; confidence {kept.min() if len(kept) else 0:.3f}..{kept.max() if len(kept) else 0:.3f})")  # fmt: skip
     return FoldData(x_train[keep], labels, keep)

@@ -6,6 +6,7 @@ from typing import Callable
 
 import numpy as np
 
+from comp.core.log import LOG
 from comp.core.metric import group_means
 from comp.nets.targets import PostParams
 from comp.pipeline.oof import OOF
@@ -50,12 +51,12 @@ def greedy_select(oof: OOF, post: PostParams, max_steps: int = 8, idx=None, work
             gain, se = gain_and_se(per_image, current, keys)
             if gain <= se:
                 if verbose:
-                    print(f"step {step + 1}: + {oof.members[j].label} would gain {gain:.4f}, within its per-fold standard error "
-                          f"{se:.4f}: the simpler ensemble is kept", flush=True)  # fmt: skip
+                    LOG.info(f"step {step + 1}: + {oof.members[j].label} would gain {gain:.4f}, within its per-fold standard error "
+                          f"{se:.4f}: the simpler ensemble is kept")  # fmt: skip
                 break
         counts[j] += 1
         best, current = score, per_image
         path.append({"step": step + 1, "added": oof.members[j].label, "oof_ari": round(score, 6)})
         if verbose:
-            print(f"step {step + 1}: + {oof.members[j].label} -> OOF ARI {score:.4f}", flush=True)
+            LOG.info(f"step {step + 1}: + {oof.members[j].label} -> OOF ARI {score:.4f}")
     return counts, path

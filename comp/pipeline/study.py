@@ -9,6 +9,7 @@ from typing import Callable
 
 from comp.core.claims import dead_here, me
 from comp.core.errors import UserError
+from comp.core.log import LOG
 from comp.pipeline.workspace import Workspace
 
 
@@ -45,7 +46,7 @@ def open_study(url: str, name: str, seed: int):
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, multivariate=True)
     study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler, load_if_exists=True)
     fail_dead_trials(study)
-    print(f"watch it live (any machine that reaches the storage): {dashboard_command(url)}", flush=True)
+    LOG.info(f"watch it live (any machine that reaches the storage): {dashboard_command(url)}")
     return study
 
 
@@ -69,7 +70,7 @@ def fail_dead_trials(study) -> int:
     for t in dead:
         study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
     if dead:
-        print(f"study {study.study_name}: {len(dead)} trial(s) of a killed tune marked failed", flush=True)
+        LOG.info(f"study {study.study_name}: {len(dead)} trial(s) of a killed tune marked failed")
     return len(dead)
 
 
@@ -104,7 +105,7 @@ def run_study(study, objective: Callable, trials: int, what: str) -> tuple[int, 
 
     t0, before = time.time(), _complete(study)
     if trials > before:
-        print(f"study {study.study_name}: {before} complete trials, running {trials - before} more on {what}", flush=True)
+        LOG.info(f"study {study.study_name}: {before} complete trials, running {trials - before} more on {what}")
         stop = optuna.study.MaxTrialsCallback(trials, states=(optuna.trial.TrialState.COMPLETE,))
         study.optimize(objective, n_trials=trials - before, callbacks=[_report_trial, stop])
     done = _complete(study)
@@ -123,4 +124,4 @@ def _report_trial(study, trial) -> None:
     from optuna.trial import TrialState
 
     if trial.state == TrialState.COMPLETE:
-        print(f"trial {trial.number}: OOF ARI {trial.value:.4f} (best {study.best_value:.4f})", flush=True)
+        LOG.debug(f"trial {trial.number}: OOF ARI {trial.value:.4f} (best {study.best_value:.4f})")

@@ -8,6 +8,7 @@ import numpy as np
 
 from comp.core.atomic import atomic_path
 from comp.core.errors import UserError
+from comp.core.log import LOG
 from comp.core.metric import image_scores
 from comp.core.store import load_maps
 from comp.data.contrast import resolve
@@ -52,9 +53,9 @@ def predict_test(exp: Experiment, data: Dataset, seed: int = 0, runs: Path = RUN
     if kept.is_file():
         with np.load(kept) as z:
             if "x_test" in z.files and str(z["x_test"]) == data.test_digest and len(z["pred"]) == len(data.x_test):
-                print(f"{exp.name}: test predictions of its fit on every annotated slice, kept in {kept}", flush=True)
+                LOG.info(f"{exp.name}: test predictions of its fit on every annotated slice, kept in {kept}")
                 return z["pred"]
-        print(f"{exp.name}: the test slices differ from those of the predictions kept in {kept}: fitting and predicting anew", flush=True)
+        LOG.info(f"{exp.name}: the test slices differ from those of the predictions kept in {kept}: fitting and predicting anew")
     pred = _fit_predict(exp, data, seed, runs, workdir)
     with atomic_path(kept, suffix=".npz") as tmp, open(tmp, "wb") as fh:
         np.savez_compressed(fh, pred=pred, x_test=np.array(data.test_digest))
@@ -182,7 +183,7 @@ def submit_ensemble(name: str, data: Dataset, out: str | Path, runs: Path = RUNS
     t0 = time.time()
     members = []
     for m in spec.members:
-        print(f"member {m.run} (weight {m.weight:.3f}): {'cached test maps' if cached else 'fold models'}", flush=True)
+        LOG.info(f"member {m.run} (weight {m.weight:.3f}): {'cached test maps' if cached else 'fold models'}")
         members.append(MemberMaps(Path(m.run), data, cached, tta))
     given = None
     if spec.regions is not None and spec.regions.run:  # the run's method fitted on every annotated slice gives the regions

@@ -17,6 +17,7 @@ import yaml
 from comp.core.atomic import atomic_write_text
 from comp.core.errors import UserError
 from comp.core.fields import bounded
+from comp.core.log import LOG, result
 from comp.pipeline.config import extra_override, from_dict, load_experiment
 from comp.pipeline.workspace import RunDir, Workspace
 
@@ -164,7 +165,7 @@ def _cv_runs(suite: Suite, ds: str, data, names: list[str], runs: Path, reuse: b
         if res is None:
             raise UserError(runs / exp.name, "folds of this run are in progress in another process: run `make results` when it is done")
         result[name] = res
-        print(f"[{ds}] {name}: CV ARI {res.mean:.4f} ({res.run_dir})", flush=True)
+        LOG.info(f"[{ds}] {name}: CV ARI {res.mean:.4f} ({res.run_dir})")
     return result, reused_s
 
 
@@ -206,7 +207,7 @@ def _write_table(rows: list[Row], suite: Suite, minutes: float, reused_s: float,
         text = readme.read_text()
         if START in text and END in text:
             atomic_write_text(readme, re.sub(f"{re.escape(START)}.*?{re.escape(END)}", lambda _: f"{START}\n{table}{END}", text, flags=re.S))
-    print(table)
+    result(table)
 
 
 def _offers_regions(suite: Suite, name: str, short: str) -> bool:

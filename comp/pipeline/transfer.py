@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from comp.core.errors import UserError
+from comp.core.log import LOG, result
 from comp.core.metric import image_scores, mean_counts, region_counts
 from comp.data.contrast import Contrast, ContrastParams, calibration, resolve
 from comp.data.dataset import Dataset
@@ -76,11 +77,11 @@ def transfer(exp: Experiment, fit: Dataset, scores: list[Dataset], seed: int = 0
     out: list[TransferResult | None] = [_kept(rec, dig) for _, rec, dig in todo]
     if all(r is not None for r in out):
         for r in out:
-            print(f"{r.experiment}: {r.fit} -> {r.score} kept in {r.path}", flush=True)
+            LOG.info(f"{r.experiment}: {r.fit} -> {r.score} kept in {r.path}")
         return out  # type: ignore[return-value]
     from comp.pipeline.submit import fit_every_annotated
 
-    print(f"{exp.name}: fitting on every annotated slice of {fit.name} ({len(fit.annotated)} slices)", flush=True)
+    LOG.info(f"{exp.name}: fitting on every annotated slice of {fit.name} ({len(fit.annotated)} slices)")
     method = fit_every_annotated(exp, fit, seed, runs)
     for i, (d, rec, dig) in enumerate(todo):
         if out[i] is None:
@@ -119,9 +120,9 @@ def _scored(name: str, pred: np.ndarray, fit: Dataset, data: Dataset, rec: Trans
     names = image_names(len(data.x_train))
     rec.write({**asdict(res), "pixels": digest, "fit_data": fit.fingerprint(), "score_data": data.fingerprint(), "command": command,
                "images": [{"image": names[i], "ari": float(v), **c} for i, v, c in zip(ann, s, counts)]})  # fmt: skip
-    print(f"{name}: {fit.name} -> {data.name}: ARI {res.mean_ari:.4f} ± {res.std_ari:.4f} on {res.n_images} slices; per slice "
+    result(f"{name}: {fit.name} -> {data.name}: ARI {res.mean_ari:.4f} ± {res.std_ari:.4f} on {res.n_images} slices; per slice "
           f"{res.mean_regions:.1f} predicted regions for {res.true_regions:.1f} structures, {res.split:.1f} split, "
-          f"{res.merged:.1f} merged -> {rec.path}", flush=True)  # fmt: skip
+          f"{res.merged:.1f} merged -> {rec.path}")  # fmt: skip
     return res
 
 
@@ -150,7 +151,7 @@ def transfer_ensemble(name: str, fit: Dataset, scores: list[Dataset], runs: Path
         dig = pixels_digest(d.x_train[d.annotated])
         kept = _kept(rec, dig)
         if kept is not None:
-            print(f"ensemble {spec.name}: {fit.name} -> {d.name} kept in {rec.path}", flush=True)
+            LOG.info(f"ensemble {spec.name}: {fit.name} -> {d.name} kept in {rec.path}")
             out.append(kept)
             continue
         x = d.x_train[d.annotated]

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from comp.core.errors import UserError
+from comp.core.log import LOG
 from comp.methods.merge import Merger, fit_merging, fit_region_merging, save_merger
 from comp.nets.targets import PostParams
 from comp.pipeline.ensemble import EnsembleSpec, merger_path, save_ensemble
@@ -202,15 +203,15 @@ def _post_processing(spec: EnsembleSpec, oof: OOF, search: _Search, trials: int,
         return oof.scores(weights_k, post_k, idx=held, workers=workers)
 
     if search.best.params == search.start:  # nothing beat the stored settings even in-sample: no search to check on held-out folds
-        print("no trial beat the stored settings: they are kept (no nested search needed)", flush=True)
+        LOG.info("no trial beat the stored settings: they are kept (no nested search needed)")
         nested = defaults
     else:
-        print(f"nested estimate: {len(np.unique(oof.folds))} searches of {trials} trials, each on the other folds' images", flush=True)
+        LOG.info(f"nested estimate: {len(np.unique(oof.folds))} searches of {trials} trials, each on the other folds' images")
         inner = lambda sub: inner_study(search.objective_on(sub), [search.start], trials, seed)  # noqa: E731
         nested = nested_scores(oof.folds, every, inner, replay)
-    print(f"stored settings {defaults.mean():.4f}; tuned: in-sample {full.mean():.4f}, nested {nested.mean():.4f}", flush=True)
+    LOG.info(f"stored settings {defaults.mean():.4f}; tuned: in-sample {full.mean():.4f}, nested {nested.mean():.4f}")
     if nested.mean() <= defaults.mean() + 1e-9:  # the search does not generalise: keep what is stored
-        print("the nested estimate does not beat the stored settings: they are kept", flush=True)
+        LOG.info("the nested estimate does not beat the stored settings: they are kept")
         return spec.post, [m.weight for m in spec.members], _Kept(defaults, defaults), defaults
     return post, weights, _Kept(full, nested), defaults
 
@@ -225,7 +226,7 @@ def _merging(oof: OOF, weights: list[float], post: PostParams, kept: _Kept, seed
     for t in MERGE_THRESHOLDS:
         merger.threshold = t
         per_t[t] = oof.scores(weights, post, merger, idx=scan, workers=workers) - full[scan]
-        print(f"merge threshold {t}: {per_t[t].mean():+.4f} OOF ARI on {len(scan)} images", flush=True)
+        LOG.debug(f"merge threshold {t}: {per_t[t].mean():+.4f} OOF ARI on {len(scan)} images")
     t_best = max(per_t, key=lambda t: per_t[t].mean())
     if per_t[t_best].mean() <= 0:
         return _Kept(full, nested, None, merger)
@@ -239,12 +240,12 @@ def _merging(oof: OOF, weights: list[float], post: PostParams, kept: _Kept, seed
     # Merging's gain per image with each fold's threshold chosen on the other folds, added to the nested
     # estimate of the post-processing (the gain is measured on top of the post-processing found in-sample).
     gain = nested_scores(oof.folds, every, pick, merged_at) - full
-    print(f"merging at {t_best}: in-sample {merged.mean():.4f}, nested {(nested + gain).mean():.4f} "
-          f"(without merging {full.mean():.4f}, nested {nested.mean():.4f})", flush=True)  # fmt: skip
+    LOG.info(f"merging at {t_best}: in-sample {merged.mean():.4f}, nested {(nested + gain).mean():.4f} "
+          f"(without merging {full.mean():.4f}, nested {nested.mean():.4f})")  # fmt: skip
     g, se = gain_and_se(nested + gain, nested, oof.folds)
     if g > max(se, 1e-6):
         return _Kept(merged, nested + gain, t_best, merger)
-    print(f"merging gains {g:+.4f} nested, within its per-fold standard error {se:.4f}: left out", flush=True)
+    LOG.info(f"merging gains {g:+.4f} nested, within its per-fold standard error {se:.4f}: left out")
     return _Kept(full, nested, None, merger)
 
 
@@ -259,13 +260,13 @@ def _region_starts(oof: OOF, weights: list[float], kept: _Kept, superpixels: boo
         candidates.append(([Regions(window=oof.window(), run=str(r)) for r in region_runs], RUN_THRESHOLDS, SCAN_IMAGES))
     for choices, thresholds, scan_n in candidates:
         c_full, c_nested, cand, c_t, c_merger = region_candidate(oof, weights, choices, thresholds, scan_n, seed, workers)
-        print(f"{_describe(cand)} + merging at {c_t}: in-sample {c_full.mean():.4f}, nested {c_nested.mean():.4f} "
-              f"(so far: nested {kept.nested.mean():.4f})", flush=True)  # fmt: skip
+        LOG.info(f"{_describe(cand)} + merging at {c_t}: in-sample {c_full.mean():.4f}, nested {c_nested.mean():.4f} "
+              f"(so far: nested {kept.nested.mean():.4f})")  # fmt: skip
         g, se = gain_and_se(c_nested, kept.nested, oof.folds)  # the fitted start must beat the simpler by more than its spread
         if g > se:
             kept = _Kept(c_full, c_nested, c_t, c_merger, cand)
-        print(f"{_describe(cand)}: gain {g:+.4f} nested against its per-fold standard error {se:.4f}: "
-              f"{'taken' if g > se else 'the simpler one kept'}", flush=True)  # fmt: skip
+        LOG.info(f"{_describe(cand)}: gain {g:+.4f} nested against its per-fold standard error {se:.4f}: "
+              f"{'taken' if g > se else 'the simpler one kept'}")  # fmt: skip
     return kept
 
 
@@ -315,7 +316,7 @@ def region_candidate(oof: OOF, weights: list[float], choices: list[Regions], thr
 
     per = {(c, t): at((c, t), scan) for c in range(len(choices)) for t in thresholds}
     for (c, t), v in per.items():
-        print(f"{_describe(choices[c])}, merge threshold {t}: {v.mean():.4f} OOF ARI on {len(scan)} images", flush=True)
+        LOG.debug(f"{_describe(choices[c])}, merge threshold {t}: {v.mean():.4f} OOF ARI on {len(scan)} images")
     best = max(per, key=lambda c: per[c].mean())
     pick = lambda inner: max(per, key=lambda c: per[c][np.isin(scan, inner)].mean())  # noqa: E731
     nested = nested_scores(oof.folds, every, pick, at)

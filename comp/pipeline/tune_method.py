@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 
 from comp.core.errors import UserError
+from comp.core.log import LOG
 from comp.core.metric import image_scores
 from comp.data.contrast import Contrast
 from comp.methods.registry import MethodSpec
@@ -95,7 +96,7 @@ def tune_method(spec_file: EnsembleSpec, data, runs: Path, trials: int = 40, sto
     cv_ari = float(RunDir(run).summary()["mean_ari"])
     bar = cv_ari if spec_file.nested_ari is None else spec_file.nested_ari
     what = "the run's own CV ARI" if spec_file.nested_ari is None else "the stored nested estimate"
-    print(f"to beat: {what} {bar:.4f}", flush=True)
+    LOG.info(f"to beat: {what} {bar:.4f}")
 
     def scores_of(trial, sub: np.ndarray) -> np.ndarray:  # a live trial, or a FixedTrial replaying found parameters
         params_, c = _method_trial(trial, spec, exp.params, contrast)
@@ -115,9 +116,9 @@ def tune_method(spec_file: EnsembleSpec, data, runs: Path, trials: int = 40, sto
     best = study.best_trial
     every = np.arange(len(ids))
     scores = replay(best.params, every)
-    print(f"nested estimate: {len(np.unique(folds))} searches of {trials} trials, each on the other folds' images", flush=True)
+    LOG.info(f"nested estimate: {len(np.unique(folds))} searches of {trials} trials, each on the other folds' images")
     nested = nested_scores(folds, every, lambda inner: inner_study(objective_on(inner), starts, trials, seed), replay)
-    print(f"tuned: in-sample {scores.mean():.4f}, nested {nested.mean():.4f} (the run's CV ARI {cv_ari:.4f})", flush=True)
+    LOG.info(f"tuned: in-sample {scores.mean():.4f}, nested {nested.mean():.4f} (the run's CV ARI {cv_ari:.4f})")
     stored = nested.mean() > bar + 1e-9
     if stored:
         params_, c = _method_trial(optuna.trial.FixedTrial(best.params), spec, exp.params, contrast)

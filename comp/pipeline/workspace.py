@@ -19,7 +19,6 @@ values. Files written before that (plain float16) still load.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,6 +30,7 @@ import yaml
 
 from comp.core.atomic import atomic_path, atomic_write_text
 from comp.core.errors import UserError
+from comp.core.log import LOG
 from comp.core.store import MapArray, load_maps
 
 
@@ -147,7 +147,7 @@ class RunDir:
             try:
                 run.summary()
             except UserError as e:  # a truncated cv.json must not take every table and selection down with it
-                print(f"skipped {e}", file=sys.stderr, flush=True)
+                LOG.warning(f"skipped {e}")
                 continue
             yield run
 
@@ -339,7 +339,7 @@ class TransferRecord:
             try:
                 yield {**json.loads(path.read_text()), "path": str(path)}
             except (OSError, ValueError) as e:
-                print(f"skipped {path}: {e}", file=sys.stderr, flush=True)
+                LOG.warning(f"skipped {path}: {e}")
 
     def write(self, record: dict) -> None:
         """Write it atomically."""

@@ -13,6 +13,7 @@ import numpy as np
 from comp.core.atomic import atomic_write_text
 from comp.core.errors import UserError
 from comp.core.figures import pyplot, histogram_png, overlay_png, plot_curves, save_figure
+from comp.core.log import LOG
 from comp.core.store import FoldDir
 from comp.pipeline.workspace import RunDir, Workspace
 from comp.report.leaderboard import leaderboard_rows, transfer_rows
@@ -66,7 +67,7 @@ def _from_ensemble(name: str, runs: Path, data) -> ReportInput:
     if merger is not None and not set(map(int, np.unique(oof.folds))) <= set(merger.models):
         from comp.methods.merge import (fit_merging)  # a file of the first format holds the test model only: refit the folds'
 
-        print(f"{merger_path(name, runs)} holds no per-fold models: refitting them for the OOF pictures", flush=True)
+        LOG.info(f"{merger_path(name, runs)} holds no per-fold models: refitting them for the OOF pictures")
         merger.models = {**fit_merging(oof, weights, spec.post).models, -1: merger.models[-1]}
     scores = oof.scores(weights, spec.post, merger, desc="score ensemble", regions=spec.regions)
 

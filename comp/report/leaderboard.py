@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from comp.core.atomic import atomic_write_text
 from comp.core.errors import UserError
+from comp.core.log import LOG
 from comp.pipeline.workspace import RunDir, Workspace
 
 
@@ -76,7 +76,7 @@ def leaderboard_rows(runs: Path) -> list[dict]:
         try:
             e = load_ensemble(str(path), runs)
         except UserError as err:  # a broken file is named and left out, never the whole leaderboard
-            print(f"skipped {err}", file=sys.stderr, flush=True)
+            LOG.warning(f"skipped {err}")
             continue
         if e.oof_ari is None:
             continue

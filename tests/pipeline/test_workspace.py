@@ -80,12 +80,12 @@ def test_run_folder_layout_and_key(tmp_path: Path) -> None:
 
 
 def test_ensemble_candidates_are_the_newest_run_of_each_config_at_the_usual_fold_count() -> None:
-    from comp.cli.commands import _latest_per_config
+    from comp.pipeline.oof import latest_per_config
 
     runs = [Path(f"runs/{e}/{t}-{d}-0fcfb2-k{k}") for e, t, d, k in [
         ("a", "20260102-000000", "d1", 3), ("a", "20260101-000000", "d1", 3), ("a", "20260101-000000", "d2", 3),
         ("b", "20260101-000000", "d3", 5), ("c", "20260101-000000", "d4", 3)]]  # fmt: skip
-    assert _latest_per_config(runs + [Path("runs/x/odd")]) == [runs[0], runs[2], runs[4]]
+    assert latest_per_config(runs + [Path("runs/x/odd")]) == [runs[0], runs[2], runs[4]]
 
 
 def test_quantise_gives_the_reference_codes_with_nan_and_infinities_and_leaves_its_input() -> None:
