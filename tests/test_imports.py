@@ -70,3 +70,30 @@ def test_every_import_points_down_the_folders() -> None:
     up = [f"{m} -> {n}" for m, ns in sorted(graph.items()) for n in sorted(ns) if _layer(n) > _layer(m)]
     assert not up, "imports pointing up: " + "; ".join(up)
     assert _layer("comp.core.errors") < _layer("comp.pipeline.cv") < _layer("comp.cli")
+
+
+def test_imports_sit_at_the_top_unless_deferred_on_purpose() -> None:
+    """Outside the CLI (whose commands import their stage when run), a comp import inside a function says why."""
+    unsaid = []
+    for path in (ROOT / "comp").rglob("*.py"):
+        if "cli" in path.relative_to(ROOT).parts:
+            continue
+        text = path.read_text()
+        lines = text.splitlines()
+        for fn in ast.walk(ast.parse(text)):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for n in ast.walk(fn):
+                    if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("comp") and "# deferred" not in lines[n.end_lineno - 1]:
+                        unsaid.append(f"{path.relative_to(ROOT)}:{n.lineno}")
+    assert not unsaid, "comp imports inside functions without a '# deferred: why' comment: " + ", ".join(unsaid)
+
+
+def test_the_cli_and_the_non_learned_path_start_without_torch() -> None:
+    """`comp score`, `validate`, a baseline's CV, the suite and the report import neither torch nor optuna."""
+    import subprocess
+    import sys
+
+    code = ("import sys, comp.cli, comp.pipeline.cv, comp.pipeline.suite, comp.report.html, comp.methods.baselines\n"
+            "print(sorted(m for m in ('torch', 'optuna', 'lightgbm', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -11,17 +11,34 @@ from pathlib import Path
 
 import numpy as np
 
-from comp.bench.speed import best_of, sample_slices, synthetic_maps
+from comp.bench.speed import GPU_ESTIMATE, best_of, cpu_terms, project, sample_slices, synthetic_maps
 from comp.core.atomic import atomic_write_text
 from comp.core.errors import UserError
 from comp.core.log import result
+from comp.core.metric import image_score
+from comp.core.parallel import pmap
+from comp.core.runtime import Amp, describe, device
+from comp.core.store import MapArray, quantise, save_maps, write_maps
+from comp.data.dataset import Dataset
+from comp.data.images import default_row_labels, image_names, write_images
+from comp.data.labels import read_label_csv, write_label_csv
+from comp.methods.baselines import OfficialWatershedParams, SmoothWatershedParams, official_watershed, smooth_watershed
+from comp.methods.compose import segment
+from comp.nets.infer import predict_maps
+from comp.nets.models import build_model
+from comp.nets.targets import PostParams, instances_from_maps
+from comp.nets.train import SliceSet, _optimizer, make_loader, step_loss
+from comp.pipeline.config import EXPERIMENTS, load_experiment
+from comp.pipeline.ensemble import EnsembleSpec, MemberRef, save_ensemble
+from comp.pipeline.oof import OOF, RunMaps
+from comp.pipeline.tune import tune
+from comp.pipeline.workspace import RunDir
 
 
 def bench_metric(ys: np.ndarray) -> dict:
     """Per-image metric time: ours vs sklearn's adjusted_rand_score, and their largest difference."""
     from sklearn.metrics import adjusted_rand_score
 
-    from comp.core.metric import image_score
 
     rng = np.random.default_rng(0)
     preds = [np.where(rng.random(y.shape) < 0.1, rng.integers(0, 40, y.shape), y).astype(np.uint8) for y in ys]
@@ -35,8 +52,6 @@ def bench_csv(ys: np.ndarray, n_read: int, n_write: int, tmp: Path) -> dict:
     """Y_train read vs pandas.read_csv defaults, submission write vs DataFrame.to_csv (same content)."""
     import pandas as pd
 
-    from comp.data.images import default_row_labels, image_names
-    from comp.data.labels import read_label_csv, write_label_csv
 
     reps = int(np.ceil(max(n_read, n_write) / len(ys)))
     big = np.concatenate([ys] * reps)
@@ -71,9 +86,6 @@ def bench_csv(ys: np.ndarray, n_read: int, n_write: int, tmp: Path) -> dict:
 
 def bench_postprocess(xs: np.ndarray, ys: np.ndarray) -> dict:
     """Milliseconds per 512x512 slice on one core: the non-learned pipelines and the map post-processor."""
-    from comp.methods.baselines import (OfficialWatershedParams, SmoothWatershedParams, official_watershed,
-                                        smooth_watershed)
-    from comp.nets.targets import PostParams, instances_from_maps
 
     n = len(xs)
     maps = synthetic_maps(ys)
@@ -88,10 +100,6 @@ def bench_inference(xs: np.ndarray, quick: bool) -> dict:
     """Milliseconds per slice of each backbone's forward pass (no TTA) at its experiment's working resolution."""
     import torch
 
-    from comp.pipeline.config import EXPERIMENTS, load_experiment
-    from comp.nets.infer import predict_maps
-    from comp.nets.models import build_model
-    from comp.core.runtime import device
 
     names = ["unet_cpu"] if quick else sorted(p.stem for p in EXPERIMENTS.glob("unet_*.yaml") if "_mim" not in p.stem and "_vicregl" not in p.stem)
     out = {}
@@ -111,10 +119,6 @@ def bench_inference(xs: np.ndarray, quick: bool) -> dict:
 
 def bench_tuning(ys: np.ndarray, xs: np.ndarray, trials: int, tmp: Path) -> dict:
     """Optuna trials per minute on synthetic OOF maps (SQLite study, every core scoring images)."""
-    from comp.pipeline.ensemble import EnsembleSpec, MemberRef
-    from comp.pipeline.oof import OOF, RunMaps
-    from comp.nets.targets import PostParams
-    from comp.pipeline.tune import tune
 
     maps = synthetic_maps(ys)
     n = len(ys)
@@ -130,7 +134,6 @@ def bench_tuning(ys: np.ndarray, xs: np.ndarray, trials: int, tmp: Path) -> dict
 
 def gpu_configs() -> list[str]:
     """The GPU-sized segmentation experiments (unet_* without the _cpu sizes and pretraining variants)."""
-    from comp.pipeline.config import EXPERIMENTS
 
     return sorted(p.stem for p in EXPERIMENTS.glob("unet_*.yaml") if "_cpu" not in p.stem)
 
@@ -141,8 +144,6 @@ def _train_rate(model, cfg, xs: np.ndarray, ys: np.ndarray, steps: int, dev) -> 
     it measured the workers, not the GPU."""
     import torch
 
-    from comp.core.runtime import Amp
-    from comp.nets.train import SliceSet, _optimizer, make_loader, step_loss
 
     amp = Amp(dev, cfg.amp)
     data = SliceSet(xs, ys, cfg.resolution, cfg.aug, 0, cfg.crop, on_device=cfg.augment_on == "device")
@@ -177,11 +178,6 @@ def bench_gpu(dry_run: bool = False, steps: int = 30, out: Path = Path("bench_gp
     projection then takes the GPU rates from speed.GPU_ESTIMATE (an estimate) beside the CPU terms measured here."""
     import torch
 
-    from comp.pipeline.config import load_experiment
-    from comp.nets.infer import predict_maps
-    from comp.nets.models import build_model
-    from comp.core.runtime import describe, device
-    from comp.bench.speed import GPU_ESTIMATE, cpu_terms, project
 
     dev = device()
     if dev.type != "cuda" and not dry_run:
@@ -221,9 +217,6 @@ def bench_gpu(dry_run: bool = False, steps: int = 30, out: Path = Path("bench_gp
 
 def _quantised_pair(i: int, oof, post) -> tuple[float, float]:
     """One OOF image's ARI from its cached maps as stored and after a uint8 quantise/decode round trip."""
-    from comp.core.metric import image_score
-    from comp.methods.compose import segment
-    from comp.core.store import MapArray, quantise
 
     maps, image, truth, fold = oof.item(i, [0])
     decoded = MapArray(*quantise(maps[0][None]))[0]  # the stored form, decoded as every reader does
@@ -232,8 +225,6 @@ def _quantised_pair(i: int, oof, post) -> tuple[float, float]:
 
 def bench_quantisation(runs: list[Path], data, workers: int = 0) -> dict:
     """OOF ARI of runs' own post-processing on their cached maps and on the same maps uint8-quantised."""
-    from comp.pipeline.oof import OOF
-    from comp.core.parallel import pmap
 
     out = {}
     for run in runs:
@@ -250,8 +241,6 @@ def bench_quantisation(runs: list[Path], data, workers: int = 0) -> dict:
 def bench_gpu_cpu_side(xs: np.ndarray, ys: np.ndarray, quick: bool, name: str = "unet_resnet34") -> dict:
     """What a GPU config's run costs the CPU per item (speed.cpu_terms), measured here: loader sample (host and device
     augmentation), quantisation and post-processing per slice."""
-    from comp.pipeline.config import load_experiment
-    from comp.bench.speed import cpu_terms
 
     exp = load_experiment(name)
     return {"config": name, "resolution": exp.params.train.resolution, "crop": exp.params.train.crop, **cpu_terms(exp, xs, ys, quick)}
@@ -330,12 +319,6 @@ def bench_submit_memory(n_test: int, members: int, tmp: Path, res: int = 256, em
     import subprocess
     import sys
 
-    from comp.pipeline.ensemble import EnsembleSpec, MemberRef, save_ensemble
-    from comp.data.dataset import Dataset
-    from comp.data.images import image_names, write_images
-    from comp.data.labels import write_label_csv
-    from comp.core.store import save_maps, write_maps
-    from comp.pipeline.workspace import RunDir
 
     xs, ys = sample_slices(12)
     root = tmp / "submem"

@@ -1,4 +1,7 @@
-"""One function per command: parse nothing, call the stage, print what it did."""
+"""One function per command: parse nothing, call the stage, print what it did.
+
+Each command imports its stage inside the function on purpose: `comp score` or `comp validate` then starts
+without torch, optuna or LightGBM, and `--help` answers at once."""
 
 from __future__ import annotations
 

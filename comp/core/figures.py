@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from comp.core.atomic import atomic_path
+
 
 def pyplot():
     """matplotlib with a file-only backend (no screen on a GPU box either)."""
@@ -19,7 +21,6 @@ def pyplot():
 
 def save_figure(fig, path: Path) -> None:
     """Write a matplotlib figure as PNG atomically and close it."""
-    from comp.core.atomic import atomic_path
 
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=90)

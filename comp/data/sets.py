@@ -10,7 +10,10 @@ import numpy as np
 
 from comp.core.errors import UserError
 from comp.core.log import LOG
+from comp.data.contrast import calibration, rendered_as
 from comp.data.dataset import Dataset
+from comp.data.groups import fold_groups
+from comp.data.phantom import generate, stamp
 
 # The embedded default data set of `make cv` when no challenge data is present: small enough
 # for a 2-core CPU, in the exact challenge layout.
@@ -25,7 +28,6 @@ def resolve_data(arg: str | None) -> Dataset:
         return Dataset(Path(arg))
     if (RAW / "Y_train.csv").is_file():
         return Dataset(RAW)
-    from comp.data.phantom import generate, stamp
 
     have = PHANTOM / "PHANTOM.txt"
     LOG.info(f"no challenge data in {RAW}/: using the embedded phantom data set ({PHANTOM}/)")
@@ -72,8 +74,6 @@ def labels_key(data: Dataset, dirs: list[str]) -> str:
 def extra_data(dirs: list[str], data: Dataset, per_slice="auto", where: str = "cv.extra", say=LOG.info) -> Extra | None:
     """The extra data sets' annotated slices, each calibrated on its own slices and re-rendered in the grey levels of
     `data` as its contrast step reads them (label-free: pixels only); None without extra data."""
-    from comp.data.contrast import calibration, rendered_as
-    from comp.data.groups import fold_groups
 
     if not dirs:
         return None

@@ -19,9 +19,9 @@ from comp.core.store import FoldDir
 from comp.data.contrast import Contrast
 from comp.methods.base import FitContext, FoldData, inner_split
 from comp.methods.registry import register_method
+from comp.nets.infer import predict_maps
 from comp.nets.models import ModelConfig, build_model
-from comp.nets.targets import resize_labels
-from comp.nets.targets import PostParams, channels_used, instances_from_maps
+from comp.nets.targets import PostParams, channels_used, instances_from_maps, resize_labels
 from comp.nets.train import TrainConfig, train_fold
 
 
@@ -87,7 +87,6 @@ class LearnedInstances:
 
     def predict_maps(self, x: np.ndarray, tta: bool | None = None) -> np.ndarray:
         """(N, 512, 512) slices -> (N, C, r, r) float16 maps."""
-        from comp.nets.infer import predict_maps
 
         tta = self.p.tta if tta is None else tta
         return predict_maps(self.model, self.contrast.canonical(x), self.p.train.resolution, tta=tta, affine=self.contrast.unit_affine(), amp=self.p.train.amp)

@@ -18,6 +18,7 @@ import yaml
 from comp.core.errors import UserError
 from comp.core.fields import bounded, check_fields, identity
 from comp.data.contrast import ContrastParams
+from comp.methods.registry import METHODS, get_method
 
 EXPERIMENTS = Path("experiments")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -222,7 +223,6 @@ def _laid_over(under: dict, over: dict) -> dict:
 
 def experiment_from_dict(raw: dict, path: Path, overrides: list[str] | None = None, ignore: tuple[str, ...] = ()) -> Experiment:
     """Validate a raw experiment mapping (a YAML file, or a run's config.yaml with `ignore`d extra keys)."""
-    from comp.methods.registry import METHODS, get_method
 
     raw = apply_overrides({k: v for k, v in raw.items() if k not in ignore}, overrides or [], str(path))
     allowed = {"name", "method", "description", "params", "cv", "contrast", "pseudo"}

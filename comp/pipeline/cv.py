@@ -20,7 +20,7 @@ from comp.data.images import image_names
 from comp.data.sets import extra_data, labels_key
 from comp.methods.base import FitContext, FoldData, MapMethod
 from comp.methods.registry import get_method
-from comp.pipeline.config import Experiment
+from comp.pipeline.config import Experiment, load_experiment
 from comp.pipeline.pseudo import check_folds, pseudo_labels
 from comp.pipeline.workspace import RUNS, RunDir, RunKey
 
@@ -89,7 +89,6 @@ def finished_run(exp: Experiment, data: Dataset, folds: int, runs: Path = RUNS) 
 
 def teacher_run(exp: Experiment, data: Dataset, folds: int, runs: Path = RUNS) -> RunDir | None:
     """The finished CV run of the experiment's pseudo-label teacher (cross-validated first when there is none)."""
-    from comp.pipeline.config import load_experiment
 
     if not exp.pseudo.enabled:
         return None
@@ -127,7 +126,7 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
         raise UserError("--fold", f"fold {only} of a {k}-fold run (folds are 0..{k - 1})")
     spec = get_method(exp.method, exp.path)
     if isinstance(spec.build(exp.params), MapMethod):  # a network: a GPU asked for and missing stops it before any folder is written
-        from comp.core.runtime import device
+        from comp.core.runtime import device  # deferred: imports torch
 
         device(getattr(getattr(exp.params, "train", None), "device", "auto"))
     ann = data.annotated

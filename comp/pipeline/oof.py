@@ -17,7 +17,7 @@ from comp.data.dataset import Dataset
 from comp.methods.compose import segment
 from comp.methods.merge import Merger
 from comp.nets.targets import PostParams, blend
-from comp.pipeline.config import check_name, from_dict
+from comp.pipeline.config import check_name, experiment_from_dict, from_dict
 from comp.pipeline.workspace import RunDir
 from comp.regions.superpixels import Regions
 
@@ -150,7 +150,6 @@ def random_subset(n_total: int, n: int, seed: int = 0) -> np.ndarray:
 
 def run_experiment(run: Path, overrides: dict | None = None):
     """A finished run's experiment with tuned `overrides` (dotted keys) applied, and its resolved contrast."""
-    from comp.pipeline.config import experiment_from_dict
 
     cfg = run_config(run)
     sets = [f"{k}={json.dumps(v)}" for k, v in (overrides or {}).items()]

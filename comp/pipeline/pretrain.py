@@ -22,9 +22,10 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from comp.core.atomic import atomic_write_text, remove_stale_temps
+from comp.core.atomic import atomic_path, atomic_write_text, remove_stale_temps
 from comp.core.errors import UserError
 from comp.core.fields import bounded, identity, setting
+from comp.core.figures import plot_curves
 from comp.core.log import LOG
 from comp.core.runtime import Amp, describe, device, seed_everything
 from comp.core.store import FoldDir
@@ -270,7 +271,6 @@ def pretrain(cfg: SSLConfig, x: np.ndarray, out_dir: Path, contrast: Contrast = 
                                **{name: g.get_state() for name, g in gens.items()}, "gen": batches.state_before(epoch + 1)})  # fmt: skip
         save_checkpoint(out_dir / "encoder.pt", {"encoder": model.encoder.state_dict(), "config": asdict(cfg), "epoch": epoch})
     atomic_write_text(FoldDir(out_dir).history, json.dumps(history, indent=1))
-    from comp.core.figures import plot_curves
 
     curve = ([h["epoch"] + 1 for h in history], [h["loss"] for h in history])
     plot_curves({"loss": curve}, out_dir / "loss.png", f"{cfg.name} ({cfg.method}, {cfg.model.encoder})", "loss")
@@ -284,7 +284,6 @@ def run_pretrain(cfg: SSLConfig, x: np.ndarray, data_key: str, runs: Path = RUNS
     digest = hashlib.sha1(json.dumps([identity(cfg), data_key, PRETEXT_DRAWS], sort_keys=True).encode()).hexdigest()[:10]
     ck = pretrain(cfg, x, Workspace(runs).pretrain_dir(cfg.name, digest), resolve(cfg.contrast, x, cfg.name))
     public = Workspace(runs).pretrained(cfg.name)
-    from comp.core.atomic import atomic_path
 
     with atomic_path(public, suffix=".pt") as tmp:
         shutil.copyfile(ck, tmp)

@@ -10,6 +10,7 @@ from comp.core.atomic import atomic_path
 from comp.core.errors import UserError
 from comp.core.log import LOG
 from comp.core.metric import image_scores
+from comp.core.parallel import pmap
 from comp.core.store import load_maps
 from comp.data.contrast import resolve
 from comp.data.dataset import Dataset
@@ -18,8 +19,15 @@ from comp.data.images import SIZE, count_images, image_names
 from comp.data.labels import read_label_csv, scored_maps, write_label_csv
 from comp.data.sets import extra_data, labels_key
 from comp.methods.base import FitContext, FoldData
+from comp.methods.compose import segment
+from comp.methods.merge import load_merger
 from comp.methods.registry import get_method
+from comp.nets.targets import blend
 from comp.pipeline.config import Experiment
+from comp.pipeline.cv import teacher_run
+from comp.pipeline.ensemble import check_selected_on, load_ensemble, merger_path
+from comp.pipeline.oof import has_maps, run_experiment
+from comp.pipeline.pseudo import pseudo_labels
 from comp.pipeline.workspace import RUNS, RunDir
 
 
@@ -82,8 +90,6 @@ def fit_every_annotated(exp: Experiment, data: Dataset, seed: int = 0, runs: Pat
     groups = fold_groups(exp.cv.groups, data)
     pseudo = None
     if exp.pseudo.enabled:  # every fold model of the teacher labels: this fit holds nothing out
-        from comp.pipeline.cv import teacher_run
-        from comp.pipeline.pseudo import pseudo_labels
 
         pseudo = pseudo_labels(teacher_run(exp, data, exp.cv.folds, runs), None, data.x_train, data.unlabelled, exp.pseudo)
     extra = extra_data(exp.cv.extra, data, exp.contrast.per_slice)  # as in every CV fold's training part
@@ -156,8 +162,6 @@ def member_test_maps(run: Path, data: Dataset, cached: bool = False, tta: bool =
 
 def _segment_test(item: tuple, weights: list[float], post, merger, regions=None) -> np.ndarray:
     """One test slice: blend the members' maps, post-process (or superpixels, or a run's regions), merge."""
-    from comp.methods.compose import segment
-    from comp.nets.targets import blend
 
     maps, image, given = item
     return segment(blend(maps, weights), image, post, merger, -1, regions, given)
@@ -168,8 +172,6 @@ def submit_ensemble(name: str, data: Dataset, out: str | Path, runs: Path = RUNS
     """Predict X_test with an ensemble file's members (fold models, flip TTA), blend, post-process, write, validate."""
     import time
 
-    from comp.pipeline.ensemble import check_selected_on, load_ensemble
-    from comp.pipeline.oof import has_maps, run_experiment
 
     spec = load_ensemble(name, runs)
     out = Path(out)
@@ -200,9 +202,6 @@ def predict_ensemble(spec, members: list[MemberMaps], x: np.ndarray, given: np.n
     (default: as the first member's data set's)."""
     from tqdm import tqdm
 
-    from comp.pipeline.ensemble import merger_path
-    from comp.methods.merge import load_merger
-    from comp.core.parallel import pmap
 
     merger = load_merger(merger_path(spec.name, runs)) if spec.merge.enabled else None
     weights = [m.weight for m in spec.members]

@@ -18,7 +18,14 @@ from comp.core.atomic import atomic_write_text
 from comp.core.errors import UserError
 from comp.core.fields import bounded
 from comp.core.log import LOG, result
+from comp.data.sets import resolve_data
 from comp.pipeline.config import extra_override, from_dict, load_experiment
+from comp.pipeline.cv import finished_run, run_cv
+from comp.pipeline.ensemble import build_ensemble, load_ensemble, save_ensemble, single_member
+from comp.pipeline.oof import OOF, has_maps, run_experiment
+from comp.pipeline.submit import submit, submit_ensemble
+from comp.pipeline.transfer import transfer, transfer_ensemble
+from comp.pipeline.tune import tune
 from comp.pipeline.workspace import RunDir, Workspace
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -91,9 +98,6 @@ def results_file(runs: Path, suite_path: str) -> Path:
 
 def held_out_single(short: str, run: Path, data, runs: Path) -> float | None:
     """Held-out test ARI of one CV run: its fold models' test maps cached during CV for learned methods, a refit otherwise."""
-    from comp.pipeline.ensemble import save_ensemble, single_member
-    from comp.pipeline.oof import has_maps, run_experiment
-    from comp.pipeline.submit import submit, submit_ensemble
 
     if not data.has_test_labels:
         return None
@@ -110,9 +114,6 @@ def held_out_single(short: str, run: Path, data, runs: Path) -> float | None:
 def transfer_single(short: str, run: Path, data, other, runs: Path) -> float:
     """ARI on `other`'s annotated slices of one CV run's method fitted on `data`: a learned one's fold models averaged
     (as its held-out column), a non-learned one fitted on every annotated slice (its run's own config)."""
-    from comp.pipeline.ensemble import save_ensemble, single_member
-    from comp.pipeline.oof import has_maps, run_experiment
-    from comp.pipeline.transfer import transfer, transfer_ensemble
 
     if has_maps(run):
         spec = single_member(f"results-{data.name}-{short}", run, data=data.fingerprint())
@@ -124,7 +125,6 @@ def transfer_single(short: str, run: Path, data, other, runs: Path) -> float:
 def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | None = Path("README.md"),
                 out: Path | None = None) -> Path:  # fmt: skip
     """Run the suite on every data set, write `out` (default runs/results.md), and refresh the README's table."""
-    from comp.data.sets import resolve_data
 
     t0, reused_s = time.time(), 0.0
     rows: dict[str, Row] = {}
@@ -151,7 +151,6 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
 
 def _cv_runs(suite: Suite, ds: str, data, names: list[str], runs: Path, reuse: bool) -> tuple[dict, float]:
     """Every experiment's CV run on one data set (a finished one reused if asked): the results and the reused runs' seconds."""
-    from comp.pipeline.cv import finished_run, run_cv
 
     extra = extra_override(suite.extra.get(ds, []))
     extra_arg = " --extra " + " ".join(suite.extra[ds]) if extra else ""
@@ -171,11 +170,6 @@ def _cv_runs(suite: Suite, ds: str, data, names: list[str], runs: Path, reuse: b
 
 def _ensemble_row(suite: Suite, ds: str, data, other, result: dict, short: dict, runs: Path, rows: dict[str, Row]) -> None:
     """Greedy selection over the learned singles, tuning (with the instance singles' regions offered), the row's figures."""
-    from comp.pipeline.ensemble import build_ensemble, load_ensemble
-    from comp.pipeline.oof import OOF, has_maps
-    from comp.pipeline.submit import submit_ensemble
-    from comp.pipeline.transfer import transfer_ensemble
-    from comp.pipeline.tune import tune
 
     learned = [result[n].run_dir for n in suite.singles if has_maps(result[n].run_dir)]
     ens_name = f"results-{ds}"

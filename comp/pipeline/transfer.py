@@ -25,6 +25,9 @@ from comp.data.dataset import Dataset
 from comp.data.images import image_names, pixels_digest
 from comp.data.sets import labels_key
 from comp.pipeline.config import Experiment
+from comp.pipeline.ensemble import check_selected_on, ensemble_path, load_ensemble
+from comp.pipeline.oof import has_maps, run_experiment
+from comp.pipeline.submit import MemberMaps, fit_every_annotated, predict_ensemble
 from comp.pipeline.workspace import RUNS, TransferRecord, Workspace
 
 
@@ -79,7 +82,6 @@ def transfer(exp: Experiment, fit: Dataset, scores: list[Dataset], seed: int = 0
         for r in out:
             LOG.info(f"{r.experiment}: {r.fit} -> {r.score} kept in {r.path}")
         return out  # type: ignore[return-value]
-    from comp.pipeline.submit import fit_every_annotated
 
     LOG.info(f"{exp.name}: fitting on every annotated slice of {fit.name} ({len(fit.annotated)} slices)")
     method = fit_every_annotated(exp, fit, seed, runs)
@@ -131,9 +133,6 @@ def transfer_ensemble(name: str, fit: Dataset, scores: list[Dataset], runs: Path
     """An ensemble file as selected and tuned on `fit` (members' fold models, weights, post-processing, superpixels or
     a run's regions, merger) scored on each of `scores`' annotated slices; a tuned non-learned method: its settings
     applied to its fit on every annotated slice."""
-    from comp.pipeline.ensemble import check_selected_on, ensemble_path, load_ensemble
-    from comp.pipeline.oof import has_maps, run_experiment
-    from comp.pipeline.submit import MemberMaps, fit_every_annotated, predict_ensemble
 
     spec = load_ensemble(name, runs)
     check_selected_on(spec, fit, "--fit")

@@ -13,13 +13,13 @@ from comp.core.errors import UserError
 from comp.core.log import LOG
 from comp.core.metric import image_scores
 from comp.data.contrast import Contrast
-from comp.methods.registry import MethodSpec
+from comp.methods.base import FitContext, FoldData
+from comp.methods.registry import MethodSpec, get_method
 from comp.pipeline.ensemble import EnsembleSpec, save_ensemble
-from comp.pipeline.oof import OOF, has_maps, oof_index, random_subset
+from comp.pipeline.oof import OOF, has_maps, oof_index, random_subset, run_experiment
 from comp.pipeline.select import nested_scores
-from comp.pipeline.study import run_study, hold_trial, inner_study, open_study, storage_url, suggest_space
-from comp.pipeline.tune import TuneResult, record_command, restrict
-from comp.pipeline.tune import tune
+from comp.pipeline.study import hold_trial, inner_study, open_study, run_study, storage_url, suggest_space
+from comp.pipeline.tune import TuneResult, record_command, restrict, tune
 from comp.pipeline.workspace import RunDir
 
 
@@ -56,8 +56,6 @@ def _method_start(spec: MethodSpec, params, contrast: Contrast) -> dict:
 
 def method_scores(exp, contrast: Contrast, x: np.ndarray, y: np.ndarray, spec: MethodSpec | None = None) -> np.ndarray:
     """Per-image ARI of a method that needs no fitting (fixed pipeline or tuned settings) behind a contrast step."""
-    from comp.methods.base import FitContext, FoldData
-    from comp.methods.registry import get_method
 
     spec = spec or get_method(exp.method, exp.path)
     method = spec.build(exp.params)
@@ -74,8 +72,6 @@ def tune_method(spec_file: EnsembleSpec, data, runs: Path, trials: int = 40, sto
     """
     import optuna
 
-    from comp.pipeline.oof import run_experiment
-    from comp.methods.registry import get_method
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     run = Path(spec_file.members[0].run)

@@ -32,6 +32,9 @@ from comp.core.atomic import atomic_path, atomic_write_text
 from comp.core.errors import UserError
 from comp.core.log import LOG
 from comp.core.store import MapArray, load_maps
+from comp.data.contrast import Contrast
+from comp.methods.registry import get_method
+from comp.pipeline.config import from_dict
 
 
 RUNS = Path("runs")
@@ -285,14 +288,11 @@ class RunDir:
     @staticmethod
     def contrast_of(config: dict):
         """The contrast step a run resolved on its data set, from its config (as cv writes it)."""
-        from comp.data.contrast import Contrast
 
         return Contrast.from_dict(config.get("contrast_resolved"))
 
     def fold_model(self, fold: int):
         """The trained model of one fold, rebuilt from config.yaml behind the run's resolved contrast."""
-        from comp.pipeline.config import from_dict
-        from comp.methods.registry import get_method
 
         cfg = self.config()
         spec = get_method(cfg["method"], self.config_file)

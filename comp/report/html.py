@@ -12,9 +12,16 @@ import numpy as np
 
 from comp.core.atomic import atomic_write_text
 from comp.core.errors import UserError
-from comp.core.figures import pyplot, histogram_png, overlay_png, plot_curves, save_figure
+from comp.core.figures import histogram_png, overlay_png, plot_curves, pyplot, save_figure
 from comp.core.log import LOG
+from comp.core.metric import mean_counts, region_counts
 from comp.core.store import FoldDir
+from comp.data.contrast import evenly_spaced
+from comp.methods.compose import segment
+from comp.methods.merge import fit_merging, load_merger
+from comp.nets.targets import blend
+from comp.pipeline.ensemble import is_ensemble, load_ensemble, merger_path
+from comp.pipeline.oof import OOF, has_maps
 from comp.pipeline.workspace import RunDir, Workspace
 from comp.report.leaderboard import leaderboard_rows, transfer_rows
 
@@ -52,11 +59,6 @@ def _from_run(run: Path) -> ReportInput:
 
 def _from_ensemble(name: str, runs: Path, data) -> ReportInput:
     """An ensemble: per-image OOF scores and predictions recomputed from its members' cached maps."""
-    from comp.pipeline.ensemble import load_ensemble, merger_path
-    from comp.pipeline.oof import OOF
-    from comp.methods.compose import segment
-    from comp.nets.targets import blend
-    from comp.methods.merge import load_merger
 
     spec = load_ensemble(name, runs)
     members = [Path(m.run) for m in spec.members]
@@ -65,7 +67,6 @@ def _from_ensemble(name: str, runs: Path, data) -> ReportInput:
     # Each OOF image is merged by the classifier of its fold, which never saw it: honest pictures.
     merger = load_merger(merger_path(name, runs)) if spec.merge.enabled else None
     if merger is not None and not set(map(int, np.unique(oof.folds))) <= set(merger.models):
-        from comp.methods.merge import (fit_merging)  # a file of the first format holds the test model only: refit the folds'
 
         LOG.info(f"{merger_path(name, runs)} holds no per-fold models: refitting them for the OOF pictures")
         merger.models = {**fit_merging(oof, weights, spec.post).models, -1: merger.models[-1]}
@@ -119,8 +120,6 @@ DIAG_IMAGES = 100  # OOF images (evenly spaced) whose regions are counted: an en
 def regions_section(target: ReportInput, data, out: Path) -> str:
     """Predicted against true regions per OOF image, split and merged structures (comp.core.metric.region_counts): an
     HTML table and a scatter PNG."""
-    from comp.data.contrast import evenly_spaced
-    from comp.core.metric import mean_counts, region_counts
 
     pick = evenly_spaced(np.arange(len(target.ids)), DIAG_IMAGES)
     rows = [region_counts(data.y_train[int(target.ids[i])], target.predict(int(i))) for i in pick]
@@ -185,8 +184,6 @@ td,th{{border:1px solid #bbb;padding:3px 6px;text-align:left}} img{{max-width:10
 
 def report(target: str | None, data, runs: Path) -> Path:
     """Report an ensemble name, a run folder or an experiment's newest run (default: ensemble 'default', else the newest run)."""
-    from comp.pipeline.ensemble import is_ensemble, load_ensemble
-    from comp.pipeline.oof import has_maps
 
     if target is None:
         target = "default" if is_ensemble("default", runs) else None

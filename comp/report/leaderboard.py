@@ -8,7 +8,9 @@ from pathlib import Path
 from comp.core.atomic import atomic_write_text
 from comp.core.errors import UserError
 from comp.core.log import LOG
-from comp.pipeline.workspace import RunDir, Workspace
+from comp.pipeline.config import load_experiment
+from comp.pipeline.ensemble import load_ensemble
+from comp.pipeline.workspace import RunDir, TransferRecord, Workspace
 
 
 def _run_command(run: Path, summary: dict) -> str:
@@ -33,7 +35,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def _overrides(name: str, cfg: dict) -> list[tuple[str, object]]:
     """Parameters where a run's stored config differs from its experiment file today (its --set overrides)."""
-    from comp.pipeline.config import load_experiment
 
     try:
         now = _flatten({"params": load_experiment(name).to_dict()["params"]})
@@ -70,7 +71,6 @@ def leaderboard_rows(runs: Path) -> list[dict]:
                 "command": _run_command(run.path, s),
             }
         )
-    from comp.pipeline.ensemble import load_ensemble
 
     for path in sorted(Workspace(runs).ensembles.glob("*.yaml")):
         try:
@@ -120,7 +120,6 @@ def write_leaderboard(runs: Path) -> Path:
 
 def transfer_rows(runs: Path, experiment: str | None = None) -> list[dict]:
     """Transfer records (fitted on one data set, scored on another), best first per (fitted on, scored on)."""
-    from comp.pipeline.workspace import TransferRecord
 
     rows = [r for r in TransferRecord.all_under(runs) if experiment is None or r.get("experiment") == experiment]
     return sorted(rows, key=lambda r: (r.get("fit", ""), r.get("score", ""), -r.get("mean_ari", 0.0)))

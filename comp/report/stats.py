@@ -14,13 +14,16 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from comp.core.metric import image_scores
+from comp.core.metric import image_score, image_scores
 from comp.core.parallel import pmap
-from comp.data.contrast import evenly_spaced, histogram, landmarks
+from comp.data.contrast import ContrastParams, evenly_spaced, histogram, landmarks, resolve, survey
 from comp.data.dataset import Dataset
 from comp.data.images import N_PIXELS, image_names
 from comp.data.labels import WINDOWS_CSV, read_windows
+from comp.methods.baselines import OfficialWatershedParams, official_watershed
+from comp.methods.merge import majority
 from comp.regions.ops import relabel_uint8
+from comp.regions.superpixels import SuperpixelParams, superpixels
 
 # The challenge's published figures (data challenge page and the seed report); None where unpublished.
 CHALLENGE = {
@@ -75,16 +78,12 @@ def oracle_cc(lab: np.ndarray) -> np.ndarray:
 
 def _baseline(img: np.ndarray) -> np.ndarray:
     """The official watershed baseline with its own defaults (a pool job)."""
-    from comp.methods.baselines import OfficialWatershedParams, official_watershed
 
     return official_watershed(img, OfficialWatershedParams())
 
 
 def _ceiling(item: tuple, h: float) -> tuple[int, float]:
     """Superpixels of one stretched slice and the ARI of giving each its majority true structure (a pool job)."""
-    from comp.methods.merge import majority
-    from comp.core.metric import image_score
-    from comp.regions.superpixels import SuperpixelParams, superpixels
 
     image, truth = item
     sp = superpixels(image, SuperpixelParams(h=h))
@@ -94,7 +93,6 @@ def _ceiling(item: tuple, h: float) -> tuple[int, float]:
 def superpixel_ceilings(x: np.ndarray, y: np.ndarray, x_all: np.ndarray, hs: list[float], workers: int = 0) -> dict:
     """For each superpixel depth h: superpixels per slice and the ceiling of merging them (every superpixel given
     its majority structure), on the slices stretched to the `auto` soft-tissue window found on `x_all`."""
-    from comp.data.contrast import ContrastParams, resolve
 
     stretched = resolve(ContrastParams(window="auto"), x_all, "superpixels").stretch(x)
     out = {}
@@ -108,7 +106,6 @@ def window_spread(x: np.ndarray, truth: np.ndarray | None = None) -> dict:
     """The HU windows the slices' own landmarks imply: their spread, whether the data looks windowed per slice, how many
     slices lack landmarks, and (with each slice's true window, a stand-in's windows.csv) how many are recovered within
     5% and 2% of their width."""
-    from comp.data.contrast import survey
 
     sv = survey(x, max_images=len(x))
     ok = np.isfinite(sv.windows[:, 0])
