@@ -20,7 +20,7 @@ STORAGE ?=
 TARGET_ENS := $(if $(filter command line,$(origin EXP)),$(EXP),$(ENS))
 SUBMIT_ENS := $(wildcard runs/ensembles/$(TARGET_ENS).yaml)
 
-.PHONY: venv cv test submit ensemble tune dashboard report results leaderboard phantom proxy bench bench-gpu clean
+.PHONY: venv cv test test-fast submit ensemble tune dashboard report results leaderboard phantom proxy bench bench-gpu clean
 
 # TORCH_INDEX=<a PyTorch wheel index URL>: the pinned torch/torchvision built for another CUDA (the default wheels are
 # built for CUDA 13.0 and need NVIDIA driver 580+; on an older driver pick the index of a CUDA it supports).
@@ -51,6 +51,9 @@ endif
 
 test: venv  ## the whole test suite
 	$(PY) -m pytest -q --durations=25 tests
+
+test-fast: venv  ## the fast set (tests not marked slow): under a minute
+	$(PY) -m pytest -q -m "not slow" tests
 
 submit: venv  ## the tuned/selected file (EXP= on the command line, else ENS) if it exists, else fit EXP on every annotated slice; validated CSV
 ifneq ($(SUBMIT_ENS),)
