@@ -174,7 +174,7 @@ def _output_commands(sub, sh: Shared) -> None:
     lb = sub.add_parser("leaderboard", parents=[sh.runs], help="rewrite runs/leaderboard.md from every CV run and ensemble")
     lb.set_defaults(fn=cmd_leaderboard)
 
-    pt = sub.add_parser("pretrain", parents=[sh.data, sh.runs], help="self-supervised pretraining of an encoder (experiments/ssl_*.yaml)")
+    pt = sub.add_parser("pretrain", parents=[sh.data, sh.runs], help="self-supervised pretraining of an encoder (experiments/pretrain/ssl_*.yaml)")
     pt.add_argument("experiment")
     pt.set_defaults(fn=cmd_pretrain)
 

@@ -21,6 +21,7 @@ from comp.data.contrast import ContrastParams
 from comp.methods.registry import METHODS, get_method
 
 EXPERIMENTS = Path("experiments")
+PRETRAIN_EXPERIMENTS = EXPERIMENTS / "pretrain"  # the self-supervised pretraining configs (their own kind)
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -153,14 +154,15 @@ def from_dict(cls: type, data: Any, where: str, prefix: str = "") -> Any:
     return check_fields(cls(**kwargs), where, prefix)  # declared ranges (comp.core.fields), before any work
 
 
-def experiment_path(name_or_path: str) -> Path:
-    """Resolve 'NAME' or 'experiments/NAME.yaml' to an existing YAML file."""
+def experiment_path(name_or_path: str, folder: Path = EXPERIMENTS) -> Path:
+    """Resolve 'NAME' or a path to an existing YAML file (experiments/ holds segmentation experiments,
+    experiments/pretrain/ the pretraining ones)."""
     p = Path(name_or_path)
-    for cand in (p, EXPERIMENTS / f"{name_or_path}.yaml", EXPERIMENTS / name_or_path):
+    for cand in (p, folder / f"{name_or_path}.yaml", folder / name_or_path):
         if cand.is_file():
             return cand
-    known = ", ".join(sorted(q.stem for q in EXPERIMENTS.glob("*.yaml"))) or "none"
-    raise UserError(p, f"experiment not found (known in {EXPERIMENTS}/: {known})")
+    known = ", ".join(sorted(q.stem for q in folder.glob("*.yaml"))) or "none"
+    raise UserError(p, f"experiment not found (known in {folder}/: {known})")
 
 
 def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
@@ -187,10 +189,10 @@ def extra_override(dirs: list[str]) -> list[str]:
 def load_experiment(name_or_path: str, overrides: list[str] | None = None) -> Experiment:
     """Load and validate an experiment YAML by name or path, with optional --set overrides."""
     path = experiment_path(name_or_path)
-    return experiment_from_dict(_raw_experiment(path), path, overrides)
+    return experiment_from_dict(raw_config(path), path, overrides)
 
 
-def _raw_experiment(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+def raw_config(path: Path, folder: Path = EXPERIMENTS, seen: tuple[Path, ...] = ()) -> dict:
     """An experiment file's mapping; with `base: NAME`, that experiment's mapping with this file's keys laid over it
     (nested mappings merged key by key): a variant is the delta of its base. Its name is its own, never the base's."""
     try:
@@ -204,10 +206,10 @@ def _raw_experiment(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     base = raw.pop("base", None)
     if base is None:
         return raw
-    parent = experiment_path(str(base))
+    parent = experiment_path(str(base), folder)
     if parent.resolve() in seen or parent.resolve() == path.resolve():
         raise UserError(path, f"'base: {base}' leads back to itself")
-    under = _raw_experiment(parent, (*seen, path.resolve()))
+    under = raw_config(parent, folder, (*seen, path.resolve()))
     under.pop("name", None)
     under.pop("description", None)
     return _laid_over(under, raw)

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from comp.core.atomic import atomic_path, atomic_write_text, remove_stale_temps
@@ -33,13 +32,13 @@ from comp.data.contrast import Contrast, ContrastParams, resolve
 from comp.nets.models import InstanceNet, ModelConfig, build_model
 from comp.nets.targets import AugConfig, augment, resize_image
 from comp.nets.train import EpochBatches, EpochSlice, loader_workers, lr_factor, run_epoch, save_checkpoint
-from comp.pipeline.config import experiment_path, from_dict
+from comp.pipeline.config import PRETRAIN_EXPERIMENTS, experiment_path, from_dict, raw_config
 from comp.pipeline.workspace import RUNS, Workspace
 
 
 @dataclass
 class SSLConfig:
-    """A pretraining experiment (experiments/ssl_*.yaml)."""
+    """A pretraining experiment (experiments/pretrain/ssl_*.yaml)."""
 
     name: str = "ssl"
     description: str = ""
@@ -66,12 +65,8 @@ class SSLConfig:
 
 def load_ssl_config(name_or_path: str) -> SSLConfig:
     """Load and validate a pretraining YAML."""
-    path = experiment_path(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        raise UserError(path, "invalid YAML") from None
-    cfg = from_dict(SSLConfig, raw, str(path))
+    path = experiment_path(name_or_path, PRETRAIN_EXPERIMENTS)
+    cfg = from_dict(SSLConfig, raw_config(path, PRETRAIN_EXPERIMENTS), str(path))
     if cfg.method not in PRETEXTS:
         raise UserError(path, f"unknown pretext method '{cfg.method}' (known: {', '.join(sorted(PRETEXTS))})")
     if cfg.crop % 32 or cfg.patch <= 0 or cfg.crop % cfg.patch:

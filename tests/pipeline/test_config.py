@@ -17,16 +17,17 @@ from tests.conftest import ROOT, run_cli
 
 
 def test_every_shipped_experiment_loads() -> None:
-    names = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
-    assert {"baseline_watershed", "smooth_watershed"} <= set(names)
-    for name in names:
-        path = str(ROOT / "experiments" / f"{name}.yaml")
-        if name.startswith("ssl_"):
-            from comp.pipeline.pretrain import load_ssl_config
+    """Segmentation experiments in experiments/, pretraining ones in experiments/pretrain/: one folder per kind."""
+    from comp.pipeline.pretrain import load_ssl_config
 
-            assert load_ssl_config(path).name == name
-        else:
-            assert load_experiment(path).name == name
+    names = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
+    assert {"baseline_watershed", "smooth_watershed"} <= set(names) and not any(n.startswith("ssl_") for n in names)
+    for name in names:
+        assert load_experiment(str(ROOT / "experiments" / f"{name}.yaml")).name == name
+    pretraining = sorted((ROOT / "experiments" / "pretrain").glob("*.yaml"))
+    assert len(pretraining) == 8
+    for path in pretraining:
+        assert load_ssl_config(str(path)).name == path.stem
 
 
 def test_lookup_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -117,6 +118,10 @@ def test_every_shipped_student_and_variant_is_a_delta_of_its_base() -> None:
     for name, base in [("unet_effb0_cpu", "unet_cpu"), ("unet_resnet18_cpu", "unet_cpu"), ("unet_fg_cc_cpu", "unet_cpu"),
                        ("unet_effb0", "unet_resnet34"), ("unet_mnv3", "unet_resnet34"), ("unet_fg_cc", "unet_resnet34")]:  # fmt: skip
         assert raw[name]["base"] == base and "method" not in raw[name] and "cv" not in raw[name], name
+    ssl = {p.stem: yaml.safe_load(p.read_text()) for p in (ROOT / "experiments" / "pretrain").glob("*.yaml")}
+    roots = {n for n, r in ssl.items() if "base" not in r}
+    assert roots == {"ssl_mim_mnv3", "ssl_mim_resnet34"}, "each pretraining variant is a delta of the CPU or the GPU one"
+    assert all(set(r) <= {"name", "description", "base", "model", "method", "mask_ratio", "local_weight"} for n, r in ssl.items() if n not in roots)
 
 
 @pytest.mark.parametrize("name, override, message", [
