@@ -94,3 +94,24 @@ def fake_run(runs: Path, data_root: Path, name: str, fg_level: float = 0.9, boun
                "n_images": int(len(ann)), "folds": [{"fold": f} for f in range(folds)]}  # fmt: skip
     run.write_summary(summary)
     return run.path
+
+
+# A tiny network and a tiny unet experiment (a template: format epochs=), shared by the nets and methods tests.
+TINY_NET = dict(decoder_channels=[16, 8, 8, 8, 8], embedding_dim=4)
+
+
+TINY_EXP = """
+method: unet
+params:
+  model: {{encoder: tu-mobilenetv3_small_100, decoder_channels: [16, 8, 8, 8, 8], embedding_dim: 4}}
+  train: {{epochs: {epochs}, batch_size: 4, resolution: 64, lr: 0.003}}
+  post: {{min_size: 10}}
+  workers: 1
+cv: {{folds: 2}}
+"""
+
+
+def cv_process(exp: Path, data: Path, runs: Path, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "comp", "cv", str(exp), "--data", str(data), "--runs", str(runs)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
