@@ -13,7 +13,8 @@ import numpy as np
 from scipy.stats import spearmanr
 from sklearn.metrics import adjusted_rand_score
 
-from comp.data.contrast import HU_WINDOW, PER_SLICE_EXAMPLE, draw_windows
+from comp.data.calibration import HU_WINDOW
+from comp.data.contrast import PER_SLICE_EXAMPLE, draw_windows
 from comp.data.dataset import Dataset
 from comp.data.groups import FOV_LINK, infer_scans
 from comp.data.phantom import render_slice

@@ -13,7 +13,7 @@ from comp.cli.commands import (cmd_bench, cmd_cv, cmd_ensemble, cmd_groups, cmd_
 from comp.cli.options import Shared, Parser, above, at_least, joined_ranges, shared_options, window_per_slice_arg
 from comp.core.errors import UserError
 from comp.core.log import set_verbosity
-from comp.data.contrast import HU_WINDOW
+from comp.data.calibration import HU_WINDOW
 
 
 def parser() -> argparse.ArgumentParser:

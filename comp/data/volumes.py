@@ -17,7 +17,8 @@ from scipy import ndimage as ndi
 from comp.core.atomic import atomic_write_text, staged_folder
 from comp.core.errors import UserError
 from comp.core.fields import bounded
-from comp.data.contrast import HU_WINDOW, draw_windows, hu_to_grey, window_ranges_problem
+from comp.data.calibration import HU_WINDOW
+from comp.data.contrast import draw_windows, hu_to_grey, window_ranges_problem
 from comp.data.groups import contiguous_blocks
 from comp.data.images import SIZE, image_names, write_images
 from comp.data.labels import GROUPS_CSV, WINDOWS_CSV, write_groups_csv, write_label_csv, write_windows

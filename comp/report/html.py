@@ -16,7 +16,7 @@ from comp.core.figures import histogram_png, overlay_png, plot_curves, pyplot, s
 from comp.core.log import LOG
 from comp.core.metric import mean_counts, region_counts
 from comp.core.store import FoldDir
-from comp.data.contrast import evenly_spaced
+from comp.data.calibration import evenly_spaced
 from comp.methods.compose import segment
 from comp.methods.merge import fit_merging, load_merger
 from comp.nets.targets import blend

@@ -16,7 +16,8 @@ from scipy import ndimage as ndi
 
 from comp.core.metric import image_score, image_scores
 from comp.core.parallel import pmap
-from comp.data.contrast import ContrastParams, evenly_spaced, histogram, landmarks, resolve, survey
+from comp.data.calibration import evenly_spaced, histogram, landmarks, survey
+from comp.data.contrast import ContrastParams, resolve
 from comp.data.dataset import Dataset
 from comp.data.images import N_PIXELS, image_names
 from comp.data.labels import WINDOWS_CSV, read_windows

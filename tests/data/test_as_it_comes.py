@@ -7,8 +7,8 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from comp.core.errors import UserError
-from comp.data.contrast import (PER_SLICE_EXAMPLE, Contrast, ContrastParams, draw_windows, resolve,
-                                slice_calibration, survey)
+from comp.data.calibration import slice_calibration, survey
+from comp.data.contrast import PER_SLICE_EXAMPLE, Contrast, ContrastParams, draw_windows, resolve
 from comp.data.dataset import Dataset
 from comp.data.images import write_images, image_names
 from comp.data.labels import write_label_csv

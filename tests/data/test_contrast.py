@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from comp.core.errors import UserError
-from comp.data.contrast import Contrast, ContrastParams, histogram, hu_to_grey, landmarks, resolve
+from comp.data.calibration import histogram, landmarks
+from comp.data.contrast import Contrast, ContrastParams, hu_to_grey, resolve
 from comp.pipeline.workspace import RunDir
 from tests.conftest import run_cli
 
