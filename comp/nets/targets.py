@@ -14,6 +14,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 from comp.core.fields import bounded
+from comp.data.images import SIZE
 from comp.regions.ops import absorb_small, adjacent_pairs, merge_pairs, relabel_uint8, remove_small
 
 
@@ -145,7 +146,7 @@ def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     return lo, hi, (src - lo).astype(np.float32)
 
 
-def upsample_maps(maps: np.ndarray, size: int = 512) -> np.ndarray:
+def upsample_maps(maps: np.ndarray, size: int = SIZE) -> np.ndarray:
     """Bilinear resize of (C, r, r) maps to (C, size, size) float32.
 
     Plain numpy gathers (separable): as fast as torch's kernel here and, unlike any OpenMP code, safe in
@@ -166,12 +167,12 @@ def channels_used(p: PostParams, n: int) -> int:
     return n if p.merge_embedding > 0 else min(n, 3)
 
 
-def instances_from_maps(maps: np.ndarray, p: PostParams, size: int = 512) -> np.ndarray:
+def instances_from_maps(maps: np.ndarray, p: PostParams, size: int = SIZE) -> np.ndarray:
     """Turn (C, r, r) maps [fg prob, boundary prob, dist, embedding...] into a uint8 instance map."""
     m = upsample_maps(maps[:3], size)
-    area = (size / 512) ** 2  # pixel-count parameters are given at 512x512
+    area = (size / SIZE) ** 2  # pixel-count parameters are given at the challenge size, 512x512
     if p.smooth > 0:
-        sig = p.smooth * size / 512
+        sig = p.smooth * size / SIZE
         m = ndi.gaussian_filter(m, (0, sig, sig))
     fg, bnd, dist = m[0], m[1], m[2]
     mask = fg > p.fg_threshold
