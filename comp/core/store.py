@@ -1,4 +1,9 @@
-"""On-disk stores below a run: a fold's folder (checkpoints, history, merger) and quantised map arrays."""
+"""On-disk stores below a run: a fold's folder (checkpoints, history, merger) and quantised map arrays.
+
+Cached maps are stored as uint8 with a float32 offset and step per image and channel: a quarter of
+float32 and half of float16, within half a step (<= 0.2% of a channel's range in that image) of the
+values. Files written before that (plain float16) still load.
+"""
 
 from __future__ import annotations
 

@@ -11,9 +11,8 @@
     runs/<experiment>/submit-<config digest>-<labels fingerprint>/   the fit on every annotated slice
     runs/<experiment>/transfer-<config digest>-<fit labels>-to-<scored labels>.json   a transfer's scores
 
-Cached maps are stored as uint8 with a float32 offset and step per image and channel: a quarter of
-float32 and half of float16, within half a step (<= 0.2% of a channel's range in that image) of the
-values. Files written before that (plain float16) still load.
+Beside it, `Workspace` owns every other folder under runs/ (ensembles, tuning studies, pretraining, suites,
+reports, the leaderboard); a fold's own folder and the map files are core.store's.
 """
 
 from __future__ import annotations
