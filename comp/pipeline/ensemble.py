@@ -1,4 +1,4 @@
-"""OOF ensembles: members' cached maps, blending, scoring, greedy forward selection and the ensemble file.
+"""Ensembles: the ensemble file and its selection (greedy over finished runs' OOF maps, checked nested).
 
 An ensemble file (runs/ensembles/NAME.yaml) names its member CV runs with weights, the post-processing
 parameters and the region-merging setting; `comp tune` improves it, `comp submit --ensemble` uses it.

@@ -1,4 +1,5 @@
-"""Optuna search of post-processing (and ensemble weights) on cached OOF maps, then learned region merging.
+"""Tuning an ensemble: Optuna search of post-processing (and weights) on cached OOF maps, then learned region
+merging and the choice of region starts; a method's own parameters are tuned in tune_method.
 
 Studies live in an RDB storage (SQLite under runs/tune/ by default, PostgreSQL for several workers) and
 resume after a kill: the target is a number of *complete* trials, counted across every worker. The best
