@@ -20,7 +20,7 @@ class Parser(argparse.ArgumentParser):
         # SUPPRESS: a subcommand's parser leaves a count given before the command alone
         self.add_argument("-q", "--quiet", action="count", default=argparse.SUPPRESS,
                           help="results and warnings only, no progress bars (-qq: warnings only)")
-        self.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="details too (every trial, every threshold)")
+        self.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="details too (every threshold scanned)")
 
     def error(self, message: str):
         self.exit(2, f"error: {self.prog}: {message} (see --help)\n")

@@ -124,4 +124,4 @@ def _report_trial(study, trial) -> None:
     from optuna.trial import TrialState
 
     if trial.state == TrialState.COMPLETE:
-        LOG.debug(f"trial {trial.number}: OOF ARI {trial.value:.4f} (best {study.best_value:.4f})")
+        LOG.info(f"trial {trial.number}: OOF ARI {trial.value:.4f} (best {study.best_value:.4f})")

@@ -68,10 +68,10 @@ def test_bad_ssl_config(tmp_path: Path) -> None:
 def test_every_backbone_in_experiments_pretrains_with_both_methods(slices: np.ndarray, tmp_path: Path) -> None:
     from comp.pipeline.config import load_experiment
 
-    resolved = {p.stem: load_experiment(p.stem) for p in sorted(EXPERIMENTS.glob("*.yaml")) if not p.stem.startswith("ssl_")}
+    resolved = {p.stem: load_experiment(p.stem) for p in sorted(EXPERIMENTS.glob("*.yaml"))}
     unets = {k: {"params": {"model": {"encoder": e.params.model.encoder}}} for k, e in resolved.items() if e.method == "unet"}  # deltas resolved
     methods: dict[str, set[str]] = {}
-    for p in sorted(EXPERIMENTS.glob("ssl_*.yaml")):
+    for p in sorted((EXPERIMENTS / "pretrain").glob("ssl_*.yaml")):
         cfg = load_ssl_config(str(p))
         methods.setdefault(cfg.model.encoder, set()).add(cfg.method)
     encoders = {raw["params"]["model"]["encoder"] for raw in unets.values()}

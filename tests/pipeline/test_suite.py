@@ -37,11 +37,11 @@ def test_results_fill_the_readme_table(tiny_phantom: Path, tmp_path: Path) -> No
 
 @pytest.mark.slow
 def test_results_offer_only_the_listed_singles_regions(tiny_phantom: Path, tmp_path: Path, monkeypatch) -> None:
-    import comp.pipeline.tune
+    import comp.pipeline.suite
 
     seen: list[list[Path]] = []
-    real = comp.pipeline.tune.tune
-    monkeypatch.setattr(comp.pipeline.tune, "tune", lambda *a, **k: seen.append(k["region_runs"]) or real(*a, **k))
+    real = comp.pipeline.suite.tune
+    monkeypatch.setattr(comp.pipeline.suite, "tune", lambda *a, **k: seen.append(k["region_runs"]) or real(*a, **k))
     exp = tmp_path / "tinyreg.yaml"
     exp.write_text("name: tinyreg\n" + TINY_UNET)
     singles = [str(exp), "baseline_watershed_stretched", "baseline_watershed"]

@@ -101,13 +101,13 @@ def test_transfer_reads_no_label_of_the_scored_data_before_it_has_predicted_it(p
     method = fit_every_annotated(exp, Dataset(fit), runs=tmp_path)
     predict = method.predict
     method.predict = lambda x: (events.append("predict"), predict(x))[1]
-    import comp.pipeline.submit
+    import comp.pipeline.transfer
 
-    orig, comp.pipeline.submit.fit_every_annotated = comp.pipeline.submit.fit_every_annotated, lambda *a, **k: method
+    orig, comp.pipeline.transfer.fit_every_annotated = comp.pipeline.transfer.fit_every_annotated, lambda *a, **k: method
     try:
         r = transfer(exp, Dataset(fit), [Guarded(same)], runs=tmp_path)[0]
     finally:
-        comp.pipeline.submit.fit_every_annotated = orig
+        comp.pipeline.transfer.fit_every_annotated = orig
     assert events[0] == "predict" and "labels" in events, events
     assert r.n_images == len(real.annotated)
 
