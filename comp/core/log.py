@@ -28,6 +28,14 @@ class _Console(logging.Handler):
             self.handleError(record)
 
 
+def progress(iterable, hide: bool = False, **kwargs):
+    """A tqdm bar over iterable; `hide` where the caller finds it not worth showing, and always hidden under -q
+    (TQDM_DISABLE only sets tqdm's default, which an explicit `disable` overrides)."""
+    from tqdm import tqdm  # here, as the callers had it: importing comp.core.log stays free of tqdm
+
+    return tqdm(iterable, disable=hide or LOG.getEffectiveLevel() > logging.INFO, **kwargs)
+
+
 def result(msg: str) -> None:
     """A result line (kept by -q)."""
     LOG.log(RESULT, msg)

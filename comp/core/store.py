@@ -15,6 +15,7 @@ import numpy as np
 
 from comp.core.atomic import atomic_path, atomic_save_npy
 from comp.core.errors import UserError
+from comp.core.log import progress
 
 
 class MapArray:
@@ -82,11 +83,9 @@ def save_maps(path: Path, maps: np.ndarray) -> None:
 
 def write_maps(path: Path, n: int, predict: Callable[[slice], np.ndarray], chunk: int = 64) -> None:
     """Predict n slices a chunk at a time straight into a quantised maps file: memory independent of n."""
-    from tqdm import tqdm
-
     scale, codes = None, None
     with atomic_path(path, suffix=".npy") as tmp:
-        for c0 in tqdm(range(0, n, chunk), desc=f"maps -> {path.name}", leave=False, disable=n <= chunk):
+        for c0 in progress(range(0, n, chunk), n <= chunk, desc=f"maps -> {path.name}", leave=False):
             sl = slice(c0, min(n, c0 + chunk))
             q, s = quantise(predict(sl))
             if codes is None:

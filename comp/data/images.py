@@ -15,6 +15,7 @@ from PIL import Image
 
 from comp.core.atomic import atomic_path, atomic_save_npy
 from comp.core.errors import UserError
+from comp.core.log import progress
 
 
 SIZE = 512
@@ -73,12 +74,10 @@ def _decode_png(data: bytes, where: str) -> np.ndarray:
 
 def read_images_uncached(src: Path) -> np.ndarray:
     """Read every '<n>.png' of a folder or zip into a (N, 512, 512) uint8 array."""
-    from tqdm import tqdm
-
     if src.is_dir():
         entries = _numbered([p.name for p in src.iterdir()], src)
         out = np.empty((len(entries), SIZE, SIZE), np.uint8)
-        for i, (_, name) in enumerate(tqdm(entries, desc=f"read {src.name}", leave=False, disable=len(entries) < 200)):
+        for i, (_, name) in enumerate(progress(entries, len(entries) < 200, desc=f"read {src.name}", leave=False)):
             out[i] = _decode_png((src / name).read_bytes(), str(src / name))
         return out
     try:
@@ -88,7 +87,7 @@ def read_images_uncached(src: Path) -> np.ndarray:
     with zf:
         entries = _numbered([n for n in zf.namelist() if not n.endswith("/") and "__MACOSX" not in n], src)
         out = np.empty((len(entries), SIZE, SIZE), np.uint8)
-        for i, (_, name) in enumerate(tqdm(entries, desc=f"read {src.name}", leave=False, disable=len(entries) < 200)):
+        for i, (_, name) in enumerate(progress(entries, len(entries) < 200, desc=f"read {src.name}", leave=False)):
             out[i] = _decode_png(zf.read(name), f"{src}:{name}")
         return out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from comp.core.log import progress
 from comp.core.runtime import Amp, device
 from comp.nets.models import DIST, EMB0, InstanceNet
 from comp.nets.targets import resize_image
@@ -20,13 +21,11 @@ def _activate(out: torch.Tensor) -> torch.Tensor:
 def predict_maps(model: InstanceNet, x: np.ndarray, res: int, batch_size: int = 16, tta: bool = False,
                  affine: tuple[float, float] = (1.0, 0.0), amp: bool = True) -> np.ndarray:  # fmt: skip
     """(N, 512, 512) uint8 slices -> (N, C, res, res) float16 maps; `tta` averages flips; `affine` as in training."""
-    from tqdm import tqdm
-
     dev = device()
     mixed = Amp(dev, amp)  # the training's setting: bf16 where native, else fp16; nothing on the CPU
     model.to(dev).eval()
     out = None
-    for i in tqdm(range(0, len(x), batch_size), desc="predict", leave=False, disable=len(x) <= batch_size):
+    for i in progress(range(0, len(x), batch_size), len(x) <= batch_size, desc="predict", leave=False):
         chunk = np.stack([affine[0] * resize_image(s, res) + affine[1] for s in x[i : i + batch_size]]).astype(np.float32)
         chunk = torch.from_numpy(chunk)[:, None].to(dev)
         flips = [(), (3,), (2,)] if tta else [()]

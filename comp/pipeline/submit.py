@@ -8,7 +8,7 @@ import numpy as np
 
 from comp.core.atomic import atomic_path
 from comp.core.errors import UserError
-from comp.core.log import LOG
+from comp.core.log import LOG, progress
 from comp.core.metric import image_scores
 from comp.core.parallel import pmap
 from comp.core.store import load_maps
@@ -200,16 +200,13 @@ def predict_ensemble(spec, members: list[MemberMaps], x: np.ndarray, given: np.n
     """Instance maps of slices `x`: the members' maps blended, post-processed (or superpixels, or the `given`
     regions), merged as the ensemble file says; a chunk of slices at a time. `contrast`: how the slices are read
     (default: as the first member's data set's)."""
-    from tqdm import tqdm
-
-
     merger = load_merger(merger_path(spec.name, runs)) if spec.merge.enabled else None
     weights = [m.weight for m in spec.members]
     n = len(x)
     pred = np.empty((n, SIZE, SIZE), np.uint8)
     contrast = contrast or RunDir.contrast_of(RunDir(Path(spec.members[0].run)).config())  # as the members (and the tuning) read them
     # A chunk of slices at a time: peak memory does not grow with the number of slices.
-    for c0 in tqdm(range(0, n, chunk), desc="ensemble chunks", disable=n <= chunk):
+    for c0 in progress(range(0, n, chunk), n <= chunk, desc="ensemble chunks"):
         sl = slice(c0, min(n, c0 + chunk))
         maps = [mm.chunk(sl) for mm in members]
         images = contrast.canonical(x[sl])

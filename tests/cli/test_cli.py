@@ -20,7 +20,7 @@ def test_the_comp_command_is_installed_and_is_the_same_cli() -> None:
 def test_quiet_and_verbose_set_what_the_stages_say(capsys, monkeypatch) -> None:
     """-q / -v are taken before or after the command; -q keeps results and warnings, -qq warnings, -v adds details."""
     from comp.cli import parser
-    from comp.core.log import LOG, result, set_verbosity
+    from comp.core.log import LOG, progress, result, set_verbosity
 
     p = parser()
     assert p.parse_args(["-q", "leaderboard"]).quiet == 1 and p.parse_args(["leaderboard", "-qq"]).quiet == 2
@@ -38,10 +38,15 @@ def test_quiet_and_verbose_set_what_the_stages_say(capsys, monkeypatch) -> None:
         return out.out, out.err
 
     try:
+        shown, hidden = progress(range(2)), progress(range(2), hide=True)
+        assert not shown.disable and hidden.disable
+        shown.close(), capsys.readouterr()
         assert said(0, 0) == ("progress\ntable\n", "careful\n")
         assert said(0, 1) == ("detail\nprogress\ntable\n", "careful\n")
         assert said(1, 0) == ("table\n", "careful\n")
         assert os.environ.get("TQDM_DISABLE") == "1", "-q hides the progress bars too"
+        set_verbosity(1, 0)
+        assert progress(range(2)).disable, "even a bar whose caller decides when it shows"
         assert said(2, 0) == ("", "careful\n")
     finally:
         set_verbosity(0, 0)
