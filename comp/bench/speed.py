@@ -14,8 +14,7 @@ from scipy import ndimage as ndi
 from comp.core.store import quantise
 from comp.data.phantom import render_slice
 from comp.nets.models import EMB0
-from comp.nets.targets import make_targets, resize_labels
-from comp.nets.targets import instances_from_maps
+from comp.nets.targets import instances_from_maps, make_targets, resize_labels
 from comp.nets.train import SliceSet
 
 N_ANNOTATED, N_TEST = 400, 500  # the challenge: what `make cv` projections are for

@@ -27,7 +27,7 @@ from comp.methods.compose import segment
 from comp.nets.infer import predict_maps
 from comp.nets.models import build_model
 from comp.nets.targets import PostParams, instances_from_maps
-from comp.nets.train import SliceSet, _optimizer, make_loader, step_loss
+from comp.nets.train import SliceSet, make_loader, make_optimizer, step_loss
 from comp.pipeline.config import EXPERIMENTS, load_experiment
 from comp.pipeline.ensemble import EnsembleSpec, MemberRef, save_ensemble
 from comp.pipeline.oof import OOF, RunMaps
@@ -150,7 +150,7 @@ def _train_rate(model, cfg, xs: np.ndarray, ys: np.ndarray, steps: int, dev) -> 
     loader, _ = make_loader(data, replace(cfg, num_workers=0), torch.Generator().manual_seed(0), dev.type == "cuda")
     staged = [{k: v if k == "noise_seed" else v.to(dev) for k, v in b.items()} for b, _ in zip(loader, range(4))]
     loss_of = step_loss(model, cfg, amp, dev)
-    opt = _optimizer(model, cfg)
+    opt = make_optimizer(model, cfg)
     model.train()
     done, t0 = 0, 0.0
     for i in range(steps + 2):

@@ -10,7 +10,7 @@ import sys
 from comp.cli.commands import (cmd_bench, cmd_cv, cmd_ensemble, cmd_groups, cmd_import, cmd_leaderboard, cmd_phantom,
                                cmd_pretrain, cmd_proxy, cmd_report, cmd_results, cmd_score, cmd_stats, cmd_submit,
                                cmd_transfer, cmd_tune, cmd_validate)
-from comp.cli.options import Shared, Parser, above, at_least, joined_ranges, shared_options, window_per_slice_arg
+from comp.cli.options import Parser, Shared, above, at_least, joined_ranges, shared_options, window_per_slice_arg
 from comp.core.errors import UserError
 from comp.core.log import set_verbosity
 from comp.data.calibration import HU_WINDOW

@@ -238,7 +238,7 @@ class Anatomy:
             self.add(Blob(0, b * 0.45, a * r.uniform(0.2, 0.3), b * r.uniform(0.2, 0.3), 0, self.wob()), FLUID)
 
 
-def _random_frame(rng: np.random.Generator) -> Frame:
+def random_frame(rng: np.random.Generator) -> Frame:
     """A random slice orientation: any rotation, a flip half the time, a small shift."""
     th = rng.choice([0.0, 0.0, math.pi / 2, math.pi, -math.pi / 2]) + rng.normal(0, 0.15)
     c, s = math.cos(th), math.sin(th)

@@ -25,7 +25,7 @@ import numpy as np
 
 from comp.core.errors import UserError
 from comp.core.log import LOG
-from comp.data.calibration import (CANONICAL, Calibration, HU_WINDOW, Survey, histogram, landmarks,
+from comp.data.calibration import (CANONICAL, HU_WINDOW, Calibration, Survey, histogram, landmarks,
                                    slice_calibration, survey)
 
 

@@ -11,8 +11,8 @@ import numpy as np
 
 from comp.core.atomic import atomic_write_text
 from comp.core.errors import UserError
-from comp.data.images import (cache_dir, cached_array, folder_fingerprint, read_images_uncached, source_of,
-                              default_row_labels, image_names, pixels_digest)
+from comp.data.images import (cache_dir, cached_array, default_row_labels, folder_fingerprint, image_names,
+                              pixels_digest, read_images_uncached, source_of)
 from comp.data.labels import GROUPS_CSV, per_image_table, read_label_csv
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from comp.core.atomic import atomic_path, atomic_write_text
 from comp.core.errors import UserError
-from comp.data.images import PNG_NAME, N_PIXELS, SIZE, default_row_labels, image_names
+from comp.data.images import N_PIXELS, PNG_NAME, SIZE, default_row_labels, image_names
 
 
 WINDOWS_CSV = "windows.csv"  # a stand-in rendered with a window per slice: each training slice's HU window (image,lo,hi)

@@ -20,7 +20,7 @@ from scipy import ndimage as ndi
 from comp.core.atomic import atomic_write_text
 from comp.core.errors import UserError
 from comp.core.parallel import n_workers
-from comp.data.anatomy import AIR, Anatomy, Blob, FAT, HU_PER_TEXTURE, _random_frame
+from comp.data.anatomy import AIR, FAT, HU_PER_TEXTURE, Anatomy, Blob, random_frame
 from comp.data.calibration import HU_WINDOW
 from comp.data.contrast import draw_windows, hu_to_grey, window_ranges_problem
 from comp.data.images import SIZE, image_names, write_images
@@ -34,7 +34,7 @@ def render_slice(seed: int, novel: bool = False, window: tuple[float, float] = H
     """Render one (image, instance map) pair, deterministic in `seed`, through the HU `window`; `coarse` > 1 renders
     the image as if scanned with voxels that many pixels wide and stretched back to 512x512 (as the proxy's 3 mm)."""
     rng = np.random.default_rng(seed)
-    frame = _random_frame(rng)
+    frame = random_frame(rng)
     parts = Anatomy(rng, float(rng.uniform(0, 1)), novel).build()
     texture = ndi.gaussian_filter(rng.normal(0, 1, (SIZE, SIZE)).astype(np.float32), 1.5) * 3.5
     img = np.full((SIZE, SIZE), AIR, np.float32)

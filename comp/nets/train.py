@@ -188,7 +188,7 @@ def lr_factor(step: int, total: int, warm: int, schedule: str = "cosine") -> flo
     return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The configured optimiser."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
@@ -341,7 +341,7 @@ def train_fold(
                     cfg.augment_on == "device")  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     loss_of = step_loss(model, cfg, amp, dev)
-    opt = _optimizer(model, cfg)
+    opt = make_optimizer(model, cfg)
     last, best_path = FoldDir(workdir).last, FoldDir(workdir).best
     for ck_path in (last, best_path):  # the fold is claimed: temps beside its checkpoints are a killed run's leftovers
         remove_stale_temps(ck_path)

@@ -181,8 +181,9 @@ def tune_target(name: str, exp: str | None, runs: Path, data: Dataset, workers: 
     one-member ensemble of the experiment's newest run (for `default`: --exp, the Makefile's EXP)."""
     if is_ensemble(name, runs) or name.endswith(".yaml"):
         return load_ensemble(name, runs), False
-    if name == "default" and finished_runs(runs, data):  # nothing selected yet: select over every finished map run first
-        return build_ensemble(name, latest_per_config(finished_runs(runs, data)), data, runs, workers=workers, command=command)[0], False
+    done = finished_runs(runs, data) if name == "default" else []
+    if done:  # nothing selected yet: select over every finished map run first
+        return build_ensemble(name, latest_per_config(done), data, runs, workers=workers, command=command)[0], False
     exp = exp if name == "default" else name
     if not exp:
         raise UserError(runs, f"no finished CV run with cached maps on data '{data.name}': run `comp cv` first, or name an experiment")

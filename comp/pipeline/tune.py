@@ -23,9 +23,9 @@ from comp.nets.targets import PostParams
 from comp.pipeline.ensemble import EnsembleSpec, merger_path, save_ensemble
 from comp.pipeline.oof import OOF
 from comp.pipeline.select import gain_and_se, nested_scores
-from comp.pipeline.study import run_study, hold_trial, inner_study, open_study, storage_url, suggest_space
+from comp.pipeline.study import hold_trial, inner_study, open_study, run_study, storage_url, suggest_space
 from comp.pipeline.workspace import RunDir
-from comp.regions.superpixels import SuperpixelParams, Regions
+from comp.regions.superpixels import Regions, SuperpixelParams
 
 
 # name: (low, high, log). Integer fields of PostParams get integer suggestions.

@@ -10,7 +10,7 @@ from comp.core.errors import UserError
 from comp.data.calibration import slice_calibration, survey
 from comp.data.contrast import PER_SLICE_EXAMPLE, Contrast, ContrastParams, draw_windows, resolve
 from comp.data.dataset import Dataset
-from comp.data.images import write_images, image_names
+from comp.data.images import image_names, write_images
 from comp.data.labels import write_label_csv
 from comp.data.phantom import render_slice
 from tests.conftest import run_cli

@@ -11,7 +11,7 @@ import pytest
 
 from comp.core.errors import UserError
 from comp.data.dataset import Dataset
-from comp.data.volumes import ImportConfig, import_volumes, load_volume, split_components, axial_slices
+from comp.data.volumes import ImportConfig, axial_slices, import_volumes, load_volume, split_components
 from tests.conftest import run_cli
 
 SHAPE = (40, 30, 6)  # x (towards the patient's right in RAS), y (anterior), z (superior)

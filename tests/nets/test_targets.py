@@ -10,8 +10,7 @@ import torch
 from scipy import ndimage as ndi
 
 from comp.nets.models import ModelConfig, build_model
-from comp.nets.targets import AugConfig, augment, make_targets
-from comp.nets.targets import PostParams, instances_from_maps
+from comp.nets.targets import AugConfig, PostParams, augment, instances_from_maps, make_targets
 from tests.conftest import TINY_NET
 
 
