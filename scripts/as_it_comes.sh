@@ -6,7 +6,10 @@
 # native <-> coarse phantoms, the proxy onto both and the phantom onto the proxy. `extra`: CV of the fitted methods with
 # the other stand-in's annotated slices in every training part (`cv --extra`), against the same CV without.
 # `features`: the hybrid with and without its merger's position features, with average linkage, and with relative border features (FEATURE_METHODS), CV and transfer both ways.
-# Usage: scripts/as_it_comes.sh [per-slice|leak|diagnose|resolution|extra|features|all] (default all); METHODS="..." to narrow. Data:
+# `noise`: the fitted methods re-fitted with other seeds (`cv.fit_seed`, the folds unchanged) on the proxy rendered both
+# ways: how far a CV figure moves with the fit's own noise, against the per-slice change it is compared with. A
+# student's teacher is re-fitted with the same seed (its run is the unet_cpu row's).
+# Usage: scripts/as_it_comes.sh [per-slice|leak|diagnose|resolution|extra|features|noise|all] (default all); METHODS="..." to narrow. Data:
 # `make proxy`, then
 #   python -m comp data proxy --out data/proxy_ps   --window-per-slice -3100:-1000 1000:3100
 #   python -m comp data phantom --out data/phantom_ps --n-train 1000 --n-labelled 200 --n-test 100 --window-per-slice -3100:-1000 1000:3100
@@ -22,12 +25,14 @@ METHODS=${METHODS:-baseline_watershed_stretched smooth_watershed hybrid unet_cpu
 OUT=runs/as_it_comes.tsv
 mkdir -p runs
 [ -f $OUT ] || printf 'table\texperiment\tdata\tgroups\tmean_ari\timage_std\tminutes\trun\n' > $OUT
-row() {  # table data groups experiment [one more --set]
-  local table=$1 data=$2 groups=$3 exp=$4 extra=${5:-} name
+row() {  # table data groups experiment [more --set values]
+  local table=$1 data=$2 groups=$3 exp=$4 name s sets=()
+  shift 4
+  for s in "$@"; do sets+=(--set "$s"); done
   name=$(basename "$data")
   grep -qP "^$table\t$exp\t$name\t$groups\t" $OUT && return 0
   local t0=$(date +%s)
-  $PY -m comp cv "$exp" --data "$data" --folds "$FOLDS" --set "cv.groups=$groups" ${extra:+--set "$extra"} > /tmp/as_it_comes.log
+  $PY -m comp cv "$exp" --data "$data" --folds "$FOLDS" --set "cv.groups=$groups" "${sets[@]}" > /tmp/as_it_comes.log
   local run=$(grep -oP '^\S+ on \S+ \(\K[^)]+' /tmp/as_it_comes.log | tail -1)
   $PY -c "import json, sys; s = json.load(open(sys.argv[1] + '/cv.json')); print(f\"$table\t$exp\t$name\t$groups\t{s['mean_ari']:.4f}\t{s['std_ari']:.4f}\t$(( ($(date +%s) - t0) / 60 ))\t{sys.argv[1]}\")" "$run" >> $OUT
   tail -1 $OUT
@@ -74,4 +79,10 @@ case "$WHAT" in features|all) for exp in ${FEATURE_METHODS:-hybrid_nopos hybrid_
   transfer_row "$exp" data/proxy data/phantom
   transfer_row "$exp" data/phantom data/proxy
 done;; esac
+case "$WHAT" in noise|all) for fs in ${FIT_SEEDS:-0 1 2}; do for exp in ${NOISE_METHODS:-unet_cpu hybrid unet_cpu_pseudo}; do
+  for data in data/proxy data/proxy_ps; do
+    case "$exp" in *_pseudo) row "noise-s$fs" "$data" auto "$exp" "cv.fit_seed=$fs" "pseudo.teacher_set=[\"cv.fit_seed=$fs\"]";;
+                   *) row "noise-s$fs" "$data" auto "$exp" "cv.fit_seed=$fs";; esac
+  done
+done; done;; esac
 column -t -s $'\t' $OUT

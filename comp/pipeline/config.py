@@ -40,6 +40,11 @@ class CVConfig:
     seed: int = bounded(0, lo=0)
     groups: str = "auto"  # auto (groups.csv if the data has one, else scans inferred from the images) | file | inferred | none (random folds)
     extra: list[str] = field(default_factory=list)  # data folders whose annotated slices join every training part, never scored
+    fit_seed: int = bounded(0, lo=0)  # moves every fold's fitting seed (initialisation, sampling, mergers), not the folds
+
+    def fold_seed(self, fold: int) -> int:
+        """The seed fold `fold` is fitted with: re-running with another `fit_seed` measures the fit's own noise."""
+        return self.seed + fold + 1000 * self.fit_seed
 
     def violations(self) -> dict[str, str]:
         """The choices no range states."""
@@ -89,7 +94,7 @@ class Experiment:
             "method": self.method,
             "description": self.description,
             "params": dataclasses.asdict(self.params),
-            "cv": {k: v for k, v in dataclasses.asdict(self.cv).items() if k != "extra" or v},  # no extra: digests as before
+            "cv": {k: v for k, v in dataclasses.asdict(self.cv).items() if k not in ("extra", "fit_seed") or v},  # unset: digests as before
             "contrast": dataclasses.asdict(self.contrast),
         }
         if self.pseudo.enabled:  # only then: configs without pseudo-labels keep their digests (and finished runs)

@@ -160,7 +160,7 @@ def run_cv(exp: Experiment, data: Dataset, folds: int | None = None, runs: Path 
             tr, va = ann[fold_of != f], ann[fold_of == f]
             left = sum(not run.fold_done(g) for g in todo[n + 1 :])
             pseudo = None if teacher is None else pseudo_labels(teacher, f, data.x_train, data.unlabelled, exp.pseudo)
-            _fit_fold(spec.build(exp.params), FitContext(run.fold_dir(f), f, exp.cv.seed + f, contrast, left),
+            _fit_fold(spec.build(exp.params), FitContext(run.fold_dir(f), f, exp.cv.fold_seed(f), contrast, left),
                       FoldData(data.x_train[tr], data.y_train[tr], tr, None if groups is None else groups[tr], pseudo).with_extra(extra),
                       data.x_train[va], data.y_train[va], va, x_test, run)  # fmt: skip
     missing = [f for f in range(k) if not run.fold_done(f)]
@@ -189,7 +189,8 @@ def _open_run(run: RunDir, exp: Experiment, data: Dataset, k: int, fold_of: np.n
             raise UserError(run.path, "its folds (folds.csv) are not the ones the data's groups give now (groups.csv changed, "
                             "or inferred groups moved with the slices): restore them, or delete this run folder to start again")  # fmt: skip
         return run
-    cv = {"folds": k, "seed": exp.cv.seed, "groups": exp.cv.groups, **({"extra": exp.cv.extra} if extra else {})}
+    cv = {"folds": k, "seed": exp.cv.seed, "groups": exp.cv.groups, **({"extra": exp.cv.extra} if extra else {}),
+          **({"fit_seed": exp.cv.fit_seed} if exp.cv.fit_seed else {})}
     fp = {**data.fingerprint(), **({"extra": extra.sources} if extra else {})}
     run.write_config({**exp.to_dict(), "cv": cv, "data": fp, "contrast_resolved": contrast.to_dict()})
     run.write_folds(image_names(len(data.x_train)), ann, fold_of)

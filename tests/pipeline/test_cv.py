@@ -158,3 +158,23 @@ def test_an_empty_claim_does_not_block_its_fold(tmp_path, tiny_phantom):
     with claim(path) as holder:
         assert holder is None and path.read_text().count("@") == 1
     assert not path.exists() and not list(path.parent.iterdir())  # no temp left beside it
+
+
+def test_fit_seed_moves_the_fitting_seeds_not_the_folds(tiny_phantom: Path, tmp_path: Path, monkeypatch) -> None:
+    import comp.pipeline.cv as cv
+
+    seeds: dict[int, list[int]] = {}
+    folds = {}
+    for fs in (0, 1):
+        monkeypatch.setattr(cv, "_fit_fold", lambda method, ctx, *a, fs=fs, **k: seeds.setdefault(fs, []).append(ctx.seed))
+        exp = _exp("official", "official_watershed", OfficialWatershedParams(workers=1))
+        exp.cv.fit_seed = fs
+        assert run_cv(exp, Dataset(tiny_phantom), runs=tmp_path) is None  # no fold was fitted: nothing to summarise
+        (run,) = [p for p in (tmp_path / "official").iterdir() if exp.digest() in p.name]
+        folds[fs] = pd.read_csv(run / "folds.csv")
+    assert seeds[0] == [0, 1] and len(set(seeds[0]) | set(seeds[1])) == 4
+    assert folds[0].equals(folds[1])
+    base = _exp("x", "official_watershed", OfficialWatershedParams())
+    moved = _exp("x", "official_watershed", OfficialWatershedParams())
+    moved.cv.fit_seed = 2
+    assert "fit_seed" not in base.to_dict()["cv"] and base.digest() != moved.digest()
