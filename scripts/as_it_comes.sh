@@ -23,6 +23,7 @@ FOLDS=${FOLDS:-3}
 WHAT=${1:-all}
 METHODS=${METHODS:-baseline_watershed_stretched smooth_watershed hybrid unet_cpu}
 OUT=runs/as_it_comes.tsv
+LOG=${LOG:-/tmp/as_it_comes.log}  # each run's output (the run folder is read from it): one per concurrent invocation
 mkdir -p runs
 [ -f $OUT ] || printf 'table\texperiment\tdata\tgroups\tmean_ari\timage_std\tminutes\trun\n' > $OUT
 row() {  # table data groups experiment [more --set values]
@@ -32,8 +33,8 @@ row() {  # table data groups experiment [more --set values]
   name=$(basename "$data")
   grep -qP "^$table\t$exp\t$name\t$groups\t" $OUT && return 0
   local t0=$(date +%s)
-  $PY -m comp cv "$exp" --data "$data" --folds "$FOLDS" --set "cv.groups=$groups" "${sets[@]}" > /tmp/as_it_comes.log
-  local run=$(grep -oP '^\S+ on \S+ \(\K[^)]+' /tmp/as_it_comes.log | tail -1)
+  $PY -m comp cv "$exp" --data "$data" --folds "$FOLDS" --set "cv.groups=$groups" "${sets[@]}" > $LOG
+  local run=$(grep -oP '^\S+ on \S+ \(\K[^)]+' $LOG | tail -1)
   $PY -c "import json, sys; s = json.load(open(sys.argv[1] + '/cv.json')); print(f\"$table\t$exp\t$name\t$groups\t{s['mean_ari']:.4f}\t{s['std_ari']:.4f}\t$(( ($(date +%s) - t0) / 60 ))\t{sys.argv[1]}\")" "$run" >> $OUT
   tail -1 $OUT
 }
@@ -55,8 +56,8 @@ transfer_row() {  # experiment fit-dir score-dir...
   shift 2
   for d in "$@"; do grep -qP "^$exp\t$(basename "$fit")\t$(basename "$d")\t" $TR || todo+=("$d"); done
   [ ${#todo[@]} -eq 0 ] && return 0
-  $PY -m comp transfer "$exp" --fit "$fit" --score "${todo[@]}" > /tmp/as_it_comes.log
-  grep -P '^\| `' /tmp/as_it_comes.log | sed -e 's/^| //' -e 's/ |$//' -e 's/`//g' -e 's/ | /\t/g' | tee -a $TR
+  $PY -m comp transfer "$exp" --fit "$fit" --score "${todo[@]}" > $LOG
+  grep -P '^\| `' $LOG | sed -e 's/^| //' -e 's/ |$//' -e 's/`//g' -e 's/ | /\t/g' | tee -a $TR
 }
 case "$WHAT" in resolution|all) for exp in $METHODS; do
   transfer_row "$exp" data/phantom data/phantom_s1 data/phantom_s1_coarse data/proxy
@@ -79,10 +80,25 @@ case "$WHAT" in features|all) for exp in ${FEATURE_METHODS:-hybrid_nopos hybrid_
   transfer_row "$exp" data/proxy data/phantom
   transfer_row "$exp" data/phantom data/proxy
 done;; esac
+# The results suite's ensemble on the same seed's runs: the student's maps (greedy selection kept it alone on all
+# four data sets) tuned with superpixels and the hybrid's regions offered, 12 trials; its row is the nested estimate.
+ensemble_row() {  # table data
+  local table=$1 data=$2 name run_of
+  name=$(basename "$data")
+  grep -qP "^$table\tensemble\t$name\t" $OUT && return 0
+  run_of() { grep -P "^$table\t$1\t$name\t" $OUT | cut -f8; }
+  local t0=$(date +%s) ens="$table-$name"
+  $PY -m comp ensemble "$(run_of unet_cpu_pseudo)" --data "$data" --name "$ens" --max-steps 1 --force > $LOG
+  $PY -m comp tune "$ens" --data "$data" --trials 12 --regions-from "$(run_of hybrid)" >> $LOG
+  $PY -c "import yaml, sys; e = yaml.safe_load(open(sys.argv[1])); print(f\"$table\tensemble\t$name\tauto\t{e['nested_ari']:.4f}\t{e['oof_std']:.4f}\t$(( ($(date +%s) - t0) / 60 ))\t{sys.argv[1]}\")" "runs/ensembles/$ens.yaml" >> $OUT
+  tail -1 $OUT
+}
 case "$WHAT" in noise|all) for fs in ${FIT_SEEDS:-0 1 2}; do for exp in ${NOISE_METHODS:-unet_cpu hybrid unet_cpu_pseudo}; do
   for data in data/proxy data/proxy_ps; do
     case "$exp" in *_pseudo) row "noise-s$fs" "$data" auto "$exp" "cv.fit_seed=$fs" "pseudo.teacher_set=[\"cv.fit_seed=$fs\"]";;
                    *) row "noise-s$fs" "$data" auto "$exp" "cv.fit_seed=$fs";; esac
   done
-done; done;; esac
+done; done
+for fs in ${FIT_SEEDS:-0 1 2}; do for data in data/proxy data/proxy_ps; do ensemble_row "noise-s$fs" "$data"; done; done
+$PY scripts/noise_table.py $OUT;; esac
 column -t -s $'\t' $OUT
