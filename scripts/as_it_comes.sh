@@ -82,14 +82,16 @@ case "$WHAT" in features|all) for exp in ${FEATURE_METHODS:-hybrid_nopos hybrid_
 done;; esac
 # The results suite's ensemble on the same seed's runs: the student's maps (greedy selection kept it alone on all
 # four data sets) tuned with superpixels and the hybrid's regions offered, 12 trials; its row is the nested estimate.
+run_of() {  # table experiment data-name: the run folder of that row of $OUT
+  grep -P "^$1\t$2\t$3\t" $OUT | cut -f8
+}
 ensemble_row() {  # table data
-  local table=$1 data=$2 name run_of
+  local table=$1 data=$2 name
   name=$(basename "$data")
   grep -qP "^$table\tensemble\t$name\t" $OUT && return 0
-  run_of() { grep -P "^$table\t$1\t$name\t" $OUT | cut -f8; }
   local t0=$(date +%s) ens="$table-$name"
-  $PY -m comp ensemble "$(run_of unet_cpu_pseudo)" --data "$data" --name "$ens" --max-steps 1 --force > $LOG
-  $PY -m comp tune "$ens" --data "$data" --trials 12 --regions-from "$(run_of hybrid)" >> $LOG
+  $PY -m comp ensemble "$(run_of "$table" unet_cpu_pseudo "$name")" --data "$data" --name "$ens" --max-steps 1 --force > $LOG
+  $PY -m comp tune "$ens" --data "$data" --trials 12 --regions-from "$(run_of "$table" hybrid "$name")" >> $LOG
   $PY -c "import yaml, sys; e = yaml.safe_load(open(sys.argv[1])); print(f\"$table\tensemble\t$name\tauto\t{e['nested_ari']:.4f}\t{e['oof_std']:.4f}\t$(( ($(date +%s) - t0) / 60 ))\t{sys.argv[1]}\")" "runs/ensembles/$ens.yaml" >> $OUT
   tail -1 $OUT
 }

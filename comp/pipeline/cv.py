@@ -189,10 +189,9 @@ def _open_run(run: RunDir, exp: Experiment, data: Dataset, k: int, fold_of: np.n
             raise UserError(run.path, "its folds (folds.csv) are not the ones the data's groups give now (groups.csv changed, "
                             "or inferred groups moved with the slices): restore them, or delete this run folder to start again")  # fmt: skip
         return run
-    cv = {"folds": k, "seed": exp.cv.seed, "groups": exp.cv.groups, **({"extra": exp.cv.extra} if extra else {}),
-          **({"fit_seed": exp.cv.fit_seed} if exp.cv.fit_seed else {})}
+    d = exp.to_dict()  # its cv keys as the digest spells them, with the fold count this run was asked for
     fp = {**data.fingerprint(), **({"extra": extra.sources} if extra else {})}
-    run.write_config({**exp.to_dict(), "cv": cv, "data": fp, "contrast_resolved": contrast.to_dict()})
+    run.write_config({**d, "cv": {**d["cv"], "folds": k}, "data": fp, "contrast_resolved": contrast.to_dict()})
     run.write_folds(image_names(len(data.x_train)), ann, fold_of)
     return run
 
