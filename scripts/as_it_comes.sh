@@ -75,7 +75,7 @@ done;; esac
 # Which merger features carry to data they were not fitted on: the position features (where a pair sits in the
 # body) dropped, against the hybrid as it is.
 # The hybrid's own rows: its proxy CV is the results table's, its transfers the resolution rows'.
-case "$WHAT" in features|all) for exp in ${FEATURE_METHODS:-hybrid_nopos hybrid_average hybrid_relative hybrid_relative_average}; do
+case "$WHAT" in features|all) for exp in ${FEATURE_METHODS:-hybrid_nopos hybrid_average hybrid_relative hybrid_relative_average hybrid_vote}; do
   row features data/proxy auto "$exp"
   transfer_row "$exp" data/proxy data/phantom
   transfer_row "$exp" data/phantom data/proxy

@@ -48,12 +48,13 @@ class Range:
 
 def bounded(default: Any = _NO_DEFAULT, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
             hi_open: bool = False, min_len: int = 0, max_len: int | None = None, factory: Callable | None = None,
-            execution: bool = False) -> Any:  # fmt: skip
+            execution: bool = False, added: bool = False) -> Any:  # fmt: skip
     """A dataclass field whose numbers (a list's items too) must lie in [lo, hi] (open ends if asked).
 
     `execution`: the field says how a run is carried out, not what it computes (checkpoint cadence): it is left out of
-    the run's identity (`identity`), so changing it neither starts a new run nor refuses a resume."""
-    meta = {"range": Range(lo, hi, lo_open, hi_open, min_len, max_len), "execution": execution}
+    the run's identity (`identity`), so changing it neither starts a new run nor refuses a resume. `added`: as the
+    function `added`, a field added after runs were made (left out of their identity while at its default)."""
+    meta = {"range": Range(lo, hi, lo_open, hi_open, min_len, max_len), "execution": execution, "added": added}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

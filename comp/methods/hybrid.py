@@ -44,6 +44,7 @@ class HybridParams:
     drop_features: list[str] = field(default_factory=list)
     linkage: str = "classifier"  # classifier | average (comp.methods.merge.Merger.linkage)
     relative_features: bool = added(False)  # also the borders' gradient and intensity step relative to the slice's (merge.RELATIVE)
+    vote_features: bool = added(False)  # also the fixed smoothed watershed's vote on each pair (merge.VOTE)
     workers: int = bounded(0, lo=0)
 
     def violations(self) -> dict[str, str]:
@@ -57,14 +58,14 @@ class HybridParams:
     def merger(self, models: dict, threshold: float | None = None) -> Merger:
         """A merger of these settings around trained classifiers."""
         t = self.threshold if threshold is None else threshold
-        return Merger(models, t, self.max_rounds, tuple(self.drop_features), self.linkage, self.relative_features)
+        return Merger(models, t, self.max_rounds, tuple(self.drop_features), self.linkage, self.relative_features, self.vote_features)
 
 
 def _rows(item: tuple, p: HybridParams) -> tuple[np.ndarray, np.ndarray]:
     """Training rows of one slice (stretched, raw, truth, seed; a pool job)."""
     image, raw, truth, seed = item
     return agglomeration_rows(superpixels(image, p.superpixels), None, image, truth, p.train_rounds, p.train_pairs, seed, raw,
-                              p.relative_features)  # fmt: skip
+                              p.relative_features, p.vote_features)  # fmt: skip
 
 
 def _segment(item: tuple, p: HybridParams, merger: Merger) -> np.ndarray:

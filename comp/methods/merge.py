@@ -18,6 +18,7 @@ from comp.core.atomic import atomic_write_text
 from comp.core.errors import UserError
 from comp.core.log import LOG
 from comp.core.parallel import pmap
+from comp.methods.baselines import SmoothWatershedParams, smooth_watershed
 from comp.methods.compose import segment
 from comp.nets.targets import PostParams, blend, upsample_maps
 from comp.regions.ops import adjacent_pairs, border_profile, merge_pairs, relabel_uint8
@@ -33,8 +34,12 @@ FEATURES = (
     # relative to the slice's own borders (opt-in, `relative`): a border's gradient and intensity step as a share of
     # the slice's median, and their rank among its borders; blur and contrast move the absolute values, not these
     "rel_border_grad", "rank_border_grad", "rel_int_diff", "rank_int_diff",
+    # a fixed rule's vote (opt-in, `vote`): whether the smoothed watershed at its defaults puts both regions in one of
+    # its regions, and the smaller of their shares in it; a rule nothing was fitted on reads every patient alike
+    "vote_same", "vote_share",
 )  # fmt: skip
-RELATIVE = FEATURES[-4:]
+RELATIVE = FEATURES[-6:-2]
+VOTE = FEATURES[-2:]
 GRAD_SIGMA = 1.0  # smoothing of the intensity gradient the border features read
 LGB_PARAMS = {
     "objective": "binary", "learning_rate": 0.05, "num_leaves": 15, "min_data_in_leaf": 10,
@@ -73,13 +78,30 @@ def _relative(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return v / max(med, 1e-6), rank
 
 
+def vote_regions(image: np.ndarray) -> np.ndarray:
+    """The fixed rule whose regions vote (VOTE features): the smoothed watershed at its defaults, on the stretched slice."""
+    return smooth_watershed(image, SmoothWatershedParams(fit_images=0))
+
+
+def _votes(labels: np.ndarray, vote: np.ndarray | None, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """VOTE columns of the pairs: both regions mostly in one voting region (1/0), the smaller of their shares in theirs."""
+    if vote is None:
+        nan = np.full(len(pairs), np.nan)
+        return nan, nan
+    major, share = majority(labels, vote)
+    a, b = pairs[:, 0], pairs[:, 1]
+    return ((major[a] == major[b]) & (major[a] > 0)).astype(np.float64), np.minimum(share[a], share[b])
+
+
 def pair_features(labels: np.ndarray, maps512: np.ndarray | None, image: np.ndarray,
-                  grad: np.ndarray | None = None, raw: np.ndarray | None = None, relative: bool = False) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+                  grad: np.ndarray | None = None, raw: np.ndarray | None = None, relative: bool = False,
+                  vote: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Adjacent region pairs (a < b) of a 512x512 label map and their feature rows (columns = FEATURES).
 
     `maps512` None: no network maps (their columns are NaN, which LightGBM treats as missing); `raw`: the
     slice before its contrast step, when `image` is stretched (bone and fat, clipped there, stay apart);
-    `relative` False leaves the RELATIVE columns missing (all-missing columns leave a model exactly as without them).
+    `relative` False leaves the RELATIVE columns missing (all-missing columns leave a model exactly as without them);
+    `vote`: the voting regions (vote_regions) of the slice, or None (the VOTE columns missing).
     """
     grad = gradient(image, GRAD_SIGMA) if grad is None else grad
     pairs, length, gsum, gmax, gmin = border_profile(labels, grad)  # one scan for sum, max and min
@@ -116,6 +138,7 @@ def pair_features(labels: np.ndarray, maps512: np.ndarray | None, image: np.ndar
             gsum / length, np.maximum(gmean[a], gmean[b]), diff / (np.sqrt(istd[a] ** 2 + istd[b] ** 2) + 1.0), gmax, gmin,
             (cy[a] + cy[b]) / 2, (cx[a] + cx[b]) / 2, np.abs(cy[a] - cy[b]), np.abs(cx[a] - cx[b]), rmin, rmax,
             *(_relative(gsum / length) if relative else (nan, nan)), *(_relative(diff) if relative else (nan, nan)),
+            *_votes(labels, vote, pairs),
         ],
         1,
     )  # fmt: skip
@@ -152,16 +175,18 @@ def _matching(pairs: np.ndarray, order: np.ndarray) -> np.ndarray:
 
 
 def agglomeration_rows(labels: np.ndarray, maps512: np.ndarray | None, image: np.ndarray, truth: np.ndarray, rounds: int,
-                       max_pairs: int, seed: int, raw: np.ndarray | None = None, relative: bool = False) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+                       max_pairs: int, seed: int, raw: np.ndarray | None = None, relative: bool = False,
+                       vote: bool = False) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Training rows of one image for every stage of an agglomeration: pairs of the regions as given, then after
     each round of true merges (the regions a merger meets while it works), pairs of two unannotated regions left out.
 
     (Rows along a trained merger's own path instead, its mistakes included, scored no better on the proxy.)"""
     rng = np.random.default_rng(seed)
     grad = gradient(image, GRAD_SIGMA)
+    votes = vote_regions(image) if vote else None
     lab, xs, ys = labels.astype(np.int64), [], []
     for _ in range(rounds):
-        pairs, x = pair_features(lab, maps512, image, grad, raw, relative)
+        pairs, x = pair_features(lab, maps512, image, grad, raw, relative, votes)
         if len(pairs) == 0:
             break
         major, share = majority(lab, truth)
@@ -192,6 +217,7 @@ class Merger:
     # few weak superpixel borders cannot keep two halves of an organ apart against many strong ones.
     linkage: str = "classifier"
     relative: bool = False  # the classifiers read the RELATIVE features (pair_features' `relative`)
+    vote: bool = False  # ... and the VOTE features (the fixed smoothed watershed's regions)
 
     def probabilities(self, x: np.ndarray, fold: int = -1) -> np.ndarray:
         """Merge probability of each feature row, by the model allowed to see `fold`."""
@@ -214,10 +240,11 @@ class Merger:
         """Greedily merge the most probable non-overlapping pairs above the threshold, re-scoring after each round."""
         maps512 = upsample_maps(maps, labels.shape[0]) if maps is not None else None
         grad = gradient(image, GRAD_SIGMA)
+        votes = vote_regions(image) if self.vote else None
         lab = labels.astype(np.int64)
         first = None
         for _ in range(self.max_rounds):
-            pairs, x = pair_features(lab, maps512, image, grad, raw, self.relative)
+            pairs, x = pair_features(lab, maps512, image, grad, raw, self.relative, votes)
             if first is not None:  # average linkage: the first round's pair probabilities, pooled
                 p = first.pooled(lab, pairs)
             else:
@@ -313,6 +340,7 @@ def save_merger(merger: Merger, path: Path) -> None:
     tail = f" drop {','.join(merger.drop)}" if merger.drop else ""
     tail += f" linkage {merger.linkage}" if merger.linkage != "classifier" else ""
     tail += " relative 1" if merger.relative else ""
+    tail += " vote 1" if merger.vote else ""
     parts = [f"# threshold {merger.threshold} rounds {merger.max_rounds}{tail}\n"]
     parts += [f"# model {k}\n{model_text(m)}" for k, m in sorted(merger.models.items())]
     atomic_write_text(path, "".join(parts))
@@ -335,7 +363,7 @@ def load_merger(path: Path) -> Merger:
     extra = dict(zip(words[5::2], words[6::2]))
     drop = tuple(extra["drop"].split(",")) if "drop" in extra else ()
     return Merger(models, float(words[2]), int(words[4]) if len(words) > 4 else 4, drop, extra.get("linkage", "classifier"),
-                  extra.get("relative") == "1")  # fmt: skip
+                  extra.get("relative") == "1", extra.get("vote") == "1")  # fmt: skip
 
 
 def _pair_rows(i: int, oof, weights: list[float], post: PostParams) -> tuple[np.ndarray, np.ndarray]:

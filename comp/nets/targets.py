@@ -13,7 +13,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
-from comp.core.fields import bounded
+from comp.core.fields import added, bounded
 from comp.data.images import SIZE
 from comp.regions.ops import absorb_small, adjacent_pairs, merge_pairs, relabel_uint8, remove_small
 
@@ -136,6 +136,18 @@ class PostParams:
     smooth: float = bounded(0.0, lo=0)  # Gaussian sigma applied to the maps before thresholding (pixels at 512)
     merge_embedding: float = bounded(0.0, lo=0)  # merge adjacent regions whose mean embeddings are closer (0 = off)
     compactness: float = bounded(0.0, lo=0)
+    # threshold: seeds where the maps clear seed_threshold and seed_dist; maxima: every bump of the distance map at
+    # least seed_h above its surroundings (off the boundary), wherever the map sits: a network fitted on another
+    # patient predicts low distance peaks and leaves a third of the structures without a seed under fixed thresholds.
+    seed_mode: str = added("threshold")
+    seed_h: float = bounded(0.1, lo=0, lo_open=True, added=True)
+
+    def violations(self) -> dict[str, str]:
+        """An unknown seed mode."""
+        return {} if self.seed_mode in SEED_MODES else {"seed_mode": f"must be one of {', '.join(SEED_MODES)}, got {self.seed_mode!r}"}
+
+
+SEED_MODES = ("threshold", "maxima")
 
 
 def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -167,6 +179,17 @@ def channels_used(p: PostParams, n: int) -> int:
     return n if p.merge_embedding > 0 else min(n, 3)
 
 
+def _markers(fg: np.ndarray, bnd: np.ndarray, dist: np.ndarray, mask: np.ndarray, p: PostParams, min_seed: int) -> np.ndarray:
+    """The watershed's markers: regions above fixed thresholds of at least `min_seed` pixels, or the distance map's
+    h-maxima off the boundary (a maximum is a point or a small plateau: its depth h, not its size, says it is real)."""
+    evidence = fg * (1 - p.boundary_weight * bnd)
+    if p.seed_mode == "maxima":
+        from skimage.morphology import h_maxima
+
+        return ndi.label(h_maxima(dist.astype(np.float64), p.seed_h).astype(bool) & mask & (evidence > 0))[0]
+    return remove_small(ndi.label((evidence > p.seed_threshold) & (dist > p.seed_dist) & mask)[0], min_seed)
+
+
 def instances_from_maps(maps: np.ndarray, p: PostParams, size: int = SIZE) -> np.ndarray:
     """Turn (C, r, r) maps [fg prob, boundary prob, dist, embedding...] into a uint8 instance map."""
     m = upsample_maps(maps[:3], size)
@@ -178,9 +201,7 @@ def instances_from_maps(maps: np.ndarray, p: PostParams, size: int = SIZE) -> np
     mask = fg > p.fg_threshold
     if p.mode == "cc":
         return relabel_uint8(remove_small(ndi.label(mask)[0], max(1, round(p.min_size * area))))
-    evidence = fg * (1 - p.boundary_weight * bnd)
-    seeds = (evidence > p.seed_threshold) & (dist > p.seed_dist) & mask
-    markers = remove_small(ndi.label(seeds)[0], max(1, round(p.min_seed * area)))
+    markers = _markers(fg, bnd, dist, mask, p, max(1, round(p.min_seed * area)))
     labels = watershed(bnd - dist, markers, mask=mask, compactness=p.compactness)
     # Foreground with no seed inside still counts as a structure: leaving it 0 is not free.
     orphans, n_orphan = ndi.label(mask & (labels == 0))

@@ -102,3 +102,23 @@ def test_relative_features_ignore_the_slices_contrast_and_are_missing_unless_ask
     save_merger(Merger({-1: "constant 0.2"}, 0.4, relative=True), tmp_path / "m.txt")
     assert load_merger(tmp_path / "m.txt").relative and not HybridParams().relative_features
     assert HybridParams(relative_features=True).merger({-1: "constant 0.1"}).relative
+
+
+def test_vote_features_say_whether_the_fixed_watershed_joins_a_pair(tmp_path: Path) -> None:
+    """Two superpixels inside one of the fixed watershed's regions vote 1 and two in different regions 0; the columns
+    are missing unless asked (older models unchanged); a merger that reads them says so on disk and in the hybrid."""
+    from comp.methods.merge import FEATURES, VOTE, Merger, load_merger, pair_features, save_merger
+
+    img = np.full((64, 64), 20, np.uint8)  # air, then two flat halves: the voting regions are the halves
+    img[8:56, 8:32], img[8:56, 32:56] = 120, 200
+    sp = np.full((64, 64), 5, np.int32)  # 5: the air around
+    sp[8:56, 8:20], sp[8:56, 20:32], sp[8:56, 32:44], sp[8:56, 44:56] = 1, 2, 3, 4  # 1|2 inside the left half, 2|3 across
+    vote = np.zeros((64, 64), np.uint8)
+    vote[8:56, 8:32], vote[8:56, 32:56] = 1, 2
+    pairs, x = pair_features(sp, None, img.astype(np.float32), vote=vote)
+    same = dict(zip(map(tuple, pairs.tolist()), x[:, FEATURES.index("vote_same")]))
+    assert same[(1, 2)] == 1 and same[(2, 3)] == 0 and same[(3, 4)] == 1
+    assert np.isnan(pair_features(sp, None, img.astype(np.float32))[1][:, [FEATURES.index(f) for f in VOTE]]).all()
+    save_merger(Merger({-1: "constant 0.2"}, 0.4, vote=True), tmp_path / "m.txt")
+    assert load_merger(tmp_path / "m.txt").vote and not load_merger(tmp_path / "m.txt").relative
+    assert HybridParams(vote_features=True).merger({-1: "constant 0.1"}).vote and not HybridParams().merger({}).vote

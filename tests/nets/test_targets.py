@@ -76,6 +76,16 @@ def test_postprocessor_splits_two_touching_squares() -> None:
     assert len(np.unique(cc)) == 2
 
 
+def test_maxima_seeds_split_touching_squares_whose_distance_map_sits_low() -> None:
+    """A network on unfamiliar data predicts distance peaks far below seed_dist: fixed thresholds then seed nothing
+    and the two squares come out as one region; the distance map's h-maxima still seed each square."""
+    maps = _two_squares_maps()
+    maps[2] *= 0.25  # peaks at 0.25, below seed_dist 0.3
+    assert len(np.unique(instances_from_maps(maps, PostParams()))) == 2  # background + one region
+    lab = instances_from_maps(maps, PostParams(seed_mode="maxima", seed_h=0.05))
+    assert len(np.unique(lab)) == 3 and lab[240, 150] != lab[240, 300]
+
+
 def test_postprocessor_covers_unseeded_foreground() -> None:
     maps = _two_squares_maps()
     maps[0, 100:110, 100:110] = 1  # a small blob with no seed evidence
