@@ -27,7 +27,7 @@ from comp.core.metric import image_scores, mean_counts, region_counts
 from comp.core.parallel import pmap
 from comp.data.contrast import resolve
 from comp.data.sets import resolve_data
-from comp.nets.targets import PostParams, instances_from_maps, upsample_maps
+from comp.nets.targets import PostParams, instances_from_maps, seed_markers, upsample_maps
 from comp.pipeline.oof import run_experiment
 from comp.pipeline.submit import MemberMaps
 
@@ -40,23 +40,21 @@ def _map_stats(maps: np.ndarray, truth: np.ndarray, post: PostParams) -> dict[st
     """One slice: foreground and boundary inside the structures, boundary on their borders, seeds per structure."""
     m = upsample_maps(maps[:3], truth.shape[0])
     fg, bnd, dist = m
+    structures = [truth == t for t in np.unique(truth[truth > 0])]
     inner = np.zeros_like(truth, bool)
     border = np.zeros_like(truth, bool)
-    for t in np.unique(truth[truth > 0]):
-        s = truth == t
+    for s in structures:
         inner |= ndi.binary_erosion(s, iterations=3)
         border |= s & ~ndi.binary_erosion(s)
-    seeds = (fg * (1 - post.boundary_weight * bnd) > post.seed_threshold) & (dist > post.seed_dist) & (fg > post.fg_threshold)
-    lab = ndi.label(seeds)[0]
-    ids = np.unique(truth[truth > 0])
-    per = [len(np.unique(lab[(truth == t) & (lab > 0)])) for t in ids]
+    lab = seed_markers(fg, bnd, dist, fg > post.fg_threshold, post, 1)  # every seed component, however small
+    per = [len(np.unique(lab[s & (lab > 0)])) for s in structures]
     evidence = fg * (1 - post.boundary_weight * bnd)
     return {"fg_inside": float(fg[inner].mean()), "bnd_inside_hot": float((bnd[inner] > 0.5).mean()),
             "bnd_border": float(bnd[border].mean()), "seeds_per_structure": float(np.mean(per)),
             "unseeded": float(np.mean([n == 0 for n in per])),
-            "dist_peak_low": float(np.mean([dist[truth == t].max() <= post.seed_dist for t in ids])),
-            "evidence_peak_low": float(np.mean([evidence[truth == t].max() <= post.seed_threshold for t in ids])),
-            "dist_peak": float(np.mean([dist[truth == t].max() for t in ids]))}  # fmt: skip
+            "dist_peak_low": float(np.mean([dist[s].max() <= post.seed_dist for s in structures])),
+            "evidence_peak_low": float(np.mean([evidence[s].max() <= post.seed_threshold for s in structures])),
+            "dist_peak": float(np.mean([dist[s].max() for s in structures]))}  # fmt: skip
 
 
 def _post(maps: np.ndarray, p: PostParams) -> np.ndarray:

@@ -179,7 +179,7 @@ def channels_used(p: PostParams, n: int) -> int:
     return n if p.merge_embedding > 0 else min(n, 3)
 
 
-def _markers(fg: np.ndarray, bnd: np.ndarray, dist: np.ndarray, mask: np.ndarray, p: PostParams, min_seed: int) -> np.ndarray:
+def seed_markers(fg: np.ndarray, bnd: np.ndarray, dist: np.ndarray, mask: np.ndarray, p: PostParams, min_seed: int) -> np.ndarray:
     """The watershed's markers: regions above fixed thresholds of at least `min_seed` pixels, or the distance map's
     h-maxima off the boundary (a maximum is a point or a small plateau: its depth h, not its size, says it is real)."""
     evidence = fg * (1 - p.boundary_weight * bnd)
@@ -201,7 +201,7 @@ def instances_from_maps(maps: np.ndarray, p: PostParams, size: int = SIZE) -> np
     mask = fg > p.fg_threshold
     if p.mode == "cc":
         return relabel_uint8(remove_small(ndi.label(mask)[0], max(1, round(p.min_size * area))))
-    markers = _markers(fg, bnd, dist, mask, p, max(1, round(p.min_seed * area)))
+    markers = seed_markers(fg, bnd, dist, mask, p, max(1, round(p.min_seed * area)))
     labels = watershed(bnd - dist, markers, mask=mask, compactness=p.compactness)
     # Foreground with no seed inside still counts as a structure: leaving it 0 is not free.
     orphans, n_orphan = ndi.label(mask & (labels == 0))
