@@ -45,6 +45,9 @@ class HybridParams:
     linkage: str = "classifier"  # classifier | average (comp.methods.merge.Merger.linkage)
     relative_features: bool = added(False)  # also the borders' gradient and intensity step relative to the slice's (merge.RELATIVE)
     vote_features: bool = added(False)  # also the fixed smoothed watershed's vote on each pair (merge.VOTE)
+    # Extra renderings of every training slice (RENDERINGS: sharpened or blurred, noised, gamma-shifted, seeded) whose
+    # pairs also train the classifier, so a merger fitted on one scan's blur and noise has met others' too.
+    renderings: int = bounded(0, lo=0, added=True)
     workers: int = bounded(0, lo=0)
 
     def violations(self) -> dict[str, str]:
@@ -61,11 +64,30 @@ class HybridParams:
         return Merger(models, t, self.max_rounds, tuple(self.drop_features), self.linkage, self.relative_features, self.vote_features)
 
 
+# How far a training slice's extra rendering moves (uniform draws): unsharp-mask amount (sigma 2 px; below 0: a blur of
+# that many px instead), noise sd in grey levels, gamma. Wide enough to span a 3 mm scan stretched 4x and a sharp one.
+RENDERINGS = {"sharpen": (-2.0, 1.5), "noise": (0.0, 6.0), "gamma": (0.8, 1.25)}
+
+
+def rerender(image: np.ndarray, seed: int) -> np.ndarray:
+    """One random rendering of a stretched uint8 slice (RENDERINGS): sharpened or blurred, noised, gamma-shifted."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    amount, sd, gamma = (rng.uniform(*RENDERINGS[k]) for k in ("sharpen", "noise", "gamma"))
+    x = image.astype(np.float32)
+    x = gaussian_filter(x, -amount) if amount < 0 else x + amount * (x - gaussian_filter(x, 2.0))
+    x = 255 * (np.clip(x + rng.normal(0, sd, x.shape), 0, 255) / 255) ** gamma
+    return np.rint(x).astype(np.uint8)
+
+
 def _rows(item: tuple, p: HybridParams) -> tuple[np.ndarray, np.ndarray]:
-    """Training rows of one slice (stretched, raw, truth, seed; a pool job)."""
+    """Training rows of one slice (stretched, raw, truth, seed), and of its extra renderings (a pool job)."""
     image, raw, truth, seed = item
-    return agglomeration_rows(superpixels(image, p.superpixels), None, image, truth, p.train_rounds, p.train_pairs, seed, raw,
-                              p.relative_features, p.vote_features)  # fmt: skip
+    out = [agglomeration_rows(superpixels(im, p.superpixels), None, im, truth, p.train_rounds, p.train_pairs, seed + r, raw,
+                              p.relative_features, p.vote_features)
+           for r, im in enumerate([image] + [rerender(image, seed * 7919 + r) for r in range(p.renderings)])]  # fmt: skip
+    return np.concatenate([x for x, _ in out]), np.concatenate([y for _, y in out])
 
 
 def _segment(item: tuple, p: HybridParams, merger: Merger) -> np.ndarray:

@@ -24,6 +24,12 @@ from comp.nets.targets import PostParams, blend, upsample_maps
 from comp.regions.ops import adjacent_pairs, border_profile, merge_pairs, relabel_uint8
 from comp.regions.superpixels import Regions, gradient, superpixels
 
+# relative to the slice's own borders (opt-in, `relative`): a border's gradient and intensity step as a share of the
+# slice's median, and their rank among its borders; blur and contrast move the absolute values, not these
+RELATIVE = ("rel_border_grad", "rank_border_grad", "rel_int_diff", "rank_int_diff")
+# a fixed rule's vote (opt-in, `vote`): whether the smoothed watershed at its defaults puts both regions in one of its
+# regions, and the smaller of their shares in it; a rule nothing was fitted on reads every patient alike
+VOTE = ("vote_same", "vote_share")
 FEATURES = (
     "log_border", "border_boundary", "border_fg", "border_dist", "contact",
     "log_area_min", "log_area_max", "fg_min", "dist_max_min", "emb_dist",
@@ -31,15 +37,8 @@ FEATURES = (
     # image-only (added later: a stored model that knows fewer features reads only the first ones)
     "border_grad", "grad_in_max", "int_diff_rel", "border_grad_max", "border_grad_min",
     "pos_y", "pos_x", "pos_dy", "pos_dx", "raw_min", "raw_max",
-    # relative to the slice's own borders (opt-in, `relative`): a border's gradient and intensity step as a share of
-    # the slice's median, and their rank among its borders; blur and contrast move the absolute values, not these
-    "rel_border_grad", "rank_border_grad", "rel_int_diff", "rank_int_diff",
-    # a fixed rule's vote (opt-in, `vote`): whether the smoothed watershed at its defaults puts both regions in one of
-    # its regions, and the smaller of their shares in it; a rule nothing was fitted on reads every patient alike
-    "vote_same", "vote_share",
+    *RELATIVE, *VOTE,  # appended in this order: pair_features stacks its columns so
 )  # fmt: skip
-RELATIVE = FEATURES[-6:-2]
-VOTE = FEATURES[-2:]
 GRAD_SIGMA = 1.0  # smoothing of the intensity gradient the border features read
 LGB_PARAMS = {
     "objective": "binary", "learning_rate": 0.05, "num_leaves": 15, "min_data_in_leaf": 10,

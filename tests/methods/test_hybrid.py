@@ -122,3 +122,20 @@ def test_vote_features_say_whether_the_fixed_watershed_joins_a_pair(tmp_path: Pa
     save_merger(Merger({-1: "constant 0.2"}, 0.4, vote=True), tmp_path / "m.txt")
     assert load_merger(tmp_path / "m.txt").vote and not load_merger(tmp_path / "m.txt").relative
     assert HybridParams(vote_features=True).merger({-1: "constant 0.1"}).vote and not HybridParams().merger({}).vote
+
+
+def test_extra_renderings_add_training_rows_of_a_moved_slice_and_leave_the_original_rows_as_they_were() -> None:
+    from comp.methods.hybrid import _rows, rerender
+    from comp.regions.superpixels import gradient
+
+    img, truth = _slice(2, noise=2.0)
+    a, b = rerender(img, 5), rerender(img, 6)
+    assert a.dtype == np.uint8 and a.shape == img.shape
+    assert np.array_equal(a, rerender(img, 5)) and not np.array_equal(a, b)  # seeded: the same draw, the same slice
+    assert np.abs(a.astype(int) - img).mean() > 0.5  # the rendering moves the slice
+    grads, g0 = [float(gradient(rerender(img, s), 1.0).mean()) for s in range(12)], float(gradient(img, 1.0).mean())
+    assert max(grads) > 1.5 * g0 and min(grads) < g0  # some sharpened or noised, some blurred
+    p = HybridParams(superpixels=SuperpixelParams(h=0.005), train_rounds=2)
+    x0, y0 = _rows((img, img, truth, 3), p)
+    x1, y1 = _rows((img, img, truth, 3), HybridParams(superpixels=p.superpixels, train_rounds=2, renderings=1))
+    assert len(y1) > len(y0) and np.array_equal(x1[: len(y0)], x0, equal_nan=True) and np.array_equal(y1[: len(y0)], y0)
