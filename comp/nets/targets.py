@@ -85,6 +85,31 @@ class AugConfig:
     gamma: float = bounded(0.25, lo=0, hi=1, hi_open=True)
     noise: float = bounded(0.03, lo=0)
     p: float = bounded(1.0, lo=0, hi=1)  # probability of augmenting a sample at all
+    # Resolution (`resolution_amount`): half the samples blurred (Gaussian, sigma up to `blur` px), half sharpened
+    # (unsharp mask, sigma SHARPEN_SIGMA, amount up to `sharpen`), so a network fitted on one scan's voxel size and
+    # blur meets other sharpness; 0 and 0 (the default) draw nothing, leaving the random stream as it was.
+    blur: float = bounded(0.0, lo=0, added=True)
+    sharpen: float = bounded(0.0, lo=0, added=True)
+
+
+SHARPEN_SIGMA = 2.0  # px: the scale an unsharp mask lifts (a 3 mm voxel stretched ~4x spans about 4 px)
+
+
+def resolution_amount(cfg: AugConfig, rng: np.random.Generator) -> float:
+    """A sample's resolution change: -sigma (a blur), +amount (a sharpening) or 0; draws nothing when both are off."""
+    if cfg.blur <= 0 and cfg.sharpen <= 0:
+        return 0.0
+    blur = rng.random() < 0.5 if cfg.blur > 0 and cfg.sharpen > 0 else cfg.blur > 0
+    return -rng.uniform(0, cfg.blur) if blur else rng.uniform(0, cfg.sharpen)
+
+
+def resolve(img: np.ndarray, amount: float) -> np.ndarray:
+    """One float image blurred (amount < 0: sigma -amount) or sharpened (amount > 0) as `resolution_amount` drew."""
+    if amount < 0:
+        return ndi.gaussian_filter(img, -amount, mode="reflect")
+    if amount > 0:
+        return img + amount * (img - ndi.gaussian_filter(img, SHARPEN_SIGMA, mode="reflect"))
+    return img
 
 
 def augment(img: np.ndarray, lab: np.ndarray, cfg: AugConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -114,6 +139,7 @@ def augment(img: np.ndarray, lab: np.ndarray, cfg: AugConfig, rng: np.random.Gen
     if cfg.contrast > 0 or cfg.brightness > 0:
         mean = float(img.mean())
         img = (img - mean) * (1 + rng.uniform(-cfg.contrast, cfg.contrast)) + mean + rng.uniform(-cfg.brightness, cfg.brightness)
+    img = resolve(img, resolution_amount(cfg, rng))  # before the noise: a scanner blurs, then its quanta are counted
     if cfg.noise > 0:
         img = img + rng.normal(0, rng.uniform(0, cfg.noise), img.shape).astype(np.float32)
     return img.astype(np.float32), lab

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from comp.nets.targets import AugConfig
+from comp.nets.targets import SHARPEN_SIGMA, AugConfig, resolution_amount
 
-NEUTRAL_TONE = (1.0, 1.0, 0.0, 0.0)  # gamma exponent, contrast factor, brightness shift, noise sigma
+NEUTRAL_TONE = (1.0, 1.0, 0.0, 0.0, 0.0)  # gamma exponent, contrast factor, brightness shift, noise sigma, resolution
 
 
 def _dihedral(k: int, flip: bool) -> np.ndarray:
@@ -37,7 +37,8 @@ def draw_warp(aug: AugConfig | None, rng: np.random.Generator, n: int, size: int
         rot = np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]]) / s
         a = _dihedral(k, flip) @ rot
         tone = np.array([math.exp(rng.uniform(-aug.gamma, aug.gamma)), 1 + rng.uniform(-aug.contrast, aug.contrast),
-                         rng.uniform(-aug.brightness, aug.brightness), rng.uniform(0, aug.noise)])  # fmt: skip
+                         rng.uniform(-aug.brightness, aug.brightness), rng.uniform(0, aug.noise), 0.0])  # fmt: skip
+        tone[4] = resolution_amount(aug, rng)
     origin = rng.integers(0, n - size + 1, 2) if size < n else np.zeros(2)
     centre = np.full(2, (n - 1) / 2)
     shift = a @ origin + centre - a @ centre  # output pixel o of the crop samples a @ (o + origin - centre) + centre
@@ -73,22 +74,40 @@ def warp_images(img: torch.Tensor, warp: torch.Tensor, size: int) -> torch.Tenso
     return F.grid_sample(img - lo, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + lo
 
 
-def tone_images(img: torch.Tensor, tone: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Gamma inside the window, contrast about the mean, brightness and Gaussian noise: `targets.augment`'s intensity
-    changes, per image, on the device."""
-    g, c, b, sigma = (t.view(-1, 1, 1, 1) for t in tone.float().unbind(1))
+def resolve_images(img: torch.Tensor, amount: torch.Tensor, radius: int) -> torch.Tensor:
+    """(B, C, n, n) images blurred (amount < 0: sigma -amount) or sharpened (amount > 0) as `targets.resolve` does, each
+    by its own amount: one separable, grouped Gaussian of `radius` px (enough for the largest sigma)."""
+    b, c, h, w = img.shape
+    sigma = torch.where(amount < 0, -amount, torch.full_like(amount, SHARPEN_SIGMA)).clamp_min(1e-3).float()
+    x = torch.arange(-radius, radius + 1, device=img.device, dtype=torch.float32)
+    k = torch.exp(-(x[None] ** 2) / (2 * sigma[:, None] ** 2))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0).to(img.dtype)  # (B*C, 2r+1)
+    flat = img.reshape(1, b * c, h, w)
+    out = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), k[:, None, :, None], groups=b * c)
+    out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="reflect"), k[:, None, None, :], groups=b * c).reshape(img.shape)
+    a = amount.view(-1, 1, 1, 1).to(img.dtype)
+    return torch.where(a < 0, out, img + a * (img - out))
+
+
+def tone_images(img: torch.Tensor, tone: torch.Tensor, generator: torch.Generator, radius: int = 0) -> torch.Tensor:
+    """Gamma inside the window, contrast about the mean, brightness, resolution (`radius` > 0) and Gaussian noise:
+    `targets.augment`'s intensity changes, per image, on the device."""
+    g, c, b, sigma, res = (t.view(-1, 1, 1, 1) for t in tone.float().unbind(1))
     inside = img.clamp(0, 1)  # values outside the window (air, bone) keep their offset
     img = img - inside + inside**g
     mean = img.mean((1, 2, 3), keepdim=True)
     img = (img - mean) * c + mean + b
+    img = resolve_images(img, res.view(-1), radius) if radius else img
     return img + sigma * torch.randn(img.shape, generator=generator, device=img.device, dtype=img.dtype)
 
 
 def augment_batch(batch: dict[str, torch.Tensor], dev: torch.device) -> dict[str, torch.Tensor]:
     """A host-drawn batch (images whole, labels and targets already warped) finished on the device."""
     seed = int(batch.pop("noise_seed")[0])  # a CPU tensor: no device read
+    res = batch["tone"][:, 4]  # still on the host: whether to resolve, and the kernel a batch needs, cost no device read
+    radius = int(math.ceil(3 * max(SHARPEN_SIGMA, float(-res.min())))) if bool((res != 0).any()) else 0
     batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
     size = batch["fg"].shape[-1]
     gen = torch.Generator(device=dev).manual_seed(seed)
-    batch["image"] = tone_images(warp_images(batch["image"], batch.pop("warp"), size), batch.pop("tone"), gen)
+    batch["image"] = tone_images(warp_images(batch["image"], batch.pop("warp"), size), batch.pop("tone"), gen, radius)
     return batch

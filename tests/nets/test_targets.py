@@ -128,3 +128,23 @@ def test_device_augmentation_keeps_image_and_labels_aligned_and_is_seeded(tmp_pa
     cfg = TrainConfig(epochs=1, batch_size=2, resolution=64, crop=48, augment_on="device")
     info = train_fold(build_model(ModelConfig(encoder="tu-mobilenetv3_small_100", **TINY_NET)), ys, ys, cfg, tmp_path, 0)
     assert len(info["history"]) == 1 and np.isfinite(info["history"][0]["loss"])
+
+
+def test_resolution_augmentation_blurs_or_sharpens_alike_on_host_and_device_and_draws_nothing_when_off() -> None:
+    from comp.nets.targets import resolution_amount, resolve
+    from comp.nets.warp import resolve_images
+
+    rng = np.random.default_rng(0)
+    img = np.zeros((64, 64), np.float32)
+    img[16:48, 20:44] = 1.0  # one sharp-edged square
+    img += rng.normal(0, 0.02, img.shape).astype(np.float32)
+    state = rng.bit_generator.state
+    assert resolution_amount(AugConfig(), rng) == 0.0 and rng.bit_generator.state == state  # off: the stream untouched
+    amounts = [resolution_amount(AugConfig(blur=1.5, sharpen=1.0), rng) for _ in range(40)]
+    assert min(amounts) >= -1.5 and max(amounts) <= 1.0 and min(amounts) < 0 < max(amounts)  # both kinds drawn
+    edge = lambda x: float(np.abs(np.diff(x[32, 10:30])).max())  # noqa: E731 (the square's left edge, steepest step)
+    blurred, sharpened = resolve(img, -1.5), resolve(img, 1.0)
+    assert edge(blurred) < 0.6 * edge(img) and sharpened[32, 21] > 1.1 and np.array_equal(resolve(img, 0.0), img)
+    both = torch.from_numpy(np.stack([img, img]))[:, None]
+    dev = resolve_images(both, torch.tensor([-1.5, 1.0]), 6)[:, 0].numpy()
+    assert np.abs(dev[0] - blurred).max() < 0.02 and np.abs(dev[1] - sharpened).max() < 0.05  # the same change
