@@ -122,7 +122,7 @@ def test_device_augmentation_keeps_image_and_labels_aligned_and_is_seeded(tmp_pa
     flat = np.stack([ndi.maximum_filter(l, 3) == ndi.minimum_filter(l, 3) for l in lab])
     assert (np.abs(img - lab)[flat] > 1e-3).mean() < 1e-3 and (lab > 0).mean() > 0.05
     assert not np.array_equal(lab, np.stack([data.y[k % 4][:96, :96] for k in (5, 6, 7, 8)]))  # it did warp
-    toned = SliceSet(ys, ys, 128, AugConfig(), 0, 96, on_device=True)
+    toned = SliceSet(ys, ys, 128, AugConfig(blur=1.0, sharpen=0.5), 0, 96, on_device=True)  # resolution too
     twice = [augment_batch(torch.utils.data.default_collate([toned[k] for k in (1, 2)]), torch.device("cpu"))["image"] for _ in range(2)]
     assert torch.equal(*twice)
     cfg = TrainConfig(epochs=1, batch_size=2, resolution=64, crop=48, augment_on="device")
