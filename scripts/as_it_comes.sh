@@ -9,7 +9,7 @@
 # `noise`: the fitted methods re-fitted with other seeds (`cv.fit_seed`, the folds unchanged) on the proxy rendered both
 # ways: how far a CV figure moves with the fit's own noise, against the per-slice change it is compared with. A
 # student's teacher is re-fitted with the same seed (its run is the unet_cpu row's).
-# Usage: scripts/as_it_comes.sh [per-slice|leak|diagnose|resolution|extra|features|noise|all] (default all); METHODS="..." to narrow. Data:
+# Usage: scripts/as_it_comes.sh [per-slice|leak|diagnose|resolution|extra|features|networks|noise|all] (default all); METHODS="..." to narrow. Data:
 # `make proxy`, then
 #   python -m comp data proxy --out data/proxy_ps   --window-per-slice -3100:-1000 1000:3100
 #   python -m comp data phantom --out data/phantom_ps --n-train 1000 --n-labelled 200 --n-test 100 --window-per-slice -3100:-1000 1000:3100
@@ -78,6 +78,13 @@ done;; esac
 case "$WHAT" in features|all) for exp in ${FEATURE_METHODS:-hybrid_nopos hybrid_average hybrid_relative hybrid_relative_average hybrid_vote}; do
   row features data/proxy auto "$exp"
   transfer_row "$exp" data/proxy data/phantom
+  transfer_row "$exp" data/phantom data/proxy
+done;; esac
+# Networks that keep touching structures apart off their training scan: unet_cpu's variants (e.g. resolution
+# augmentation) against its own rows (its proxy CV is the results table's, its transfers the resolution rows').
+case "$WHAT" in networks|all) for exp in ${NETWORK_METHODS:-unet_cpu_res}; do
+  row networks data/proxy auto "$exp"
+  transfer_row "$exp" data/proxy data/phantom data/phantom_s1_coarse
   transfer_row "$exp" data/phantom data/proxy
 done;; esac
 # The results suite's ensemble on the same seed's runs: the student's maps (greedy selection kept it alone on all
