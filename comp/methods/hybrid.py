@@ -22,6 +22,7 @@ from comp.methods.base import FitContext, FoldData, inner_split
 from comp.methods.merge import (FEATURES, LINKAGES, Merger, agglomeration_rows, model_text, save_merger,
                                 train_classifier, unknown_features, without)
 from comp.methods.registry import register_method
+from comp.nets.targets import resolve
 from comp.regions.superpixels import SuperpixelParams, merged_superpixels, superpixels
 
 
@@ -64,19 +65,17 @@ class HybridParams:
         return Merger(models, t, self.max_rounds, tuple(self.drop_features), self.linkage, self.relative_features, self.vote_features)
 
 
-# How far a training slice's extra rendering moves (uniform draws): unsharp-mask amount (sigma 2 px; below 0: a blur of
-# that many px instead), noise sd in grey levels, gamma. Wide enough to span a 3 mm scan stretched 4x and a sharp one.
+# How far a training slice's extra rendering moves (uniform draws): unsharp-mask amount (nets.targets.resolve, sigma
+# SHARPEN_SIGMA; below 0: a blur of that many px instead), noise sd in grey levels, gamma. Wide enough to span a 3 mm
+# scan stretched 4x and a sharp one.
 RENDERINGS = {"sharpen": (-2.0, 1.5), "noise": (0.0, 6.0), "gamma": (0.8, 1.25)}
 
 
 def rerender(image: np.ndarray, seed: int) -> np.ndarray:
     """One random rendering of a stretched uint8 slice (RENDERINGS): sharpened or blurred, noised, gamma-shifted."""
-    from scipy.ndimage import gaussian_filter
-
     rng = np.random.default_rng(seed)
     amount, sd, gamma = (rng.uniform(*RENDERINGS[k]) for k in ("sharpen", "noise", "gamma"))
-    x = image.astype(np.float32)
-    x = gaussian_filter(x, -amount) if amount < 0 else x + amount * (x - gaussian_filter(x, 2.0))
+    x = resolve(image.astype(np.float32), amount)  # the networks' resolution augmentation, the same blur and sharpening
     x = 255 * (np.clip(x + rng.normal(0, sd, x.shape), 0, 255) / 255) ** gamma
     return np.rint(x).astype(np.uint8)
 
