@@ -40,7 +40,7 @@ def _data_commands(sub) -> None:
     ph.add_argument("--n-labelled", type=at_least(0), default=400)
     ph.add_argument("--n-test", type=at_least(0), default=500)
     ph.add_argument("--seed", type=at_least(0), default=0)
-    ph.add_argument("--workers", type=at_least(1), default=None)
+    ph.add_argument("--workers", type=at_least(1), default=0, help="processes rendering slices (default: this process's share of the CPUs)")
     window_per_slice_arg(ph)
     ph.add_argument("--coarse", type=at_least(1, float), default=1.0, help="effective voxel width in pixels (the proxy's 3 mm voxels are ~4)")
     ph.add_argument("--test-coarse", type=at_least(1, float), default=None, help="the test split's voxel width, if not --coarse")

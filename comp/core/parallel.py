@@ -44,9 +44,9 @@ def cgroup_cpus(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
     return None if quota == "max" else max(1, -(-int(quota) // int(period)))
 
 
-def n_workers(workers: int = 0) -> int:
-    """Resolve a worker count: 0 means this process's share of the CPUs."""
-    return workers if workers > 0 else cpu_share()
+def n_workers(workers: int | None = 0) -> int:
+    """Resolve a worker count: 0 or None means this process's share of the CPUs."""
+    return workers if workers is not None and workers > 0 else cpu_share()
 
 
 def pmap(fn: Callable, items: Sequence, *args: Any, workers: int = 0, desc: str | None = None) -> list:

@@ -133,7 +133,7 @@ def generate(
     n_labelled: int = 400,
     n_test: int = 500,
     seed: int = 0,
-    workers: int | None = None,
+    workers: int = 0,
     window_per_slice: tuple[float, ...] = (),
     coarse: float = 1.0,
     test_coarse: float | None = None,

@@ -77,6 +77,12 @@ def test_bad_window_per_slice_ranges_are_one_clear_error(tmp_path, ranges):
     assert not (tmp_path / "p").exists()
 
 
+def test_phantom_command_without_workers_renders_on_the_cpu_share(tmp_path):
+    r = run_cli("data", "phantom", "--out", str(tmp_path / "p"), "--n-train", "2", "--n-labelled", "1", "--n-test", "1")
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "p" / "X_train").iterdir())) == 2 and (tmp_path / "p" / "Y_train.csv").is_file()
+
+
 def _scan(n: int, a0: float, b0: float, pad: int, seed: int) -> np.ndarray:
     """A synthetic CT scan: an elliptic body that grows slowly along z, in a volume padded to 512x512 by `pad` rows."""
     rng = np.random.default_rng(seed)
