@@ -365,49 +365,65 @@ def load_merger(path: Path) -> Merger:
                   extra.get("relative") == "1", extra.get("vote") == "1")  # fmt: skip
 
 
-def _pair_rows(i: int, oof, weights: list[float], post: PostParams) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class MergeKind:
+    """How a fitted merger reads and joins pairs: its linkage (Merger.linkage) and whether it reads the RELATIVE features."""
+
+    linkage: str = "classifier"
+    relative: bool = False
+
+    def problem(self) -> str | None:
+        """What is wrong with it, or None."""
+        return None if self.linkage in LINKAGES else f"linkage must be one of {', '.join(LINKAGES)}, got {self.linkage!r}"
+
+
+def _pair_rows(i: int, oof, weights: list[float], post: PostParams, kind: MergeKind) -> tuple[np.ndarray, np.ndarray]:
     """Merge-classifier rows (features, targets) of OOF image i (an ensemble.OOF's)."""
     maps, image, truth, _ = oof.item(i, range(len(oof.members)))
     m = upsample_maps(blend(maps, weights), image.shape[-1])  # once: segment() keeps maps already at full size
     labels = segment(m, image, post)
-    pairs, x = pair_features(labels, m, image)
+    pairs, x = pair_features(labels, m, image, relative=kind.relative)
     return x, pair_targets(labels, truth, pairs)
 
 
-def fit_merging(oof, weights: list[float], post: PostParams, workers: int = 0) -> Merger:
+def fit_merging(oof, weights: list[float], post: PostParams, workers: int = 0, kind: MergeKind = MergeKind()) -> Merger:
     """Fold-disciplined pair classifiers trained on the OOF regions (an ensemble.OOF) of the tuned post-processing."""
-    rows = pmap(_pair_rows, list(range(len(oof.images))), oof, weights, post, workers=workers, desc="merge features")
-    return _fit_on_rows(rows, oof.folds, "merge classifier", workers=workers)
+    rows = pmap(_pair_rows, list(range(len(oof.images))), oof, weights, post, kind, workers=workers, desc="merge features")
+    return _fit_on_rows(rows, oof.folds, "merge classifier", kind, workers=workers)
 
 
-def _fit_on_rows(rows: list[tuple[np.ndarray, np.ndarray]], image_folds: np.ndarray, what: str, max_rounds: int = 4,
-                 workers: int = 0) -> Merger:  # fmt: skip
-    """Fold mergers from per-image (features, targets) rows, each image's rows tagged with its fold."""
+def _fit_on_rows(rows: list[tuple[np.ndarray, np.ndarray]], image_folds: np.ndarray, what: str, kind: MergeKind,
+                 max_rounds: int = 4, workers: int = 0) -> Merger:  # fmt: skip
+    """Fold mergers of `kind` from per-image (features, targets) rows, each image's rows tagged with its fold."""
     x = np.concatenate([r[0] for r in rows])
     y = np.concatenate([r[1] for r in rows])
     folds = np.concatenate([np.full(len(r[1]), f) for r, f in zip(rows, image_folds)])
     LOG.info(f"{what}: {len(y)} region pairs, {int(y.sum())} to merge")
-    return fit_fold_mergers(x, y, folds, max_rounds=max_rounds, workers=workers)
+    merger = fit_fold_mergers(x, y, folds, max_rounds=max_rounds, workers=workers)
+    merger.linkage, merger.relative = kind.linkage, kind.relative
+    return merger
 
 
 SUPERPIXEL_ROUNDS = 16  # merge rounds over ~1,000 superpixels (each round merges a matching of pairs)
 
 
-def _region_rows(i: int, oof, weights: list[float], regions: Regions, rounds: int, max_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+def _region_rows(i: int, oof, weights: list[float], regions: Regions, rounds: int, max_pairs: int,
+                 kind: MergeKind) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Agglomeration rows of OOF image i: its superpixels (or a run's regions), with the blended maps as features."""
     maps, image, truth, _ = oof.item(i, range(len(oof.members)))
     stretched = regions.stretch(image)
     given = oof.given(i, regions)
     labels = superpixels(stretched, regions.superpixels) if given is None else given
-    return agglomeration_rows(labels, upsample_maps(blend(maps, weights), image.shape[-1]), stretched, truth, rounds, max_pairs, i, image)
+    maps512 = upsample_maps(blend(maps, weights), image.shape[-1])
+    return agglomeration_rows(labels, maps512, stretched, truth, rounds, max_pairs, i, image, kind.relative)
 
 
 def fit_region_merging(oof, weights: list[float], regions: Regions, workers: int = 0, rounds: int = 8,
-                       max_pairs: int = 1500) -> Merger:  # fmt: skip
+                       max_pairs: int = 1500, kind: MergeKind = MergeKind()) -> Merger:  # fmt: skip
     """Fold-disciplined pair classifiers for the hybrid: every agglomeration stage of the OOF images' superpixels
     (or of a run's OOF regions)."""
     items = list(range(len(oof.images)))
     oof.given(0, regions)  # a run's regions are loaded before the workers fork
     what = f"{regions.run} regions" if regions.run else "superpixel"
-    rows = pmap(_region_rows, items, oof, weights, regions, rounds, max_pairs, workers=workers, desc=f"{what} merge features")
-    return _fit_on_rows(rows, oof.folds, f"{what} merge classifier", SUPERPIXEL_ROUNDS, workers)
+    rows = pmap(_region_rows, items, oof, weights, regions, rounds, max_pairs, kind, workers=workers, desc=f"{what} merge features")
+    return _fit_on_rows(rows, oof.folds, f"{what} merge classifier", kind, SUPERPIXEL_ROUNDS, workers)

@@ -19,6 +19,7 @@ from comp.core.errors import UserError
 from comp.core.fields import bounded
 from comp.core.log import LOG
 from comp.data.dataset import Dataset
+from comp.methods.merge import MergeKind
 from comp.nets.targets import PostParams
 from comp.pipeline.config import check_name, from_dict
 from comp.pipeline.oof import OOF, finished_runs, latest_per_config, post_of, resolve_run, run_config
@@ -41,6 +42,12 @@ class MergeSpec:
 
     enabled: bool = False
     threshold: float = bounded(0.5, lo=0, hi=1)
+    linkage: str = "classifier"  # how `tune` fitted the merger (comp.methods.merge.MergeKind; its file says the same)
+    relative: bool = False
+
+    def kind(self) -> MergeKind:
+        """The merger's kind as stored."""
+        return MergeKind(self.linkage, self.relative)
 
 
 @dataclass

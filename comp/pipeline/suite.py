@@ -19,6 +19,7 @@ from comp.core.errors import UserError
 from comp.core.fields import bounded
 from comp.core.log import LOG, result
 from comp.data.sets import resolve_data
+from comp.methods.merge import MergeKind
 from comp.pipeline.config import extra_override, from_dict, load_experiment
 from comp.pipeline.cv import finished_run, run_cv
 from comp.pipeline.ensemble import build_ensemble, load_ensemble, save_ensemble, single_member
@@ -47,6 +48,7 @@ class Suite:
     regions_from: list[str] | None = None  # instance singles whose OOF regions the tuning may start from (None: all)
     extra: dict = field(default_factory=dict)  # data name -> data folders whose annotated slices join every training part (cv.extra)
     transfer: dict = field(default_factory=dict)  # data name -> a data folder ("" = the embedded phantom) every row fitted there is scored on
+    merge: MergeKind = field(default_factory=MergeKind)  # the tuned ensemble's mergers: linkage, relative features (`tune --linkage`)
 
 
 @dataclass
@@ -69,6 +71,8 @@ def load_suite(path: str) -> Suite:
     unknown = sorted(set(suite.regions_from or []) - {*suite.singles, *(load_experiment(n).name for n in suite.singles)})
     if unknown:
         raise UserError(p, f"regions_from: '{unknown[0]}' is not one of the singles ({', '.join(suite.singles)})")
+    if suite.merge.problem():
+        raise UserError(p, f"merge: {suite.merge.problem()}")
     stray = sorted((set(suite.extra) | set(suite.transfer)) - set(suite.datasets))
     if stray:
         raise UserError(p, f"extra/transfer: '{stray[0]}' is not one of the data sets ({', '.join(suite.datasets)})")
@@ -168,6 +172,11 @@ def _cv_runs(suite: Suite, ds: str, data, names: list[str], runs: Path, reuse: b
     return result, reused_s
 
 
+def _merge_flags(kind: MergeKind) -> str:
+    """The `tune` flags of a merger kind other than the default."""
+    return (f" --linkage {kind.linkage}" if kind.linkage != MergeKind().linkage else "") + (" --relative-features" if kind.relative else "")
+
+
 def _ensemble_row(suite: Suite, ds: str, data, other, result: dict, short: dict, runs: Path, rows: dict[str, Row]) -> None:
     """Greedy selection over the learned singles, tuning (with the instance singles' regions offered), the row's figures."""
 
@@ -176,10 +185,12 @@ def _ensemble_row(suite: Suite, ds: str, data, other, result: dict, short: dict,
     spec, _ = build_ensemble(ens_name, learned, data, runs, max_steps=suite.select_steps, images=suite.select_images, force=True, command=f"python -m comp ensemble {' '.join(short[n] for n in suite.singles)} --name {ens_name}")
     instance = [n for n in suite.singles if not has_maps(result[n].run_dir) and _offers_regions(suite, n, short[n])]
     tuned_by = f"python -m comp tune {ens_name} --trials {suite.trials}" + (" --regions-from " + " ".join(str(result[n].run_dir) for n in instance) if instance else "")
+    tuned_by += _merge_flags(suite.merge)
     tune(spec, OOF.load([Path(m.run) for m in spec.members], data), runs, trials=suite.trials, region_runs=[result[n].run_dir for n in instance],
-         command=tuned_by)  # fmt: skip
+         command=tuned_by, kind=suite.merge)  # fmt: skip
     spec = load_ensemble(ens_name, runs)
     regions = f' REGIONS="{" ".join(short[n] for n in instance)}"' if instance else ""
+    regions += (f" LINKAGE={suite.merge.linkage}" if suite.merge.linkage != MergeKind().linkage else "") + (" RELATIVE=1" if suite.merge.relative else "")
     r = rows.setdefault("best ensemble (tuned)", Row("best ensemble (tuned)", command=f"make ensemble tune ENS=results-DATA TRIALS={suite.trials}{regions}"))
     r.cv[ds] = (spec.nested_ari if spec.nested_ari is not None else spec.oof_ari, spec.oof_std)
     r.in_sample[ds] = spec.oof_ari

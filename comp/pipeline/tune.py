@@ -18,7 +18,7 @@ import numpy as np
 
 from comp.core.errors import UserError
 from comp.core.log import LOG
-from comp.methods.merge import Merger, fit_merging, fit_region_merging, save_merger
+from comp.methods.merge import Merger, MergeKind, fit_merging, fit_region_merging, save_merger
 from comp.nets.targets import PostParams
 from comp.pipeline.ensemble import EnsembleSpec, merger_path, save_ensemble
 from comp.pipeline.oof import OOF
@@ -125,13 +125,14 @@ def tune(
     superpixels: bool = True,
     region_runs: list[Path] | None = None,
     command: str = "",
+    kind: MergeKind = MergeKind(),
 ) -> TuneResult:
     """Search post-processing and weights on OOF maps, estimate it nested across folds, add merging, store if honestly better.
 
     With `superpixels`, the hybrid is a second candidate: superpixels of the stretched slice merged by pair
     classifiers that read the tuned blend's maps; `region_runs` (CV runs of instance-predicting methods on the
     same folds) add their OOF predictions as regions, kept or merged further the same way. Whichever has the
-    better nested estimate is kept.
+    better nested estimate is kept. Every merger fitted is of `kind` (linkage, relative features).
 
     The study's best trial is scored on the images it was searched on (in-sample). The honest number is the
     nested estimate: each fold's images scored with the best of a search on the other folds' images. The
@@ -144,12 +145,12 @@ def tune(
     post, weights, kept, defaults = _post_processing(spec, oof, search, trials, seed, workers)
     no_merge = float(kept.full.mean())
     if merge:
-        kept = _merging(oof, weights, post, kept, seed, workers)
-        kept = _region_starts(oof, weights, kept, superpixels, region_runs, seed, workers)
+        kept = _merging(oof, weights, post, kept, seed, workers, kind)
+        kept = _region_starts(oof, weights, kept, superpixels, region_runs, seed, workers, kind)
     new_ari, new_nested = float(kept.full.mean()), float(kept.nested.mean())
     stored = bar is None or new_nested > bar + 1e-9
     if stored:
-        _store(spec, runs, command, post, weights, kept, no_merge)
+        _store(spec, runs, command, post, weights, kept, no_merge, kind)
     return TuneResult(float(search.best.value), new_ari, no_merge, kept.threshold, stored, search.done, search.rate, new_nested,
                       float(defaults.mean()), _describe(kept.regions) if kept.regions is not None else "", bar)  # fmt: skip
 
@@ -217,11 +218,11 @@ def _post_processing(spec: EnsembleSpec, oof: OOF, search: _Search, trials: int,
     return post, weights, _Kept(full, nested), defaults
 
 
-def _merging(oof: OOF, weights: list[float], post: PostParams, kept: _Kept, seed: int, workers: int) -> _Kept:
+def _merging(oof: OOF, weights: list[float], post: PostParams, kept: _Kept, seed: int, workers: int, kind: MergeKind) -> _Kept:
     """LightGBM merging of the post-processed regions: its threshold scanned on a subset, its gain nested across
     folds; kept only when that gain beats its per-fold standard error."""
     every, full, nested = np.arange(len(oof.images)), kept.full, kept.nested
-    merger = fit_merging(oof, weights, post, workers)
+    merger = fit_merging(oof, weights, post, workers, kind)
     scan = oof.subset(SCAN_IMAGES, seed)  # thresholds compared on a subset, the winner scored on every image
     per_t = {}
     for t in MERGE_THRESHOLDS:
@@ -251,7 +252,7 @@ def _merging(oof: OOF, weights: list[float], post: PostParams, kept: _Kept, seed
 
 
 def _region_starts(oof: OOF, weights: list[float], kept: _Kept, superpixels: bool, region_runs: list[Path] | None,
-                   seed: int, workers: int) -> _Kept:  # fmt: skip
+                   seed: int, workers: int, kind: MergeKind) -> _Kept:  # fmt: skip
     """Merging from other regions than the maps' watershed: superpixels of the stretched slice, other runs' OOF
     predictions; each taken when it beats what is kept by more than its per-fold standard error."""
     candidates = []
@@ -260,7 +261,7 @@ def _region_starts(oof: OOF, weights: list[float], kept: _Kept, superpixels: boo
     if region_runs:
         candidates.append(([Regions(window=oof.window(), run=str(r)) for r in region_runs], RUN_THRESHOLDS, SCAN_IMAGES))
     for choices, thresholds, scan_n in candidates:
-        c_full, c_nested, cand, c_t, c_merger = region_candidate(oof, weights, choices, thresholds, scan_n, seed, workers)
+        c_full, c_nested, cand, c_t, c_merger = region_candidate(oof, weights, choices, thresholds, scan_n, seed, workers, kind)
         LOG.info(f"{_describe(cand)} + merging at {c_t}: in-sample {c_full.mean():.4f}, nested {c_nested.mean():.4f} "
               f"(so far: nested {kept.nested.mean():.4f})")  # fmt: skip
         g, se = gain_and_se(c_nested, kept.nested, oof.folds)  # the fitted start must beat the simpler by more than its spread
@@ -272,7 +273,7 @@ def _region_starts(oof: OOF, weights: list[float], kept: _Kept, superpixels: boo
 
 
 def _store(spec: EnsembleSpec, runs: Path, command: str, post: PostParams, weights: list[float], kept: _Kept,
-           no_merge: float) -> None:  # fmt: skip
+           no_merge: float, kind: MergeKind) -> None:  # fmt: skip
     """Write the tuned settings (normalised weights, post-processing, merging, regions, scores) into the ensemble file."""
     record_command(spec, command)
     total = sum(weights)
@@ -281,6 +282,7 @@ def _store(spec: EnsembleSpec, runs: Path, command: str, post: PostParams, weigh
     spec.post = post
     spec.merge.enabled = kept.threshold is not None
     spec.merge.threshold = kept.threshold if kept.threshold is not None else spec.merge.threshold
+    spec.merge.linkage, spec.merge.relative = kind.linkage, kind.relative
     spec.regions = kept.regions
     spec.oof_ari, spec.oof_std, spec.oof_ari_no_merge = float(kept.full.mean()), float(kept.full.std()), no_merge
     spec.nested_ari = float(kept.nested.mean())
@@ -296,14 +298,14 @@ def record_command(spec: EnsembleSpec, command: str) -> None:
 
 
 def region_candidate(oof: OOF, weights: list[float], choices: list[Regions], thresholds: tuple, scan_n: int, seed: int = 0,
-                     workers: int = 0) -> tuple[np.ndarray, np.ndarray, Regions, float | None, Merger]:  # fmt: skip
+                     workers: int = 0, kind: MergeKind = MergeKind()) -> tuple[np.ndarray, np.ndarray, Regions, float | None, Merger]:  # fmt: skip
     """Merging that starts from other regions than the maps' watershed: per choice (a superpixel depth, or a run's
     predictions), fold mergers reading the blend's maps (image k merged by a model blind to fold k); choice and
     threshold (None: the regions as they are) picked on a scan subset. Returns in-sample scores, nested scores
     (each fold's choice and threshold picked on the other folds' scan images), the picked regions, threshold and merger."""
     every, scan = np.arange(len(oof.images)), oof.subset(scan_n, seed)
     done: dict[tuple[int, float | None], np.ndarray] = {}
-    mergers = [fit_region_merging(oof, weights, r, workers) for r in choices]
+    mergers = [fit_region_merging(oof, weights, r, workers, kind=kind) for r in choices]
 
     def at(choice: tuple[int, float | None], held: np.ndarray) -> np.ndarray:  # each (choice, threshold, image) scored once
         c, t = choice

@@ -18,7 +18,7 @@ from comp.core.metric import mean_counts, region_counts
 from comp.core.store import FoldDir
 from comp.data.calibration import evenly_spaced
 from comp.methods.compose import segment
-from comp.methods.merge import fit_merging, load_merger
+from comp.methods.merge import MergeKind, fit_merging, load_merger
 from comp.nets.targets import blend
 from comp.pipeline.ensemble import is_ensemble, load_ensemble, merger_path
 from comp.pipeline.oof import OOF, has_maps
@@ -69,7 +69,7 @@ def _from_ensemble(name: str, runs: Path, data) -> ReportInput:
     if merger is not None and not set(map(int, np.unique(oof.folds))) <= set(merger.models):
 
         LOG.info(f"{merger_path(name, runs)} holds no per-fold models: refitting them for the OOF pictures")
-        merger.models = {**fit_merging(oof, weights, spec.post).models, -1: merger.models[-1]}
+        merger.models = {**fit_merging(oof, weights, spec.post, kind=MergeKind(merger.linkage, merger.relative)).models, -1: merger.models[-1]}
     scores = oof.scores(weights, spec.post, merger, desc="score ensemble", regions=spec.regions)
 
     def predict(i: int) -> np.ndarray:

@@ -74,6 +74,23 @@ def test_a_suite_offering_regions_of_no_single_is_refused(tmp_path: Path) -> Non
     assert load_suite(str(path)).regions_from == ["hybrid"]
 
 
+def test_a_suites_merger_kind_is_read_and_a_bad_linkage_refused(tmp_path: Path) -> None:
+    import pytest
+
+    from comp.core.errors import UserError
+    from comp.methods.merge import MergeKind
+    from comp.pipeline.suite import _merge_flags, load_suite
+
+    path = tmp_path / "suite.yaml"
+    path.write_text("singles: [hybrid]\nmerge: {linkage: average, relative: true}\n")
+    suite = load_suite(str(path))
+    assert suite.merge == MergeKind("average", True)
+    assert _merge_flags(suite.merge) == " --linkage average --relative-features" and _merge_flags(MergeKind()) == ""
+    path.write_text("singles: [hybrid]\nmerge: {linkage: single}\n")
+    with pytest.raises(UserError, match="merge: linkage must be one of classifier, average"):
+        load_suite(str(path))
+
+
 def test_a_suite_is_a_delta_of_its_base(tmp_path: Path) -> None:
     """`base: NAME` reads the suite beside it first; the file's own keys win; a loop is one clear error."""
     import pytest

@@ -368,6 +368,32 @@ def test_superpixel_hybrid_wins_where_the_maps_fail_and_submit_reproduces_it(tin
 
 
 @pytest.mark.slow
+def test_tune_fits_mergers_of_the_kind_asked_for_and_the_stored_file_reproduces_them(tiny_phantom: Path, tmp_path: Path) -> None:
+    """Average linkage and relative features: recorded in the ensemble and merger files, and the stored score replays."""
+    from comp.methods.merge import FEATURES, RELATIVE, MergeKind
+
+    run = fake_run(tmp_path, tiny_phantom, "blind", fg_level=0.0, boundaries=False)
+    oof = OOF.load([run], Dataset(tiny_phantom))
+    r = tune(_spec(run, tiny_phantom, "kind"), oof, tmp_path, trials=2, workers=1, kind=MergeKind("average", True))
+    stored = load_ensemble("kind", tmp_path)
+    assert r.regions.startswith("superpixels") and stored.merge.enabled
+    assert (stored.merge.linkage, stored.merge.relative) == ("average", True)
+    merger = load_merger(tmp_path / "ensembles" / "kind.merge.txt")
+    assert (merger.linkage, merger.relative) == ("average", True)
+    import lightgbm as lgb
+
+    used = lgb.Booster(model_str=merger.models[-1]).feature_importance("split")  # the classifiers saw the RELATIVE columns
+    assert sum(used[FEATURES.index(f)] for f in RELATIVE) > 0
+    assert oof.scores([1.0], stored.post, merger, workers=1, regions=stored.regions).mean() == pytest.approx(stored.oof_ari)
+
+
+def test_an_unknown_linkage_is_one_clear_error_before_any_work(tmp_path: Path) -> None:
+    r = run_cli("tune", "nothing", "--linkage", "single", "--runs", str(tmp_path / "runs"))
+    assert r.returncode == 2 and "--linkage" in r.stderr and "average" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
 def test_merging_can_start_from_another_runs_regions_and_submit_reproduces_it(tiny_phantom: Path, tmp_path: Path) -> None:
     """Blind maps: the maps' watershed finds nothing; an instance-predicting run's OOF regions (kept, or merged
     by fold classifiers that read the maps) are the tuned ensemble, and submit starts from that method's test fit."""
