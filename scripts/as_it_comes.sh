@@ -9,7 +9,7 @@
 # `noise`: the fitted methods re-fitted with other seeds (`cv.fit_seed`, the folds unchanged) on the proxy rendered both
 # ways: how far a CV figure moves with the fit's own noise, against the per-slice change it is compared with. A
 # student's teacher is re-fitted with the same seed (its run is the unet_cpu row's).
-# Usage: scripts/as_it_comes.sh [per-slice|leak|diagnose|resolution|extra|features|networks|noise|all] (default all); METHODS="..." to narrow. Data:
+# Usage: scripts/as_it_comes.sh [per-slice|leak|diagnose|resolution|extra|features|networks|noise|merger|all] (default all); METHODS="..." to narrow. Data:
 # `make proxy`, then
 #   python -m comp data proxy --out data/proxy_ps   --window-per-slice -3100:-1000 1000:3100
 #   python -m comp data phantom --out data/phantom_ps --n-train 1000 --n-labelled 200 --n-test 100 --window-per-slice -3100:-1000 1000:3100
@@ -92,13 +92,14 @@ done;; esac
 run_of() {  # table experiment data-name: the run folder of that row of $OUT
   grep -P "^$1\t$2\t$3\t" $OUT | cut -f8
 }
-ensemble_row() {  # table data
-  local table=$1 data=$2 name
+ensemble_row() {  # table data [runs-table [tune flags...]]: the ensemble on the runs of runs-table's rows (default: table's)
+  local table=$1 data=$2 from=${3:-$1} name
+  shift $(( $# < 3 ? $# : 3 ))
   name=$(basename "$data")
   grep -qP "^$table\tensemble\t$name\t" $OUT && return 0
   local t0=$(date +%s) ens="$table-$name"
-  $PY -m comp ensemble "$(run_of "$table" unet_cpu_pseudo "$name")" --data "$data" --name "$ens" --max-steps 1 --force > $LOG
-  $PY -m comp tune "$ens" --data "$data" --trials 12 --regions-from "$(run_of "$table" hybrid "$name")" >> $LOG
+  $PY -m comp ensemble "$(run_of "$from" unet_cpu_pseudo "$name")" --data "$data" --name "$ens" --max-steps 1 --force > $LOG
+  $PY -m comp tune "$ens" --data "$data" --trials 12 --regions-from "$(run_of "$from" hybrid "$name")" "$@" >> $LOG
   $PY -c "import yaml, sys; e = yaml.safe_load(open(sys.argv[1])); print(f\"$table\tensemble\t$name\tauto\t{e['nested_ari']:.4f}\t{e['oof_std']:.4f}\t$(( ($(date +%s) - t0) / 60 ))\t{sys.argv[1]}\")" "runs/ensembles/$ens.yaml" >> $OUT
   tail -1 $OUT
 }
@@ -110,4 +111,16 @@ case "$WHAT" in noise|all) for fs in ${FIT_SEEDS:-0 1 2}; do for exp in ${NOISE_
 done; done
 for fs in ${FIT_SEEDS:-0 1 2}; do for data in data/proxy data/proxy_ps; do ensemble_row "noise-s$fs" "$data"; done; done
 $PY scripts/noise_table.py $OUT;; esac
+# The ensemble's mergers of another kind (MERGER_FLAGS, default average linkage + relative features) on the seed-0 runs
+# of `noise`, both renderings of the proxy, and each ensemble fitted on the proxy scored on the phantom.
+ensemble_transfer() {  # ensemble fit-dir score-dir
+  grep -qP "^ensemble $1\t$(basename "$2")\t$(basename "$3")\t" $TR && return 0
+  $PY -m comp transfer --ensemble "$1" --fit "$2" --score "$3" > $LOG
+  grep -P '^\| `' $LOG | sed -e 's/^| //' -e 's/ |$//' -e 's/`//g' -e 's/ | /\t/g' | tee -a $TR
+}
+case "$WHAT" in merger|all) for data in data/proxy data/proxy_ps; do
+  ensemble_row merger "$data" noise-s0 ${MERGER_FLAGS:---linkage average --relative-features}
+done
+ensemble_transfer noise-s0-proxy data/proxy data/phantom
+ensemble_transfer merger-proxy data/proxy data/phantom;; esac
 column -t -s $'\t' $OUT
