@@ -199,17 +199,17 @@ def cmd_ensemble(a: argparse.Namespace) -> int:
 def cmd_tune(a: argparse.Namespace) -> int:
     """Optuna search of post-processing and weights on cached OOF maps; stores the best in the ensemble file."""
     from comp.pipeline.ensemble import ensemble_path, tune_target
-    from comp.pipeline.oof import resolve_run
     from comp.methods.merge import MergeKind
+    from comp.pipeline.oof import resolve_run
     from comp.pipeline.tune_method import tune_spec
     from comp.report.leaderboard import write_leaderboard
 
-    if a.linkage and MergeKind(a.linkage).problem():  # before any data is read
-        raise UserError("--linkage", MergeKind(a.linkage).problem())
+    problem = MergeKind(a.linkage).problem() if a.linkage else None
+    if problem:  # before any data is read
+        raise UserError("--linkage", problem)
     runs, data = Path(a.runs), resolve_data(a.data)
     spec, single = tune_target(a.name, a.exp, runs, data, a.workers, a.command_line)
-    stored = spec.merge.kind()
-    kind = MergeKind(a.linkage or stored.linkage, stored.relative if a.relative_features is None else a.relative_features)
+    kind = spec.merge.kind(a.linkage, a.relative_features)  # a re-tune without the flags keeps what is stored
     r = tune_spec(spec, single, data, runs, a.trials, a.storage, a.images, a.workers, not a.no_merge, a.seed, a.params,
                   not a.no_superpixels, [resolve_run(n, runs, data, maps=False) for n in a.regions_from or []], a.command_line, kind)
     print(f"{r.trials_complete} complete trials ({r.trials_per_minute:.1f} per minute this call); best trial {r.best_trial_ari:.4f}")

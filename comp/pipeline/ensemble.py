@@ -45,9 +45,9 @@ class MergeSpec:
     linkage: str = "classifier"  # how `tune` fitted the merger (comp.methods.merge.MergeKind; its file says the same)
     relative: bool = False
 
-    def kind(self) -> MergeKind:
-        """The merger's kind as stored."""
-        return MergeKind(self.linkage, self.relative)
+    def kind(self, linkage: str | None = None, relative: bool | None = None) -> MergeKind:
+        """The merger's kind as stored, with what is given (not None) in its place."""
+        return MergeKind(linkage or self.linkage, self.relative if relative is None else relative)
 
 
 @dataclass

@@ -172,9 +172,11 @@ def _cv_runs(suite: Suite, ds: str, data, names: list[str], runs: Path, reuse: b
     return result, reused_s
 
 
-def _merge_flags(kind: MergeKind) -> str:
-    """The `tune` flags of a merger kind other than the default."""
-    return (f" --linkage {kind.linkage}" if kind.linkage != MergeKind().linkage else "") + (" --relative-features" if kind.relative else "")
+def _merge_flags(kind: MergeKind) -> tuple[str, str]:
+    """A merger kind other than the default as `tune` flags and as `make tune` variables."""
+    linkage = kind.linkage != MergeKind().linkage
+    return ((f" --linkage {kind.linkage}" if linkage else "") + (" --relative-features" if kind.relative else ""),
+            (f" LINKAGE={kind.linkage}" if linkage else "") + (" RELATIVE=1" if kind.relative else ""))
 
 
 def _ensemble_row(suite: Suite, ds: str, data, other, result: dict, short: dict, runs: Path, rows: dict[str, Row]) -> None:
@@ -185,12 +187,13 @@ def _ensemble_row(suite: Suite, ds: str, data, other, result: dict, short: dict,
     spec, _ = build_ensemble(ens_name, learned, data, runs, max_steps=suite.select_steps, images=suite.select_images, force=True, command=f"python -m comp ensemble {' '.join(short[n] for n in suite.singles)} --name {ens_name}")
     instance = [n for n in suite.singles if not has_maps(result[n].run_dir) and _offers_regions(suite, n, short[n])]
     tuned_by = f"python -m comp tune {ens_name} --trials {suite.trials}" + (" --regions-from " + " ".join(str(result[n].run_dir) for n in instance) if instance else "")
-    tuned_by += _merge_flags(suite.merge)
+    flags, make_vars = _merge_flags(suite.merge)
+    tuned_by += flags
     tune(spec, OOF.load([Path(m.run) for m in spec.members], data), runs, trials=suite.trials, region_runs=[result[n].run_dir for n in instance],
          command=tuned_by, kind=suite.merge)  # fmt: skip
     spec = load_ensemble(ens_name, runs)
     regions = f' REGIONS="{" ".join(short[n] for n in instance)}"' if instance else ""
-    regions += (f" LINKAGE={suite.merge.linkage}" if suite.merge.linkage != MergeKind().linkage else "") + (" RELATIVE=1" if suite.merge.relative else "")
+    regions += make_vars
     r = rows.setdefault("best ensemble (tuned)", Row("best ensemble (tuned)", command=f"make ensemble tune ENS=results-DATA TRIALS={suite.trials}{regions}"))
     r.cv[ds] = (spec.nested_ari if spec.nested_ari is not None else spec.oof_ari, spec.oof_std)
     r.in_sample[ds] = spec.oof_ari

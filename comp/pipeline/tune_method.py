@@ -137,13 +137,12 @@ def _store_method(spec_file: EnsembleSpec, runs: Path, command: str, params: dic
 
 def tune_spec(spec: EnsembleSpec, single: bool, data, runs: Path, trials: int, storage: str | None, images: int, workers: int,
               merge: bool, seed: int, params: list[str] | None, superpixels: bool, region_runs: list[Path], command: str,
-              kind: MergeKind | None = None) -> TuneResult:  # fmt: skip
+              kind: MergeKind) -> TuneResult:  # fmt: skip
     """Tune an ensemble's post-processing, weights and merging on its members' OOF maps, or (a one-member ensemble of
-    a method without maps) the method's own parameters and contrast window. `kind`: the mergers' (None: as stored)."""
+    a method without maps) the method's own parameters and contrast window; every merger fitted is of `kind`."""
     if len(spec.members) == 1 and not has_maps(Path(spec.members[0].run)):
         return tune_method(spec, data, runs, trials, storage, images, seed, params, command)
     oof = OOF.load([Path(m.run) for m in spec.members], data)  # a run without maps stops here, before anything is saved
     if single:
         save_ensemble(spec, runs)
-    return tune(spec, oof, runs, trials, storage, images, workers, merge, seed, params, superpixels, region_runs, command,
-                spec.merge.kind() if kind is None else kind)  # fmt: skip
+    return tune(spec, oof, runs, trials, storage, images, workers, merge, seed, params, superpixels, region_runs, command, kind)

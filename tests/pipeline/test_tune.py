@@ -387,6 +387,16 @@ def test_tune_fits_mergers_of_the_kind_asked_for_and_the_stored_file_reproduces_
     assert oof.scores([1.0], stored.post, merger, workers=1, regions=stored.regions).mean() == pytest.approx(stored.oof_ari)
 
 
+def test_a_retune_keeps_the_stored_merger_kind_where_no_flag_is_given() -> None:
+    from comp.methods.merge import MergeKind
+    from comp.pipeline.ensemble import MergeSpec
+
+    stored = MergeSpec(linkage="average", relative=True)
+    assert stored.kind() == MergeKind("average", True)
+    assert stored.kind(relative=False) == MergeKind("average", False)
+    assert stored.kind("classifier") == MergeKind("classifier", True)
+
+
 def test_an_unknown_linkage_is_one_clear_error_before_any_work(tmp_path: Path) -> None:
     r = run_cli("tune", "nothing", "--linkage", "single", "--runs", str(tmp_path / "runs"))
     assert r.returncode == 2 and "--linkage" in r.stderr and "average" in r.stderr and "Traceback" not in r.stderr
