@@ -179,3 +179,30 @@ def table(results: list[TransferResult]) -> str:
     head += "|---|---|---|---|---|---|---|---|---|---|\n"
     return head + "".join(f"| `{r.experiment}` | {r.fit} | {r.score} | {r.mean_ari:.4f} | {r.std_ari:.4f} | {r.n_images} | "
                           f"{r.mean_regions:.1f} | {r.true_regions:.1f} | {r.split:.1f} | {r.merged:.1f} |\n" for r in results)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FoldTransfer:
+    """One model's transfer score: a fold model alone (fold k) or the fold models' maps averaged (fold -1)."""
+
+    fold: int
+    mean_ari: float
+    mean_regions: float
+    true_regions: float
+
+
+def transfer_fold_models(run: Path, data: Dataset) -> list[FoldTransfer]:
+    """A learned CV run's fold models scored on `data`'s annotated slices, each alone and then their maps averaged
+    (as an ensemble of the run transfers), behind the contrast step resolved on `data`: how far one fitted model's
+    transfer moves with the fold it was fitted on. Labels are read only to score."""
+    if not has_maps(run):
+        raise UserError(run, "not a run of a learned method with fold models (no OOF maps)")
+    x = data.x_train[data.annotated]
+    members = MemberMaps(Path(run), None, False, False, x=x, contrast=_resolved_on(data, run_experiment(Path(run))[0].contrast))
+    maps = [m.predict_maps(x, tta=False).astype(np.float32) for m in members.sources]
+    truth, model, out = data.y_train[data.annotated], members.sources[0], []
+    for fold, m in [*enumerate(maps), (-1, sum(maps) / len(maps))]:
+        pred = model.postprocess_maps(m.astype(np.float16))
+        counts = mean_counts([region_counts(t, p) for t, p in zip(truth, pred)])
+        out.append(FoldTransfer(fold, float(image_scores(truth, pred).mean()), counts["predicted"], counts["true"]))
+    return out

@@ -143,3 +143,9 @@ def test_an_ensemble_transfers_as_it_was_selected_on_the_fitting_data(pair, tmp_
         transfer_ensemble("tinyens", Dataset(same), [Dataset(wide)], runs)
     with pytest.raises(UserError, match="fitted on"):
         transfer_ensemble("tinyens", Dataset(fit), [Dataset(fit)], runs)
+    from comp.pipeline.transfer import transfer_fold_models
+
+    rows = transfer_fold_models(run, Dataset(same))  # each fold model alone, then averaged as the ensemble is
+    assert [r.fold for r in rows] == [0, 1, -1] and rows[-1].true_regions > 0
+    assert abs(rows[-1].mean_ari - r_same.mean_ari) < 1e-6, (rows, r_same)
+    assert len({round(r.mean_ari, 6) for r in rows[:2]}) > 1, rows  # two fits, two scores
