@@ -8,8 +8,10 @@ Usage: .venv/bin/python scripts/fold_transfer.py --score data/phantom [--tsv run
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from comp.core.errors import UserError
 from comp.data.sets import resolve_data
 from comp.pipeline.transfer import transfer_fold_models
 
@@ -37,4 +39,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # a wrong run or data folder: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

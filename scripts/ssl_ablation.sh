@@ -23,7 +23,7 @@ from comp.pipeline.workspace import RUNS, RunDir
 bb, data, init, budget, exp = sys.argv[1:6]
 run = max((RunDir(d) for d in (RUNS / exp).iterdir() if RunDir(d).finished), key=lambda r: r.summary_file.stat().st_mtime)
 s = run.summary()
-print(f"{bb}\t{data}\t{init}\t{budget}\t{s['mean_ari']:.4f}\t{s['std_ari']:.4f}\t{s['fold_std']:.4f}\t{run}")
+print(f"{bb}\t{data}\t{init}\t{budget}\t{s['mean_ari']:.4f}\t{s['std_ari']:.4f}\t{s['fold_std']:.4f}\t{run.path}")
 PYEOF
 }
 transfer_row() {  # backbone data init budget: the cell's run (its TSV row) scored on the other stand-in
