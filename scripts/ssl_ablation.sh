@@ -2,6 +2,8 @@
 # SSL ablation (issue 5): each backbone x {random, mim, vicregl} x {100%, 25% budget} x {phantom, proxy},
 # same 3 folds and seeds. Encoders are pretrained on each data set's own slices (pixels only).
 # Usage: scripts/ssl_ablation.sh [BACKBONE...]   (default: mnv3 resnet18 effb0); rows go to runs/ssl_ablation.tsv
+# Every cell reads one input channel (`contrast.channels=[]`, as unet_cpu_mim does), random init included: the
+# pretraining configs build a one-channel stem, which does not load into unet_cpu's three input windows.
 # TRANSFER=1: each cell's fold models also scored on the other stand-in's annotated slices, each alone and averaged
 # (scripts/fold_transfer.py, rows in runs/ssl_transfer.tsv): the table gets a transfer column per init.
 set -euo pipefail
@@ -38,11 +40,11 @@ for bb in ${@:-mnv3 resnet18 effb0}; do
   for data in $DATASETS; do
     if [ "$data" = phantom ]; then dargs=(); runs=runs; else dargs=(--data data/$data); runs=runs/$data; fi
     for init in random mim vicregl; do
-      sets=()
+      sets=(--set 'contrast.channels=[]')
       if [ $init != random ] && [ "$(grep -cP "^$bb\t$data\t$init\t" $OUT)" -lt $(wc -w <<< "$BUDGETS") ]; then
         ckpt=$runs/pretrain/ssl_${init}_${bb}.pt
         [ -f "$ckpt" ] || $PY -m comp pretrain ssl_${init}_${bb} "${dargs[@]}" --runs $runs
-        sets=(--set params.model.encoder_weights=$ckpt)
+        sets+=(--set params.model.encoder_weights=$ckpt)
       fi
       for budget in $BUDGETS; do
         if ! grep -qP "^$bb\t$data\t$init\t$budget\t" $OUT; then  # resume: done rows are kept
