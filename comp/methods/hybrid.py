@@ -19,8 +19,9 @@ from comp.core.parallel import pmap
 from comp.core.store import FoldDir
 from comp.data.contrast import Contrast
 from comp.methods.base import FitContext, FoldData, inner_split
-from comp.methods.merge import (FEATURES, LINKAGES, Merger, agglomeration_rows, model_text, save_merger,
-                                train_classifier, unknown_features, without)
+from comp.methods.merge import (FEATURES, LINKAGES, Calibration, Merger, agglomeration_rows, fit_calibration,
+                                held_out_probabilities, model_text, save_merger, train_classifier, unknown_features,
+                                without)
 from comp.methods.registry import register_method
 from comp.nets.targets import resolve
 from comp.regions.superpixels import SuperpixelParams, merged_superpixels, superpixels
@@ -49,6 +50,10 @@ class HybridParams:
     # Extra renderings of every training slice (RENDERINGS: sharpened or blurred, noised, gamma-shifted, seeded) whose
     # pairs also train the classifier, so a merger fitted on one scan's blur and noise has met others' too.
     renderings: int = bounded(0, lo=0, added=True)
+    # Calibrate the classifier's probabilities (isotonic, on the held-out training slices' pairs of the inner
+    # classifier, which also picks h and threshold; the final classifier reuses that map): average linkage then pools
+    # frequencies, and the threshold means the same for the inner classifier it was chosen with and the final one.
+    calibrate: bool = added(False)
     workers: int = bounded(0, lo=0)
 
     def violations(self) -> dict[str, str]:
@@ -59,10 +64,11 @@ class HybridParams:
             out["linkage"] = f"must be one of {', '.join(LINKAGES)}, got {self.linkage!r}"
         return out
 
-    def merger(self, models: dict, threshold: float | None = None) -> Merger:
+    def merger(self, models: dict, threshold: float | None = None, calibration: Calibration = Calibration()) -> Merger:
         """A merger of these settings around trained classifiers."""
         t = self.threshold if threshold is None else threshold
-        return Merger(models, t, self.max_rounds, tuple(self.drop_features), self.linkage, self.relative_features, self.vote_features)
+        return Merger(models, t, self.max_rounds, tuple(self.drop_features), self.linkage, self.relative_features,
+                      self.vote_features, calibration)  # fmt: skip
 
 
 # How far a training slice's extra rendering moves (uniform draws): unsharp-mask amount (nets.targets.resolve, sigma
@@ -104,6 +110,12 @@ def _train(rows: list[tuple[np.ndarray, np.ndarray]], idx: np.ndarray, drop: lis
     return model_text(train_classifier(x, y))
 
 
+def _calibration(rows: list[tuple[np.ndarray, np.ndarray]], idx: np.ndarray, merger: Merger, workers: int) -> Calibration:
+    """The isotonic map of `merger`'s classifier fitted on the rows of slices `idx`, which it did not train on."""
+    raw = pmap(held_out_probabilities, [rows[i][0] for i in idx], merger, workers=workers)
+    return fit_calibration(np.concatenate(raw), np.concatenate([rows[i][1] for i in idx]))
+
+
 @register_method("hybrid", HybridParams)
 class Hybrid:
     """Fitted on the fold's training slices only: the classifier never sees the images it merges in CV."""
@@ -121,24 +133,26 @@ class Hybrid:
         n_val = min(self.p.fit_images, len(items) // 3)
         fit_idx, val_idx = inner_split(len(items), n_val, ctx.seed, "params.fit_images", train.groups)
         grid = [replace(self.p.superpixels, h=h) for h in self.p.fit_h] if len(val_idx) else [self.p.superpixels]
-        best, rows = (-np.inf, self.p.superpixels, self.p.threshold), None
+        best, rows = (-np.inf, self.p.superpixels, self.p.threshold, Calibration()), None
         for sp in grid:
             p = replace(self.p, superpixels=sp)
             rows_sp = pmap(_rows, items, p, workers=self.p.workers, desc=f"hybrid: pair features (h {sp.h})")
             if len(val_idx):
                 inner = p.merger({-1: _train(rows_sp, fit_idx, p.drop_features)})
+                if p.calibrate:
+                    inner.calibration = _calibration(rows_sp, val_idx, inner, self.p.workers)
                 for t in self.p.fit_thresholds:
                     inner.threshold = t
                     pred = np.stack(pmap(_segment, [(images[i], raws[i]) for i in val_idx], p, inner, workers=self.p.workers))
                     score = float(image_scores(train.y[val_idx], pred).mean())
                     LOG.debug(f"hybrid: h {sp.h} threshold {t}: {score:.4f} on {len(val_idx)} held-out training slices")
                     if score > best[0]:
-                        best, rows = (score, sp, t), rows_sp
+                        best, rows = (score, sp, t, inner.calibration), rows_sp
             else:
                 rows = rows_sp
-        _, sp, threshold = best
+        _, sp, threshold, calibration = best
         self.p = replace(self.p, superpixels=sp, threshold=threshold)
-        self.merger = self.p.merger({-1: _train(rows, np.arange(len(items)), self.p.drop_features)}, threshold)
+        self.merger = self.p.merger({-1: _train(rows, np.arange(len(items)), self.p.drop_features)}, threshold, calibration)
         save_merger(self.merger, FoldDir(Path(ctx.workdir)).merger)
         self.fitted = {"h": sp.h, "threshold": threshold}
 

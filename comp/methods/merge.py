@@ -48,6 +48,46 @@ LGB_PARAMS = {
 ROUNDS = 150
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """A monotone map from a classifier's merge probability to the share of such pairs that truly merge, fitted by
+    isotonic regression on pairs the classifier did not train on (knots x -> y; none: the identity)."""
+
+    x: tuple[float, ...] = ()
+    y: tuple[float, ...] = ()
+
+    def __call__(self, p: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities; a millionth of the raw one breaks ties within a flat step, so the merge order
+        among equals stays the classifier's."""
+        return p if not self.x else np.interp(p, self.x, self.y) + 1e-6 * p
+
+    def text(self) -> str:
+        """One line for the merger file ('' for the identity)."""
+        return f"# calibration {','.join(map(repr, self.x))} {','.join(map(repr, self.y))}\n" if self.x else ""  # exact
+
+    @classmethod
+    def parse(cls, line: str) -> "Calibration":
+        """The inverse of text (one line, without its newline)."""
+        _, _, xs, ys = line.split()
+        return cls(tuple(float(v) for v in xs.split(",")), tuple(float(v) for v in ys.split(",")))
+
+
+def fit_calibration(p: np.ndarray, y: np.ndarray) -> Calibration:
+    """Isotonic regression of merge targets on held-out probabilities; the identity where a class is missing."""
+    from sklearn.isotonic import IsotonicRegression
+
+    if len(y) == 0 or y.min() == y.max():
+        return Calibration()
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(p, y)
+    return Calibration(tuple(map(float, iso.X_thresholds_)), tuple(map(float, iso.y_thresholds_)))
+
+
+def held_out_probabilities(x: np.ndarray, merger: "Merger", fold: int = -1) -> np.ndarray:
+    """The raw probabilities of `merger`'s classifier (no calibration) on one image's rows (a pool job, so LightGBM is
+    never parsed in a parent that forks later)."""
+    return merger.probabilities(x, fold, calibrated=False)
+
+
 def _region_stats(labels: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-region mean and standard deviation of `values` (index = region id)."""
     n = int(labels.max()) + 1
@@ -217,12 +257,18 @@ class Merger:
     linkage: str = "classifier"
     relative: bool = False  # the classifiers read the RELATIVE features (pair_features' `relative`)
     vote: bool = False  # ... and the VOTE features (the fixed smoothed watershed's regions)
+    calibration: Calibration = field(default_factory=Calibration)  # applied to every model's probabilities
 
-    def probabilities(self, x: np.ndarray, fold: int = -1) -> np.ndarray:
-        """Merge probability of each feature row, by the model allowed to see `fold`."""
-        model = self.models.get(fold)
-        if model is None or len(x) == 0:
+    def probabilities(self, x: np.ndarray, fold: int = -1, calibrated: bool = True) -> np.ndarray:
+        """Merge probability of each feature row, by the model allowed to see `fold` (calibrated unless told not to)."""
+        if self.models.get(fold) is None or len(x) == 0:
             return np.zeros(len(x))
+        p = self._raw(x, fold)
+        return self.calibration(p) if calibrated else p
+
+    def _raw(self, x: np.ndarray, fold: int) -> np.ndarray:
+        """The classifier's own probability of each feature row."""
+        model = self.models[fold]
         x = without(x, self.drop)
         if isinstance(model, str) and model.startswith("constant "):
             model = float(model.split()[1])
@@ -340,7 +386,7 @@ def save_merger(merger: Merger, path: Path) -> None:
     tail += f" linkage {merger.linkage}" if merger.linkage != "classifier" else ""
     tail += " relative 1" if merger.relative else ""
     tail += " vote 1" if merger.vote else ""
-    parts = [f"# threshold {merger.threshold} rounds {merger.max_rounds}{tail}\n"]
+    parts = [f"# threshold {merger.threshold} rounds {merger.max_rounds}{tail}\n", merger.calibration.text()]
     parts += [f"# model {k}\n{model_text(m)}" for k, m in sorted(merger.models.items())]
     atomic_write_text(path, "".join(parts))
 
@@ -352,6 +398,10 @@ def load_merger(path: Path) -> Merger:
     head, _, rest = path.read_text().partition("\n")
     if not head.startswith("# threshold "):
         raise UserError(path, "not a merge model written by comp")
+    calibration = Calibration()
+    if rest.startswith("# calibration "):
+        line, _, rest = rest.partition("\n")
+        calibration = Calibration.parse(line)
     chunks = re.split(r"^# model (-?\d+)\n", rest, flags=re.M)
     if len(chunks) == 1:  # the first format: the test-set classifier only, right after the threshold line
         chunks = ["", "-1", rest]
@@ -362,7 +412,7 @@ def load_merger(path: Path) -> Merger:
     extra = dict(zip(words[5::2], words[6::2]))
     drop = tuple(extra["drop"].split(",")) if "drop" in extra else ()
     return Merger(models, float(words[2]), int(words[4]) if len(words) > 4 else 4, drop, extra.get("linkage", "classifier"),
-                  extra.get("relative") == "1", extra.get("vote") == "1")  # fmt: skip
+                  extra.get("relative") == "1", extra.get("vote") == "1", calibration)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -139,3 +139,43 @@ def test_extra_renderings_add_training_rows_of_a_moved_slice_and_leave_the_origi
     x0, y0 = _rows((img, img, truth, 3), p)
     x1, y1 = _rows((img, img, truth, 3), HybridParams(superpixels=p.superpixels, train_rounds=2, renderings=1))
     assert len(y1) > len(y0) and np.array_equal(x1[: len(y0)], x0, equal_nan=True) and np.array_equal(y1[: len(y0)], y0)
+
+
+def test_calibration_maps_overconfident_probabilities_to_frequencies_and_survives_the_merger_file(tmp_path: Path) -> None:
+    from comp.methods.merge import Calibration, Merger, fit_calibration, load_merger, save_merger
+
+    rng = np.random.default_rng(0)
+    raw = rng.uniform(0, 1, 20_000)
+    y = (rng.uniform(0, 1, raw.size) < raw**3).astype(np.int8)  # the classifier says p, the pairs merge at p^3
+    cal = fit_calibration(raw, y)
+    grid = np.array([0.2, 0.5, 0.8, 0.95])
+    assert np.abs(cal(grid) - grid**3).max() < 0.06  # the calibrated value is the merge frequency, not the raw one
+    assert np.all(np.diff(cal(np.linspace(0, 1, 101))) > 0)  # monotone, ties broken by the raw probability
+    assert fit_calibration(raw, np.zeros_like(y)) == Calibration() and Calibration()(grid) is grid  # one class: identity
+    save_merger(Merger({-1: "constant 0.9"}, 0.4, calibration=cal), tmp_path / "m.txt")
+    loaded = load_merger(tmp_path / "m.txt")
+    assert loaded.calibration == cal and loaded.threshold == 0.4  # exactly: a replayed score is the same
+    assert np.allclose(loaded.probabilities(np.zeros((3, 4))), cal(np.array([0.9]))[0], atol=1e-5)  # every model's p
+    assert loaded.probabilities(np.zeros((3, 4)), calibrated=False)[0] == 0.9
+    save_merger(Merger({-1: "constant 0.9"}, 0.4), tmp_path / "plain.txt")
+    assert "calibration" not in (tmp_path / "plain.txt").read_text()  # an uncalibrated merger's file is as before
+
+
+@pytest.mark.slow
+def test_a_calibrated_hybrid_fits_its_map_on_held_out_training_slices_and_stores_it(tmp_path: Path) -> None:
+    from comp.methods.merge import Calibration, load_merger
+
+    base = dict(superpixels=SuperpixelParams(h=0.005), fit_h=[0.005], fit_thresholds=[0.5], fit_images=2, train_rounds=4,
+                workers=1)  # fmt: skip
+    train = [_slice(s, noise=4.0) for s in range(6)]  # noisy: many superpixels per structure, pairs of both kinds
+    x, y = np.stack([t[0] for t in train]), np.stack([t[1] for t in train])
+    fitted = {}
+    for calibrate in (False, True):
+        method = Hybrid(HybridParams(**base, calibrate=calibrate))
+        method.fit(FoldData(x, y, np.arange(6)), FitContext(tmp_path / str(calibrate), 0, 0, Contrast()))
+        fitted[calibrate] = method.merger
+    assert fitted[False].calibration == Calibration()  # off by default: the merger is as before
+    cal = fitted[True].calibration
+    assert len(cal.x) >= 2 and min(cal.y) >= 0 and max(cal.y) <= 1
+    assert load_merger(tmp_path / "True" / "merge.txt").calibration == cal  # the fold's merger file carries it
+    assert fitted[True].models[-1] == fitted[False].models[-1]  # the same classifier, only its probabilities mapped
