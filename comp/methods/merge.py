@@ -417,10 +417,12 @@ def load_merger(path: Path) -> Merger:
 
 @dataclass(frozen=True)
 class MergeKind:
-    """How a fitted merger reads and joins pairs: its linkage (Merger.linkage) and whether it reads the RELATIVE features."""
+    """How a fitted merger reads and joins pairs: its linkage (Merger.linkage), whether it reads the RELATIVE features
+    and whether its probabilities are calibrated (Merger.calibration)."""
 
     linkage: str = "classifier"
     relative: bool = False
+    calibrate: bool = False  # map the probabilities by isotonic regression on the fold classifiers' held-out pairs
 
     def problem(self) -> str | None:
         """What is wrong with it, or None."""
@@ -451,7 +453,24 @@ def _fit_on_rows(rows: list[tuple[np.ndarray, np.ndarray]], image_folds: np.ndar
     LOG.info(f"{what}: {len(y)} region pairs, {int(y.sum())} to merge")
     merger = fit_fold_mergers(x, y, folds, max_rounds=max_rounds, workers=workers)
     merger.linkage, merger.relative = kind.linkage, kind.relative
+    if kind.calibrate:
+        merger.calibration = fold_calibration(merger, x, y, folds, workers)
     return merger
+
+
+def _fold_probabilities(key: int, merger: Merger, x: np.ndarray, folds: np.ndarray) -> np.ndarray:
+    """Fold `key`'s classifier on fold `key`'s rows, which it did not train on (a pool job)."""
+    return held_out_probabilities(x[folds == key], merger, key)
+
+
+def fold_calibration(merger: Merger, x: np.ndarray, y: np.ndarray, folds: np.ndarray, workers: int = 0) -> Calibration:
+    """One isotonic map for every model of a fold merger, fitted on each fold classifier's held-out rows (cross-fitted,
+    as the test-set classifier's own held-out rows do not exist)."""
+    keys = [int(k) for k in np.unique(folds) if k != -1]
+    if not keys:  # no fold classifiers: nothing held out to fit on
+        return Calibration()
+    raw = pmap(_fold_probabilities, keys, merger, x, folds, workers=workers)
+    return fit_calibration(np.concatenate(raw), np.concatenate([y[folds == k] for k in keys]))
 
 
 SUPERPIXEL_ROUNDS = 16  # merge rounds over ~1,000 superpixels (each round merges a matching of pairs)

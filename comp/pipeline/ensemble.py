@@ -44,10 +44,12 @@ class MergeSpec:
     threshold: float = bounded(0.5, lo=0, hi=1)
     linkage: str = "classifier"  # how `tune` fitted the merger (comp.methods.merge.MergeKind; its file says the same)
     relative: bool = False
+    calibrate: bool = False  # the merger file holds the map (comp.methods.merge.Calibration)
 
-    def kind(self, linkage: str | None = None, relative: bool | None = None) -> MergeKind:
+    def kind(self, linkage: str | None = None, relative: bool | None = None, calibrate: bool | None = None) -> MergeKind:
         """The merger's kind as stored, with what is given (not None) in its place."""
-        return MergeKind(linkage or self.linkage, self.relative if relative is None else relative)
+        return MergeKind(linkage or self.linkage, self.relative if relative is None else relative,
+                         self.calibrate if calibrate is None else calibrate)  # fmt: skip
 
 
 @dataclass

@@ -179,3 +179,22 @@ def test_a_calibrated_hybrid_fits_its_map_on_held_out_training_slices_and_stores
     assert len(cal.x) >= 2 and min(cal.y) >= 0 and max(cal.y) <= 1
     assert load_merger(tmp_path / "True" / "merge.txt").calibration == cal  # the fold's merger file carries it
     assert fitted[True].models[-1] == fitted[False].models[-1]  # the same classifier, only its probabilities mapped
+
+
+def test_fold_calibration_makes_an_overfitted_classifier_closer_to_the_truth_on_new_pairs() -> None:
+    from comp.methods.merge import fit_fold_mergers, fold_calibration
+
+    rng = np.random.default_rng(1)
+
+    def pairs(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x = rng.normal(0, 1, (n, 20)).astype(np.float32)  # one informative feature, 19 of noise to overfit on
+        truth = 1 / (1 + np.exp(-x[:, 0]))
+        return x, (rng.uniform(0, 1, n) < truth).astype(np.int8), truth
+
+    x, y, _ = pairs(600)
+    folds = np.arange(len(y)) % 3
+    merger = fit_fold_mergers(x, y, folds, workers=1)
+    merger.calibration = fold_calibration(merger, x, y, folds, workers=1)
+    new_x, _, truth = pairs(4000)
+    raw, cal = merger.probabilities(new_x, calibrated=False), merger.probabilities(new_x)
+    assert np.mean((cal - truth) ** 2) < 0.8 * np.mean((raw - truth) ** 2)  # nearer each pair's true merge probability

@@ -369,17 +369,17 @@ def test_superpixel_hybrid_wins_where_the_maps_fail_and_submit_reproduces_it(tin
 
 @pytest.mark.slow
 def test_tune_fits_mergers_of_the_kind_asked_for_and_the_stored_file_reproduces_them(tiny_phantom: Path, tmp_path: Path) -> None:
-    """Average linkage and relative features: recorded in the ensemble and merger files, and the stored score replays."""
+    """Average linkage, relative features, calibration: recorded in the ensemble and merger files; the score replays."""
     from comp.methods.merge import FEATURES, RELATIVE, MergeKind
 
     run = fake_run(tmp_path, tiny_phantom, "blind", fg_level=0.0, boundaries=False)
     oof = OOF.load([run], Dataset(tiny_phantom))
-    r = tune(_spec(run, tiny_phantom, "kind"), oof, tmp_path, trials=2, workers=1, kind=MergeKind("average", True))
+    r = tune(_spec(run, tiny_phantom, "kind"), oof, tmp_path, trials=2, workers=1, kind=MergeKind("average", True, True))
     stored = load_ensemble("kind", tmp_path)
     assert r.regions.startswith("superpixels") and stored.merge.enabled
-    assert (stored.merge.linkage, stored.merge.relative) == ("average", True)
+    assert (stored.merge.linkage, stored.merge.relative, stored.merge.calibrate) == ("average", True, True)
     merger = load_merger(tmp_path / "ensembles" / "kind.merge.txt")
-    assert (merger.linkage, merger.relative) == ("average", True)
+    assert (merger.linkage, merger.relative) == ("average", True) and len(merger.calibration.x) >= 2
     import lightgbm as lgb
 
     used = lgb.Booster(model_str=merger.models[-1]).feature_importance("split")  # the classifiers saw the RELATIVE columns
@@ -395,6 +395,7 @@ def test_a_retune_keeps_the_stored_merger_kind_where_no_flag_is_given() -> None:
     assert stored.kind() == MergeKind("average", True)
     assert stored.kind(relative=False) == MergeKind("average", False)
     assert stored.kind("classifier") == MergeKind("classifier", True)
+    assert MergeSpec(calibrate=True).kind() == MergeKind(calibrate=True) and not MergeSpec(calibrate=True).kind(calibrate=False).calibrate
 
 
 def test_an_unknown_linkage_is_one_clear_error_before_any_work(tmp_path: Path) -> None:
