@@ -174,10 +174,10 @@ def _cv_runs(suite: Suite, ds: str, data, names: list[str], runs: Path, reuse: b
 
 def _merge_flags(kind: MergeKind) -> tuple[str, str]:
     """A merger kind other than the default as `tune` flags and as `make tune` variables."""
-    linkage = kind.linkage != MergeKind().linkage
-    flags = (f" --linkage {kind.linkage}" if linkage else "") + (" --relative-features" if kind.relative else "")
-    make_vars = (f" LINKAGE={kind.linkage}" if linkage else "") + (" RELATIVE=1" if kind.relative else "")
-    return flags + (" --calibrate" if kind.calibrate else ""), make_vars + (" CALIBRATE=1" if kind.calibrate else "")
+    given = [(f" --linkage {kind.linkage}", f" LINKAGE={kind.linkage}")] if kind.linkage != MergeKind().linkage else []
+    given += [(" --relative-features", " RELATIVE=1")] if kind.relative else []
+    given += [(" --calibrate", " CALIBRATE=1")] if kind.calibrate else []
+    return "".join(flag for flag, _ in given), "".join(var for _, var in given)
 
 
 def _ensemble_row(suite: Suite, ds: str, data, other, result: dict, short: dict, runs: Path, rows: dict[str, Row]) -> None:
