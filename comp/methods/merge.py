@@ -401,7 +401,10 @@ def load_merger(path: Path) -> Merger:
     calibration = Calibration()
     if rest.startswith("# calibration "):
         line, _, rest = rest.partition("\n")
-        calibration = Calibration.parse(line)
+        try:
+            calibration = Calibration.parse(line)
+        except ValueError:
+            raise UserError(path, "its calibration line is not two comma-separated lists of numbers (run `comp tune` again)") from None
     chunks = re.split(r"^# model (-?\d+)\n", rest, flags=re.M)
     if len(chunks) == 1:  # the first format: the test-set classifier only, right after the threshold line
         chunks = ["", "-1", rest]

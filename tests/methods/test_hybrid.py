@@ -159,6 +159,11 @@ def test_calibration_maps_overconfident_probabilities_to_frequencies_and_survive
     assert loaded.probabilities(np.zeros((3, 4)), calibrated=False)[0] == 0.9
     save_merger(Merger({-1: "constant 0.9"}, 0.4), tmp_path / "plain.txt")
     assert "calibration" not in (tmp_path / "plain.txt").read_text()  # an uncalibrated merger's file is as before
+    from comp.core.errors import UserError
+
+    (tmp_path / "bad.txt").write_text("# threshold 0.4 rounds 4\n# calibration 0.1,x 0.2\n# model -1\nconstant 0.9\n")
+    with pytest.raises(UserError, match="bad.txt.*calibration line"):
+        load_merger(tmp_path / "bad.txt")
 
 
 @pytest.mark.slow
