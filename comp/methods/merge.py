@@ -61,14 +61,15 @@ class Calibration:
         among equals stays the classifier's."""
         return p if not self.x else np.interp(p, self.x, self.y) + 1e-6 * p
 
-    def text(self) -> str:
-        """One line for the merger file ('' for the identity)."""
-        return f"# calibration {','.join(map(repr, self.x))} {','.join(map(repr, self.y))}\n" if self.x else ""  # exact
+    def text(self, fold: int | None = None) -> str:
+        """One line for the merger file ('' for the identity); `fold`: the map of that fold's classifier alone."""
+        head = "# calibration" if fold is None else f"# calibration-fold {fold}"
+        return f"{head} {','.join(map(repr, self.x))} {','.join(map(repr, self.y))}\n" if self.x else ""  # exact
 
     @classmethod
     def parse(cls, line: str) -> "Calibration":
-        """The inverse of text (one line, without its newline)."""
-        _, _, xs, ys = line.split()
+        """The inverse of text (one line, without its newline; a fold line's fold number is read by the caller)."""
+        xs, ys = line.split()[-2:]
         return cls(tuple(float(v) for v in xs.split(",")), tuple(float(v) for v in ys.split(",")))
 
 
@@ -257,14 +258,17 @@ class Merger:
     linkage: str = "classifier"
     relative: bool = False  # the classifiers read the RELATIVE features (pair_features' `relative`)
     vote: bool = False  # ... and the VOTE features (the fixed smoothed watershed's regions)
-    calibration: Calibration = field(default_factory=Calibration)  # applied to every model's probabilities
+    calibration: Calibration = field(default_factory=Calibration)  # applied to every model's probabilities ...
+    # ... but a fold classifier's own map where it has one: fitted without that fold's pairs (fold_calibration), so the
+    # images a fold model merges in CV never shaped the map it merges them with.
+    fold_calibrations: dict[int, Calibration] = field(default_factory=dict)
 
     def probabilities(self, x: np.ndarray, fold: int = -1, calibrated: bool = True) -> np.ndarray:
         """Merge probability of each feature row, by the model allowed to see `fold` (calibrated unless told not to)."""
         if self.models.get(fold) is None or len(x) == 0:
             return np.zeros(len(x))
         p = self._raw(x, fold)
-        return self.calibration(p) if calibrated else p
+        return self.fold_calibrations.get(fold, self.calibration)(p) if calibrated else p
 
     def _raw(self, x: np.ndarray, fold: int) -> np.ndarray:
         """The classifier's own probability of each feature row."""
@@ -387,6 +391,7 @@ def save_merger(merger: Merger, path: Path) -> None:
     tail += " relative 1" if merger.relative else ""
     tail += " vote 1" if merger.vote else ""
     parts = [f"# threshold {merger.threshold} rounds {merger.max_rounds}{tail}\n", merger.calibration.text()]
+    parts += [c.text(k) for k, c in sorted(merger.fold_calibrations.items())]
     parts += [f"# model {k}\n{model_text(m)}" for k, m in sorted(merger.models.items())]
     atomic_write_text(path, "".join(parts))
 
@@ -398,13 +403,7 @@ def load_merger(path: Path) -> Merger:
     head, _, rest = path.read_text().partition("\n")
     if not head.startswith("# threshold "):
         raise UserError(path, "not a merge model written by comp")
-    calibration = Calibration()
-    if rest.startswith("# calibration "):
-        line, _, rest = rest.partition("\n")
-        try:
-            calibration = Calibration.parse(line)
-        except ValueError:
-            raise UserError(path, "its calibration line is not two comma-separated lists of numbers (run `comp tune` again)") from None
+    calibration, folds, rest = _calibrations(path, rest)
     chunks = re.split(r"^# model (-?\d+)\n", rest, flags=re.M)
     if len(chunks) == 1:  # the first format: the test-set classifier only, right after the threshold line
         chunks = ["", "-1", rest]
@@ -415,7 +414,22 @@ def load_merger(path: Path) -> Merger:
     extra = dict(zip(words[5::2], words[6::2]))
     drop = tuple(extra["drop"].split(",")) if "drop" in extra else ()
     return Merger(models, float(words[2]), int(words[4]) if len(words) > 4 else 4, drop, extra.get("linkage", "classifier"),
-                  extra.get("relative") == "1", extra.get("vote") == "1", calibration)  # fmt: skip
+                  extra.get("relative") == "1", extra.get("vote") == "1", calibration, folds)  # fmt: skip
+
+
+def _calibrations(path: Path, rest: str) -> tuple[Calibration, dict[int, Calibration], str]:
+    """The calibration lines at the head of a merger file's body (the shared map, then per-fold ones), and what follows."""
+    shared, folds = Calibration(), {}
+    while rest.startswith(("# calibration ", "# calibration-fold ")):
+        line, _, rest = rest.partition("\n")
+        try:
+            if line.startswith("# calibration-fold "):
+                folds[int(line.split()[2])] = Calibration.parse(line)
+            else:
+                shared = Calibration.parse(line)
+        except (ValueError, IndexError):
+            raise UserError(path, "its calibration line is not two comma-separated lists of numbers (run `comp tune` again)") from None
+    return shared, folds, rest
 
 
 @dataclass(frozen=True)
@@ -457,7 +471,7 @@ def _fit_on_rows(rows: list[tuple[np.ndarray, np.ndarray]], image_folds: np.ndar
     merger = fit_fold_mergers(x, y, folds, max_rounds=max_rounds, workers=workers)
     merger.linkage, merger.relative = kind.linkage, kind.relative
     if kind.calibrate:
-        merger.calibration = fold_calibration(merger, x, y, folds, workers)
+        merger.calibration, merger.fold_calibrations = fold_calibration(merger, x, y, folds, workers)
     return merger
 
 
@@ -466,14 +480,22 @@ def _fold_probabilities(key: int, merger: Merger, x: np.ndarray, folds: np.ndarr
     return held_out_probabilities(x[folds == key], merger, key)
 
 
-def fold_calibration(merger: Merger, x: np.ndarray, y: np.ndarray, folds: np.ndarray, workers: int = 0) -> Calibration:
-    """One isotonic map for every model of a fold merger, fitted on each fold classifier's held-out rows (cross-fitted,
-    as the test-set classifier's own held-out rows do not exist)."""
+def fold_calibration(merger: Merger, x: np.ndarray, y: np.ndarray, folds: np.ndarray,
+                     workers: int = 0) -> tuple[Calibration, dict[int, Calibration]]:  # fmt: skip
+    """Isotonic maps cross-fitted on each fold classifier's held-out rows: one on every fold's (for the test-set
+    classifier, whose own held-out rows do not exist) and, per fold k, one on the other folds' (for fold k's model, so
+    the map that merges fold k's images in CV was fitted without their labels)."""
     keys = [int(k) for k in np.unique(folds) if k != -1]
     if not keys:  # no fold classifiers: nothing held out to fit on
-        return Calibration()
-    raw = pmap(_fold_probabilities, keys, merger, x, folds, workers=workers)
-    return fit_calibration(np.concatenate(raw), np.concatenate([y[folds == k] for k in keys]))
+        return Calibration(), {}
+    raw = dict(zip(keys, pmap(_fold_probabilities, keys, merger, x, folds, workers=workers)))
+    truth = {k: y[folds == k] for k in keys}
+
+    def fitted(ks: list[int]) -> Calibration:
+        return fit_calibration(np.concatenate([raw[k] for k in ks]), np.concatenate([truth[k] for k in ks]))
+
+    per_fold = {k: fitted([j for j in keys if j != k]) for k in keys} if len(keys) > 1 else {}
+    return fitted(keys), per_fold
 
 
 SUPERPIXEL_ROUNDS = 16  # merge rounds over ~1,000 superpixels (each round merges a matching of pairs)

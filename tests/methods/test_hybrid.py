@@ -199,7 +199,31 @@ def test_fold_calibration_makes_an_overfitted_classifier_closer_to_the_truth_on_
     x, y, _ = pairs(600)
     folds = np.arange(len(y)) % 3
     merger = fit_fold_mergers(x, y, folds, workers=1)
-    merger.calibration = fold_calibration(merger, x, y, folds, workers=1)
+    merger.calibration, merger.fold_calibrations = fold_calibration(merger, x, y, folds, workers=1)
     new_x, _, truth = pairs(4000)
     raw, cal = merger.probabilities(new_x, calibrated=False), merger.probabilities(new_x)
     assert np.mean((cal - truth) ** 2) < 0.8 * np.mean((raw - truth) ** 2)  # nearer each pair's true merge probability
+
+
+def test_each_fold_model_is_calibrated_without_its_own_folds_pairs_and_the_maps_survive_the_merger_file(tmp_path: Path) -> None:
+    from comp.methods.merge import fit_calibration, fit_fold_mergers, fold_calibration, load_merger, save_merger
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(0, 1, (900, 6)).astype(np.float32)
+    y = (rng.uniform(0, 1, 900) < 1 / (1 + np.exp(-2 * x[:, 0]))).astype(np.int8)
+    folds = np.arange(len(y)) % 3
+    merger = fit_fold_mergers(x, y, folds, workers=1)
+    shared, per_fold = fold_calibration(merger, x, y, folds, workers=1)
+    held = {k: merger.probabilities(x[folds == k], k, calibrated=False) for k in range(3)}
+    for k in range(3):  # fold k's map: the other folds' held-out pairs only, so fold k's labels never shaped it
+        others = [j for j in range(3) if j != k]
+        assert per_fold[k] == fit_calibration(np.concatenate([held[j] for j in others]), np.concatenate([y[folds == j] for j in others]))
+    assert shared == fit_calibration(np.concatenate(list(held.values())), np.concatenate([y[folds == k] for k in range(3)]))
+    assert len({shared, *per_fold.values()}) == 4  # four different maps
+    merger.calibration, merger.fold_calibrations = shared, per_fold
+    save_merger(merger, tmp_path / "m.txt")
+    loaded = load_merger(tmp_path / "m.txt")
+    assert loaded.calibration == shared and loaded.fold_calibrations == per_fold  # exactly
+    for k in (0, 1, 2, -1):  # each model's probabilities through its own map (the test-set model: the shared one)
+        want = (per_fold.get(k, shared))(merger.probabilities(x[:50], k, calibrated=False))
+        assert np.allclose(loaded.probabilities(x[:50], k), want, atol=1e-6)

@@ -380,6 +380,7 @@ def test_tune_fits_mergers_of_the_kind_asked_for_and_the_stored_file_reproduces_
     assert (stored.merge.linkage, stored.merge.relative, stored.merge.calibrate) == ("average", True, True)
     merger = load_merger(tmp_path / "ensembles" / "kind.merge.txt")
     assert (merger.linkage, merger.relative) == ("average", True) and len(merger.calibration.x) >= 2
+    assert set(merger.fold_calibrations) == set(map(int, np.unique(oof.folds)))  # each fold model its own map, kept
     import lightgbm as lgb
 
     used = lgb.Booster(model_str=merger.models[-1]).feature_importance("split")  # the classifiers saw the RELATIVE columns
