@@ -41,7 +41,7 @@ class Suite:
     datasets: dict = field(default_factory=lambda: {"phantom": ""})
     baseline: str = "baseline_watershed"
     stretched: str = "baseline_watershed_stretched"  # the same recipe behind the contrast step
-    fg_cc: str = "unet_fg_cc_cpu"
+    fg_cc: str = "unet_fg_cc_cpu"  # "" = no fg U-Net + connected components row
     singles: list[str] = field(default_factory=lambda: ["unet_cpu"])
     select_steps: int = bounded(8, lo=1)  # greedy ensemble selection: at most this many additions
     select_images: int = bounded(0, lo=0)  # greedy selection scored on this many OOF images (0 = all)
@@ -132,16 +132,14 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
 
     t0, reused_s = time.time(), 0.0
     rows: dict[str, Row] = {}
-    names = [suite.baseline, suite.stretched, suite.fg_cc, *suite.singles]
+    names = [n for _, n in table_picks(suite)]
     short = {n: load_experiment(n).name for n in names}  # entries may be paths
     for ds, root in suite.datasets.items():
         data = resolve_data(root or None)
         other = resolve_data(suite.transfer[ds] or None) if ds in suite.transfer else None
         result, reused = _cv_runs(suite, ds, data, names, runs, reuse)
         reused_s += reused
-        picks = [("official watershed baseline", suite.baseline), ("official baseline, contrast-stretched (auto)", suite.stretched),
-                 ("fg U-Net + connected components", suite.fg_cc), *(("single model", n) for n in suite.singles)]  # fmt: skip
-        for label, name in picks:
+        for label, name in table_picks(suite):
             r = rows.setdefault(f"{label}|{name}", Row(label, command=f"make cv EXP={short[name]} FOLDS={suite.folds}"))
             r.names[ds] = f"`{short[name]}`"
             r.cv[ds] = (result[name].mean, _std(result[name].run_dir))
@@ -151,6 +149,13 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
         _ensemble_row(suite, ds, data, other, result, short, runs, rows)
     _write_table(list(rows.values()), suite, (time.time() - t0) / 60, reused_s, out or Workspace(runs).results_table("results_cpu"), readme)
     return out or Workspace(runs).results_table("results_cpu")
+
+
+def table_picks(suite: Suite) -> list[tuple[str, str]]:
+    """The table's rows of single experiments, (label, experiment); the fg + CC row only when the suite names one."""
+    fg = [("fg U-Net + connected components", suite.fg_cc)] if suite.fg_cc else []
+    return [("official watershed baseline", suite.baseline), ("official baseline, contrast-stretched (auto)", suite.stretched),
+            *fg, *(("single model", n) for n in suite.singles)]  # fmt: skip
 
 
 def _cv_runs(suite: Suite, ds: str, data, names: list[str], runs: Path, reuse: bool) -> tuple[dict, float]:

@@ -109,3 +109,12 @@ def test_a_suite_is_a_delta_of_its_base(tmp_path: Path) -> None:
     (tmp_path / "main.yaml").write_text("base: variant\n")
     with pytest.raises(UserError, match="leads back to itself"):
         load_suite(str(tmp_path / "variant.yaml"))
+
+
+def test_a_suite_without_an_fg_cc_experiment_has_no_such_row() -> None:
+    from comp.pipeline.suite import load_suite, table_picks
+
+    labels = lambda s: [label for label, _ in table_picks(s)]  # noqa: E731
+    assert "fg U-Net + connected components" in labels(Suite(fg_cc="unet_fg_cc_cpu"))
+    cut = load_suite(str(Path(__file__).parents[2] / "experiments/suites/results_cpu.yaml"))  # cut for time: make results under 60 min
+    assert "fg U-Net + connected components" not in labels(cut) and [n for _, n in table_picks(cut)][:2] == [cut.baseline, cut.stretched]
