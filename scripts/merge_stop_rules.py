@@ -15,10 +15,9 @@ from comp.data.dataset import Dataset
 from comp.pipeline.config import load_experiment
 from comp.pipeline.submit import fit_every_annotated
 from comp.pipeline.transfer import _resolved_on
-from comp.methods.merge import vote_regions, pair_features, _matching, FirstEdges, FEATURES
+from comp.methods.merge import FEATURES, GRAD_SIGMA, FirstEdges, _matching, gradient, pair_features, vote_regions
 from comp.regions.ops import merge_pairs, relabel_uint8
 from comp.regions.superpixels import superpixels
-from comp.methods.merge import gradient, GRAD_SIGMA
 
 exp = load_experiment(sys.argv[1])
 fit, score = Dataset(sys.argv[2]), Dataset(sys.argv[3])
@@ -60,8 +59,8 @@ def run(item, rule, f):
         if len(above) == 0:
             break
         m = _matching(pairs, above[np.argsort(-p[above], kind="stable")])
-        if rule != "threshold" and n > target:
-            m = m[: max(1, int(n - target))] if rule != "floor" or n > target else m
+        if rule != "threshold" and n > target:  # no further than the target count
+            m = m[: max(1, int(n - target))]
         lab = merge_pairs(lab, m)
     return relabel_uint8(lab)
 

@@ -61,16 +61,20 @@ class Calibration:
         among equals stays the classifier's."""
         return p if not self.x else np.interp(p, self.x, self.y) + 1e-6 * p
 
+    HEADS = ("# calibration ", "# calibration-fold ")  # how its lines start: every fold's map, one fold's
+
     def text(self, fold: int | None = None) -> str:
         """One line for the merger file ('' for the identity); `fold`: the map of that fold's classifier alone."""
-        head = "# calibration" if fold is None else f"# calibration-fold {fold}"
-        return f"{head} {','.join(map(repr, self.x))} {','.join(map(repr, self.y))}\n" if self.x else ""  # exact
+        head = self.HEADS[0] if fold is None else f"{self.HEADS[1]}{fold} "
+        return f"{head}{','.join(map(repr, self.x))} {','.join(map(repr, self.y))}\n" if self.x else ""  # exact
 
     @classmethod
-    def parse(cls, line: str) -> "Calibration":
-        """The inverse of text (one line, without its newline; a fold line's fold number is read by the caller)."""
-        xs, ys = line.split()[-2:]
-        return cls(tuple(float(v) for v in xs.split(",")), tuple(float(v) for v in ys.split(",")))
+    def parse(cls, line: str) -> tuple[int | None, "Calibration"]:
+        """The inverse of text (one line, without its newline): the fold it is for (None: every fold) and the map."""
+        words = line.split()
+        fold = int(words.pop(2)) if line.startswith(cls.HEADS[1]) else None
+        _, _, xs, ys = words  # exactly these words: anything else is a malformed line
+        return fold, cls(tuple(float(v) for v in xs.split(",")), tuple(float(v) for v in ys.split(",")))
 
 
 def fit_calibration(p: np.ndarray, y: np.ndarray) -> Calibration:
@@ -420,15 +424,16 @@ def load_merger(path: Path) -> Merger:
 def _calibrations(path: Path, rest: str) -> tuple[Calibration, dict[int, Calibration], str]:
     """The calibration lines at the head of a merger file's body (the shared map, then per-fold ones), and what follows."""
     shared, folds = Calibration(), {}
-    while rest.startswith(("# calibration ", "# calibration-fold ")):
+    while rest.startswith(Calibration.HEADS):
         line, _, rest = rest.partition("\n")
         try:
-            if line.startswith("# calibration-fold "):
-                folds[int(line.split()[2])] = Calibration.parse(line)
-            else:
-                shared = Calibration.parse(line)
+            fold, cal = Calibration.parse(line)
         except (ValueError, IndexError):
             raise UserError(path, "its calibration line is not two comma-separated lists of numbers (run `comp tune` again)") from None
+        if fold is None:
+            shared = cal
+        else:
+            folds[fold] = cal
     return shared, folds, rest
 
 

@@ -132,14 +132,15 @@ def run_results(suite: Suite, runs: Path, reuse: bool = False, readme: Path | No
 
     t0, reused_s = time.time(), 0.0
     rows: dict[str, Row] = {}
-    names = [n for _, n in table_picks(suite)]
+    picks = table_picks(suite)
+    names = [n for _, n in picks]
     short = {n: load_experiment(n).name for n in names}  # entries may be paths
     for ds, root in suite.datasets.items():
         data = resolve_data(root or None)
         other = resolve_data(suite.transfer[ds] or None) if ds in suite.transfer else None
         result, reused = _cv_runs(suite, ds, data, names, runs, reuse)
         reused_s += reused
-        for label, name in table_picks(suite):
+        for label, name in picks:
             r = rows.setdefault(f"{label}|{name}", Row(label, command=f"make cv EXP={short[name]} FOLDS={suite.folds}"))
             r.names[ds] = f"`{short[name]}`"
             r.cv[ds] = (result[name].mean, _std(result[name].run_dir))

@@ -164,6 +164,9 @@ def test_calibration_maps_overconfident_probabilities_to_frequencies_and_survive
     (tmp_path / "bad.txt").write_text("# threshold 0.4 rounds 4\n# calibration 0.1,x 0.2\n# model -1\nconstant 0.9\n")
     with pytest.raises(UserError, match="bad.txt.*calibration line"):
         load_merger(tmp_path / "bad.txt")
+    (tmp_path / "bad_fold.txt").write_text("# threshold 0.4 rounds 4\n# calibration-fold 0 0.1\n# model -1\nconstant 0.9\n")
+    with pytest.raises(UserError, match="bad_fold.txt.*calibration line"):  # a fold line short of its lists
+        load_merger(tmp_path / "bad_fold.txt")
 
 
 @pytest.mark.slow
