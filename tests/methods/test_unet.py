@@ -47,7 +47,9 @@ def test_two_processes_share_one_run_each_fold_once_same_score(tiny_phantom: Pat
     one = cv_process(exp, tiny_phantom, tmp_path / "one")
     assert one.wait(timeout=600) == 0
     alone = RunDir(next((tmp_path / "one" / "tiny").iterdir())).summary()
-    assert abs(alone["mean_ari"] - run.summary()["mean_ari"]) < 1e-9
+    # CPU kernels run beside a second training process are not bit-reproducible (fresh-clone CI on 2026-12-03: 1.4e-4
+    # apart at ARI 0.014); a fold trained twice or skipped moves the mean by far more than this
+    assert abs(alone["mean_ari"] - run.summary()["mean_ari"]) < 2e-3
 
 
 def test_post_processing_workers_get_only_the_channels_they_read(monkeypatch, tmp_path: Path) -> None:
