@@ -145,15 +145,23 @@ def cache_dir(data_root: Path) -> Path:
 
 
 def cached_array(src: Path, cache: Path, name: str, load: Callable[[Path], np.ndarray]) -> np.ndarray:
-    """Load `src` through an .npy cache that is invalidated when the source changes."""
-    target = cache / f"{name}-{folder_fingerprint(src)}.npy"
-    if target.exists():
+    """Load `src` through an .npy cache that is invalidated when the source changes.
+
+    Entries are named by the source's path, then its contents, so data sets sharing one $COMP_CACHE keep their own
+    caches, and only this source's older entries are stale."""
+    source = hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:8]
+    target = cache / f"{name}-{source}-{folder_fingerprint(src)}.npy"
+    try:
         return np.load(target, mmap_mode=None)
+    except FileNotFoundError:
+        pass
     arr = load(src)
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        for stale in cache.glob(f"{name}-*.npy"):
-            stale.unlink()
+        legacy = cache.glob(f"{name}-{'?' * 16}.npy")  # named by contents alone, before the source's path came first
+        for stale in [*cache.glob(f"{name}-{source}-*.npy"), *legacy]:
+            if stale != target:  # another process may have just written this one
+                stale.unlink(missing_ok=True)
         atomic_save_npy(target, arr)
     except OSError:
         pass  # a read-only data folder still loads, just without a cache

@@ -175,6 +175,27 @@ def test_cache_is_invalidated_when_the_source_changes(tmp_path: Path) -> None:
     assert len(list(cache.glob("X-*.npy"))) == 1  # the stale cache is gone
 
 
+def test_two_sources_sharing_one_cache_folder_keep_their_own_entries(tmp_path: Path) -> None:
+    """One $COMP_CACHE for several data sets: loading the second does not evict the first's cache."""
+    calls = []
+
+    def load(p: Path) -> np.ndarray:
+        calls.append(p)
+        return np.full((1, 4, 4), len(calls), np.uint8)
+
+    a, b = tmp_path / "a" / "X_train", tmp_path / "b" / "X_train"
+    for src in (a, b):
+        write_images(src, np.zeros((1, 512, 512), np.uint8))
+    cache = tmp_path / "cache"
+    (cache / "X_train-0123456789abcdef.npy").parent.mkdir()
+    np.save(cache / "X_train-0123456789abcdef.npy", np.zeros(1))  # an entry of the older naming: removed on a write
+    first = cached_array(a, cache, "X_train", load)
+    cached_array(b, cache, "X_train", load)
+    again = cached_array(a, cache, "X_train", load)
+    assert calls == [a, b] and np.array_equal(first, again)
+    assert len(list(cache.glob("X_train-*.npy"))) == 2
+
+
 def test_dataset_reads_the_layout(tiny_phantom: Path) -> None:
     d = Dataset(tiny_phantom)
     assert d.x_train.shape == (12, 512, 512) and d.x_test.shape == (4, 512, 512)
