@@ -6,10 +6,11 @@ regions) on each crossing: maps of the run on one rendering, superpixels and mer
 other (and the superpixels' contrast window the slices' run resolved). If the loss follows the slices, the merging is what the per-slice rendering costs; if the maps, the network.
 
 Usage: .venv/bin/python scripts/per_slice_cross.py ONE_WINDOW_RUN PER_SLICE_RUN [--trials 12] [--runs DIR]
-       [--depths H ...] [--only "one window:per slice" ...]
+       [--depths H ...] [--only "one window:per slice" ...] [--relative-features]
 (the two CV runs of one experiment, e.g. unet_cpu_pseudo on data/proxy and data/proxy_ps). Prints a table.
 `--depths`: the superpixel depths the tuning may pick among (default: the tuning's own, comp.pipeline.tune.SUPERPIXEL_H);
-`--only`: just these crossings, MAPS:SLICES.
+`--only`: just these crossings, MAPS:SLICES; `--relative-features`: the fitted mergers read the RELATIVE border
+features too (as `comp tune --relative-features`; the stored names get "-rel").
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from comp.data.dataset import Dataset
+from comp.methods.merge import MergeKind
 from comp.pipeline.ensemble import EnsembleSpec, MemberRef
 from comp.pipeline.oof import OOF
 from comp.pipeline import tune as tuning
@@ -37,6 +39,7 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=Path("/tmp/per_slice_cross"))
     ap.add_argument("--depths", type=float, nargs="+")
     ap.add_argument("--only", nargs="+")
+    ap.add_argument("--relative-features", action="store_true")
     a = ap.parse_args()
     if a.depths:
         tuning.SUPERPIXEL_H = tuple(a.depths)
@@ -53,9 +56,9 @@ def main() -> None:
             o = oofs[maps]
             oof = OOF(o.members, oofs[slices].images, o.truths)
             oof.window = oofs[slices].window  # the superpixels' window is the slices' rendering's, as their CV resolved it
-            spec = EnsembleSpec(name=f"cross-{maps[:3]}-{slices[:3]}-{len(tuning.SUPERPIXEL_H)}".replace(" ", ""), members=[MemberRef(str(runs[maps]), 1.0)],
+            spec = EnsembleSpec(name=f"cross-{maps[:3]}-{slices[:3]}-{len(tuning.SUPERPIXEL_H)}{'-rel' if a.relative_features else ''}".replace(" ", ""), members=[MemberRef(str(runs[maps]), 1.0)],
                                 post=PostParams(), data=data[maps].fingerprint())  # fmt: skip
-            r = tune(spec, oof, a.runs, trials=a.trials, workers=2)
+            r = tune(spec, oof, a.runs, trials=a.trials, workers=2, kind=MergeKind(relative=a.relative_features))
             print(f"| {maps} | {slices} | {r.nested_ari:.4f} | {r.oof_ari:.4f} | {r.regions or 'maps'} at {r.merge_threshold} |", flush=True)
 
 
