@@ -118,3 +118,14 @@ def test_a_suite_without_an_fg_cc_experiment_has_no_such_row() -> None:
     assert "fg U-Net + connected components" in labels(Suite(fg_cc="unet_fg_cc_cpu"))
     cut = load_suite(str(Path(__file__).parents[2] / "experiments/suites/results_cpu.yaml"))  # cut for time: make results under 60 min
     assert "fg U-Net + connected components" not in labels(cut) and [n for _, n in table_picks(cut)][:2] == [cut.baseline, cut.stretched]
+
+
+def test_an_empty_regions_from_offers_no_runs_regions_unlike_a_missing_one(tmp_path: Path) -> None:
+    from comp.pipeline.suite import _offers_regions, load_suite
+
+    path = tmp_path / "s.yaml"
+    path.write_text("singles: [hybrid, unet_cpu]\nregions_from: []\n")
+    empty = load_suite(str(path))
+    assert empty.regions_from == [] and not _offers_regions(empty, "hybrid", "hybrid")
+    path.write_text("singles: [hybrid, unet_cpu]\n")
+    assert _offers_regions(load_suite(str(path)), "hybrid", "hybrid")  # no key: every instance single's regions
