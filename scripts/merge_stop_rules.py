@@ -15,8 +15,8 @@ from comp.data.dataset import Dataset
 from comp.pipeline.config import load_experiment
 from comp.pipeline.submit import fit_every_annotated
 from comp.pipeline.transfer import _resolved_on
-from comp.methods.merge import FEATURES, GRAD_SIGMA, FirstEdges, _matching, gradient, pair_features, vote_regions
-from comp.regions.ops import merge_pairs, relabel_uint8
+from comp.methods.merge import FEATURES, FeatureGraph, FirstEdges, _matching, vote_regions
+from comp.regions.ops import relabel_uint8
 from comp.regions.superpixels import superpixels
 
 exp = load_experiment(sys.argv[1])
@@ -31,21 +31,20 @@ print("fitted", method.fitted, flush=True)
 
 def run(item, rule, f):
     image, raw = item
-    lab = superpixels(image, sp).astype(np.int64)
-    grad = gradient(image, GRAD_SIGMA)
+    graph = FeatureGraph(superpixels(image, sp), None, image, None, raw)
     target = int(vote_regions(image).max()) * f if rule != "threshold" else 0
     first = None
     for r in range(48 if rule != "threshold" else mg.max_rounds):
-        pairs, x = pair_features(lab, None, image, grad, raw, mg.relative, None)
+        pairs, x = graph.features(mg.relative)
         if len(pairs) == 0:
             break
         if first is not None:
-            p = first.pooled(lab, pairs)
+            p = first.pooled(graph.current_ids(), pairs)
         else:
             p = mg.probabilities(x, -1)
             if mg.linkage == "average":
-                first = FirstEdges(lab, pairs, p, np.expm1(x[:, FEATURES.index("log_border")]))
-        n = len(np.unique(lab))
+                first = FirstEdges(pairs, p, np.expm1(x[:, FEATURES.index("log_border")]))
+        n = len(np.unique(graph.current_ids()[1:]))  # regions (id 0 is none)
         if rule == "threshold":
             above = np.flatnonzero(p >= mg.threshold)
         elif rule == "count":  # ignore the threshold: merge by p order down to the target count
@@ -61,8 +60,8 @@ def run(item, rule, f):
         m = _matching(pairs, above[np.argsort(-p[above], kind="stable")])
         if rule != "threshold" and n > target:  # no further than the target count
             m = m[: max(1, int(n - target))]
-        lab = merge_pairs(lab, m)
-    return relabel_uint8(lab)
+        graph.merge(m)
+    return relabel_uint8(graph.label_map())
 
 items = list(zip(imgs, raws))
 for rule, f in [("threshold", 1), ("count", 1.0), ("count", 1.5), ("count", 0.75), ("floor", 1.0), ("ceiling", 1.0)]:

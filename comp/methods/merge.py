@@ -21,7 +21,8 @@ from comp.core.parallel import pmap
 from comp.methods.baselines import SmoothWatershedParams, smooth_watershed
 from comp.methods.compose import segment
 from comp.nets.targets import PostParams, blend, upsample_maps
-from comp.regions.ops import adjacent_pairs, border_profile, merge_pairs, relabel_uint8
+from comp.regions.graph import RegionGraph
+from comp.regions.ops import relabel_uint8
 from comp.regions.superpixels import Regions, gradient, superpixels
 
 # relative to the slice's own borders (opt-in, `relative`): a border's gradient and intensity step as a share of the
@@ -93,26 +94,18 @@ def held_out_probabilities(x: np.ndarray, merger: "Merger", fold: int = -1) -> n
     return merger.probabilities(x, fold, calibrated=False)
 
 
-def _region_stats(labels: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-region mean and standard deviation of `values` (index = region id)."""
-    n = int(labels.max()) + 1
-    flat, v = labels.ravel(), values.ravel().astype(np.float64)
-    cnt = np.maximum(np.bincount(flat, minlength=n), 1)
-    mean = np.bincount(flat, weights=v, minlength=n) / cnt
-    var = np.bincount(flat, weights=v * v, minlength=n) / cnt - mean**2
-    return mean, np.sqrt(np.maximum(var, 0))
+def _mean_std(count: np.ndarray, total: np.ndarray, squares: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-region mean (and standard deviation, given the sum of squares) from pixel counts and sums."""
+    cnt = np.maximum(count, 1)
+    mean = total / cnt
+    return mean, None if squares is None else np.sqrt(np.maximum(squares / cnt - mean**2, 0))
 
 
-def _centroids(labels: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Region centroids (y, x) as fractions of the body's bounding box (pixels brighter than air)."""
+def _body_box(image: np.ndarray) -> tuple[int, int, int, int]:
+    """The bounding box (y0, x0, y1, x1) of the body (pixels brighter than air): where positions are measured from."""
     body = np.argwhere(image > 10)
-    (y0, x0), (y1, x1) = (body.min(0), body.max(0)) if len(body) else ((0, 0), labels.shape)
-    n = int(labels.max()) + 1
-    cnt = np.maximum(np.bincount(labels.ravel(), minlength=n), 1)
-    yy, xx = np.indices(labels.shape)
-    cy = np.bincount(labels.ravel(), weights=yy.ravel(), minlength=n) / cnt
-    cx = np.bincount(labels.ravel(), weights=xx.ravel(), minlength=n) / cnt
-    return (cy - y0) / max(y1 - y0, 1), (cx - x0) / max(x1 - x0, 1)
+    (y0, x0), (y1, x1) = (body.min(0), body.max(0)) if len(body) else ((0, 0), image.shape)
+    return int(y0), int(x0), int(y1), int(x1)
 
 
 def _relative(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -127,73 +120,127 @@ def vote_regions(image: np.ndarray) -> np.ndarray:
     return smooth_watershed(image, SmoothWatershedParams(fit_images=0))
 
 
-def _votes(labels: np.ndarray, vote: np.ndarray | None, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """VOTE columns of the pairs: both regions mostly in one voting region (1/0), the smaller of their shares in theirs."""
-    if vote is None:
+def _majority_of(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per region id (a row of value counts): its most common value and the share of its pixels that value holds."""
+    return table.argmax(1), table.max(1) / np.maximum(table.sum(1), 1)
+
+
+class FeatureGraph:
+    """What pair_features reads of one slice, summarised once per starting region (a RegionGraph): each merge round's
+    pairs and features come from the merged regions' sums, with no further pass over the pixels.
+
+    `maps512` None: no network maps (their columns are NaN, which LightGBM treats as missing); `raw`: the slice before
+    its contrast step, when `image` is stretched (bone and fat, clipped there, stay apart); `vote`: the voting regions
+    (vote_regions) of the slice, or None (the VOTE columns missing); `truth`: an instance map whose majority per region
+    `majority` gives (training targets)."""
+
+    def __init__(self, labels: np.ndarray, maps512: np.ndarray | None, image: np.ndarray, grad: np.ndarray | None = None,
+                 raw: np.ndarray | None = None, vote: np.ndarray | None = None, truth: np.ndarray | None = None) -> None:  # fmt: skip
+        grad = gradient(image, GRAD_SIGMA) if grad is None else grad
+        v = np.asarray(image, np.float64)
+        yy, xx = np.indices(labels.shape)
+        named = {"int": v, "int2": v * v, "grad": grad, "y": yy, "x": xx}
+        if raw is not None:
+            named["raw"] = raw
+        border = [grad]
+        self.n_emb = 0 if maps512 is None else maps512.shape[0] - 3
+        if maps512 is not None:  # border sums of the boundary, foreground and distance maps; region means of all but the boundary
+            named.update({"fg": maps512[0], "dist": maps512[2], **{f"emb{j}": e for j, e in enumerate(maps512[3:])}})
+            border += [maps512[1], maps512[0], maps512[2]]
+        self.column = {k: j + 1 for j, k in enumerate(named)}  # column 0: pixel count
+        self.hist = {k: j for j, k in enumerate(h for h, m in (("vote", vote), ("truth", truth)) if m is not None)}
+        maps = [m for m in (vote, truth) if m is not None]
+        self.graph = RegionGraph.read(labels, list(named.values()), border, maps)
+        self.has_maps, self.has_raw, self.body = maps512 is not None, raw is not None, _body_box(image)
+
+    def merge(self, pairs: np.ndarray) -> None:
+        """Merge the current regions joined by `pairs` (transitively; a merged region keeps its smallest id)."""
+        self.graph = self.graph.merge(pairs)
+
+    def label_map(self) -> np.ndarray:
+        """The current regions (int64, the starting label map's ids)."""
+        return self.graph.label_map()
+
+    def current_ids(self) -> np.ndarray:
+        """The current region of each starting region id."""
+        return self.graph.root
+
+    def majority(self, which: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per current region id: the most common id of the `which` map ('truth' or 'vote') and the share it holds."""
+        return _majority_of(self.graph.region_hist(self.hist[which]))
+
+    def features(self, relative: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Adjacent current region pairs (a < b) and their feature rows (columns = FEATURES); `relative` False leaves
+        the RELATIVE columns missing (all-missing columns leave a model exactly as without them)."""
+        e = self.graph.borders()
+        pairs = e.pairs
+        if len(pairs) == 0:
+            return pairs, np.zeros((0, len(FEATURES)), np.float32)
+        sums = self.graph.region_sums()
+        col = lambda k: sums[:, self.column[k]]  # noqa: E731
+        area = sums[:, 0]
+        a, b = pairs[:, 0], pairs[:, 1]
         nan = np.full(len(pairs), np.nan)
-        return nan, nan
-    major, share = majority(labels, vote)
-    a, b = pairs[:, 0], pairs[:, 1]
-    return ((major[a] == major[b]) & (major[a] > 0)).astype(np.float64), np.minimum(share[a], share[b])
+        length, gsum, gmax, gmin = e.length, e.total[:, 0], e.high[:, 0], e.low[:, 0]
+        imean, istd = _mean_std(area, col("int"), col("int2"))
+        gmean = _mean_std(area, col("grad"))[0]
+        if self.has_maps:
+            bsum, fsum, dsum = e.total[:, 1], e.total[:, 2], e.total[:, 3]
+            fmean, dmean = _mean_std(area, col("fg"))[0], _mean_std(area, col("dist"))[0]
+            fg_min, dist_min = np.minimum(fmean[a], fmean[b]), np.minimum(dmean[a], dmean[b])
+        else:
+            bsum = fsum = dsum = fg_min = dist_min = nan
+        if self.n_emb > 0:
+            emb = np.stack([_mean_std(area, col(f"emb{j}"))[0] for j in range(self.n_emb)], 1)
+            emb_dist = np.linalg.norm(emb[a] - emb[b], axis=1)
+        else:
+            emb_dist = nan
+        amin, amax = np.minimum(area[a], area[b]), np.maximum(area[a], area[b])
+        diff = np.abs(imean[a] - imean[b])
+        y0, x0, y1, x1 = self.body
+        cy = (_mean_std(area, col("y"))[0] - y0) / max(y1 - y0, 1)
+        cx = (_mean_std(area, col("x"))[0] - x0) / max(x1 - x0, 1)
+        if self.has_raw:
+            rmean = _mean_std(area, col("raw"))[0]
+            rmin, rmax = np.minimum(rmean[a], rmean[b]) / 255, np.maximum(rmean[a], rmean[b]) / 255
+        else:
+            rmin = rmax = nan
+        x = np.stack(
+            [
+                np.log1p(length), bsum / length, fsum / length, dsum / length, length / np.sqrt(np.maximum(amin, 1)),
+                np.log1p(amin), np.log1p(amax), fg_min, dist_min,
+                emb_dist, diff / 255, (imean[a] + imean[b]) / 510, np.maximum(istd[a], istd[b]) / 255,
+                gsum / length, np.maximum(gmean[a], gmean[b]), diff / (np.sqrt(istd[a] ** 2 + istd[b] ** 2) + 1.0), gmax, gmin,
+                (cy[a] + cy[b]) / 2, (cx[a] + cx[b]) / 2, np.abs(cy[a] - cy[b]), np.abs(cx[a] - cx[b]), rmin, rmax,
+                *(_relative(gsum / length) if relative else (nan, nan)), *(_relative(diff) if relative else (nan, nan)),
+                *self._votes(pairs),
+            ],
+            1,
+        )  # fmt: skip
+        return pairs, x.astype(np.float32)
+
+    def _votes(self, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """VOTE columns of the pairs: both regions mostly in one voting region (1/0), the smaller of their shares in theirs."""
+        if "vote" not in self.hist:
+            nan = np.full(len(pairs), np.nan)
+            return nan, nan
+        major, share = self.majority("vote")
+        a, b = pairs[:, 0], pairs[:, 1]
+        return ((major[a] == major[b]) & (major[a] > 0)).astype(np.float64), np.minimum(share[a], share[b])
 
 
 def pair_features(labels: np.ndarray, maps512: np.ndarray | None, image: np.ndarray,
                   grad: np.ndarray | None = None, raw: np.ndarray | None = None, relative: bool = False,
                   vote: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Adjacent region pairs (a < b) of a 512x512 label map and their feature rows (columns = FEATURES).
-
-    `maps512` None: no network maps (their columns are NaN, which LightGBM treats as missing); `raw`: the
-    slice before its contrast step, when `image` is stretched (bone and fat, clipped there, stay apart);
-    `relative` False leaves the RELATIVE columns missing (all-missing columns leave a model exactly as without them);
-    `vote`: the voting regions (vote_regions) of the slice, or None (the VOTE columns missing).
-    """
-    grad = gradient(image, GRAD_SIGMA) if grad is None else grad
-    pairs, length, gsum, gmax, gmin = border_profile(labels, grad)  # one scan for sum, max and min
-    if len(pairs) == 0:
-        return pairs, np.zeros((0, len(FEATURES)), np.float32)
-    n = int(labels.max()) + 1
-    a, b = pairs[:, 0], pairs[:, 1]
-    nan = np.full(len(pairs), np.nan)
-    area = np.bincount(labels.ravel(), minlength=n).astype(np.float64)
-    imean, istd = _region_stats(labels, image)
-    gmean = _region_stats(labels, grad)[0]
-    if maps512 is not None:
-        fg, bnd, dist = maps512[0], maps512[1], maps512[2]
-        bsum, fsum, dsum = (adjacent_pairs(labels, m)[2] for m in (bnd, fg, dist))
-        fmean, dmean = _region_stats(labels, fg)[0], _region_stats(labels, dist)[0]
-        fg_min, dist_min = np.minimum(fmean[a], fmean[b]), np.minimum(dmean[a], dmean[b])
-    else:
-        bsum = fsum = dsum = fg_min = dist_min = nan
-    if maps512 is not None and maps512.shape[0] > 3:
-        emb = np.stack([_region_stats(labels, e)[0] for e in maps512[3:]], 1)
-        emb_dist = np.linalg.norm(emb[a] - emb[b], axis=1)
-    else:
-        emb_dist = nan
-    amin, amax = np.minimum(area[a], area[b]), np.maximum(area[a], area[b])
-    diff = np.abs(imean[a] - imean[b])
-    cy, cx = _centroids(labels, image)
-    rmean = _region_stats(labels, raw)[0] if raw is not None else None
-    rmin, rmax = (np.minimum(rmean[a], rmean[b]) / 255, np.maximum(rmean[a], rmean[b]) / 255) if raw is not None else (nan, nan)
-    x = np.stack(
-        [
-            np.log1p(length), bsum / length, fsum / length, dsum / length, length / np.sqrt(np.maximum(amin, 1)),
-            np.log1p(amin), np.log1p(amax), fg_min, dist_min,
-            emb_dist, diff / 255, (imean[a] + imean[b]) / 510, np.maximum(istd[a], istd[b]) / 255,
-            gsum / length, np.maximum(gmean[a], gmean[b]), diff / (np.sqrt(istd[a] ** 2 + istd[b] ** 2) + 1.0), gmax, gmin,
-            (cy[a] + cy[b]) / 2, (cx[a] + cx[b]) / 2, np.abs(cy[a] - cy[b]), np.abs(cx[a] - cx[b]), rmin, rmax,
-            *(_relative(gsum / length) if relative else (nan, nan)), *(_relative(diff) if relative else (nan, nan)),
-            *_votes(labels, vote, pairs),
-        ],
-        1,
-    )  # fmt: skip
-    return pairs, x.astype(np.float32)
+    """Adjacent region pairs (a < b) of a 512x512 label map and their feature rows (columns = FEATURES); the
+    arguments as FeatureGraph's."""
+    return FeatureGraph(labels, maps512, image, grad, raw, vote).features(relative)
 
 
 def majority(labels: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per region id: its most common true id (0 = unannotated) and the share of its pixels that id holds."""
     n = int(labels.max()) + 1
-    table = np.bincount(labels.ravel().astype(np.int64) * 256 + truth.ravel(), minlength=n * 256).reshape(n, 256)
-    return table.argmax(1), table.max(1) / np.maximum(table.sum(1), 1)
+    return _majority_of(np.bincount(labels.ravel().astype(np.int64) * 256 + truth.ravel(), minlength=n * 256).reshape(n, 256))
 
 
 def pair_targets(labels: np.ndarray, truth: np.ndarray, pairs: np.ndarray) -> np.ndarray:
@@ -226,14 +273,13 @@ def agglomeration_rows(labels: np.ndarray, maps512: np.ndarray | None, image: np
 
     (Rows along a trained merger's own path instead, its mistakes included, scored no better on the proxy.)"""
     rng = np.random.default_rng(seed)
-    grad = gradient(image, GRAD_SIGMA)
     votes = vote_regions(image) if vote else None
-    lab, xs, ys = labels.astype(np.int64), [], []
+    graph, xs, ys = FeatureGraph(labels, maps512, image, None, raw, votes, truth), [], []
     for _ in range(rounds):
-        pairs, x = pair_features(lab, maps512, image, grad, raw, relative, votes)
+        pairs, x = graph.features(relative)
         if len(pairs) == 0:
             break
-        major, share = majority(lab, truth)
+        major, share = graph.majority("truth")
         y = _same_structure(major, share, pairs)
         keep = np.flatnonzero((major[pairs[:, 0]] > 0) | (major[pairs[:, 1]] > 0))
         keep = rng.permutation(keep)[:max_pairs]
@@ -242,7 +288,7 @@ def agglomeration_rows(labels: np.ndarray, maps512: np.ndarray | None, image: np
         order = rng.permutation(np.flatnonzero(y))
         if len(order) == 0:
             break
-        lab = merge_pairs(lab, _matching(pairs, order))
+        graph.merge(_matching(pairs, order))
     if not xs:
         return np.zeros((0, len(FEATURES)), np.float32), np.zeros(0, np.int8)
     return np.concatenate(xs), np.concatenate(ys)
@@ -292,23 +338,22 @@ class Merger:
               raw: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
         """Greedily merge the most probable non-overlapping pairs above the threshold, re-scoring after each round."""
         maps512 = upsample_maps(maps, labels.shape[0]) if maps is not None else None
-        grad = gradient(image, GRAD_SIGMA)
         votes = vote_regions(image) if self.vote else None
-        lab = labels.astype(np.int64)
+        graph = FeatureGraph(labels, maps512, image, None, raw, votes)
         first = None
         for _ in range(self.max_rounds):
-            pairs, x = pair_features(lab, maps512, image, grad, raw, self.relative, votes)
+            pairs, x = graph.features(self.relative)
             if first is not None:  # average linkage: the first round's pair probabilities, pooled
-                p = first.pooled(lab, pairs)
+                p = first.pooled(graph.current_ids(), pairs)
             else:
                 p = self.probabilities(x, fold)
                 if self.linkage == "average":
-                    first = FirstEdges(lab, pairs, p, np.expm1(x[:, FEATURES.index("log_border")]))
+                    first = FirstEdges(pairs, p, np.expm1(x[:, FEATURES.index("log_border")]))
             above = np.flatnonzero(p >= self.threshold)
             if len(above) == 0:
                 break
-            lab = merge_pairs(lab, _matching(pairs, above[np.argsort(-p[above], kind="stable")]))
-        return relabel_uint8(lab)
+            graph.merge(_matching(pairs, above[np.argsort(-p[above], kind="stable")]))
+        return relabel_uint8(graph.label_map())
 
 
 def without(x: np.ndarray, drop: tuple[str, ...] | list[str]) -> np.ndarray:
@@ -326,26 +371,24 @@ def unknown_features(names: list[str]) -> list[str]:
 
 
 class FirstEdges:
-    """The first round's region pairs, their merge probabilities and border lengths, for average linkage."""
+    """The first round's region pairs, their merge probabilities and border lengths, for average linkage. The first
+    round's regions are a FeatureGraph's starting ones: its current_ids say which region each is in now."""
 
-    def __init__(self, labels: np.ndarray, pairs: np.ndarray, p: np.ndarray, length: np.ndarray) -> None:
-        ids, at = np.unique(labels.ravel(), return_index=True)
-        self.n = int(labels.max()) + 1
-        self.where = np.zeros(self.n, np.int64)
-        self.where[ids] = at  # one pixel of every first-round region: where to read its current region
+    def __init__(self, pairs: np.ndarray, p: np.ndarray, length: np.ndarray) -> None:
         self.pairs, self.wp, self.w = pairs, p * length, length
 
-    def pooled(self, labels: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-        """Per current pair (a < b): the border-length-weighted mean probability of the first-round pairs between them."""
-        flat = labels.ravel()
-        a, b = flat[self.where[self.pairs[:, 0]]], flat[self.where[self.pairs[:, 1]]]
+    def pooled(self, current: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+        """Per current pair (a < b): the border-length-weighted mean probability of the first-round pairs between them
+        (`current`: the current region of each first-round region id)."""
+        n = len(current)
+        a, b = current[self.pairs[:, 0]], current[self.pairs[:, 1]]
         keep = a != b
         lo, hi = np.minimum(a, b)[keep], np.maximum(a, b)[keep]
-        uniq, inv = np.unique(lo * self.n + hi, return_inverse=True)
+        uniq, inv = np.unique(lo * n + hi, return_inverse=True)
         if len(uniq) == 0:
             return np.zeros(len(pairs))
         mean = np.bincount(inv, self.wp[keep]) / np.maximum(np.bincount(inv, self.w[keep]), 1e-9)
-        want = pairs[:, 0] * self.n + pairs[:, 1]
+        want = pairs[:, 0] * n + pairs[:, 1]
         j = np.minimum(np.searchsorted(uniq, want), len(uniq) - 1)
         return np.where(uniq[j] == want, mean[j], 0.0)
 

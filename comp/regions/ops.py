@@ -30,44 +30,28 @@ def relabel_uint8(labels: np.ndarray, keep_zero: bool = True) -> np.ndarray:
     return out
 
 
-def _crossings(labels: np.ndarray, values: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every 4-neighbour step between two non-zero regions: pair index (into the sorted pairs), the mean of
-    `values` on its two sides (0 without values), and the pairs (a < b) themselves."""
+def crossings(labels: np.ndarray, values: list[np.ndarray] | tuple = ()) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """Every 4-neighbour step between two non-zero regions: pair index (into the sorted pairs), per map of `values`
+    the mean of its two sides on each step (in the map's own dtype), and the pairs (a < b) themselves."""
     lab = labels.astype(np.int64)
     n = int(lab.max()) + 1
-    keys, vals = [], []
-    for a, b, va, vb in (
-        (lab[:, :-1], lab[:, 1:], *((values[:, :-1], values[:, 1:]) if values is not None else (None, None))),
-        (lab[:-1, :], lab[1:, :], *((values[:-1, :], values[1:, :]) if values is not None else (None, None))),
-    ):
+    keys, vals = [], [[] for _ in values]
+    for cut_a, cut_b in ((np.s_[:, :-1], np.s_[:, 1:]), (np.s_[:-1, :], np.s_[1:, :])):
+        a, b = lab[cut_a], lab[cut_b]
         m = (a != b) & (a > 0) & (b > 0)
-        lo, hi = np.minimum(a[m], b[m]), np.maximum(a[m], b[m])
-        keys.append(lo * n + hi)
-        vals.append(0.5 * (va[m] + vb[m]) if values is not None else np.zeros(len(lo)))
+        keys.append(np.minimum(a[m], b[m]) * n + np.maximum(a[m], b[m]))
+        for out, v in zip(vals, values):
+            out.append(0.5 * (v[cut_a][m] + v[cut_b][m]))
     uniq, inv = np.unique(np.concatenate(keys), return_inverse=True)
-    return inv, np.concatenate(vals), np.stack([uniq // n, uniq % n], axis=1)
+    return inv, [np.concatenate(v) for v in vals], np.stack([uniq // n, uniq % n], axis=1)
 
 
 def adjacent_pairs(labels: np.ndarray, values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (a < b) of 4-adjacent non-zero regions, their shared border length and the sum of `values` on it."""
-    inv, vals, pairs = _crossings(labels, values)
-    return pairs, *_length_total(inv, vals, len(pairs))
-
-
-def _length_total(inv: np.ndarray, vals: np.ndarray, n_pairs: int) -> tuple[np.ndarray, np.ndarray]:
-    """Border length (steps) and sum of values per pair, from _crossings."""
-    length = np.bincount(inv, minlength=n_pairs).astype(np.float64)
-    return length, np.bincount(inv, weights=vals, minlength=n_pairs) if len(vals) else np.zeros(0)
-
-
-def border_profile(labels: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, ...]:
-    """adjacent_pairs, plus the max and min of `values` along each shared border, from one scan of the image."""
-    inv, vals, pairs = _crossings(labels, values)
-    length, total = _length_total(inv, vals, len(pairs))
-    hi, lo = np.full(len(pairs), -np.inf), np.full(len(pairs), np.inf)
-    np.maximum.at(hi, inv, vals)
-    np.minimum.at(lo, inv, vals)
-    return pairs, length, total, hi, lo
+    inv, vals, pairs = crossings(labels, [values] if values is not None else [])
+    length = np.bincount(inv, minlength=len(pairs)).astype(np.float64)
+    total = np.bincount(inv, weights=vals[0], minlength=len(pairs)) if vals else np.zeros(len(pairs))
+    return pairs, length, total
 
 
 def merge_pairs(labels: np.ndarray, pairs: np.ndarray) -> np.ndarray:

@@ -67,17 +67,18 @@ def test_average_linkage_pools_the_first_rounds_borders_by_length() -> None:
     import numpy as np
 
     from comp.methods.merge import FirstEdges, Merger, load_merger, save_merger
-    from comp.regions.ops import merge_pairs
+    from comp.regions.graph import RegionGraph
 
     lab = np.zeros((20, 20), np.int64)
     lab[:10, :15], lab[:10, 15:], lab[10:, :15], lab[10:, 15:] = 1, 2, 3, 4
     pairs = np.array([[1, 2], [1, 3], [2, 4], [3, 4]])
     p = np.array([0.9, 0.9, 0.1, 0.9])
     length = np.array([10.0, 15.0, 5.0, 10.0])
-    edges = FirstEdges(lab, pairs, p, length)
-    merged = merge_pairs(lab, np.array([[1, 2], [3, 4]]))
-    assert np.allclose(edges.pooled(merged, np.array([[1, 3]])), (0.9 * 15 + 0.1 * 5) / 20)
-    assert np.allclose(edges.pooled(lab, pairs), p)  # before any merge: the pairs' own probabilities
+    edges = FirstEdges(pairs, p, length)
+    graph = RegionGraph.read(lab)
+    merged = graph.merge(np.array([[1, 2], [3, 4]]))
+    assert np.allclose(edges.pooled(merged.root, np.array([[1, 3]])), (0.9 * 15 + 0.1 * 5) / 20)
+    assert np.allclose(edges.pooled(graph.root, pairs), p)  # before any merge: the pairs' own probabilities
     with tempfile.TemporaryDirectory() as d:
         save_merger(Merger({-1: "constant 0.5\n"}, 0.4, 8, ("pos_x",), "average"), Path(d) / "m.txt")
         m = load_merger(Path(d) / "m.txt")
