@@ -96,9 +96,15 @@ def _rows(item: tuple, p: HybridParams) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _segment(item: tuple, p: HybridParams, merger: Merger) -> np.ndarray:
-    """One slice (stretched, raw): superpixels, merged."""
-    image, raw = item
-    return merged_superpixels(image, raw, p.superpixels, merger)
+    """One slice (stretched, raw[, its superpixels when already made]): superpixels, merged."""
+    image, raw, *given = item
+    return merged_superpixels(image, raw, p.superpixels, merger, given=given[0] if given else None)
+
+
+def _superpixels(image: np.ndarray, p: HybridParams) -> np.ndarray:
+    """One stretched slice's superpixels (a pool job), as the smallest integer type that holds them."""
+    sp = superpixels(image, p.superpixels)
+    return sp.astype(np.uint16) if sp.max() < 2**16 else sp
 
 
 def _train(rows: list[tuple[np.ndarray, np.ndarray]], idx: np.ndarray, drop: list[str] = ()) -> str:
@@ -141,9 +147,11 @@ class Hybrid:
                 inner = p.merger({-1: _train(rows_sp, fit_idx, p.drop_features)})
                 if p.calibrate:
                     inner.calibration = _calibration(rows_sp, val_idx, inner, self.p.workers)
+                val_sp = pmap(_superpixels, [images[i] for i in val_idx], p, workers=self.p.workers)  # once for every threshold
                 for t in self.p.fit_thresholds:
                     inner.threshold = t
-                    pred = np.stack(pmap(_segment, [(images[i], raws[i]) for i in val_idx], p, inner, workers=self.p.workers))
+                    val = [(images[i], raws[i], s) for i, s in zip(val_idx, val_sp)]
+                    pred = np.stack(pmap(_segment, val, p, inner, workers=self.p.workers))
                     score = float(image_scores(train.y[val_idx], pred).mean())
                     LOG.debug(f"hybrid: h {sp.h} threshold {t}: {score:.4f} on {len(val_idx)} held-out training slices")
                     if score > best[0]:

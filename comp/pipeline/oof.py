@@ -19,7 +19,7 @@ from comp.methods.merge import Merger
 from comp.nets.targets import PostParams, blend
 from comp.pipeline.config import check_name, experiment_from_dict, from_dict
 from comp.pipeline.workspace import RunDir
-from comp.regions.superpixels import Regions
+from comp.regions.superpixels import Regions, superpixels
 
 
 @dataclass
@@ -175,6 +175,12 @@ def _score_item(i: int, oof: "OOF", which: Sequence[int], weights: Sequence[floa
     return image_score(truth, segment(blend(maps, weights), image, post, merger, fold, regions, oof.given(i, regions)))
 
 
+def _superpixels(image: np.ndarray, regions: Regions) -> np.ndarray:
+    """The superpixels of one OOF slice behind the regions' window (a pool job), as uint16 where they fit."""
+    sp = superpixels(regions.stretch(image), regions.superpixels)
+    return sp.astype(np.uint16) if sp.max() < 2**16 else sp
+
+
 @dataclass
 class OOF:
     """Aligned members' OOF maps with the matching slices and truths, for repeated scoring."""
@@ -183,6 +189,7 @@ class OOF:
     images: np.ndarray
     truths: np.ndarray
     runs_labels: dict = field(default_factory=dict)  # run -> its OOF instance predictions, aligned with these images
+    made: dict = field(default_factory=dict)  # superpixel Regions (their repr) -> every OOF image's superpixels, made once
 
     @classmethod
     def load(cls, runs: Sequence[Path], data: Dataset) -> "OOF":
@@ -244,8 +251,21 @@ class OOF:
         return rd
 
     def given(self, i: int, regions: Regions | None) -> np.ndarray | None:
-        """The regions a merger starts from on OOF image i when they are a run's predictions (None: superpixels or maps)."""
-        return self.run_labels(regions.run)[i] if regions is not None and regions.run else None
+        """The regions a merger starts from on OOF image i when they are a run's predictions, or superpixels made once
+        for every image (make_superpixels); None: the maps' watershed, or superpixels made on each call."""
+        if regions is None:
+            return None
+        if regions.run:
+            return self.run_labels(regions.run)[i]
+        made = self.made.get(repr(regions))
+        return None if made is None else made[i]
+
+    def make_superpixels(self, regions: Regions, workers: int = 0) -> None:
+        """Make every OOF image's superpixels of `regions` once (in the parent, before workers fork), so that scoring
+        them at several merge thresholds and fitting their merger never make them again."""
+        if regions.run or repr(regions) in self.made:
+            return
+        self.made[repr(regions)] = np.stack(pmap(_superpixels, list(self.images), regions, workers=workers, desc="superpixels"))
 
     def window(self) -> list[float]:
         """The members' resolved grey window, in the grey levels of `images` (the first member's; learned runs on one data

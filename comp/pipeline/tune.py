@@ -305,6 +305,8 @@ def region_candidate(oof: OOF, weights: list[float], choices: list[Regions], thr
     (each fold's choice and threshold picked on the other folds' scan images), the picked regions, threshold and merger."""
     every, scan = np.arange(len(oof.images)), oof.subset(scan_n, seed)
     done: dict[tuple[int, float | None], np.ndarray] = {}
+    for r in choices:  # made once: the merger's rows and every threshold's scores start from the same superpixels
+        oof.make_superpixels(r, workers)
     mergers = [fit_region_merging(oof, weights, r, workers, kind=kind) for r in choices]
 
     def at(choice: tuple[int, float | None], held: np.ndarray) -> np.ndarray:  # each (choice, threshold, image) scored once

@@ -357,6 +357,9 @@ def test_superpixel_hybrid_wins_where_the_maps_fail_and_submit_reproduces_it(tin
     # The stored file reproduces the OOF score it claims, and submit applies the same hybrid to the test slices.
     again = oof.scores([1.0], stored.post, merger, workers=1, regions=stored.regions)
     assert again.mean() == pytest.approx(stored.oof_ari)
+    # The tuning made every image's superpixels once; a fresh OOF, which makes them on each call, scores the same.
+    assert oof.given(0, stored.regions) is not None and OOF.load([run], data).given(0, stored.regions) is None
+    assert np.array_equal(OOF.load([run], data).scores([1.0], stored.post, merger, workers=1, regions=stored.regions), again)
     (run / "test").mkdir(exist_ok=True)
     from comp.core.store import save_maps
     from comp.pipeline.workspace import RunDir
