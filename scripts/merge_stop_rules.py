@@ -15,7 +15,7 @@ from comp.data.dataset import Dataset
 from comp.pipeline.config import load_experiment
 from comp.pipeline.submit import fit_every_annotated
 from comp.pipeline.transfer import _resolved_on
-from comp.methods.merge import FEATURES, FeatureGraph, FirstEdges, _matching, vote_regions
+from comp.methods.merge import FEATURES, FeatureGraph, FirstEdges, matching, vote_regions
 from comp.regions.ops import relabel_uint8
 from comp.regions.superpixels import superpixels
 
@@ -57,7 +57,7 @@ def run(item, rule, f):
             above = np.flatnonzero(p >= mg.threshold)
         if len(above) == 0:
             break
-        m = _matching(pairs, above[np.argsort(-p[above], kind="stable")])
+        m = matching(pairs, above[np.argsort(-p[above], kind="stable")])
         if rule != "threshold" and n > target:  # no further than the target count
             m = m[: max(1, int(n - target))]
         graph.merge(m)

@@ -19,20 +19,24 @@ from comp.core.metric import image_score
 from comp.core.parallel import pmap
 from comp.core.runtime import Amp, describe, device
 from comp.core.store import MapArray, quantise, save_maps, write_maps
+from comp.data.contrast import ContrastParams, resolve
 from comp.data.dataset import Dataset
 from comp.data.images import default_row_labels, image_names, write_images
 from comp.data.labels import read_label_csv, write_label_csv
 from comp.methods.baselines import OfficialWatershedParams, SmoothWatershedParams, official_watershed, smooth_watershed
 from comp.methods.compose import segment
+from comp.methods.merge import FEATURES, GRAD_SIGMA, FeatureGraph, matching, pair_features
 from comp.nets.infer import predict_maps
 from comp.nets.models import build_model
-from comp.nets.targets import PostParams, instances_from_maps
+from comp.nets.targets import PostParams, instances_from_maps, upsample_maps
 from comp.nets.train import SliceSet, make_loader, make_optimizer, step_loss
 from comp.pipeline.config import EXPERIMENTS, load_experiment
 from comp.pipeline.ensemble import EnsembleSpec, MemberRef, save_ensemble
 from comp.pipeline.oof import OOF, RunMaps
 from comp.pipeline.tune import tune
 from comp.pipeline.workspace import RunDir
+from comp.regions.ops import merge_pairs
+from comp.regions.superpixels import SuperpixelParams, gradient, superpixels
 
 
 def bench_metric(ys: np.ndarray) -> dict:
@@ -94,6 +98,38 @@ def bench_postprocess(xs: np.ndarray, ys: np.ndarray) -> dict:
         "smooth_watershed_ms": best_of(lambda: [smooth_watershed(x, SmoothWatershedParams()) for x in xs], 1) / n * 1e3,
         "maps_to_instances_ms": best_of(lambda: [instances_from_maps(m, PostParams()) for m in maps], 2) / n * 1e3,
     }
+
+
+def _merge_rounds(sp: np.ndarray, maps512: np.ndarray, image: np.ndarray, rounds: int, graph: bool) -> list[np.ndarray]:
+    """Feature rows of `rounds` merge rounds of a slice's superpixels (each merging a matching of the quarter of pairs
+    with the smallest intensity step): read off the region graph, or (the reference) off a fresh pass over the merged
+    label map every round, as the merger did before the graph."""
+    fg, lab, grad, out = FeatureGraph(sp, maps512, image), sp.astype(np.int64), gradient(image, GRAD_SIGMA), []
+    for _ in range(rounds):
+        pairs, x = fg.features(True) if graph else pair_features(lab, maps512, image, grad, None, True)
+        out.append(x)
+        m = matching(pairs, np.argsort(x[:, FEATURES.index("int_diff")], kind="stable")[: len(pairs) // 4])
+        if graph:
+            fg.merge(m)
+        else:
+            lab = merge_pairs(lab, m)
+    return out
+
+
+def bench_merging(xs: np.ndarray, ys: np.ndarray, rounds: int) -> dict:
+    """Milliseconds per slice of a merger's rounds of pair features (the hybrid's superpixels of the stretched slice,
+    network maps as features): the region graph vs a pass over the merged label map per round; identical rows?"""
+    stretched = resolve(ContrastParams(window="auto"), xs, say=lambda _: None).stretch(xs)
+    sps = [superpixels(x, SuperpixelParams(h=0.0075)) for x in stretched]
+    maps = [upsample_maps(m.astype(np.float32), 512) for m in synthetic_maps(ys)]
+    items = list(zip(sps, maps, stretched))
+    n = len(items)
+    runs = {g: [_merge_rounds(sp, m, x, rounds, g) for sp, m, x in items] for g in (True, False)}
+    same = all(np.array_equal(a, b, equal_nan=True) for ga, gb in zip(runs[True], runs[False]) for a, b in zip(ga, gb))
+    graph = best_of(lambda: [_merge_rounds(sp, m, x, rounds, True) for sp, m, x in items], 2) / n * 1e3
+    reread = best_of(lambda: [_merge_rounds(sp, m, x, rounds, False) for sp, m, x in items], 1) / n * 1e3
+    return {"rounds": rounds, "superpixels": float(np.mean([s.max() for s in sps])), "graph_ms": graph, "reread_ms": reread,
+            "speedup": reread / graph, "identical": bool(same)}  # fmt: skip
 
 
 def bench_inference(xs: np.ndarray, quick: bool) -> dict:
@@ -255,6 +291,7 @@ def run_bench(quick: bool = False, out: Path = Path("bench.json")) -> dict:
             "metric": bench_metric(ys),
             "csv": bench_csv(ys, 40 if quick else 2000, 20 if quick else 500, Path(d)),
             "postprocess": bench_postprocess(xs[:4], ys[:4]) if quick else bench_postprocess(xs[:16], ys[:16]),
+            "merging": bench_merging(xs[:2], ys[:2], 4) if quick else bench_merging(xs[:8], ys[:8], 16),
             "inference": bench_inference(xs[:4] if quick else xs[:16], quick),
             "tuning": bench_tuning(ys[:4], xs[:4], 3, Path(d)) if quick else bench_tuning(ys[:40], xs[:40], 12, Path(d)),
             "submit_memory": bench_submit_memory(8 if quick else 500, 3, Path(d), res=64 if quick else 256),
@@ -273,6 +310,9 @@ def run_bench(quick: bool = False, out: Path = Path("bench.json")) -> dict:
     result(f"  identical content: read {c['read_identical']}, write {c['write_identical']} (bytes {c['write_bytes_identical']})")
     for k, v in p.items():
         result(f"{'postprocess ' + k + ' per slice':<38} {v:>10.1f}")
+    mg = results["merging"]
+    result(f"{str(mg['rounds']) + ' merge rounds (ms/slice) vs re-read':<38} {mg['graph_ms']:>10.1f} {mg['reread_ms']:>10.1f} "
+           f"{mg['speedup']:>7.1f}x  [{mg['superpixels']:.0f} superpixels; identical rows: {mg['identical']}]")  # fmt: skip
     for name, v in results["inference"].items():
         result(f"{'inference ' + name + ' (' + str(v['resolution']) + ' px, ms/slice)':<38} {v['ms_per_slice']:>10.1f}  [{v['device']}]")
     tu = results["tuning"]

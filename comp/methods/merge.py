@@ -254,7 +254,7 @@ def _same_structure(major: np.ndarray, share: np.ndarray, pairs: np.ndarray) -> 
     return ((major[a] == major[b]) & (major[a] > 0) & (share[a] > 0.5) & (share[b] > 0.5)).astype(np.int8)
 
 
-def _matching(pairs: np.ndarray, order: np.ndarray) -> np.ndarray:
+def matching(pairs: np.ndarray, order: np.ndarray) -> np.ndarray:
     """Pairs taken in `order`, skipping any that touches a region already taken (one merge per region a round)."""
     chosen, used = [], set()
     for j in order:
@@ -288,7 +288,7 @@ def agglomeration_rows(labels: np.ndarray, maps512: np.ndarray | None, image: np
         order = rng.permutation(np.flatnonzero(y))
         if len(order) == 0:
             break
-        graph.merge(_matching(pairs, order))
+        graph.merge(matching(pairs, order))
     if not xs:
         return np.zeros((0, len(FEATURES)), np.float32), np.zeros(0, np.int8)
     return np.concatenate(xs), np.concatenate(ys)
@@ -352,7 +352,7 @@ class Merger:
             above = np.flatnonzero(p >= self.threshold)
             if len(above) == 0:
                 break
-            graph.merge(_matching(pairs, above[np.argsort(-p[above], kind="stable")]))
+            graph.merge(matching(pairs, above[np.argsort(-p[above], kind="stable")]))
         return relabel_uint8(graph.label_map())
 
 

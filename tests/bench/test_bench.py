@@ -19,6 +19,8 @@ def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
     assert res["csv"]["read_identical"] and res["csv"]["write_identical"] and res["csv"]["write_bytes_identical"]
     for key in ("official_watershed_ms", "smooth_watershed_ms", "maps_to_instances_ms"):
         assert res["postprocess"][key] > 0
+    mg = res["merging"]  # the region graph's rows are the ones a pass over the merged map gives, every round
+    assert mg["identical"] and mg["rounds"] == 4 and mg["graph_ms"] > 0 and mg["reread_ms"] > 0 and mg["superpixels"] > 50
     assert res["inference"]["unet_cpu"]["ms_per_slice"] > 0 and res["inference"]["unet_cpu"]["resolution"] == 256
     assert res["tuning"]["trials"] == 3 and res["tuning"]["trials_per_minute"] > 0
     g = res["gpu_run_cpu_side"]
