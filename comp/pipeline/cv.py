@@ -12,6 +12,7 @@ from comp.core.claims import claim, me, run_lock
 from comp.core.errors import UserError
 from comp.core.log import LOG, result
 from comp.core.metric import group_means, image_scores
+from comp.core.runtime import machine
 from comp.core.store import save_maps, write_maps
 from comp.data.contrast import resolve
 from comp.data.dataset import Dataset
@@ -257,6 +258,7 @@ def _summarise(exp: Experiment, run: RunDir, k: int, names: list[str], seconds: 
         "per_group": group_scores(np.array([i for i, _, _ in rows]), all_scores, groups, np.array([f for _, f, _ in rows])),
         "n_images": len(rows),
         "seconds": round(seconds, 1),
+        "machine": machine(),  # networks' digits depend on the CPU's kernels (docs/results.md)
         "command": command,
     }
     run.write_summary(summary)

@@ -18,6 +18,7 @@ from comp.core.atomic import atomic_write_text
 from comp.core.errors import UserError
 from comp.core.fields import bounded
 from comp.core.log import LOG, result
+from comp.core.runtime import machine
 from comp.data.sets import resolve_data
 from comp.methods.merge import MergeKind
 from comp.pipeline.config import extra_override, from_dict, load_experiment
@@ -213,7 +214,8 @@ def _ensemble_row(suite: Suite, ds: str, data, other, result: dict, short: dict,
 def _write_table(rows: list[Row], suite: Suite, minutes: float, reused_s: float, out: Path, readme: Path | None) -> None:
     """The table with its timing line to `out`, and between the README's markers when there is a README."""
     table = _table(rows, list(suite.datasets), suite)
-    table += f"\nThis table took {minutes:.0f} min to regenerate on this machine"
+    m = machine()
+    table += f"\nThis table took {minutes:.0f} min to regenerate on this machine ({m['cpu']}, {m['threads']} threads, torch {m['torch']} with {m['cpu_kernels']} kernels)"
     if reused_s:  # a fresh suite also trains what was reused: their own recorded times
         table += f"; it reused finished CV runs whose recorded times add {reused_s / 60:.0f} min (a fresh run: about {minutes + reused_s / 60:.0f} min)"
     table += ".\n"

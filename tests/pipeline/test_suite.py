@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,13 @@ def test_results_fill_the_readme_table(tiny_phantom: Path, tmp_path: Path) -> No
     text = readme.read_text()
     assert "old table" not in text and table in text and text.startswith("# title") and text.endswith("after\n")
     assert len(list((tmp_path / "runs" / "tinyres").glob("*/cv.json"))) == 1  # reused, not rerun
+    # The machine is named beside the time (a network's digits depend on the CPU's kernels), and in every run record.
+    import torch
+
+    kernels = torch.backends.cpu.get_cpu_capability()
+    assert f"torch {torch.__version__} with {kernels} kernels" in table.splitlines()[-1]
+    record = json.loads(next((tmp_path / "runs" / "tinyres").glob("*/cv.json")).read_text())
+    assert record["machine"]["cpu_kernels"] == kernels and record["machine"]["threads"] == torch.get_num_threads()
 
 
 @pytest.mark.slow
