@@ -75,29 +75,6 @@ class Amp:
         return torch.autocast(self.dev.type, dtype=self.dtype, enabled=self.enabled)
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what the platform says."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
-
-
-def machine() -> dict:
-    """What a run's numbers depend on beyond code, data and seeds: the CPU's vector kernels (torch picks them by CPU,
-    and a network trained on another kind of CPU comes out with other digits), threads, the torch build, any GPU."""
-    out = {"cpu": cpu_model(), "cpu_kernels": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-           "torch": torch.__version__}  # fmt: skip
-    if torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name(0)
-    return out
-
-
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch."""
     random.seed(seed)

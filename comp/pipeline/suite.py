@@ -18,7 +18,7 @@ from comp.core.atomic import atomic_write_text
 from comp.core.errors import UserError
 from comp.core.fields import bounded
 from comp.core.log import LOG, result
-from comp.core.runtime import machine
+from comp.core.machine import machine
 from comp.data.sets import resolve_data
 from comp.methods.merge import MergeKind
 from comp.pipeline.config import extra_override, from_dict, load_experiment
