@@ -11,8 +11,8 @@ import numpy as np
 from comp.core.claims import claim, me, run_lock
 from comp.core.errors import UserError
 from comp.core.log import LOG, result
-from comp.core.metric import group_means, image_scores
 from comp.core.machine import machine
+from comp.core.metric import group_means, image_scores
 from comp.core.store import save_maps, write_maps
 from comp.data.contrast import resolve
 from comp.data.dataset import Dataset
