@@ -65,8 +65,8 @@ endif
 ensemble: venv  ## greedy OOF selection over every finished map run (or MEMBERS="exp1 exp2") -> runs/ensembles/$(ENS).yaml
 	$(PY) -m comp ensemble $(MEMBERS) --name $(ENS) $(DATA_ARG)
 
-tune: venv  ## Optuna on cached OOF maps (+ LightGBM merging) for ENS, or a non-learned EXP's parameters + window; STORAGE=postgresql://...; REGIONS="hybrid"; LINKAGE=average RELATIVE=1 CALIBRATE=1
-	$(PY) -m comp tune $(TARGET_ENS) --exp $(EXP) --trials $(TRIALS) $(if $(STORAGE),--storage $(STORAGE)) $(if $(REGIONS),--regions-from $(REGIONS)) $(if $(LINKAGE),--linkage $(LINKAGE)) $(if $(RELATIVE),--relative-features) $(if $(CALIBRATE),--calibrate) $(DATA_ARG)
+tune: venv  ## Optuna on cached OOF maps (+ LightGBM merging) for ENS, or a non-learned EXP's parameters + window; STORAGE=postgresql://...; REGIONS="hybrid"; LINKAGE=average RELATIVE=1 CALIBRATE=1 DROP="border_grad ..."
+	$(PY) -m comp tune $(TARGET_ENS) --exp $(EXP) --trials $(TRIALS) $(if $(STORAGE),--storage $(STORAGE)) $(if $(REGIONS),--regions-from $(REGIONS)) $(if $(LINKAGE),--linkage $(LINKAGE)) $(if $(RELATIVE),--relative-features) $(if $(CALIBRATE),--calibrate) $(if $(DROP),--drop-features $(DROP)) $(DATA_ARG)
 
 dashboard: venv  ## Optuna dashboard of the studies of ENS (or EXP) in STORAGE, else runs/tune/$(TARGET_ENS).db (http://127.0.0.1:8080)
 	$(VENV)/bin/optuna-dashboard $(if $(STORAGE),$(STORAGE),sqlite:///runs/tune/$(TARGET_ENS).db)

@@ -158,6 +158,8 @@ def _selection_commands(sub, sh: Shared) -> None:
                     help="the fitted mergers also read borders relative to the slice's own contrast (default: as stored, else off)")
     tu.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
                     help="calibrate the fitted mergers' probabilities on their fold classifiers' held-out pairs (default: as stored, else off)")
+    tu.add_argument("--drop-features", nargs="*", default=None, metavar="F",
+                    help="features the fitted mergers are blind to, e.g. the absolute gradients and sizes (none: every feature; default: as stored)")
     tu.add_argument("--params", nargs="+", default=None, metavar="NAME", help="search only these parameters (fewer free parameters: a nested estimate that overfits less)")
     tu.add_argument("--exp", default=None, help="for 'default' when no map-predicting run exists: tune this experiment's newest run")
     tu.add_argument("--seed", type=at_least(0), default=0)

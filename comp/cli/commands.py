@@ -204,12 +204,12 @@ def cmd_tune(a: argparse.Namespace) -> int:
     from comp.pipeline.tune_method import tune_spec
     from comp.report.leaderboard import write_leaderboard
 
-    problem = MergeKind(a.linkage).problem() if a.linkage else None
-    if problem:  # before any data is read
-        raise UserError("--linkage", problem)
+    for flag, asked in (("--linkage", MergeKind(a.linkage or "classifier")), ("--drop-features", MergeKind(drop=tuple(a.drop_features or ())))):
+        if asked.problem():  # before any data is read
+            raise UserError(flag, asked.problem())
     runs, data = Path(a.runs), resolve_data(a.data)
     spec, single = tune_target(a.name, a.exp, runs, data, a.workers, a.command_line)
-    kind = spec.merge.kind(a.linkage, a.relative_features, a.calibrate)  # a re-tune without the flags keeps what is stored
+    kind = spec.merge.kind(a.linkage, a.relative_features, a.calibrate, a.drop_features)  # a re-tune without the flags keeps what is stored
     r = tune_spec(spec, single, data, runs, a.trials, a.storage, a.images, a.workers, not a.no_merge, a.seed, a.params,
                   not a.no_superpixels, [resolve_run(n, runs, data, maps=False) for n in a.regions_from or []], a.command_line, kind)
     print(f"{r.trials_complete} complete trials ({r.trials_per_minute:.1f} per minute this call); best trial {r.best_trial_ari:.4f}")

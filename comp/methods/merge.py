@@ -40,6 +40,19 @@ FEATURES = (
     "pos_y", "pos_x", "pos_dy", "pos_dx", "raw_min", "raw_max",
     *RELATIVE, *VOTE,  # appended in this order: pair_features stacks its columns so
 )  # fmt: skip
+# What each feature reads, for measuring which carry to data a merger was not fitted on (scripts/feature_carry.py)
+FEATURE_GROUPS = {
+    "position": ("pos_y", "pos_x", "pos_dy", "pos_dx"),
+    "shape": ("log_border", "contact"),
+    "sizes": ("log_area_min", "log_area_max"),
+    "levels": ("int_mean", "raw_min", "raw_max"),
+    "steps": ("int_diff", "int_std_max"),
+    "step_rel": ("int_diff_rel",),
+    "gradients": ("border_grad", "grad_in_max", "border_grad_max", "border_grad_min"),
+    "relative": RELATIVE,
+    "maps": ("border_boundary", "border_fg", "border_dist", "fg_min", "dist_max_min", "emb_dist"),
+    "vote": VOTE,
+}
 GRAD_SIGMA = 1.0  # smoothing of the intensity gradient the border features read
 LGB_PARAMS = {
     "objective": "binary", "learning_rate": 0.05, "num_leaves": 15, "min_data_in_leaf": 10,
@@ -482,15 +495,19 @@ def _calibrations(path: Path, rest: str) -> tuple[Calibration, dict[int, Calibra
 
 @dataclass(frozen=True)
 class MergeKind:
-    """How a fitted merger reads and joins pairs: its linkage (Merger.linkage), whether it reads the RELATIVE features
-    and whether its probabilities are calibrated (Merger.calibration)."""
+    """How a fitted merger reads and joins pairs: its linkage (Merger.linkage), whether it reads the RELATIVE features,
+    whether its probabilities are calibrated (Merger.calibration) and which FEATURES it is blind to (Merger.drop)."""
 
     linkage: str = "classifier"
     relative: bool = False
     calibrate: bool = False  # map the probabilities by isotonic regression on the fold classifiers' held-out pairs
+    drop: tuple[str, ...] = ()  # e.g. FEATURE_GROUPS that memorise the training scan (scripts/feature_carry.py)
 
     def problem(self) -> str | None:
         """What is wrong with it, or None."""
+        bad = unknown_features(list(self.drop))
+        if bad:
+            return f"unknown feature '{bad[0]}' (known: {', '.join(FEATURES)})"
         return None if self.linkage in LINKAGES else f"linkage must be one of {', '.join(LINKAGES)}, got {self.linkage!r}"
 
 
@@ -516,8 +533,8 @@ def _fit_on_rows(rows: list[tuple[np.ndarray, np.ndarray]], image_folds: np.ndar
     y = np.concatenate([r[1] for r in rows])
     folds = np.concatenate([np.full(len(r[1]), f) for r, f in zip(rows, image_folds)])
     LOG.info(f"{what}: {len(y)} region pairs, {int(y.sum())} to merge")
-    merger = fit_fold_mergers(x, y, folds, max_rounds=max_rounds, workers=workers)
-    merger.linkage, merger.relative = kind.linkage, kind.relative
+    merger = fit_fold_mergers(without(x, kind.drop), y, folds, max_rounds=max_rounds, workers=workers)
+    merger.linkage, merger.relative, merger.drop = kind.linkage, kind.relative, tuple(kind.drop)
     if kind.calibrate:
         merger.calibration, merger.fold_calibrations = fold_calibration(merger, x, y, folds, workers)
     return merger

@@ -45,11 +45,13 @@ class MergeSpec:
     linkage: str = "classifier"  # how `tune` fitted the merger (comp.methods.merge.MergeKind; its file says the same)
     relative: bool = False
     calibrate: bool = False  # the merger file holds the map (comp.methods.merge.Calibration)
+    drop: list[str] = field(default_factory=list)  # features the merger is blind to (its file says the same)
 
-    def kind(self, linkage: str | None = None, relative: bool | None = None, calibrate: bool | None = None) -> MergeKind:
+    def kind(self, linkage: str | None = None, relative: bool | None = None, calibrate: bool | None = None,
+             drop: list[str] | None = None) -> MergeKind:  # fmt: skip
         """The merger's kind as stored, with what is given (not None) in its place."""
         return MergeKind(linkage or self.linkage, self.relative if relative is None else relative,
-                         self.calibrate if calibrate is None else calibrate)  # fmt: skip
+                         self.calibrate if calibrate is None else calibrate, tuple(self.drop if drop is None else drop))  # fmt: skip
 
 
 @dataclass

@@ -184,6 +184,7 @@ def _merge_flags(kind: MergeKind) -> tuple[str, str]:
     given = [(f" --linkage {kind.linkage}", f" LINKAGE={kind.linkage}")] if kind.linkage != MergeKind().linkage else []
     given += [(" --relative-features", " RELATIVE=1")] if kind.relative else []
     given += [(" --calibrate", " CALIBRATE=1")] if kind.calibrate else []
+    given += [(f" --drop-features {' '.join(kind.drop)}", f" DROP=\"{' '.join(kind.drop)}\"")] if kind.drop else []
     return "".join(flag for flag, _ in given), "".join(var for _, var in given)
 
 

@@ -283,6 +283,7 @@ def _store(spec: EnsembleSpec, runs: Path, command: str, post: PostParams, weigh
     spec.merge.enabled = kept.threshold is not None
     spec.merge.threshold = kept.threshold if kept.threshold is not None else spec.merge.threshold
     spec.merge.linkage, spec.merge.relative, spec.merge.calibrate = kind.linkage, kind.relative, kind.calibrate
+    spec.merge.drop = list(kind.drop)
     spec.regions = kept.regions
     spec.oof_ari, spec.oof_std, spec.oof_ari_no_merge = float(kept.full.mean()), float(kept.full.std()), no_merge
     spec.nested_ari = float(kept.nested.mean())

@@ -96,6 +96,10 @@ def test_a_suites_merger_kind_is_read_and_a_bad_linkage_refused(tmp_path: Path) 
     assert _merge_flags(suite.merge) == (" --linkage average --relative-features", " LINKAGE=average RELATIVE=1")
     assert _merge_flags(MergeKind()) == ("", "")
     assert _merge_flags(MergeKind(calibrate=True)) == (" --calibrate", " CALIBRATE=1")
+    assert _merge_flags(MergeKind(drop=("int_mean", "raw_max"))) == (" --drop-features int_mean raw_max", ' DROP="int_mean raw_max"')
+    path.write_text("singles: [hybrid]\nmerge: {drop: [border_grad, sizes]}\n")
+    with pytest.raises(UserError, match="merge: unknown feature 'sizes'"):
+        load_suite(str(path))
     path.write_text("singles: [hybrid]\nmerge: {linkage: single}\n")
     with pytest.raises(UserError, match="merge: linkage must be one of classifier, average"):
         load_suite(str(path))

@@ -372,22 +372,26 @@ def test_superpixel_hybrid_wins_where_the_maps_fail_and_submit_reproduces_it(tin
 
 @pytest.mark.slow
 def test_tune_fits_mergers_of_the_kind_asked_for_and_the_stored_file_reproduces_them(tiny_phantom: Path, tmp_path: Path) -> None:
-    """Average linkage, relative features, calibration: recorded in the ensemble and merger files; the score replays."""
-    from comp.methods.merge import FEATURES, RELATIVE, MergeKind
+    """Average linkage, relative features, calibration, features dropped: recorded in the ensemble and merger files;
+    the classifiers never split on a dropped feature; the score replays."""
+    from comp.methods.merge import FEATURE_GROUPS, FEATURES, RELATIVE, MergeKind
 
     run = fake_run(tmp_path, tiny_phantom, "blind", fg_level=0.0, boundaries=False)
     oof = OOF.load([run], Dataset(tiny_phantom))
-    r = tune(_spec(run, tiny_phantom, "kind"), oof, tmp_path, trials=2, workers=1, kind=MergeKind("average", True, True))
+    drop = FEATURE_GROUPS["gradients"] + FEATURE_GROUPS["sizes"]
+    r = tune(_spec(run, tiny_phantom, "kind"), oof, tmp_path, trials=2, workers=1, kind=MergeKind("average", True, True, drop))
     stored = load_ensemble("kind", tmp_path)
     assert r.regions.startswith("superpixels") and stored.merge.enabled
     assert (stored.merge.linkage, stored.merge.relative, stored.merge.calibrate) == ("average", True, True)
+    assert stored.merge.drop == list(drop) and stored.merge.kind().drop == drop  # a re-tune keeps them
     merger = load_merger(tmp_path / "ensembles" / "kind.merge.txt")
-    assert (merger.linkage, merger.relative) == ("average", True) and len(merger.calibration.x) >= 2
+    assert (merger.linkage, merger.relative, merger.drop) == ("average", True, drop) and len(merger.calibration.x) >= 2
     assert set(merger.fold_calibrations) == set(map(int, np.unique(oof.folds)))  # each fold model its own map, kept
     import lightgbm as lgb
 
     used = lgb.Booster(model_str=merger.models[-1]).feature_importance("split")  # the classifiers saw the RELATIVE columns
     assert sum(used[FEATURES.index(f)] for f in RELATIVE) > 0
+    assert all(used[FEATURES.index(f)] == 0 for f in drop) and sum(used) > 0
     assert oof.scores([1.0], stored.post, merger, workers=1, regions=stored.regions).mean() == pytest.approx(stored.oof_ari)
 
 
@@ -400,11 +404,18 @@ def test_a_retune_keeps_the_stored_merger_kind_where_no_flag_is_given() -> None:
     assert stored.kind(relative=False) == MergeKind("average", False)
     assert stored.kind("classifier") == MergeKind("classifier", True)
     assert MergeSpec(calibrate=True).kind() == MergeKind(calibrate=True) and not MergeSpec(calibrate=True).kind(calibrate=False).calibrate
+    assert MergeSpec(drop=["int_mean"]).kind().drop == ("int_mean",) and MergeSpec(drop=["int_mean"]).kind(drop=[]).drop == ()
 
 
 def test_an_unknown_linkage_is_one_clear_error_before_any_work(tmp_path: Path) -> None:
     r = run_cli("tune", "nothing", "--linkage", "single", "--runs", str(tmp_path / "runs"))
     assert r.returncode == 2 and "--linkage" in r.stderr and "average" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_unknown_feature_to_drop_is_one_clear_error_before_any_work(tmp_path: Path) -> None:
+    r = run_cli("tune", "nothing", "--drop-features", "border_grad", "gradient", "--runs", str(tmp_path / "runs"))
+    assert r.returncode == 2 and "--drop-features" in r.stderr and "'gradient'" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "runs").exists()
 
 
