@@ -150,6 +150,18 @@ def test_coarse_rendering_shows_in_the_measured_resolution():
     assert native < 1.5 and coarse > 2.0 * native
 
 
+def test_a_coarser_grey_step_shows_as_posterized_flat_tissue():
+    """Rounding a slice's grey levels to every 3rd (a window three times wider) makes flat tissue's neighbours equal
+    more often; a smooth (coarse) slice is posterized more than a noisy native one at the same step."""
+    from comp.report.stats import equal_neighbours
+
+    native, coarse = render_slice(90)[0], render_slice(90, coarse=4.0)[0]
+    assert equal_neighbours((native // 3) * 3) > equal_neighbours(native) + 0.1
+    assert equal_neighbours((coarse // 3) * 3) > equal_neighbours(coarse) + 0.1
+    assert equal_neighbours(coarse) > equal_neighbours(native) + 0.2
+    assert np.isnan(equal_neighbours(np.zeros((64, 64), np.uint8)))  # no body: no verdict
+
+
 def test_a_phantom_windowed_per_slice_records_its_windows(tmp_path):
     from comp.data.phantom import generate
     from comp.data.labels import WINDOWS_CSV, read_windows
