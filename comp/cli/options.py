@@ -91,6 +91,13 @@ def window_per_slice_arg(parser: argparse.ArgumentParser) -> None:
                              f"{':'.join(lo)} {':'.join(hi)} (the 2025 challenge PNGs were windowed per slice)")  # fmt: skip
 
 
+def noise_arg(parser: argparse.ArgumentParser) -> None:
+    """--noise-hu SD, shared by the commands that import volumes."""
+    parser.add_argument("--noise-hu", type=at_least(0.0, float), default=0.0, metavar="SD",
+                        help="Gaussian noise (sd, HU) added to every slice before windowing, seeded and the same in every "
+                             "rendering: a smooth scan made as noisy as a native one")  # fmt: skip
+
+
 def runs_folder(text: str) -> str:
     """An argparse type: the runs folder, which may not exist yet but may not be a file."""
     if Path(text).exists() and not Path(text).is_dir():

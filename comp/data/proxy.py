@@ -86,6 +86,7 @@ def build_proxy(out: Path, cache: Path, extra: Path | None = None, cfg: ImportCo
         f"comp real-CT proxy from {ARCHIVE} (sha256 {SHA256}); labelled: {LABELLED[0]}; "
         f"unlabelled: {len(unlabelled)} volume(s); HU window "
         + (f"per slice, ends in {cfg.window_per_slice[0]:g}..{cfg.window_per_slice[1]:g} and {cfg.window_per_slice[2]:g}..{cfg.window_per_slice[3]:g}"
-           if cfg.window_per_slice else f"{cfg.window_lo:g}..{cfg.window_hi:g}") + "\n",
+           if cfg.window_per_slice else f"{cfg.window_lo:g}..{cfg.window_hi:g}")
+        + (f"; noise sd {cfg.noise_hu:g} HU" if cfg.noise_hu else "") + "\n",
     )
     return out

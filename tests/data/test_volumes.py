@@ -179,6 +179,22 @@ def test_default_window_is_the_challenges(tmp_path: Path) -> None:
     assert x[0, 0] == 0 and np.isin(x, (0, 127, 128, 255)).mean() > 0.9  # only the resampled edges lie between
 
 
+def test_noise_is_added_before_windowing_and_is_the_same_in_every_rendering(tmp_path: Path) -> None:
+    """--noise-hu: a flat 0 HU slab gets grey levels spread as the noise says (about 40 HU / 7.8 per level), the labels and
+    the one-window slices without it are untouched, and a second window renders the same noise."""
+    ct = np.full((60, 60, 2), -1000.0, np.float32)
+    ct[5:55, 5:55, :] = 0.0
+    img, seg = _nifti(tmp_path, ct, np.zeros(ct.shape, np.int16), zooms=(1.0, 1.0, 1.0))
+    plain = Dataset(import_volumes([img], [seg], tmp_path / "plain", ImportConfig())).x_train
+    noisy = Dataset(import_volumes([img], [seg], tmp_path / "noisy", ImportConfig(noise_hu=40.0))).x_train
+    wide = Dataset(import_volumes([img], [seg], tmp_path / "wide", ImportConfig(-2000, 2000, noise_hu=40.0))).x_train
+    inner = (slice(None), slice(150, 350), slice(150, 350))
+    assert plain[inner].std() == 0 and 4.0 < noisy[inner].astype(float).std() < 6.5
+    grey = lambda x, lo, hi: lo + x.astype(float) / 255 * (hi - lo)  # noqa: E731  (back to HU)
+    d = grey(noisy[inner], -1000, 1000) - grey(wide[inner], -2000, 2000)
+    assert np.abs(d).mean() < 10 and np.corrcoef(noisy[inner].ravel(), wide[inner].ravel())[0, 1] > 0.9
+
+
 @pytest.mark.slow
 def test_import_over_a_data_set_is_refused_unless_forced_and_never_mixes(tmp_path: Path) -> None:
     """A non-empty --out (say the challenge's data/raw) is refused; --force replaces it whole, no old slice left."""
@@ -236,6 +252,7 @@ def test_volumes_that_are_no_ct_or_labels_are_refused(tmp_path: Path, case: str,
     (["--window", "1000", "-1000"], "must run from low to high HU"),
     (["--window", "nan", "1000"], "expected a finite number"),
     (["--every", "0"], "--every: must be at least 1"),
+    (["--noise-hu", "-5"], "--noise-hu: must be at least 0"),
 ])  # fmt: skip
 def test_import_settings_out_of_range_are_refused(tmp_path: Path, args: list[str], message: str) -> None:
     img, seg = _nifti(tmp_path, *_volume())
