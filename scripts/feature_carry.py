@@ -21,7 +21,9 @@ import numpy as np
 from comp.data.sets import resolve_data
 from comp.methods.merge import FEATURE_GROUPS
 from comp.pipeline.config import load_experiment
+from comp.pipeline.select import gain_and_se
 from comp.pipeline.transfer import TransferResult, transfer
+from comp.pipeline.workspace import TransferRecord
 
 HEAD = "round\tdropped\tscored_on\tari\tgain\tse\tregions\tsplit\tmerged\n"
 
@@ -34,13 +36,13 @@ def fitted(name: str, drop: list[str], fit, data: list, runs: Path) -> list[Tran
 
 def per_slice(res: TransferResult) -> np.ndarray:
     """The per-slice ARIs a transfer record holds."""
-    return np.array([r["ari"] for r in json.loads(Path(res.path).read_text())["images"]])
+    return np.array([r["ari"] for r in TransferRecord(Path(res.path)).read()["images"]])
 
 
 def gain_se(new: TransferResult, old: TransferResult) -> tuple[float, float]:
-    """Mean per-slice gain of `new` over `old` (the same slices) and its standard error."""
-    d = per_slice(new) - per_slice(old)
-    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+    """Mean per-slice gain of `new` over `old` (the same slices) and its standard error (each slice its own group)."""
+    a, b = per_slice(new), per_slice(old)
+    return gain_and_se(a, b, np.arange(len(a)))
 
 
 def row(step: str, groups: list[str], r: TransferResult, gain: float = 0.0, se: float = 0.0) -> str:
@@ -49,9 +51,9 @@ def row(step: str, groups: list[str], r: TransferResult, gain: float = 0.0, se: 
             f"{r.split:.1f}\t{r.merged:.1f}")  # fmt: skip
 
 
-def eliminate(name: str, start: list[str], todo: list[str], fit, select, runs: Path, out) -> list[str]:
-    """Groups dropped round by round while the best drop beats its standard error on `select`."""
-    base = load_experiment(name).params.drop_features
+def eliminate(name: str, base: list[str], start: list[str], todo: list[str], fit, select, runs: Path, out) -> list[str]:
+    """Groups dropped (beside the experiment's own `base` drops) round by round while the best drop beats its standard
+    error on `select`."""
     drop = lambda gs: sorted(set(base) | {f for g in gs for f in FEATURE_GROUPS[g]})  # noqa: E731
     kept, groups = fitted(name, drop(start), fit, [select], runs)[0], list(start)
     out(row("0", groups, kept))
@@ -91,10 +93,10 @@ def main() -> None:
             fh.write(line + "\n")
 
     print(HEAD, end="")
-    dropped = eliminate(a.experiment, a.start, a.groups, fit, select, runs, out)
+    base = load_experiment(a.experiment).params.drop_features
+    dropped = eliminate(a.experiment, base, a.start, a.groups, fit, select, runs, out)
     print(f"kept: params.drop_features={json.dumps(dropped)}")
     scores = [resolve_data(d) for d in a.score]
-    base = load_experiment(a.experiment).params.drop_features
     for as_is, new in zip(fitted(a.experiment, list(base), fit, scores, runs), fitted(a.experiment, dropped, fit, scores, runs)):
         out(row("as is", [], as_is))
         out(row("kept", ["kept"], new, *gain_se(new, as_is)))

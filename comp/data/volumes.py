@@ -207,7 +207,7 @@ def _label_slices(label: Path, shape: tuple, image: Path) -> np.ndarray:
 
 
 def volume_slices(image: Path, label: Path | None, cfg: ImportConfig, rng: np.random.Generator, window_rng: np.random.Generator,
-                  noise_rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+                  noise_rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """Windowed 512x512 slices of one volume, their instance maps (zeros when unlabelled) and each slice's HU window."""
     vol = load_volume(image)
     sl, spacing = _hu_slices(vol, image)
@@ -218,7 +218,7 @@ def volume_slices(image: Path, label: Path | None, cfg: ImportConfig, rng: np.ra
     windows = cfg.windows(len(keep), window_rng)
     for n, k in enumerate(keep):
         hu = to_square(sl[k], spacing, order=1, pad=AIR_HU)
-        if cfg.noise_hu > 0 and noise_rng is not None:
+        if cfg.noise_hu > 0:  # no draw otherwise: noiseless imports stay as they were
             hu = hu + noise_rng.normal(0.0, cfg.noise_hu, hu.shape)
         xs[n] = hu_to_grey(hu, *windows[n])
         if lab_sl is not None:
