@@ -46,6 +46,10 @@ class CVConfig:
         """The seed fold `fold` is fitted with: re-running with another `fit_seed` measures the fit's own noise."""
         return self.seed + fold + 1000 * self.fit_seed
 
+    def full_fit_seed(self) -> int:
+        """The seed a fit on every annotated slice (submit, transfer) uses: `fit_seed` moves it as it moves the folds'."""
+        return self.seed + 1000 * self.fit_seed
+
     def violations(self) -> dict[str, str]:
         """The choices no range states."""
         return {} if self.groups in GROUPS else {"groups": f"must be one of {', '.join(GROUPS)}, got {self.groups!r}"}

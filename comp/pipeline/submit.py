@@ -45,12 +45,12 @@ def validate_submission(path: str | Path, data_root: str | Path, row_labels: lis
     return {"images": n_test, "mean_regions": float(np.mean(regions)), "rows_reordered": reordered}
 
 
-def submit(exp: Experiment, data: Dataset, out: str | Path, seed: int = 0, runs: Path = RUNS) -> dict:
+def submit(exp: Experiment, data: Dataset, out: str | Path, seed: int | None = None, runs: Path = RUNS) -> dict:
     """Fit the method on every annotated slice, predict X_test, write and validate `out`."""
     return _write_validate_score(Path(out), predict_test(exp, data, seed, runs), data)
 
 
-def predict_test(exp: Experiment, data: Dataset, seed: int = 0, runs: Path = RUNS) -> np.ndarray:
+def predict_test(exp: Experiment, data: Dataset, seed: int | None = None, runs: Path = RUNS) -> np.ndarray:
     """The method fitted on every annotated slice, its X_test instance maps (kept beside the fit, reused while the
     config, the labels and the test slices themselves, by a hash of their pixels, are the same)."""
     if not data.has_test_images:
@@ -70,14 +70,16 @@ def predict_test(exp: Experiment, data: Dataset, seed: int = 0, runs: Path = RUN
     return pred
 
 
-def _fit_predict(exp: Experiment, data: Dataset, seed: int, runs: Path, workdir: Path) -> np.ndarray:
+def _fit_predict(exp: Experiment, data: Dataset, seed: int | None, runs: Path, workdir: Path) -> np.ndarray:
     """Fit on every annotated slice in `workdir` and predict X_test."""
     return fit_every_annotated(exp, data, seed, runs, workdir).predict(data.x_test)
 
 
-def fit_every_annotated(exp: Experiment, data: Dataset, seed: int = 0, runs: Path = RUNS, workdir: Path | None = None):
+def fit_every_annotated(exp: Experiment, data: Dataset, seed: int | None = None, runs: Path = RUNS, workdir: Path | None = None):
     """The experiment's method fitted on every annotated slice of `data` (in the submit folder of this config and data,
-    so a later `submit` or transfer resumes its checkpoints), behind the contrast step resolved on its slices."""
+    so a later `submit` or transfer resumes its checkpoints), behind the contrast step resolved on its slices; the seed
+    is the config's (`cv.seed`, `cv.fit_seed`) unless given."""
+    seed = exp.cv.full_fit_seed() if seed is None else seed
     spec = get_method(exp.method, exp.path)
     method = spec.build(exp.params)
     ann = data.annotated

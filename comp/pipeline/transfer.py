@@ -72,7 +72,7 @@ def _check_scored(fit: Dataset, scores: list[Dataset], extra: list[str]) -> None
             raise UserError(d.root / "Y_train.csv", "no annotated slice to score a transfer on")
 
 
-def transfer(exp: Experiment, fit: Dataset, scores: list[Dataset], seed: int = 0, runs: Path = RUNS,
+def transfer(exp: Experiment, fit: Dataset, scores: list[Dataset], seed: int | None = None, runs: Path = RUNS,
              command: str = "") -> list[TransferResult]:  # fmt: skip
     """Fit `exp` on every annotated slice of `fit` (once), score it on every annotated slice of each of `scores`."""
     _check_scored(fit, scores, exp.cv.extra)

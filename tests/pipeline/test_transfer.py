@@ -149,3 +149,19 @@ def test_an_ensemble_transfers_as_it_was_selected_on_the_fitting_data(pair, tmp_
     assert [r.fold for r in rows] == [0, 1, -1] and rows[-1].true_regions > 0
     assert abs(rows[-1].mean_ari - r_same.mean_ari) < 1e-6, (rows, r_same)
     assert len({round(r.mean_ari, 6) for r in rows[:2]}) > 1, rows  # two fits, two scores
+
+
+def test_a_fit_on_every_annotated_slice_takes_the_config_s_fit_seed(pair, monkeypatch):
+    """`--set cv.fit_seed=1` moves the fit behind `transfer` and `submit` as it moves CV's folds (it used to be ignored)."""
+    from comp.data.dataset import Dataset
+    from comp.methods.baselines import SmoothWatershed
+    from comp.pipeline.config import load_experiment
+    from comp.pipeline.submit import fit_every_annotated
+
+    fit, _, _, runs = pair
+    seeds = []
+    monkeypatch.setattr(SmoothWatershed, "fit", lambda self, train, ctx: seeds.append(ctx.seed))
+    for overrides in ([], ["cv.fit_seed=1"], ["cv.seed=3", "cv.fit_seed=2"]):
+        fit_every_annotated(load_experiment("smooth_watershed", overrides), Dataset(fit), runs=runs)
+    fit_every_annotated(load_experiment("smooth_watershed", ["cv.fit_seed=1"]), Dataset(fit), seed=7, runs=runs)
+    assert seeds == [0, 1000, 2003, 7]
