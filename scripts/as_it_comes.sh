@@ -9,12 +9,13 @@
 # `noise`: the fitted methods re-fitted with other seeds (`cv.fit_seed`, the folds unchanged) on the proxy rendered both
 # ways: how far a CV figure moves with the fit's own noise, against the per-slice change it is compared with. A
 # student's teacher is re-fitted with the same seed (its run is the unet_cpu row's).
-# Usage: scripts/as_it_comes.sh [per-slice|leak|diagnose|resolution|extra|features|networks|noise|merger|all] (default all); METHODS="..." to narrow. Data:
+# Usage: scripts/as_it_comes.sh [per-slice|leak|diagnose|resolution|extra|features|networks|noise|merger|noisy-fit|all] (default all); METHODS="..." to narrow. Data:
 # `make proxy`, then
 #   python -m comp data proxy --out data/proxy_ps   --window-per-slice -3100:-1000 1000:3100
 #   python -m comp data phantom --out data/phantom_ps --n-train 1000 --n-labelled 200 --n-test 100 --window-per-slice -3100:-1000 1000:3100
 #   python -m comp data phantom --out data/phantom_s1        --n-train 300 --n-labelled 100 --n-test 10 --seed 1
 #   python -m comp data phantom --out data/phantom_s1_coarse --n-train 300 --n-labelled 100 --n-test 10 --seed 1 --coarse 4
+#   python -m comp data proxy   --out data/proxy_n15 --noise-hu 15
 # (data/phantom, the embedded phantom, is made by any command run without --data.)
 # Rows go to runs/as_it_comes.tsv and runs/as_it_comes_transfer.tsv (done rows are kept: rerun to resume).
 set -euo pipefail
@@ -123,4 +124,11 @@ case "$WHAT" in merger|all) for data in data/proxy data/proxy_ps; do
 done
 ensemble_transfer noise-s0-proxy data/proxy data/phantom
 ensemble_transfer merger-proxy data/proxy data/phantom;; esac
+# Fitting on the noisy proxy (`comp data proxy --out data/proxy_n15 --noise-hu 15`): the hybrid and its transfer
+# variants fitted on the smooth proxy and on the noisy one, scored on the *validation* phantom of seed 1 (never on the
+# reported phantom, which only the transfer_noisy suite scores); the fixed methods beside them.
+case "$WHAT" in noisy-fit|all) for exp in ${NOISY_METHODS:-baseline_watershed_stretched smooth_watershed hybrid hybrid_relative_average hybrid_carry}; do
+  transfer_row "$exp" data/proxy data/phantom_s1
+  transfer_row "$exp" data/proxy_n15 data/phantom_s1
+done; column -t -s $'\t' $TR;; esac
 column -t -s $'\t' $OUT

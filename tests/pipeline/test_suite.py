@@ -132,6 +132,17 @@ def test_a_suite_without_an_fg_cc_experiment_has_no_such_row() -> None:
     assert "fg U-Net + connected components" not in labels(cut) and [n for _, n in table_picks(cut)][:2] == [cut.baseline, cut.stretched]
 
 
+def test_every_shipped_suite_loads_and_its_variants_keep_their_base_s_settings() -> None:
+    from comp.pipeline.suite import load_suite
+
+    suites = sorted((Path(__file__).parents[2] / "experiments/suites").glob("*.yaml"))
+    loaded = {p.stem: load_suite(str(p)) for p in suites}  # a bad key or a transfer to an unknown data set raises
+    assert {"results_cpu", "transfer", "transfer_noisy", "per_slice_noisy"} <= set(loaded)
+    noisy = loaded["transfer_noisy"]
+    assert noisy.transfer == {"phantom": "data/proxy_n15", "proxy_n15": ""} and noisy.singles == loaded["results_cpu"].singles
+    assert set(loaded["per_slice_noisy"].datasets) == {"proxy_n15", "proxy_ps_n15"} and not loaded["per_slice_noisy"].transfer
+
+
 def test_an_empty_regions_from_offers_no_runs_regions_unlike_a_missing_one(tmp_path: Path) -> None:
     from comp.pipeline.suite import _offers_regions, load_suite
 
