@@ -44,7 +44,7 @@ class CVConfig:
 
     def fold_seed(self, fold: int) -> int:
         """The seed fold `fold` is fitted with: re-running with another `fit_seed` measures the fit's own noise."""
-        return self.seed + fold + 1000 * self.fit_seed
+        return self.full_fit_seed() + fold
 
     def full_fit_seed(self) -> int:
         """The seed a fit on every annotated slice (submit, transfer) uses: `fit_seed` moves it as it moves the folds'."""

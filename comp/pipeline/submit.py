@@ -45,12 +45,12 @@ def validate_submission(path: str | Path, data_root: str | Path, row_labels: lis
     return {"images": n_test, "mean_regions": float(np.mean(regions)), "rows_reordered": reordered}
 
 
-def submit(exp: Experiment, data: Dataset, out: str | Path, seed: int | None = None, runs: Path = RUNS) -> dict:
+def submit(exp: Experiment, data: Dataset, out: str | Path, runs: Path = RUNS) -> dict:
     """Fit the method on every annotated slice, predict X_test, write and validate `out`."""
-    return _write_validate_score(Path(out), predict_test(exp, data, seed, runs), data)
+    return _write_validate_score(Path(out), predict_test(exp, data, runs), data)
 
 
-def predict_test(exp: Experiment, data: Dataset, seed: int | None = None, runs: Path = RUNS) -> np.ndarray:
+def predict_test(exp: Experiment, data: Dataset, runs: Path = RUNS) -> np.ndarray:
     """The method fitted on every annotated slice, its X_test instance maps (kept beside the fit, reused while the
     config, the labels and the test slices themselves, by a hash of their pixels, are the same)."""
     if not data.has_test_images:
@@ -64,15 +64,15 @@ def predict_test(exp: Experiment, data: Dataset, seed: int | None = None, runs: 
                 LOG.info(f"{exp.name}: test predictions of its fit on every annotated slice, kept in {kept}")
                 return z["pred"]
         LOG.info(f"{exp.name}: the test slices differ from those of the predictions kept in {kept}: fitting and predicting anew")
-    pred = _fit_predict(exp, data, seed, runs, workdir)
+    pred = _fit_predict(exp, data, runs, workdir)
     with atomic_path(kept, suffix=".npz") as tmp, open(tmp, "wb") as fh:
         np.savez_compressed(fh, pred=pred, x_test=np.array(data.test_digest))
     return pred
 
 
-def _fit_predict(exp: Experiment, data: Dataset, seed: int | None, runs: Path, workdir: Path) -> np.ndarray:
+def _fit_predict(exp: Experiment, data: Dataset, runs: Path, workdir: Path) -> np.ndarray:
     """Fit on every annotated slice in `workdir` and predict X_test."""
-    return fit_every_annotated(exp, data, seed, runs, workdir).predict(data.x_test)
+    return fit_every_annotated(exp, data, runs=runs, workdir=workdir).predict(data.x_test)
 
 
 def fit_every_annotated(exp: Experiment, data: Dataset, seed: int | None = None, runs: Path = RUNS, workdir: Path | None = None):

@@ -72,7 +72,7 @@ def _check_scored(fit: Dataset, scores: list[Dataset], extra: list[str]) -> None
             raise UserError(d.root / "Y_train.csv", "no annotated slice to score a transfer on")
 
 
-def transfer(exp: Experiment, fit: Dataset, scores: list[Dataset], seed: int | None = None, runs: Path = RUNS,
+def transfer(exp: Experiment, fit: Dataset, scores: list[Dataset], runs: Path = RUNS,
              command: str = "") -> list[TransferResult]:  # fmt: skip
     """Fit `exp` on every annotated slice of `fit` (once), score it on every annotated slice of each of `scores`."""
     _check_scored(fit, scores, exp.cv.extra)
@@ -84,7 +84,7 @@ def transfer(exp: Experiment, fit: Dataset, scores: list[Dataset], seed: int | N
         return out  # type: ignore[return-value]
 
     LOG.info(f"{exp.name}: fitting on every annotated slice of {fit.name} ({len(fit.annotated)} slices)")
-    method = fit_every_annotated(exp, fit, seed, runs)
+    method = fit_every_annotated(exp, fit, runs=runs)
     for i, (d, rec, dig) in enumerate(todo):
         if out[i] is None:
             out[i] = _score(exp, method, fit, d, rec, dig, command)
