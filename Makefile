@@ -83,8 +83,8 @@ leaderboard: venv  ## runs/leaderboard.md: every CV run and ensemble, mean ± st
 phantom: venv  ## a full-size phantom (2000 train / 400 annotated / 500 test) in data/phantom_full
 	$(PY) -m comp data phantom --out data/phantom_full
 
-proxy: venv  ## real-CT proxy in data/proxy from the pinned TotalSegmentator sdist (EXTRA=dir adds unlabelled CTs)
-	$(PY) -m comp data proxy --out data/proxy $(if $(EXTRA),--extra $(EXTRA))
+proxy: venv  ## real-CT proxy in data/proxy from the pinned TotalSegmentator sdist (EXTRA=dir adds unlabelled CTs; NOISE_HU=0: the smooth proxy of figures before 2026-12-07)
+	$(PY) -m comp data proxy --out data/proxy $(if $(EXTRA),--extra $(EXTRA)) $(if $(NOISE_HU),--noise-hu $(NOISE_HU))
 
 bench: venv  ## benchmarks against their references; writes bench.json
 	$(PY) -m comp bench

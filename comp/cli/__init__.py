@@ -13,7 +13,7 @@ from comp.cli.commands import (cmd_bench, cmd_cv, cmd_ensemble, cmd_groups, cmd_
 from comp.cli.options import Parser, Shared, above, at_least, joined_ranges, noise_arg, shared_options, window_per_slice_arg
 from comp.core.errors import UserError
 from comp.core.log import set_verbosity
-from comp.data.calibration import HU_WINDOW
+from comp.data.calibration import HU_WINDOW, NATIVE_NOISE_HU
 
 
 def parser() -> argparse.ArgumentParser:
@@ -69,7 +69,7 @@ def _data_commands(sub) -> None:
     px.add_argument("--window", nargs=2, type=at_least(-float("inf"), float), default=list(HU_WINDOW), metavar=("LO", "HI"), help="HU window (default: the challenge-like -1000 1000)")
     px.add_argument("--force", action="store_true", help="replace a data set in --out that is not an earlier proxy")
     window_per_slice_arg(px)
-    noise_arg(px)
+    noise_arg(px, NATIVE_NOISE_HU)
     px.set_defaults(fn=cmd_proxy)
 
     st = data.add_parser("stats", help="profile data sets (counts, regions, touching share, landmarks, baseline and oracle ARI)")

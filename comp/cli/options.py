@@ -91,11 +91,11 @@ def window_per_slice_arg(parser: argparse.ArgumentParser) -> None:
                              f"{':'.join(lo)} {':'.join(hi)} (the 2025 challenge PNGs were windowed per slice)")  # fmt: skip
 
 
-def noise_arg(parser: argparse.ArgumentParser) -> None:
+def noise_arg(parser: argparse.ArgumentParser, default: float = 0.0) -> None:
     """--noise-hu SD, shared by the commands that import volumes."""
-    parser.add_argument("--noise-hu", type=at_least(0.0, float), default=0.0, metavar="SD",
+    parser.add_argument("--noise-hu", type=at_least(0.0, float), default=default, metavar="SD",
                         help="Gaussian noise (sd, HU) added to every slice before windowing, seeded and the same in every "
-                             "rendering: a smooth scan made as noisy as a native one")  # fmt: skip
+                             f"rendering: a smooth scan made as noisy as a native one (default {default:g})")  # fmt: skip
 
 
 def runs_folder(text: str) -> str:

@@ -13,6 +13,11 @@ from comp.core.errors import UserError
 
 # The challenge-like window that the phantom and the importer render through by default.
 HU_WINDOW = (-1000.0, 1000.0)
+# The noise (sd, HU) `comp data proxy` adds before windowing by default. The proxy's 3 mm voxels, stretched ~4x, are far
+# smoother than a native slice (about half a grey level of noise in soft tissue at HU_WINDOW), and mergers fitted on
+# that smoothness did not carry to sharp, noisy slices. 15 HU is the middle of native abdominal CT's 10-25 HU, set
+# before any run on those grounds; `--noise-hu 0` renders the smooth proxy of figures dated before 2026-12-07.
+NATIVE_NOISE_HU = 15.0
 # Histogram landmarks in HU. SOFT_HU is where the soft-tissue peak of abdominal CT lies (muscle,
 # organs, bowel wall and partial-volume rims together): about 25 HU on the proxy's unenhanced CT,
 # higher with contrast; 40 keeps the implied scale within ~10% of either.

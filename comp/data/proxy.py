@@ -10,6 +10,7 @@ from pathlib import Path
 
 from comp.core.atomic import atomic_path, atomic_write_text
 from comp.core.errors import UserError
+from comp.data.calibration import NATIVE_NOISE_HU
 from comp.data.volumes import ImportConfig, import_volumes
 
 PACKAGE = "totalsegmentator==2.18.0"
@@ -76,7 +77,7 @@ def build_proxy(out: Path, cache: Path, extra: Path | None = None, cfg: ImportCo
     """Build the proxy data set: the labelled abdomen-pelvis CT, plus unlabelled CTs, in the challenge layout.
 
     An earlier proxy in `out` (its PROXY.txt) is replaced whole; any other non-empty `out` only with `force`."""
-    cfg = cfg or ImportConfig()
+    cfg = cfg or ImportConfig(noise_hu=NATIVE_NOISE_HU)
     archive = fetch_archive(cache)
     files = extract(archive, LABELLED + UNLABELLED, cache / "totalsegmentator")
     unlabelled = files[2:] + (_ct_files(extra) if extra else [])

@@ -150,6 +150,22 @@ def test_proxy_offline_without_cache_is_one_clear_error(tmp_path: Path, monkeypa
         proxy.fetch_archive(bad)
 
 
+def test_the_proxy_is_made_as_noisy_as_a_native_slice_unless_told_otherwise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import comp.data.proxy as proxy
+    from comp.cli import parser
+
+    got = []
+    monkeypatch.setattr(proxy, "fetch_archive", lambda cache: cache / proxy.ARCHIVE)
+    monkeypatch.setattr(proxy, "extract", lambda archive, members, dest: [dest / m for m in members])
+    monkeypatch.setattr(proxy, "import_volumes", lambda images, labels, out, cfg, *a, **k: got.append(cfg.noise_hu))
+    proxy.build_proxy(tmp_path / "p", tmp_path / "cache")
+    assert got == [15.0] and "noise sd 15 HU" in (tmp_path / "p" / proxy.MARKER).read_text()
+    # The command line: the proxy defaults to the native noise, --noise-hu 0 gives the smooth proxy; a native import adds none.
+    assert parser().parse_args(["data", "proxy"]).noise_hu == 15.0
+    assert parser().parse_args(["data", "proxy", "--noise-hu", "0"]).noise_hu == 0.0
+    assert parser().parse_args(["data", "import-volumes", "--images", "a.nii", "--out", "o"]).noise_hu == 0.0
+
+
 def test_folds_take_contiguous_slice_blocks(tmp_path: Path) -> None:
     from comp.pipeline.cv import make_folds
 
