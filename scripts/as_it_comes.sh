@@ -16,7 +16,9 @@
 #   python -m comp data phantom --out data/phantom_s1        --n-train 300 --n-labelled 100 --n-test 10 --seed 1
 #   python -m comp data phantom --out data/phantom_s1_coarse --n-train 300 --n-labelled 100 --n-test 10 --seed 1 --coarse 4
 #   python -m comp data proxy   --out data/proxy_n15 --noise-hu 15
-# (data/phantom, the embedded phantom, is made by any command run without --data.)
+# (data/phantom, the embedded phantom, is made by any command run without --data.) Since 2026-12-07 the proxy is made
+# noisy by default (15 HU, docs/data.md): the rows measured before then used `make proxy NOISE_HU=0` and `--noise-hu 0`
+# on the proxy_ps command.
 # Rows go to runs/as_it_comes.tsv and runs/as_it_comes_transfer.tsv (done rows are kept: rerun to resume).
 set -euo pipefail
 PY=${PY:-.venv/bin/python}

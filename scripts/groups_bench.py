@@ -1,8 +1,9 @@
 """How well `comp data groups` recovers scans (issue 23): the proxy's two CT scans, every slice and every 5th / 10th,
 shuffled and mixed with 100 phantom slices (each its own "scan"), rendered with one window or a window per slice.
 
-Usage: .venv/bin/python scripts/groups_bench.py [--no-fov] (after `make proxy` and the per-slice proxy of
-scripts/as_it_comes.sh); --no-fov links slices by their body outlines only, as on native slices with no padding.
+Usage: .venv/bin/python scripts/groups_bench.py [--no-fov] [ONE_WINDOW_DIR PER_SLICE_DIR] (default data/proxy and
+data/proxy_ps: `make proxy` and the per-slice proxy of scripts/as_it_comes.sh); --no-fov links slices by their body
+outlines only, as on native slices with no padding.
 Prints the adjusted Rand index between inferred and true scans, and how well the inferred order follows the slices'
 true order (|Spearman rho| over the labelled scan)."""
 
@@ -24,8 +25,10 @@ ROOTS = {"one window": "data/proxy", "per slice": "data/proxy_ps"}
 
 def main() -> int:
     fov_link = 0.0 if "--no-fov" in sys.argv[1:] else FOV_LINK
+    dirs = [a for a in sys.argv[1:] if a != "--no-fov"]
+    roots = dict(zip(ROOTS, dirs)) if len(dirs) == 2 else ROOTS
     print("| rendering | slices kept | slices (real + phantom) | scans found (largest) | ARI | order rho | seconds |\n|---|---|---|---|---|---|---|")
-    for rendering, root in ROOTS.items():
+    for rendering, root in roots.items():
         data = Dataset(root)
         vol = np.unique(data.groups_table()["volume"], return_inverse=True)[1]
         windows = draw_windows(PER_SLICE_EXAMPLE, 100, np.random.default_rng(7)) if rendering == "per slice" else np.tile(HU_WINDOW, (100, 1))
