@@ -219,7 +219,10 @@ def volume_slices(image: Path, label: Path | None, cfg: ImportConfig, rng: np.ra
     for n, k in enumerate(keep):
         hu = to_square(sl[k], spacing, order=1, pad=AIR_HU)
         if cfg.noise_hu > 0:  # no draw otherwise: noiseless imports stay as they were
-            hu = hu + noise_rng.normal(0.0, cfg.noise_hu, hu.shape)
+            # Inside the scanned field only: the padding around it was never scanned (a scanner pads with one value),
+            # and `comp data groups` links a scan's slices by it. Drawn whole, so the field's noise is as before.
+            fov = to_square(np.ones(sl[k].shape, np.float32), spacing, order=0) > 0
+            hu = hu + noise_rng.normal(0.0, cfg.noise_hu, hu.shape) * fov
         xs[n] = hu_to_grey(hu, *windows[n])
         if lab_sl is not None:
             ys[n] = split_components(to_square(lab_sl[k], spacing, order=0).astype(np.int32), rng, cfg.min_px)

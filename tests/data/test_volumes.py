@@ -211,6 +211,18 @@ def test_noise_is_added_before_windowing_and_is_the_same_in_every_rendering(tmp_
     assert np.abs(d).mean() < 10 and np.corrcoef(noisy[inner].ravel(), wide[inner].ravel())[0, 1] > 0.9
 
 
+def test_noise_stays_inside_the_scanned_field_and_leaves_the_padding_one_value(tmp_path: Path) -> None:
+    """A field narrower than it is tall is padded left and right with air: --noise-hu noises the field, not the padding,
+    so the padding stays one grey level (what `comp data groups` links a scan's slices by)."""
+    ct = np.full((60, 30, 2), 0.0, np.float32)  # 0 HU over a field half as wide as it is tall: padded with air on two sides
+    img, seg = _nifti(tmp_path, ct, np.zeros(ct.shape, np.int16), zooms=(1.0, 1.0, 1.0))
+    plain = Dataset(import_volumes([img], [seg], tmp_path / "plain", ImportConfig())).x_train
+    noisy = Dataset(import_volumes([img], [seg], tmp_path / "noisy", ImportConfig(noise_hu=40.0))).x_train
+    pad = plain == 0  # air (-1000 HU -> 0) only in the padding; the field is 0 HU (127 or 128)
+    assert 0.4 < pad.mean() < 0.6
+    assert np.unique(noisy[pad]).tolist() == [0] and noisy[~pad].astype(float).std() > 4.0
+
+
 @pytest.mark.slow
 def test_import_over_a_data_set_is_refused_unless_forced_and_never_mixes(tmp_path: Path) -> None:
     """A non-empty --out (say the challenge's data/raw) is refused; --force replaces it whole, no old slice left."""
