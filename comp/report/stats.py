@@ -256,7 +256,8 @@ def render_markdown(profiles: list[Stats]) -> str:
     cells = [rows(s) for s in profiles]
     head = "| | challenge (published) | " + " | ".join(s.name for s in profiles) + " |\n"
     head += "|---|---|" + "---|" * len(profiles) + "\n"
-    body = "".join(f"| {k} | {CHALLENGE.get(k, '—')} | " + " | ".join(c[k] for c in cells) + " |\n" for k in cells[0])
+    keys = list(dict.fromkeys(k for c in cells for k in c))  # a row only some data sets have (windows.csv) shows '—' elsewhere
+    body = "".join(f"| {k} | {CHALLENGE.get(k, '—')} | " + " | ".join(c.get(k, "—") for c in cells) + " |\n" for k in keys)
     return head + body
 
 

@@ -47,6 +47,21 @@ def test_stats_counts_touching_and_share(tmp_path: Path) -> None:
     assert abs(s.fat - 115) < 1.5 and abs(s.soft - 131) < 1.5
 
 
+def test_markdown_table_keeps_a_row_only_some_data_sets_have(tmp_path: Path) -> None:
+    """A per-slice data set with windows.csv beside one without: its recovery row shows, '—' for the other (no KeyError)."""
+    from dataclasses import replace
+
+    from comp.data.dataset import Dataset
+    from comp.report.stats import data_stats, render_markdown
+
+    s = data_stats(Dataset(_hand_built(tmp_path / "d")), workers=1)
+    w = {"per_slice": True, "low_end_hu_5_50_95": [], "high_end_hu_5_50_95": [], "hu_per_grey_5_50_95": [], "lacking_landmarks": 0,
+         "slices": 3, "within_5%": 1.0, "within_2%": 2 / 3}  # fmt: skip
+    plain = {k: v for k, v in w.items() if not k.startswith("within")} | {"per_slice": False}
+    table = render_markdown([replace(s, name="plain", windows=plain), replace(s, name="ps", windows=w)])
+    assert "| windows recovered within 5% / 2% (windows.csv) | — | — | 100.0% / 66.7% |" in table
+
+
 @pytest.mark.slow
 def test_stats_cli_markdown_and_missing_folder(tmp_path: Path) -> None:
     root = _hand_built(tmp_path / "d")
