@@ -94,7 +94,7 @@ def window_per_slice_arg(parser: argparse.ArgumentParser) -> None:
 def noise_arg(parser: argparse.ArgumentParser, default: float = 0.0) -> None:
     """--noise-hu SD, shared by the commands that import volumes."""
     parser.add_argument("--noise-hu", type=at_least(0.0, float), default=default, metavar="SD",
-                        help="Gaussian noise (sd, HU) added to every slice before windowing, seeded and the same in every "
+                        help="Gaussian noise (sd, HU) added inside every slice's scanned field before windowing, seeded and the same in every "
                              f"rendering: a smooth scan made as noisy as a native one (default {default:g})")  # fmt: skip
 
 

@@ -164,8 +164,9 @@ class ImportConfig:
     blocks: int = bounded(5, lo=1)  # contiguous slice blocks per volume (the CV groups)
     seed: int = bounded(0, lo=0)
     window_per_slice: list[float] = bounded(factory=list, max_len=4)  # [lo_from, lo_to, hi_from, hi_to]: a window drawn per slice
-    # Gaussian noise (sd in HU) added to every 512x512 slice before its windowing, seeded, the same in every rendering: a
-    # smooth scan (3 mm voxels stretched 4x) made as noisy as a native one, so a wide window's rounding is dithered
+    # Gaussian noise (sd in HU) added inside every 512x512 slice's scanned field before its windowing, seeded, the same in
+    # every rendering: a smooth scan (3 mm voxels stretched 4x) made as noisy as a native one, so a wide window's rounding
+    # is dithered
     noise_hu: float = bounded(0.0, lo=0)
 
     def violations(self) -> dict[str, str]:
@@ -216,12 +217,12 @@ def volume_slices(image: Path, label: Path | None, cfg: ImportConfig, rng: np.ra
     xs = np.empty((len(keep), SIZE, SIZE), np.uint8)
     ys = np.zeros((len(keep), SIZE, SIZE), np.uint8)
     windows = cfg.windows(len(keep), window_rng)
+    # Noise goes inside the scanned field only: the padding around it was never scanned (a scanner pads with one value),
+    # and `comp data groups` links a scan's slices by it. Every slice of a volume shares the field.
+    fov = to_square(np.ones(sl.shape[1:], np.float32), spacing, order=0) > 0 if cfg.noise_hu > 0 else None
     for n, k in enumerate(keep):
         hu = to_square(sl[k], spacing, order=1, pad=AIR_HU)
-        if cfg.noise_hu > 0:  # no draw otherwise: noiseless imports stay as they were
-            # Inside the scanned field only: the padding around it was never scanned (a scanner pads with one value),
-            # and `comp data groups` links a scan's slices by it. Drawn whole, so the field's noise is as before.
-            fov = to_square(np.ones(sl[k].shape, np.float32), spacing, order=0) > 0
+        if fov is not None:  # no draw otherwise: noiseless imports stay as they were; drawn whole, so the field's noise is as before
             hu = hu + noise_rng.normal(0.0, cfg.noise_hu, hu.shape) * fov
         xs[n] = hu_to_grey(hu, *windows[n])
         if lab_sl is not None:
