@@ -38,6 +38,9 @@ class HybridParams:
     fit_h: list[float] = bounded(factory=lambda: [0.005, 0.0075, 0.01], lo=0, lo_open=True, min_len=1)
     fit_thresholds: list[float] = bounded(factory=lambda: [0.2, 0.35, 0.5, 0.65], lo=0, hi=1, min_len=1)
     fit_images: int = bounded(16, lo=0)  # 0 = no selection: superpixels.h and threshold as given
+    # Held-out sets (each of about `fit_images` slices, drawn with other seeds) whose pooled scores pick (h, threshold):
+    # one set of 16 slices, a few volume blocks of one scan, picks noisy optima whose neighbours score far lower.
+    fit_repeats: int = bounded(1, lo=1, added=True)
     max_rounds: int = bounded(16, lo=0)  # merge rounds at prediction (each merges a matching of pairs, then re-scores)
     train_rounds: int = bounded(8, lo=1)  # agglomeration stages whose pairs train the classifier
     train_pairs: int = bounded(1500, lo=1)  # pairs drawn per slice and stage (bounds the training set)
@@ -122,6 +125,24 @@ def _calibration(rows: list[tuple[np.ndarray, np.ndarray]], idx: np.ndarray, mer
     return fit_calibration(np.concatenate(raw), np.concatenate([rows[i][1] for i in idx]))
 
 
+def _held_out_scores(rows: list[tuple[np.ndarray, np.ndarray]], images: np.ndarray, raws: np.ndarray,
+                     truth: np.ndarray, split: tuple[np.ndarray, np.ndarray],
+                     p: HybridParams) -> tuple[dict[float, np.ndarray], Calibration]:  # fmt: skip
+    """Per-image ARI of the held-out slices of `split` at every fit threshold, merged by a classifier trained on the
+    others (and its calibration, fitted on the held-out slices' pairs when asked)."""
+    fit_idx, val_idx = split
+    inner = p.merger({-1: _train(rows, fit_idx, p.drop_features)})
+    if p.calibrate:
+        inner.calibration = _calibration(rows, val_idx, inner, p.workers)
+    val_sp = pmap(_superpixels, [images[i] for i in val_idx], p, workers=p.workers)  # once for every threshold
+    val = [(images[i], raws[i], s) for i, s in zip(val_idx, val_sp)]
+    scores = {}
+    for t in p.fit_thresholds:
+        inner.threshold = t
+        scores[t] = image_scores(truth[val_idx], np.stack(pmap(_segment, val, p, inner, workers=p.workers)))
+    return scores, inner.calibration
+
+
 @register_method("hybrid", HybridParams)
 class Hybrid:
     """Fitted on the fold's training slices only: the classifier never sees the images it merges in CV."""
@@ -137,27 +158,22 @@ class Hybrid:
         images, raws = self.contrast.stretch(train.x), self.contrast.canonical(train.x)
         items = [(im, raw, t, ctx.seed * 100003 + i) for i, (im, raw, t) in enumerate(zip(images, raws, train.y))]
         n_val = min(self.p.fit_images, len(items) // 3)
-        fit_idx, val_idx = inner_split(len(items), n_val, ctx.seed, "params.fit_images", train.groups)
-        grid = [replace(self.p.superpixels, h=h) for h in self.p.fit_h] if len(val_idx) else [self.p.superpixels]
+        splits = [inner_split(len(items), n_val, ctx.seed + 7919 * r, "params.fit_images", train.groups)
+                  for r in range(self.p.fit_repeats)]  # fmt: skip
+        splits = [s for s in splits if len(s[1])]
+        grid = [replace(self.p.superpixels, h=h) for h in self.p.fit_h] if splits else [self.p.superpixels]
         best, rows = (-np.inf, self.p.superpixels, self.p.threshold, Calibration()), None
         for sp in grid:
             p = replace(self.p, superpixels=sp)
             rows_sp = pmap(_rows, items, p, workers=self.p.workers, desc=f"hybrid: pair features (h {sp.h})")
-            if len(val_idx):
-                inner = p.merger({-1: _train(rows_sp, fit_idx, p.drop_features)})
-                if p.calibrate:
-                    inner.calibration = _calibration(rows_sp, val_idx, inner, self.p.workers)
-                val_sp = pmap(_superpixels, [images[i] for i in val_idx], p, workers=self.p.workers)  # once for every threshold
-                for t in self.p.fit_thresholds:
-                    inner.threshold = t
-                    val = [(images[i], raws[i], s) for i, s in zip(val_idx, val_sp)]
-                    pred = np.stack(pmap(_segment, val, p, inner, workers=self.p.workers))
-                    score = float(image_scores(train.y[val_idx], pred).mean())
-                    LOG.debug(f"hybrid: h {sp.h} threshold {t}: {score:.4f} on {len(val_idx)} held-out training slices")
-                    if score > best[0]:
-                        best, rows = (score, sp, t, inner.calibration), rows_sp
-            else:
-                rows = rows_sp
+            rows = rows_sp if rows is None else rows
+            scored = [_held_out_scores(rows_sp, images, raws, train.y, split, p) for split in splits]
+            for t in self.p.fit_thresholds:
+                per_image = np.concatenate([scores[t] for scores, _ in scored]) if scored else np.zeros(0)
+                LOG.debug(f"hybrid: h {sp.h} threshold {t}: {per_image.mean() if scored else np.nan:.4f} on "
+                          f"{len(per_image)} held-out training slices ({len(scored)} sets)")  # fmt: skip
+                if scored and per_image.mean() > best[0]:
+                    best, rows = (float(per_image.mean()), sp, t, scored[0][1]), rows_sp
         _, sp, threshold, calibration = best
         self.p = replace(self.p, superpixels=sp, threshold=threshold)
         self.merger = self.p.merger({-1: _train(rows, np.arange(len(items)), self.p.drop_features)}, threshold, calibration)

@@ -231,3 +231,30 @@ def test_each_fold_model_is_calibrated_without_its_own_folds_pairs_and_the_maps_
     for k in (0, 1, 2, -1):  # each model's probabilities through its own map (the test-set model: the shared one)
         want = (per_fold.get(k, shared))(merger.probabilities(x[:50], k, calibrated=False))
         assert np.allclose(loaded.probabilities(x[:50], k), want, atol=1e-6)
+
+
+def test_repeated_held_out_sets_pick_the_threshold_that_wins_pooled_not_the_first_sets_spike(tmp_path: Path, monkeypatch) -> None:
+    import comp.methods.hybrid as hybrid
+
+    held: list[tuple[int, ...]] = []
+
+    def scores(rows, images, raws, truth, split, p):  # the first set's spike at 0.35; the others all prefer 0.2
+        held.append(tuple(split[1]))
+        first = len(held) == 1
+        return {0.2: np.full(len(split[1]), 0.6), 0.35: np.full(len(split[1]), 0.7 if first else 0.3)}, hybrid.Calibration()
+
+    monkeypatch.setattr(hybrid, "_held_out_scores", scores)
+    monkeypatch.setattr(hybrid, "_rows", lambda item, p: (np.zeros((1, 3)), np.zeros(1)))
+    monkeypatch.setattr(hybrid, "_train", lambda rows, idx, drop=(): "constant 0.5")
+    train = [_slice(s) for s in range(12)]
+    x, y = np.stack([t[0] for t in train]), np.stack([t[1] for t in train])
+    picked = {}
+    for repeats in (1, 3):
+        held.clear()
+        p = HybridParams(fit_h=[0.01], fit_thresholds=[0.2, 0.35], fit_images=3, fit_repeats=repeats, workers=1)
+        method = Hybrid(p)
+        method.fit(FoldData(x, y, np.arange(12)), FitContext(tmp_path / str(repeats), 0, 0, Contrast()))
+        picked[repeats] = method.fitted["threshold"]
+        assert len(held) == repeats and all(len(h) == 3 for h in held)
+    assert len(set(held)) == 3  # other slices held out each time
+    assert picked == {1: 0.35, 3: 0.2}  # one set follows its spike; pooled over three, the steady choice wins
