@@ -9,7 +9,7 @@
 # `noise`: the fitted methods re-fitted with other seeds (`cv.fit_seed`, the folds unchanged) on the proxy rendered both
 # ways: how far a CV figure moves with the fit's own noise, against the per-slice change it is compared with. A
 # student's teacher is re-fitted with the same seed (its run is the unet_cpu row's).
-# Usage: scripts/as_it_comes.sh [per-slice|leak|diagnose|resolution|extra|features|networks|noise|merger|noisy-fit|all] (default all); METHODS="..." to narrow. Data:
+# Usage: scripts/as_it_comes.sh [per-slice|leak|diagnose|resolution|extra|features|networks|noise|merger|noisy-fit|rounds|all] (default all); METHODS="..." to narrow. Data:
 # `make proxy`, then
 #   python -m comp data proxy --out data/proxy_ps   --window-per-slice -3100:-1000 1000:3100
 #   python -m comp data phantom --out data/phantom_ps --n-train 1000 --n-labelled 200 --n-test 100 --window-per-slice -3100:-1000 1000:3100
@@ -133,4 +133,16 @@ case "$WHAT" in noisy-fit|all) for exp in ${NOISY_METHODS:-baseline_watershed_st
   transfer_row "$exp" data/proxy data/phantom_s1
   transfer_row "$exp" data/proxy_n15 data/phantom_s1
 done; column -t -s $'\t' $TR;; esac
+# The hybrid's merger trained on 8 agglomeration stages (as until 2026-12-07) and on 16 (as many as it merges), and its
+# choice of (h, threshold) pooled over three held-out sets: fitted on the proxy with fit seeds 0-2, scored on the
+# *validation* phantom of seed 1 (rows "EXP@sSEED").
+seeded_transfer() {  # experiment fit-dir score-dir fit-seed
+  local tag="$1@s$4"
+  grep -qP "^$tag\t$(basename "$2")\t$(basename "$3")\t" $TR && return 0
+  $PY -m comp transfer "$1" --fit "$2" --score "$3" --set "cv.fit_seed=$4" > $LOG
+  grep -P '^\| `' $LOG | sed -e 's/^| //' -e 's/ |$//' -e 's/`//g' -e 's/ | /\t/g' -e "s/^$1\t/$tag\t/" | tee -a $TR
+}
+case "$WHAT" in rounds|all) for fs in ${FIT_SEEDS:-0 1 2}; do for exp in ${ROUNDS_METHODS:-hybrid_rounds8 hybrid hybrid_repeats}; do
+  seeded_transfer "$exp" data/proxy data/phantom_s1 "$fs"
+done; done; grep -P '@s\d\t' $TR | column -t -s $'\t';; esac
 column -t -s $'\t' $OUT
