@@ -54,13 +54,16 @@ case "$WHAT" in diagnose|all) row per-slice-step data/proxy file hybrid contrast
 # embedded phantom (seed 0, native), and the proxy (3 mm voxels stretched ~4x) onto both.
 TR=runs/as_it_comes_transfer.tsv
 [ -f $TR ] || printf 'experiment\tfitted_on\tscored_on\tmean_ari\timage_std\tslices\tregions\tstructures\tsplit\tmerged\n' > $TR
+table_rows() {  # the markdown rows of `comp transfer`'s table in $LOG, tab-separated (more sed -e expressions may follow)
+  grep -P '^\| `' $LOG | sed -e 's/^| //' -e 's/ |$//' -e 's/`//g' -e 's/ | /\t/g' "$@"
+}
 transfer_row() {  # experiment fit-dir score-dir...
   local exp=$1 fit=$2 todo=() d
   shift 2
   for d in "$@"; do grep -qP "^$exp\t$(basename "$fit")\t$(basename "$d")\t" $TR || todo+=("$d"); done
   [ ${#todo[@]} -eq 0 ] && return 0
   $PY -m comp transfer "$exp" --fit "$fit" --score "${todo[@]}" > $LOG
-  grep -P '^\| `' $LOG | sed -e 's/^| //' -e 's/ |$//' -e 's/`//g' -e 's/ | /\t/g' | tee -a $TR
+  table_rows | tee -a $TR
 }
 case "$WHAT" in resolution|all) for exp in $METHODS; do
   transfer_row "$exp" data/phantom data/phantom_s1 data/phantom_s1_coarse data/proxy
@@ -119,7 +122,7 @@ $PY scripts/noise_table.py $OUT;; esac
 ensemble_transfer() {  # ensemble fit-dir score-dir
   grep -qP "^ensemble $1\t$(basename "$2")\t$(basename "$3")\t" $TR && return 0
   $PY -m comp transfer --ensemble "$1" --fit "$2" --score "$3" > $LOG
-  grep -P '^\| `' $LOG | sed -e 's/^| //' -e 's/ |$//' -e 's/`//g' -e 's/ | /\t/g' | tee -a $TR
+  table_rows | tee -a $TR
 }
 case "$WHAT" in merger|all) for data in data/proxy data/proxy_ps; do
   ensemble_row merger "$data" noise-s0 ${MERGER_FLAGS:---linkage average --relative-features}
@@ -140,7 +143,7 @@ seeded_transfer() {  # experiment fit-dir score-dir fit-seed
   local tag="$1@s$4"
   grep -qP "^$tag\t$(basename "$2")\t$(basename "$3")\t" $TR && return 0
   $PY -m comp transfer "$1" --fit "$2" --score "$3" --set "cv.fit_seed=$4" > $LOG
-  grep -P '^\| `' $LOG | sed -e 's/^| //' -e 's/ |$//' -e 's/`//g' -e 's/ | /\t/g' -e "s/^$1\t/$tag\t/" | tee -a $TR
+  table_rows -e "s/^$1\t/$tag\t/" | tee -a $TR
 }
 case "$WHAT" in rounds|all) for fs in ${FIT_SEEDS:-0 1 2}; do for exp in ${ROUNDS_METHODS:-hybrid_rounds8 hybrid hybrid_repeats}; do
   seeded_transfer "$exp" data/proxy data/phantom_s1 "$fs"

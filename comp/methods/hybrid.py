@@ -166,14 +166,17 @@ class Hybrid:
         for sp in grid:
             p = replace(self.p, superpixels=sp)
             rows_sp = pmap(_rows, items, p, workers=self.p.workers, desc=f"hybrid: pair features (h {sp.h})")
-            rows = rows_sp if rows is None else rows
+            if not splits:  # no selection: the one grid point's rows train the classifier
+                rows = rows_sp
+                continue
             scored = [_held_out_scores(rows_sp, images, raws, train.y, split, p) for split in splits]
             for t in self.p.fit_thresholds:
-                per_image = np.concatenate([scores[t] for scores, _ in scored]) if scored else np.zeros(0)
-                LOG.debug(f"hybrid: h {sp.h} threshold {t}: {per_image.mean() if scored else np.nan:.4f} on "
-                          f"{len(per_image)} held-out training slices ({len(scored)} sets)")  # fmt: skip
-                if scored and per_image.mean() > best[0]:
-                    best, rows = (float(per_image.mean()), sp, t, scored[0][1]), rows_sp
+                per_image = np.concatenate([scores[t] for scores, _ in scored])
+                score = float(per_image.mean())
+                LOG.debug(f"hybrid: h {sp.h} threshold {t}: {score:.4f} on {len(per_image)} held-out training slices "
+                          f"({len(scored)} sets)")  # fmt: skip
+                if score > best[0]:  # the final classifier reuses the first set's calibration
+                    best, rows = (score, sp, t, scored[0][1]), rows_sp
         _, sp, threshold, calibration = best
         self.p = replace(self.p, superpixels=sp, threshold=threshold)
         self.merger = self.p.merger({-1: _train(rows, np.arange(len(items)), self.p.drop_features)}, threshold, calibration)
