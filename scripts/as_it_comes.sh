@@ -136,16 +136,17 @@ case "$WHAT" in noisy-fit|all) for exp in ${NOISY_METHODS:-baseline_watershed_st
   transfer_row "$exp" data/proxy data/phantom_s1
   transfer_row "$exp" data/proxy_n15 data/phantom_s1
 done; column -t -s $'\t' $TR;; esac
-# The hybrid's merger trained on 8 agglomeration stages (as until 2026-12-07) and on 16 (as many as it merges), and its
-# choice of (h, threshold) pooled over three held-out sets: fitted on the proxy with fit seeds 0-2, scored on the
-# *validation* phantom of seed 1 (rows "EXP@sSEED").
+# The hybrid's merger trained on 8 agglomeration stages (as until 2026-12-07) and on 16 (as many as it merges), its
+# choice of (h, threshold) pooled over three held-out sets, and (the default since 2026-12-07) three classifiers of
+# three draws averaged: fitted on the proxy with fit seeds 0-2, scored on the *validation* phantom of seed 1 (rows
+# "EXP@sSEED"; rows measured before the bag as `hybrid@sN` are hybrid_nobag's: delete them before a rerun).
 seeded_transfer() {  # experiment fit-dir score-dir fit-seed
   local tag="$1@s$4"
   grep -qP "^$tag\t$(basename "$2")\t$(basename "$3")\t" $TR && return 0
   $PY -m comp transfer "$1" --fit "$2" --score "$3" --set "cv.fit_seed=$4" > $LOG
   table_rows -e "s/^$1\t/$tag\t/" | tee -a $TR
 }
-case "$WHAT" in rounds|all) for fs in ${FIT_SEEDS:-0 1 2}; do for exp in ${ROUNDS_METHODS:-hybrid_rounds8 hybrid hybrid_repeats}; do
+case "$WHAT" in rounds|all) for fs in ${FIT_SEEDS:-0 1 2}; do for exp in ${ROUNDS_METHODS:-hybrid_rounds8 hybrid_nobag hybrid_repeats hybrid}; do
   seeded_transfer "$exp" data/proxy data/phantom_s1 "$fs"
 done; done; grep -P '@s\d\t' $TR | column -t -s $'\t';; esac
 column -t -s $'\t' $OUT

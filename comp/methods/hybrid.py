@@ -41,6 +41,9 @@ class HybridParams:
     # Held-out sets (each of about `fit_images` slices, drawn with other seeds) whose pooled scores pick (h, threshold):
     # one set of 16 slices, a few volume blocks of one scan, picks noisy optima whose neighbours score far lower.
     fit_repeats: int = bounded(1, lo=1, added=True)
+    # Classifiers whose merge probabilities are averaged (a bag), each trained on the pairs of its own draw (which true
+    # pairs merge first at each agglomeration stage, which pairs are sampled): one draw's classifier moves transfer by 0.02.
+    fit_bags: int = bounded(1, lo=1, added=True)
     max_rounds: int = bounded(16, lo=0)  # merge rounds at prediction (each merges a matching of pairs, then re-scores)
     train_rounds: int = bounded(8, lo=1)  # agglomeration stages whose pairs train the classifier
     train_pairs: int = bounded(1500, lo=1)  # pairs drawn per slice and stage (bounds the training set)
@@ -78,6 +81,7 @@ class HybridParams:
 # SHARPEN_SIGMA; below 0: a blur of that many px instead), noise sd in grey levels, gamma. Wide enough to span a 3 mm
 # scan stretched 4x and a sharp one.
 RENDERINGS = {"sharpen": (-2.0, 1.5), "noise": (0.0, 6.0), "gamma": (0.8, 1.25)}
+BAG_SEED = 1_000_003  # how far apart the bag's draws seed a slice's rows
 
 
 def rerender(image: np.ndarray, seed: int) -> np.ndarray:
@@ -110,30 +114,42 @@ def _superpixels(image: np.ndarray, p: HybridParams) -> np.ndarray:
     return sp.astype(np.uint16) if sp.max() < 2**16 else sp
 
 
-def _train(rows: list[tuple[np.ndarray, np.ndarray]], idx: np.ndarray, drop: list[str] = ()) -> str:
-    """The pair classifier on the rows of slices `idx` (without the `drop`ped features), as text (forked prediction
-    workers build it themselves: no LightGBM/OpenMP state crosses a fork)."""
-    x = without(np.concatenate([rows[i][0] for i in idx]), drop)
-    y = np.concatenate([rows[i][1] for i in idx])
-    LOG.info(f"hybrid: classifier on {len(y)} pairs of {len(idx)} slices, {int(y.sum())} to merge")
-    return model_text(train_classifier(x, y))
+Rows = list[tuple[np.ndarray, np.ndarray]]  # training rows (features, labels) of each slice
 
 
-def _calibration(rows: list[tuple[np.ndarray, np.ndarray]], idx: np.ndarray, merger: Merger, workers: int) -> Calibration:
+def _bag_rows(items: list[tuple], p: HybridParams, desc: str) -> list[Rows]:
+    """Every slice's training rows, once per draw of the bag (draw 0: the slices' own seeds)."""
+    draws = [(*it[:3], it[3] + BAG_SEED * b) for b in range(p.fit_bags) for it in items]
+    flat = pmap(_rows, draws, p, workers=p.workers, desc=desc)
+    return [flat[b * len(items) : (b + 1) * len(items)] for b in range(p.fit_bags)]
+
+
+def _train(bags: list[Rows], idx: np.ndarray, drop: list[str] = ()) -> str | list[str]:
+    """The pair classifier on the rows of slices `idx` (without the `drop`ped features), one per draw of the bag, as
+    text (forked prediction workers build it themselves: no LightGBM/OpenMP state crosses a fork)."""
+    out = []
+    for rows in bags:
+        x = without(np.concatenate([rows[i][0] for i in idx]), drop)
+        y = np.concatenate([rows[i][1] for i in idx])
+        LOG.info(f"hybrid: classifier on {len(y)} pairs of {len(idx)} slices, {int(y.sum())} to merge")
+        out.append(model_text(train_classifier(x, y)))
+    return out[0] if len(out) == 1 else out
+
+
+def _calibration(rows: Rows, idx: np.ndarray, merger: Merger, workers: int) -> Calibration:
     """The isotonic map of `merger`'s classifier fitted on the rows of slices `idx`, which it did not train on."""
     raw = pmap(held_out_probabilities, [rows[i][0] for i in idx], merger, workers=workers)
     return fit_calibration(np.concatenate(raw), np.concatenate([rows[i][1] for i in idx]))
 
 
-def _held_out_scores(rows: list[tuple[np.ndarray, np.ndarray]], images: np.ndarray, raws: np.ndarray,
-                     truth: np.ndarray, split: tuple[np.ndarray, np.ndarray],
-                     p: HybridParams) -> tuple[dict[float, np.ndarray], Calibration]:  # fmt: skip
-    """Per-image ARI of the held-out slices of `split` at every fit threshold, merged by a classifier trained on the
-    others (and its calibration, fitted on the held-out slices' pairs when asked)."""
+def _held_out_scores(bags: list[Rows], images: np.ndarray, raws: np.ndarray, truth: np.ndarray,
+                     split: tuple[np.ndarray, np.ndarray], p: HybridParams) -> tuple[dict[float, np.ndarray], Calibration]:  # fmt: skip
+    """Per-image ARI of the held-out slices of `split` at every fit threshold, merged by a classifier (bag) trained on
+    the others (and its calibration, fitted on the held-out slices' pairs of the first draw when asked)."""
     fit_idx, val_idx = split
-    inner = p.merger({-1: _train(rows, fit_idx, p.drop_features)})
+    inner = p.merger({-1: _train(bags, fit_idx, p.drop_features)})
     if p.calibrate:
-        inner.calibration = _calibration(rows, val_idx, inner, p.workers)
+        inner.calibration = _calibration(bags[0], val_idx, inner, p.workers)
     val_sp = pmap(_superpixels, [images[i] for i in val_idx], p, workers=p.workers)  # once for every threshold
     val = [(images[i], raws[i], s) for i, s in zip(val_idx, val_sp)]
     scores = {}
@@ -165,7 +181,7 @@ class Hybrid:
         best, rows = (-np.inf, self.p.superpixels, self.p.threshold, Calibration()), None
         for sp in grid:
             p = replace(self.p, superpixels=sp)
-            rows_sp = pmap(_rows, items, p, workers=self.p.workers, desc=f"hybrid: pair features (h {sp.h})")
+            rows_sp = _bag_rows(items, p, f"hybrid: pair features (h {sp.h})")
             if not splits:  # no selection: the one grid point's rows train the classifier
                 rows = rows_sp
                 continue

@@ -307,11 +307,31 @@ def agglomeration_rows(labels: np.ndarray, maps512: np.ndarray | None, image: np
     return np.concatenate(xs), np.concatenate(ys)
 
 
+def _parsed(model: object) -> object:
+    """A stored classifier ready to predict: model text becomes a Booster (in the process that predicts, see
+    load_merger), `constant p` a float."""
+    if isinstance(model, str) and model.startswith("constant "):
+        return float(model.split()[1])
+    if isinstance(model, str):
+        import lightgbm as lgb
+
+        return lgb.Booster(model_str=model)
+    return model
+
+
+def _predict(model: object, x: np.ndarray) -> np.ndarray:
+    """One parsed classifier's probability of each row."""
+    if not hasattr(model, "predict"):
+        return np.full(len(x), float(model))
+    return model.predict(x[:, : model.num_feature()], num_threads=1)  # a model stored before later features
+
+
 @dataclass
 class Merger:
     """Pair classifiers (key: fold whose regions a model may merge; -1: the test set) and the merge threshold."""
 
-    models: dict[int, object] = field(default_factory=dict)  # Booster, its model text, or a constant
+    # Booster, its model text, or a constant; or a list of them (a bag: their probabilities averaged)
+    models: dict[int, object] = field(default_factory=dict)
     threshold: float = 0.5
     max_rounds: int = 4
     drop: tuple[str, ...] = ()  # FEATURES the classifiers were trained without (missing values to LightGBM)
@@ -334,18 +354,14 @@ class Merger:
         return self.fold_calibrations.get(fold, self.calibration)(p) if calibrated else p
 
     def _raw(self, x: np.ndarray, fold: int) -> np.ndarray:
-        """The classifier's own probability of each feature row."""
+        """The classifier's own probability of each feature row (a bag of classifiers: their mean)."""
         model = self.models[fold]
         x = without(x, self.drop)
-        if isinstance(model, str) and model.startswith("constant "):
-            model = float(model.split()[1])
-        elif isinstance(model, str):  # loaded lazily, in the process that predicts (see load_merger)
-            import lightgbm as lgb
-
-            model = self.models[fold] = lgb.Booster(model_str=model)
-        if not hasattr(model, "predict"):
-            return np.full(len(x), float(model))
-        return model.predict(x[:, : model.num_feature()], num_threads=1)  # a model stored before later features
+        if isinstance(model, list):  # parsed in place, each on first use
+            model[:] = [_parsed(m) for m in model]
+            return np.mean([_predict(m, x) for m in model], axis=0)
+        model = self.models[fold] = _parsed(model)
+        return _predict(model, x)
 
     def apply(self, labels: np.ndarray, maps: np.ndarray | None, image: np.ndarray, fold: int = -1,
               raw: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
@@ -452,7 +468,8 @@ def save_merger(merger: Merger, path: Path) -> None:
     tail += " vote 1" if merger.vote else ""
     parts = [f"# threshold {merger.threshold} rounds {merger.max_rounds}{tail}\n", merger.calibration.text()]
     parts += [c.text(k) for k, c in sorted(merger.fold_calibrations.items())]
-    parts += [f"# model {k}\n{model_text(m)}" for k, m in sorted(merger.models.items())]
+    parts += [f"# model {k}\n{model_text(m)}" for k, ms in sorted(merger.models.items())
+              for m in (ms if isinstance(ms, list) else [ms])]  # a bag: its classifiers under one key, in turn
     atomic_write_text(path, "".join(parts))
 
 
@@ -469,12 +486,20 @@ def load_merger(path: Path) -> Merger:
         chunks = ["", "-1", rest]
     # The boosters are built from their text on first use: parsing them here would start LightGBM's OpenMP
     # threads in the parent, and OpenMP then hangs in the forked post-processing workers.
-    models = {int(k): float(body.split()[1]) if body.startswith("constant ") else body for k, body in zip(chunks[1::2], chunks[2::2])}
+    models: dict[int, object] = {}
+    for k, body in zip(chunks[1::2], chunks[2::2]):
+        m = float(body.split()[1]) if body.startswith("constant ") else body
+        models[int(k)] = m if int(k) not in models else _bagged(models[int(k)]) + [m]  # a key met again: a bag
     words = head.split()  # "# threshold T" (first format) or "# threshold T rounds R [drop f1,f2] [linkage L]"
     extra = dict(zip(words[5::2], words[6::2]))
     drop = tuple(extra["drop"].split(",")) if "drop" in extra else ()
     return Merger(models, float(words[2]), int(words[4]) if len(words) > 4 else 4, drop, extra.get("linkage", "classifier"),
                   extra.get("relative") == "1", extra.get("vote") == "1", calibration, folds)  # fmt: skip
+
+
+def _bagged(model: object) -> list:
+    """A stored classifier as a bag of one, or the bag it already is."""
+    return model if isinstance(model, list) else [model]
 
 
 def _calibrations(path: Path, rest: str) -> tuple[Calibration, dict[int, Calibration], str]:

@@ -258,3 +258,29 @@ def test_repeated_held_out_sets_pick_the_threshold_that_wins_pooled_not_the_firs
         assert len(held) == repeats and all(len(h) == 3 for h in held)
     assert len(set(held)) == 3  # other slices held out each time
     assert picked == {1: 0.35, 3: 0.2}  # one set follows its spike; pooled over three, the steady choice wins
+
+
+def test_a_bag_of_classifiers_averages_their_probabilities_and_survives_the_merger_file(tmp_path: Path) -> None:
+    from comp.methods.merge import Merger, load_merger, save_merger
+
+    merger = Merger({-1: ["constant 0.2", "constant 0.6"], 0: "constant 0.9"}, 0.4)
+    x = np.zeros((3, 4))
+    assert np.allclose(merger.probabilities(x), 0.4) and np.allclose(merger.probabilities(x, 0), 0.9)
+    save_merger(merger, tmp_path / "m.txt")
+    loaded = load_merger(tmp_path / "m.txt")
+    assert loaded.models == {-1: [0.2, 0.6], 0: 0.9}  # the bag under its key, the single model as before
+    assert np.allclose(loaded.probabilities(x), 0.4)
+
+
+def test_a_bagged_hybrid_trains_one_classifier_per_draw_and_its_first_is_the_unbagged_one(tmp_path: Path) -> None:
+    base = dict(superpixels=SuperpixelParams(h=0.005), fit_h=[0.005], fit_thresholds=[0.5], fit_images=2, train_rounds=4,
+                workers=1)  # fmt: skip
+    train = [_slice(s, noise=4.0) for s in range(6)]  # noisy: many superpixels per structure, pairs of both kinds
+    x, y = np.stack([t[0] for t in train]), np.stack([t[1] for t in train])
+    models = {}
+    for bags in (1, 2):
+        method = Hybrid(HybridParams(**base, fit_bags=bags))
+        method.fit(FoldData(x, y, np.arange(6)), FitContext(tmp_path / str(bags), 0, 0, Contrast()))
+        models[bags] = method.merger.models[-1]
+    assert isinstance(models[1], str) and len(models[2]) == 2  # one classifier per draw
+    assert models[2][0] == models[1] and models[2][1] != models[1]  # draw 0 is the unbagged fit; draw 1 saw other pairs

@@ -202,7 +202,7 @@ def test_a_merger_trained_without_some_features_ignores_them() -> None:
     y = (x[:, FEATURES.index("pos_x")] > 0).astype(np.int8)  # only the position says it
     rows = [(x[:200], y[:200]), (x[200:], y[200:])]
     used = lambda text: lgb.Booster(model_str=text).feature_importance()[FEATURES.index("pos_x")]  # noqa: E731
-    assert used(_train(rows, np.arange(2))) > 0 and used(_train(rows, np.arange(2), ["pos_x"])) == 0
+    assert used(_train([rows], np.arange(2))) > 0 and used(_train([rows], np.arange(2), ["pos_x"])) == 0
     with tempfile.TemporaryDirectory() as d:
-        save_merger(Merger({-1: _train(rows, np.arange(2), ["pos_x"])}, drop=("pos_x",)), Path(d) / "m.txt")
+        save_merger(Merger({-1: _train([rows], np.arange(2), ["pos_x"])}, drop=("pos_x",)), Path(d) / "m.txt")
         assert load_merger(Path(d) / "m.txt").drop == ("pos_x",)
