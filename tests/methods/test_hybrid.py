@@ -170,19 +170,22 @@ def test_calibration_maps_overconfident_probabilities_to_frequencies_and_survive
         load_merger(tmp_path / "bad_fold.txt")
 
 
+def _small_fit(workdir: Path, **params) -> Hybrid:
+    """The hybrid fitted on six noisy slices (many superpixels per structure, pairs of both kinds), two held out."""
+    p = HybridParams(superpixels=SuperpixelParams(h=0.005), fit_h=[0.005], fit_thresholds=[0.5], fit_images=2,
+                     train_rounds=4, workers=1, **params)  # fmt: skip
+    train = [_slice(s, noise=4.0) for s in range(6)]
+    method = Hybrid(p)
+    method.fit(FoldData(np.stack([t[0] for t in train]), np.stack([t[1] for t in train]), np.arange(6)),
+               FitContext(workdir, 0, 0, Contrast()))  # fmt: skip
+    return method
+
+
 @pytest.mark.slow
 def test_a_calibrated_hybrid_fits_its_map_on_held_out_training_slices_and_stores_it(tmp_path: Path) -> None:
     from comp.methods.merge import Calibration, load_merger
 
-    base = dict(superpixels=SuperpixelParams(h=0.005), fit_h=[0.005], fit_thresholds=[0.5], fit_images=2, train_rounds=4,
-                workers=1)  # fmt: skip
-    train = [_slice(s, noise=4.0) for s in range(6)]  # noisy: many superpixels per structure, pairs of both kinds
-    x, y = np.stack([t[0] for t in train]), np.stack([t[1] for t in train])
-    fitted = {}
-    for calibrate in (False, True):
-        method = Hybrid(HybridParams(**base, calibrate=calibrate))
-        method.fit(FoldData(x, y, np.arange(6)), FitContext(tmp_path / str(calibrate), 0, 0, Contrast()))
-        fitted[calibrate] = method.merger
+    fitted = {calibrate: _small_fit(tmp_path / str(calibrate), calibrate=calibrate).merger for calibrate in (False, True)}
     assert fitted[False].calibration == Calibration()  # off by default: the merger is as before
     cal = fitted[True].calibration
     assert len(cal.x) >= 2 and min(cal.y) >= 0 and max(cal.y) <= 1
@@ -273,14 +276,6 @@ def test_a_bag_of_classifiers_averages_their_probabilities_and_survives_the_merg
 
 
 def test_a_bagged_hybrid_trains_one_classifier_per_draw_and_its_first_is_the_unbagged_one(tmp_path: Path) -> None:
-    base = dict(superpixels=SuperpixelParams(h=0.005), fit_h=[0.005], fit_thresholds=[0.5], fit_images=2, train_rounds=4,
-                workers=1)  # fmt: skip
-    train = [_slice(s, noise=4.0) for s in range(6)]  # noisy: many superpixels per structure, pairs of both kinds
-    x, y = np.stack([t[0] for t in train]), np.stack([t[1] for t in train])
-    models = {}
-    for bags in (1, 2):
-        method = Hybrid(HybridParams(**base, fit_bags=bags))
-        method.fit(FoldData(x, y, np.arange(6)), FitContext(tmp_path / str(bags), 0, 0, Contrast()))
-        models[bags] = method.merger.models[-1]
+    models = {bags: _small_fit(tmp_path / str(bags), fit_bags=bags).merger.models[-1] for bags in (1, 2)}
     assert isinstance(models[1], str) and len(models[2]) == 2  # one classifier per draw
     assert models[2][0] == models[1] and models[2][1] != models[1]  # draw 0 is the unbagged fit; draw 1 saw other pairs
