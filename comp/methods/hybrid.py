@@ -124,15 +124,18 @@ def _bag_rows(items: list[tuple], p: HybridParams, desc: str) -> list[Rows]:
     return [flat[b * len(items) : (b + 1) * len(items)] for b in range(p.fit_bags)]
 
 
-def _train(bags: list[Rows], idx: np.ndarray, drop: list[str] = ()) -> str | list[str]:
-    """The pair classifier on the rows of slices `idx` (without the `drop`ped features), one per draw of the bag, as
-    text (forked prediction workers build it themselves: no LightGBM/OpenMP state crosses a fork)."""
-    out = []
-    for rows in bags:
-        x = without(np.concatenate([rows[i][0] for i in idx]), drop)
-        y = np.concatenate([rows[i][1] for i in idx])
-        LOG.info(f"hybrid: classifier on {len(y)} pairs of {len(idx)} slices, {int(y.sum())} to merge")
-        out.append(model_text(train_classifier(x, y)))
+def _train_one(rows: Rows, idx: np.ndarray, drop: list[str]) -> str:
+    """The pair classifier on the rows of slices `idx` (without the `drop`ped features), as text (forked prediction
+    workers build it themselves: no LightGBM/OpenMP state crosses a fork). A pool job: single-threaded."""
+    x = without(np.concatenate([rows[i][0] for i in idx]), drop)
+    y = np.concatenate([rows[i][1] for i in idx])
+    LOG.info(f"hybrid: classifier on {len(y)} pairs of {len(idx)} slices, {int(y.sum())} to merge")
+    return model_text(train_classifier(x, y))
+
+
+def _train(bags: list[Rows], idx: np.ndarray, drop: list[str] = (), workers: int = 0) -> str | list[str]:
+    """One classifier per draw of the bag, the draws spread over workers (a bag of one: its classifier alone)."""
+    out = pmap(_train_one, bags, idx, list(drop), workers=workers if len(bags) > 1 else 1)
     return out[0] if len(out) == 1 else out
 
 
@@ -147,7 +150,7 @@ def _held_out_scores(bags: list[Rows], images: np.ndarray, raws: np.ndarray, tru
     """Per-image ARI of the held-out slices of `split` at every fit threshold, merged by a classifier (bag) trained on
     the others (and its calibration, fitted on the held-out slices' pairs of the first draw when asked)."""
     fit_idx, val_idx = split
-    inner = p.merger({-1: _train(bags, fit_idx, p.drop_features)})
+    inner = p.merger({-1: _train(bags, fit_idx, p.drop_features, p.workers)})
     if p.calibrate:
         inner.calibration = _calibration(bags[0], val_idx, inner, p.workers)
     val_sp = pmap(_superpixels, [images[i] for i in val_idx], p, workers=p.workers)  # once for every threshold
@@ -195,7 +198,8 @@ class Hybrid:
                     best, rows = (score, sp, t, scored[0][1]), rows_sp
         _, sp, threshold, calibration = best
         self.p = replace(self.p, superpixels=sp, threshold=threshold)
-        self.merger = self.p.merger({-1: _train(rows, np.arange(len(items)), self.p.drop_features)}, threshold, calibration)
+        models = {-1: _train(rows, np.arange(len(items)), self.p.drop_features, self.p.workers)}
+        self.merger = self.p.merger(models, threshold, calibration)
         save_merger(self.merger, FoldDir(Path(ctx.workdir)).merger)
         self.fitted = {"h": sp.h, "threshold": threshold}
 

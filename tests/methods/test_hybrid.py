@@ -172,8 +172,8 @@ def test_calibration_maps_overconfident_probabilities_to_frequencies_and_survive
 
 def _small_fit(workdir: Path, **params) -> Hybrid:
     """The hybrid fitted on six noisy slices (many superpixels per structure, pairs of both kinds), two held out."""
-    p = HybridParams(superpixels=SuperpixelParams(h=0.005), fit_h=[0.005], fit_thresholds=[0.5], fit_images=2,
-                     train_rounds=4, workers=1, **params)  # fmt: skip
+    p = HybridParams(**{**dict(superpixels=SuperpixelParams(h=0.005), fit_h=[0.005], fit_thresholds=[0.5], fit_images=2,
+                                train_rounds=4, workers=1), **params})  # fmt: skip
     train = [_slice(s, noise=4.0) for s in range(6)]
     method = Hybrid(p)
     method.fit(FoldData(np.stack([t[0] for t in train]), np.stack([t[1] for t in train]), np.arange(6)),
@@ -248,7 +248,7 @@ def test_repeated_held_out_sets_pick_the_threshold_that_wins_pooled_not_the_firs
 
     monkeypatch.setattr(hybrid, "_held_out_scores", scores)
     monkeypatch.setattr(hybrid, "_rows", lambda item, p: (np.zeros((1, 3)), np.zeros(1)))
-    monkeypatch.setattr(hybrid, "_train", lambda rows, idx, drop=(): "constant 0.5")
+    monkeypatch.setattr(hybrid, "_train", lambda rows, idx, drop=(), workers=0: "constant 0.5")
     train = [_slice(s) for s in range(12)]
     x, y = np.stack([t[0] for t in train]), np.stack([t[1] for t in train])
     picked = {}
@@ -279,3 +279,4 @@ def test_a_bagged_hybrid_trains_one_classifier_per_draw_and_its_first_is_the_unb
     models = {bags: _small_fit(tmp_path / str(bags), fit_bags=bags).merger.models[-1] for bags in (1, 2)}
     assert isinstance(models[1], str) and len(models[2]) == 2  # one classifier per draw
     assert models[2][0] == models[1] and models[2][1] != models[1]  # draw 0 is the unbagged fit; draw 1 saw other pairs
+    assert _small_fit(tmp_path / "w2", fit_bags=2, workers=2).merger.models[-1] == models[2]  # trained in parallel: the same
