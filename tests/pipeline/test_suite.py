@@ -140,6 +140,8 @@ def test_every_shipped_suite_loads_and_its_variants_keep_their_base_s_settings()
     assert {"results_cpu", "transfer", "transfer_noisy", "per_slice_noisy"} <= set(loaded)
     noisy = loaded["transfer_noisy"]
     assert noisy.transfer == {"phantom": "data/proxy_n15", "proxy_n15": ""} and noisy.singles == loaded["results_cpu"].singles
+    cut = [n for n in loaded["results_cpu"].singles if n != "unet_cpu_pseudo"]  # transfer: under 60 min without the student
+    assert loaded["transfer"].singles == cut and loaded["transfer_student"].singles == loaded["results_cpu"].singles
     assert set(loaded["per_slice_noisy"].datasets) == {"proxy_n15", "proxy_ps_n15"} and not loaded["per_slice_noisy"].transfer
 
 
