@@ -181,24 +181,24 @@ class Hybrid:
                   for r in range(self.p.fit_repeats)]  # fmt: skip
         splits = [s for s in splits if len(s[1])]
         grid = [replace(self.p.superpixels, h=h) for h in self.p.fit_h] if splits else [self.p.superpixels]
-        best, rows = (-np.inf, self.p.superpixels, self.p.threshold, Calibration()), None
+        best, bags = (-np.inf, self.p.superpixels, self.p.threshold, Calibration()), None
         for sp in grid:
             p = replace(self.p, superpixels=sp)
-            rows_sp = _bag_rows(items, p, f"hybrid: pair features (h {sp.h})")
+            bags_sp = _bag_rows(items, p, f"hybrid: pair features (h {sp.h})")
             if not splits:  # no selection: the one grid point's rows train the classifier
-                rows = rows_sp
+                bags = bags_sp
                 continue
-            scored = [_held_out_scores(rows_sp, images, raws, train.y, split, p) for split in splits]
+            scored = [_held_out_scores(bags_sp, images, raws, train.y, split, p) for split in splits]
             for t in self.p.fit_thresholds:
                 per_image = np.concatenate([scores[t] for scores, _ in scored])
                 score = float(per_image.mean())
                 LOG.debug(f"hybrid: h {sp.h} threshold {t}: {score:.4f} on {len(per_image)} held-out training slices "
                           f"({len(scored)} sets)")  # fmt: skip
                 if score > best[0]:  # the final classifier reuses the first set's calibration
-                    best, rows = (score, sp, t, scored[0][1]), rows_sp
+                    best, bags = (score, sp, t, scored[0][1]), bags_sp
         _, sp, threshold, calibration = best
         self.p = replace(self.p, superpixels=sp, threshold=threshold)
-        models = {-1: _train(rows, np.arange(len(items)), self.p.drop_features, self.p.workers)}
+        models = {-1: _train(bags, np.arange(len(items)), self.p.drop_features, self.p.workers)}
         self.merger = self.p.merger(models, threshold, calibration)
         save_merger(self.merger, FoldDir(Path(ctx.workdir)).merger)
         self.fitted = {"h": sp.h, "threshold": threshold}

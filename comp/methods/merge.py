@@ -469,7 +469,7 @@ def save_merger(merger: Merger, path: Path) -> None:
     parts = [f"# threshold {merger.threshold} rounds {merger.max_rounds}{tail}\n", merger.calibration.text()]
     parts += [c.text(k) for k, c in sorted(merger.fold_calibrations.items())]
     parts += [f"# model {k}\n{model_text(m)}" for k, ms in sorted(merger.models.items())
-              for m in (ms if isinstance(ms, list) else [ms])]  # a bag: its classifiers under one key, in turn
+              for m in _bagged(ms)]  # a bag: its classifiers under one key, in turn
     atomic_write_text(path, "".join(parts))
 
 
